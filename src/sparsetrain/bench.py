@@ -1,0 +1,146 @@
+"""Step-speed benchmarks on the GPU: the training step of the trainer, timed side by side in one process.
+
+`measure_steps` builds a model and method through the trainer's own path (build_model, make_optimizer,
+parallelize, the method hooks) and times full optimizer steps on random tokens with CUDA events after warm-up.
+Every benchmark compares contenders measured in the same call and reports ratios to dense.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import config as config_mod
+from .model import flops_per_token
+from .train import build_model, make_optimizer, parallelize, peak_flops, setup_runtime
+
+
+def measure_steps(cfg: config_mod.RunConfig, *, steps: int = 30, warmup: int = 10,
+                  compile_model: bool = True) -> dict[str, Any]:
+    """Median time of one optimizer step (batch_size x seq_len tokens, one device) for `cfg`."""
+    tcfg = cfg.train
+    rt = setup_runtime(tcfg)
+    torch.manual_seed(tcfg.seed)
+    model, method, args = build_model(cfg, None)
+    model.to(rt.device)
+    wrapped = parallelize(model, rt, tcfg, compile_model)
+    optimizer = make_optimizer(model, tcfg, rt.device)
+    method.total_steps = warmup + steps
+    method.start(model, optimizer)
+    micro = tcfg.micro_batch_size or tcfg.batch_size
+    accum = tcfg.batch_size // micro
+    gen = torch.Generator(device=rt.device).manual_seed(0)
+
+    def one_step(step: int) -> None:
+        method.before_step(step)
+        for _ in range(accum):
+            x = torch.randint(0, args.vocab_size, (micro, tcfg.seq_len + 1), device=rt.device, generator=gen)
+            with rt.autocast():
+                loss = wrapped(x[:, :-1], x[:, 1:])
+                aux = method.aux_loss(model)
+                if aux is not None:
+                    loss = loss + aux
+            (loss / accum).backward()
+        if tcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        method.before_optimizer(step)
+        optimizer.step()
+        method.after_optimizer(step)
+        optimizer.zero_grad(set_to_none=True)
+
+    cuda = rt.device.type == "cuda"
+    t_compile = time.perf_counter()
+    for s in range(warmup):
+        one_step(s)
+    if cuda:
+        torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t_compile
+    times, flops = [], []
+    for s in range(warmup, warmup + steps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            one_step(s)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            one_step(s)
+            times.append(time.perf_counter() - t0)
+        flops.append(method.flops_per_token(s))
+    step_s = statistics.median(times)
+    tokens = tcfg.batch_size * tcfg.seq_len
+    dense_fpt = 3 * sum(flops_per_token(args, tcfg.seq_len).values())
+    peak = peak_flops(rt.device)
+    out = {
+        "preset": cfg.model.preset, "method": method.name, "params": sum(p.numel() for p in model.parameters()),
+        "batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len, "step_s": step_s,
+        "step_s_min": min(times), "step_s_max": max(times), "tokens_per_s": tokens / step_s,
+        "flops_per_token": statistics.mean(flops), "dense_flops_per_token": dense_fpt, "warmup_s": warmup_s,
+        "memory_gb": torch.cuda.max_memory_allocated(rt.device) / 1e9 if cuda else None,
+    }
+    # MFU counts the model's dense FLOPs (6N + 12LdT); "hfu_method" the FLOPs the method actually computed.
+    if peak:
+        out["mfu"] = dense_fpt * tokens / step_s / peak
+        out["mfu_method"] = out["flops_per_token"] * tokens / step_s / peak
+    del wrapped, model, optimizer
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    return out
+
+
+def bench_config(preset: str, *, batch_size: int, seq_len: int, vocab_size: int, micro_batch_size: int = 0,
+                 method: dict | None = None, model_overrides: dict | None = None) -> config_mod.RunConfig:
+    raw = {
+        "model": {"preset": preset, "vocab_size": vocab_size, **(model_overrides or {})},
+        "train": {"batch_size": batch_size, "micro_batch_size": micro_batch_size, "seq_len": seq_len,
+                  "progress": False},
+        "method": method or {"name": "dense"},
+    }
+    return config_mod.from_dict(raw)
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (key, header, format)."""
+    header = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    lines = [header, "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            cells.append("-" if v is None else format(v, fmt) if fmt else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def environment() -> dict[str, Any]:
+    env = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+    return env
+
+
+def run_dense_bench(presets: list[str], *, batch_size: int, seq_len: int, steps: int, vocab_size: int,
+                    out: str, compile_model: bool = True) -> list[dict[str, Any]]:
+    rows = []
+    for preset in presets:
+        cfg = bench_config(preset, batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size)
+        r = measure_steps(cfg, steps=steps, compile_model=compile_model)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    print_table(rows, [("preset", "model", ""), ("params", "params", ",d"), ("batch_size", "batch", "d"),
+                       ("seq_len", "seq", "d"), ("step_s", "step s", ".4f"), ("tokens_per_s", "tokens/s", ",.0f"),
+                       ("mfu", "MFU", ".3f"), ("memory_gb", "mem GB", ".1f")])
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"env": environment(), "rows": rows}, indent=2))
+    print(f"raw numbers: {path}")
+    return rows

@@ -1,0 +1,188 @@
+"""Checkpoints and model folders, in safetensors, written atomically.
+
+A checkpoint is a folder `RUN_DIR/checkpoints/step_0000100/` holding
+    model.safetensors       the weights (full, unsharded)
+    optimizer.safetensors   optimizer moments, keyed by parameter name
+    method.safetensors      the method's tensors (may be empty)
+    state.json              step, data loader position, RNG states, optimizer hyper-parameters, method values
+It is written into a `.tmp` sibling and renamed into place, so a run killed mid-write leaves the previous
+checkpoint as the latest complete one. A *model folder* (what `convert` writes) is `config.toml` + `model.safetensors`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+STEP_PREFIX = "step_"
+
+
+def _contiguous_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def save_model_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    # Tied weights appear under two names; safetensors refuses shared storage, so store each name's own copy.
+    out, seen = {}, {}
+    for k, v in state.items():
+        v = v.detach().to("cpu")
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        out[k] = v.clone() if ptr in seen else v.contiguous()
+        seen[ptr] = k
+    save_file(out, str(path))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def split_state(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Separate a nested state into flat tensors (for safetensors) and JSON-able values."""
+    tensors, values = {}, {}
+    for k, v in state.items():
+        key = f"{prefix}{k}"  # "/" separates levels: parameter names hold dots
+        if isinstance(v, torch.Tensor):
+            tensors[key] = v
+        elif isinstance(v, dict):
+            t, j = split_state(v, key + "/")
+            tensors.update(t)
+            values.update(j)
+        else:
+            values[key] = v
+    return tensors, values
+
+
+def join_state(tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for flat, v in list(tensors.items()) + list(values.items()):
+        parts = flat.split("/")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return out
+
+
+def save_checkpoint(run_dir: Path, step: int, *, model_state: dict, optim_state: dict, method_state: dict,
+                    extra: dict[str, Any], keep: int) -> Path:
+    ckpt_root = run_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"{STEP_PREFIX}{step:07d}"
+    tmp = ckpt_root / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model_weights(model_state, tmp / "model.safetensors")
+    opt_tensors, opt_values = split_state(optim_state)
+    save_file(_contiguous_cpu(opt_tensors), str(tmp / "optimizer.safetensors"))
+    m_tensors, m_values = split_state(method_state)
+    save_file(_contiguous_cpu(m_tensors), str(tmp / "method.safetensors"))
+    rng = rng_state()
+    rng_tensors = {"torch": rng["torch"]}
+    if "cuda" in rng:
+        rng_tensors.update({f"cuda{i}": s for i, s in enumerate(rng["cuda"])})
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    py_state = rng["python"]
+    np_state = rng["numpy"]
+    state = {
+        "step": step,
+        "optimizer": opt_values,
+        "method": m_values,
+        "rng": {"python": [py_state[0], list(py_state[1]), py_state[2]],
+                "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
+        **extra,
+    }
+    (tmp / "state.json").write_text(json.dumps(state))
+    for f in tmp.iterdir():  # flush before the rename makes the checkpoint visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and (p / "state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def load_checkpoint(ckpt: Path) -> dict[str, Any]:
+    state = json.loads((ckpt / "state.json").read_text())
+    rng_t = load_file(str(ckpt / "rng.safetensors"))
+    py = state["rng"]["python"]
+    npy = state["rng"]["numpy"]
+    rng = {
+        "python": (py[0], tuple(py[1]), py[2]),
+        "numpy": (npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]),
+        "torch": rng_t["torch"],
+    }
+    cuda = [rng_t[k] for k in sorted((k for k in rng_t if k.startswith("cuda")), key=lambda k: int(k[4:]))]
+    if cuda:
+        rng["cuda"] = cuda
+    state["rng"] = rng
+    state["model"] = load_file(str(ckpt / "model.safetensors"))
+    state["optimizer"] = join_state(load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
+    state["method"] = join_state(load_file(str(ckpt / "method.safetensors")), state["method"])
+    return state
+
+
+def find_weights(path: str | Path) -> tuple[Path, Path]:
+    """(config.toml, model.safetensors) for a run folder (latest checkpoint), a checkpoint or a model folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; pass a run folder, a checkpoint folder or a converted model folder")
+    if (path / "model.safetensors").is_file() and (path / "config.toml").is_file():
+        return path / "config.toml", path / "model.safetensors"
+    if (path / "model.safetensors").is_file() and (path.parent.parent / "config.toml").is_file():
+        return path.parent.parent / "config.toml", path / "model.safetensors"
+    ckpts = list_checkpoints(path)
+    if ckpts and (path / "config.toml").is_file():
+        return path / "config.toml", ckpts[-1] / "model.safetensors"
+    raise UserError(f"{path} holds no model: expected a run folder with checkpoints, a checkpoint folder or a "
+                    "folder with config.toml and model.safetensors")
+
+
+def write_model_folder(out: Path, config_toml: str, model_state: dict[str, torch.Tensor]) -> None:
+    """Write config.toml + model.safetensors atomically; refuses a non-empty `out`."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; pass a new --out folder or delete it")
+    tmp = out.parent / f".{out.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / "config.toml").write_text(config_toml)
+    save_model_weights(model_state, tmp / "model.safetensors")
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)

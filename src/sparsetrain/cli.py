@@ -1,0 +1,201 @@
+"""The `sparsetrain` command. User mistakes (UserError) print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _size(text: str) -> int:
+    """'200M', '1.5G', '500k' or a plain number of bytes."""
+    units = {"k": 1e3, "m": 1e6, "g": 1e9}
+    t = text.strip().lower().rstrip("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size (use e.g. 200M, 1G or a number of bytes)")
+
+
+def cmd_data_prepare(a) -> None:
+    from .data import describe, prepare
+
+    meta = prepare(a.source, a.out, tokenizer=a.tokenizer, vocab_size=a.vocab_size, val_fraction=a.val_fraction,
+                   max_bytes=a.max_bytes, subset=a.subset, text_field=a.text_field, split=a.split)
+    print(describe(meta))
+
+
+def cmd_data_export(a) -> None:
+    from .data import export_jsonl
+
+    info = export_jsonl(a.source, a.out, max_bytes=a.max_bytes, subset=a.subset, text_field=a.text_field)
+    print(f"wrote {a.out}: {json.dumps(info)}")
+
+
+def cmd_train(a) -> None:
+    from . import config
+    from .train import train
+
+    out = Path(a.out)
+    cfg_path = a.config
+    if a.resume:
+        cfg_path = cfg_path or out / "config.toml"
+    elif a.init:
+        from .checkpoint import find_weights
+
+        init_cfg, _ = find_weights(a.init)
+        cfg_path = cfg_path or init_cfg
+    if cfg_path is None:
+        raise UserError("pass --config FILE.toml (for example configs/tiny.toml)")
+    overrides = list(a.set or [])
+    if a.init:
+        overrides.append(f'train.init_from="{a.init}"')
+    cfg = config.load(cfg_path, overrides)
+    summary = train(cfg, out, resume=a.resume)
+    if summary.get("val_loss") is not None:
+        print(f"done: {summary['steps']} steps, val_loss {summary['val_loss']:.4f}, run in {out}")
+
+
+def cmd_eval(a) -> None:
+    from .data import TokenData
+    from .train import evaluate, load_model, setup_runtime
+
+    model, method, cfg = load_model(a.run, overrides=a.set or [])
+    rt = setup_runtime(cfg.train)
+    model.to(rt.device)
+    data = TokenData(a.data or cfg.data.dir)
+    loss = evaluate(model, data.val, cfg.train, rt, method, max_tokens=a.tokens)
+    result = {"val_loss": loss, "perplexity": math.exp(min(loss, 50))}
+    print(json.dumps(result))
+
+
+def cmd_convert_hf_import(a) -> None:
+    from . import config
+    from .checkpoint import write_model_folder
+    from .hf import import_hf
+
+    model_section, model = import_hf(a.source)
+    raw = config.to_dict(config.from_dict({"model": model_section}))
+    write_model_folder(Path(a.out), config.dumps(raw), model.state_dict())
+    print(f"imported {a.source} into {a.out}")
+
+
+def cmd_convert_hf_export(a) -> None:
+    import torch
+
+    from .hf import copy_tokenizer, export_hf
+    from .train import load_model
+
+    model, _, cfg = load_model(a.source)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    export_hf(model, a.out, dtype=dtype)
+    tok_dir = Path(cfg.data.dir)
+    if (tok_dir / "tokenizer.json").is_file():
+        copy_tokenizer(tok_dir, a.out)
+    print(f"exported {a.source} to {a.out}")
+
+
+def cmd_bench(a) -> None:
+    from .bench import run_dense_bench
+
+    run_dense_bench(presets=a.preset, batch_size=a.batch_size, seq_len=a.seq_len, steps=a.steps,
+                    vocab_size=a.vocab_size, out=a.out, compile_model=not a.no_compile)
+
+
+def cmd_demo(a) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(a.out), data_dir=Path(a.data), steps=a.steps, max_bytes=a.max_bytes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsetrain", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="prepare token shards").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="text -> train.bin / val.bin / meta.json / tokenizer.json")
+    prep.add_argument("--source", required=True,
+                      help="a file or folder (.txt .jsonl .parquet, .xz/.gz), stdlib, linux-source, "
+                           "a saved Hugging Face dataset folder, or hf:NAME[:CONFIG]")
+    prep.add_argument("--out", required=True)
+    prep.add_argument("--tokenizer", help="a tokenizer.json or a folder holding one (default: train a BPE)")
+    prep.add_argument("--vocab-size", type=int, default=32768)
+    prep.add_argument("--val-fraction", type=float, default=0.01)
+    prep.add_argument("--max-bytes", type=_size, help="read at most this much text, e.g. 200M")
+    prep.add_argument("--subset", default="code", choices=["code", "english"], help="for linux-source")
+    prep.add_argument("--text-field", default="text", help="for .jsonl, .parquet and datasets")
+    prep.add_argument("--split", default="train", help="for hf:NAME")
+    prep.set_defaults(func=cmd_data_prepare)
+    exp = data.add_parser("export", help="write a source's documents as (xz-compressed) JSONL")
+    exp.add_argument("--source", required=True)
+    exp.add_argument("--out", required=True, help="e.g. corpus.jsonl.xz")
+    exp.add_argument("--max-bytes", type=_size)
+    exp.add_argument("--subset", default="code", choices=["code", "english"])
+    exp.add_argument("--text-field", default="text")
+    exp.set_defaults(func=cmd_data_export)
+
+    tr = sub.add_parser("train", help="train a model")
+    tr.add_argument("--config", help="TOML config (default with --resume: RUN_DIR/config.toml)")
+    tr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
+    tr.add_argument("--out", required=True, help="run folder")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    tr.add_argument("--init", help="start from the weights of a run, checkpoint or converted model folder")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="validation loss and perplexity of a run or model folder")
+    ev.add_argument("run")
+    ev.add_argument("--data", help="prepared data folder (default: the run's data.dir)")
+    ev.add_argument("--tokens", type=int, help="validation tokens (default: train.eval_tokens)")
+    ev.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    ev.set_defaults(func=cmd_eval)
+
+    conv = sub.add_parser("convert", help="convert models").add_subparsers(dest="convert_command", required=True)
+    hi = conv.add_parser("hf-import", help="a local Hugging Face Llama / GPT-2 folder -> a sparsetrain model folder")
+    hi.add_argument("--from", dest="source", required=True)
+    hi.add_argument("--out", required=True)
+    hi.set_defaults(func=cmd_convert_hf_import)
+    he = conv.add_parser("hf-export", help="a sparsetrain run or model folder -> a Hugging Face folder")
+    he.add_argument("--from", dest="source", required=True)
+    he.add_argument("--out", required=True)
+    he.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    he.set_defaults(func=cmd_convert_hf_export)
+
+    be = sub.add_parser("bench", help="dense training-step speed on the GPU (tokens/s, MFU)")
+    be.add_argument("--preset", nargs="+", default=["gpt2-small", "gpt2-medium"])
+    be.add_argument("--batch-size", type=int, default=16)
+    be.add_argument("--seq-len", type=int, default=1024)
+    be.add_argument("--steps", type=int, default=30)
+    be.add_argument("--vocab-size", type=int, default=50304)
+    be.add_argument("--no-compile", action="store_true")
+    be.add_argument("--out", default="bench_out/dense.json")
+    be.set_defaults(func=cmd_bench)
+
+    de = sub.add_parser("demo", help="the main job: prepare the stdlib corpus, train the tiny model, write a report")
+    de.add_argument("--out", default="runs/demo")
+    de.add_argument("--data", default="data/stdlib")
+    de.add_argument("--steps", type=int, default=300)
+    de.add_argument("--max-bytes", type=_size, default=_size("8M"))
+    de.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"sparsetrain: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparsetrain: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Run configuration: dataclasses per section, read from TOML, overridden by `--set section.key=value`.
+
+Every key is checked against its dataclass, so a typo or a wrong type is a one-line error, not a silent default.
+The `[method]` section holds `name` plus the method's own keys, which the method validates with its own dataclass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # tiny | tiny-llama | gpt2-small | gpt2-medium | llama-1b (see model.PRESETS)
+    # Everything below overrides the preset when set (0, "" or None = take it from the preset).
+    family: str = ""  # gpt2 | llama
+    n_layer: int = 0
+    n_head: int = 0
+    n_kv_head: int = 0  # grouped-query attention (llama); 0 = n_head
+    d_model: int = 0
+    d_ff: int = 0
+    vocab_size: int = 0  # 0 = the prepared data's vocabulary
+    max_seq_len: int = 0
+    activation: str = ""  # gelu | relu | relu2 | swiglu
+    norm_eps: float = 0.0
+    rope_theta: float = 0.0
+    tie_embeddings: bool | None = None
+    bias: bool | None = None
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/stdlib"  # made by `sparsetrain data prepare`
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps
+    batch_size: int = 16  # sequences per optimizer step, over all GPUs and accumulation steps
+    micro_batch_size: int = 0  # sequences per forward pass on one device; 0 = batch_size / world size
+    seq_len: int = 256
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    eval_every: int = 100  # 0 = only at the end
+    eval_tokens: int = 65536  # validation tokens per evaluation (the same tokens every time)
+    checkpoint_every: int = 100  # 0 = only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    compile: str = "auto"  # auto (on for GPU) | true | false
+    parallel: str = "ddp"  # ddp | fsdp, when started by torchrun with more than one process
+    progress: bool = True
+    init_from: str = ""  # a run, checkpoint or model folder whose weights start this run (fresh optimizer)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "dense"})
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp, where: str) -> Any:
+    """Check `value` against the annotation `tp` (int, float, str, bool, X | None, list[X]); ints pass as floats."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, where)
+            except UserError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where} must be a list, got {value!r}; write it as [a, b, ...]")
+        return [coerce(v, args[0], where) for v in value] if args else value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    else:
+        return value
+    raise UserError(f"{where} must be {_type_name(tp)}, got {value!r}; fix the value in the config or --set")
+
+
+def fill_dataclass(cls, values: dict, section: str):
+    """Build dataclass `cls` from `values`, rejecting unknown keys and wrong types with a named error."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise UserError(
+                f"unknown config key '{section}.{key}'; known keys in [{section}]: {', '.join(sorted(known))}"
+            )
+    kwargs = {k: coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: TOML syntax when it parses (numbers, true/false, lists, quoted strings), else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise UserError(f"--set expects section.key=value, got '{item}' (for example --set train.steps=500)")
+        path, value = item.split("=", 1)
+        section, key = path.strip().split(".", 1)
+        if section not in SECTIONS and section != "method":
+            raise UserError(f"unknown config section '{section}' in --set {item}; sections: model, data, train, method")
+        raw.setdefault(section, {})[key.strip()] = parse_value(value.strip())
+    return raw
+
+
+def from_dict(raw: dict) -> RunConfig:
+    for section in raw:
+        if section not in SECTIONS and section != "method":
+            raise UserError(f"unknown config section [{section}]; sections: model, data, train, method")
+    parts = {name: fill_dataclass(cls, dict(raw.get(name, {})), name) for name, cls in SECTIONS.items()}
+    method = dict(raw.get("method", {}))
+    method.setdefault("name", "dense")
+    cfg = RunConfig(method=method, **parts)
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} not found; pass an existing TOML file, e.g. configs/tiny.toml")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"config file {path} is not valid TOML ({e}); fix the syntax") from None
+    return from_dict(apply_overrides(raw, list(overrides)))
+
+
+def validate(cfg: RunConfig) -> None:
+    t = cfg.train
+    positive = ["steps", "batch_size", "seq_len", "log_every", "keep_checkpoints", "eval_tokens"]
+    for key in positive:
+        if getattr(t, key) <= 0:
+            raise UserError(f"train.{key} must be positive, got {getattr(t, key)}")
+    for key in ["micro_batch_size", "eval_every", "checkpoint_every", "warmup_steps", "grad_clip", "weight_decay"]:
+        if getattr(t, key) < 0:
+            raise UserError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    if not t.lr > 0:
+        raise UserError(f"train.lr must be positive, got {t.lr}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"train.device must be auto, cpu or cuda, got '{t.device}'")
+    if t.dtype not in ("auto", "bf16", "fp32"):
+        raise UserError(f"train.dtype must be auto, bf16 or fp32, got '{t.dtype}'")
+    if t.compile not in ("auto", "true", "false"):
+        raise UserError(f"train.compile must be auto, true or false, got '{t.compile}'")
+    if t.parallel not in ("ddp", "fsdp"):
+        raise UserError(f"train.parallel must be ddp or fsdp, got '{t.parallel}'")
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    out = {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
+    out["method"] = dict(cfg.method)
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def dumps(raw: dict) -> str:
+    """TOML for a dict of flat sections (None values are left out: they mean 'default')."""
+    lines = []
+    for section, values in raw.items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            if v is not None:
+                lines.append(f"{k} = {_toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,595 @@
+"""Token data: turn text into token shards, open them, and draw training/eval batches.
+
+A prepared data dir (nanoGPT-style flat token files):
+    train.bin, val.bin   raw numpy arrays, uint16 when every token id fits (vocab <= 65536), else uint32;
+                         each document's tokens are followed by the end-of-text token
+    tokenizer.json       the Hugging Face `tokenizers` file that produced them
+    meta.json            counts, dtype, eot_id, sha256 of the shards and where the text came from
+
+Sources (files, folders, stdlib, linux-source, Hugging Face datasets) live in sources.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import gzip
+import os
+import re
+import secrets
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sparsetrain import __version__
+from sparsetrain.errors import UserError
+from sparsetrain.sources import Source, TEXT_SUFFIXES, iter_documents, open_source, sha256_file
+
+EOT = "<|endoftext|>"
+MAX_VOCAB = 2**32  # ids must fit uint32
+ENCODE_BATCH_CHARS = 8 << 20  # text per encode_batch call: keeps all cores busy, streams in bounded memory
+ENCODE_BATCH_PIECES = 4096
+PIECE_CHARS = 1 << 20  # longer documents are encoded in pieces of about this size (see _pieces)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prepare
+
+
+def prepare(source: str, out: str | Path, *, tokenizer: str | None = None, vocab_size: int = 32768,
+            val_fraction: float = 0.01, max_bytes: int | None = None, subset: str = "code",
+            tokenizer_sample_bytes: int = 50_000_000, text_field: str = "text", split: str = "train",
+            progress: bool = True) -> dict:
+    """Tokenize `source` into `out` (train.bin, val.bin, tokenizer.json, meta.json) and return the meta dict.
+
+    tokenizer=None trains a byte-level BPE of `vocab_size` on the first `tokenizer_sample_bytes` of text;
+    tokenizer=PATH (a folder holding tokenizer.json, or the file) reuses one, and `vocab_size` is ignored.
+
+    Validation split: a document goes to val when a stable hash of its name is below `val_fraction`, so the
+    split is whole documents and does not depend on the rest of the corpus. With val_fraction > 0 both splits
+    are kept non-empty: with >= 2 documents, if one split came out empty the last document of the other moves
+    to it; with exactly 1 document, its last `val_fraction` of tokens (at least one) become val and each part
+    ends with end-of-text. meta["val_split"] says which rule applied.
+
+    Output is built in a hidden sibling dir and renamed into place at the end: on any error `out` is untouched.
+    """
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}; use e.g. 0.01")
+    if max_bytes is not None and max_bytes <= 0:
+        raise UserError(f"max_bytes must be positive, got {max_bytes}; leave it unset to read everything")
+    if tokenizer is None:
+        if tokenizer_sample_bytes <= 0:
+            raise UserError(f"tokenizer_sample_bytes must be positive, got {tokenizer_sample_bytes}")
+        _check_vocab_size(vocab_size, trained=True)
+    out = Path(out).expanduser()
+    _check_out(out)
+    tok = tok_info = None
+    eot_token = EOT
+    if tokenizer is not None:  # before opening the source: fail fast, before any download
+        tok, tok_info, eot_token = _load_for_prepare(tokenizer)
+    src = open_source(source, subset=subset, text_field=text_field, split=split,
+                      streaming=max_bytes is not None, progress=progress)
+
+    made = _mkdirs(out.parent)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        if tok is None:
+            tok, tok_info = _train_tokenizer(src, vocab_size, tokenizer_sample_bytes, max_bytes, progress)
+        vocab = _vocab_size(tok)
+        _check_vocab_size(vocab, trained=False)
+        dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
+        eot_id = tok.token_to_id(eot_token)
+        tok.save(str(tmp / "tokenizer.json"))
+
+        train, val, text_bytes = _write_shards(src, tok, tmp, dtype, eot_id, val_fraction, max_bytes, progress)
+        if train.docs + val.docs == 0:
+            raise _empty_corpus(src)
+        rule = _balance_splits(train, val, val_fraction)
+
+        meta = {
+            "format": 1,
+            "source": str(source),
+            "source_info": src.info,  # linux-source: package, version, deb_sha256, subset
+            "max_bytes": max_bytes,
+            "text_bytes": text_bytes,
+            "vocab_size": vocab,
+            "dtype": dtype.name,
+            "eot_id": eot_id,
+            "eot_token": eot_token,
+            "train_tokens": train.tokens,
+            "val_tokens": val.tokens,
+            "train_docs": train.docs,
+            "val_docs": val.docs,
+            "val_fraction": val_fraction,
+            "val_split": rule,
+            "skipped": dict(src.skipped),
+            "sha256": {"train.bin": sha256_file(train.path), "val.bin": sha256_file(val.path)},
+            "tokenizer": tok_info,
+            "sparsetrain_version": __version__,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.rename(tmp, out)
+    except BaseException:  # Ctrl-C included: leave nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        _rmdirs(made)
+        raise
+    return meta
+
+
+def _check_vocab_size(vocab: int, trained: bool) -> None:
+    if vocab > MAX_VOCAB:
+        raise UserError(f"vocabulary of {vocab:,} tokens does not fit the largest token dtype (uint32, "
+                        f"{MAX_VOCAB:,} ids); use a smaller vocab_size / tokenizer")
+    if trained and vocab < 257:
+        raise UserError(f"vocab_size {vocab} is too small for a byte-level BPE; use at least 257 "
+                        "(256 bytes + <|endoftext|>)")
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file; pass a new --out folder or delete it")
+    if out.is_dir() and any(out.iterdir()):
+        what = "a prepared dataset" if (out / "meta.json").exists() else "not empty"
+        raise UserError(f"output folder {out} already exists and is {what}; pass a new --out or delete it")
+
+
+def _mkdirs(d: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created (deepest first) so a failed run can remove them."""
+    missing = []
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    for m in reversed(missing):
+        m.mkdir(exist_ok=True)
+    return missing
+
+
+def _rmdirs(made: list[Path]) -> None:
+    for d in made:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def _empty_corpus(src: Source) -> UserError:
+    skipped = ", ".join(f"{n} {why}" for why, n in src.skipped.items() if n)
+    return UserError(f"no text found in {src.label}" + (f" (skipped: {skipped})" if skipped else "") +
+                     f"; point it at files with text ({', '.join(TEXT_SUFFIXES)}, .jsonl, .parquet) "
+                     "or check text_field")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def _tokenizer_file(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    f = p / "tokenizer.json" if p.is_dir() else p
+    if not f.is_file():
+        raise UserError(f"no tokenizer.json at {p}; pass a folder holding tokenizer.json (a Hugging Face model "
+                        "folder or a prepared data dir) or the tokenizer.json file itself")
+    return f
+
+
+def load_tokenizer(path: str | Path):
+    """A Hugging Face `tokenizers.Tokenizer` from a folder holding tokenizer.json, or from the file."""
+    from tokenizers import Tokenizer
+
+    f = _tokenizer_file(path)
+    try:
+        return Tokenizer.from_file(str(f))
+    except Exception as e:  # the Rust side raises a plain Exception on bad JSON / unknown components
+        raise UserError(f"{f} is not a Hugging Face tokenizers file ({e}); pass a tokenizer.json saved by "
+                        "`tokenizers`/`transformers`") from None
+
+
+def _load_for_prepare(path: str | Path):
+    """Load a tokenizer and pick its end-of-text token: <|endoftext|>, else its eos token, else add one."""
+    tok = load_tokenizer(path)
+    f = _tokenizer_file(path)
+    eot, added = EOT, False
+    if tok.token_to_id(EOT) is None:
+        eos = _config_eos_token(f.parent)
+        if eos is not None and tok.token_to_id(eos) is not None:
+            eot = eos
+        else:
+            tok.add_special_tokens([EOT])
+            added = True
+    info = {"kind": "loaded", "path": str(f.resolve()), "file_sha256": sha256_file(f), "eot_token": eot,
+            "added_eot": added}
+    return tok, info, eot
+
+
+def _config_eos_token(folder: Path) -> str | None:
+    cfg = folder / "tokenizer_config.json"
+    try:
+        eos = json.loads(cfg.read_text()).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(eos, dict):  # {"content": "</s>", "special": true, ...} in older configs
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) else None
+
+
+def _train_tokenizer(src: Source, vocab_size: int, sample_bytes: int, max_bytes: int | None, progress: bool):
+    """Byte-level BPE (GPT-2 style: every byte is a token, so any text round-trips) on the first sample_bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    import tokenizers
+
+    texts, used = [], 0
+    total = _known_total(src, max_bytes, sample_bytes)
+    with tqdm(total=total, desc="tokenizer sample", unit="B", unit_scale=True, disable=not progress) as bar:
+        for doc in iter_documents(src, max_bytes):
+            text = doc.text
+            if used + doc.nbytes > sample_bytes:  # cut the last document to the budget
+                text = text.encode("utf-8")[: sample_bytes - used].decode("utf-8", "ignore")
+            texts.append(text)
+            n = doc.nbytes if text is doc.text else len(text.encode("utf-8"))
+            used += n
+            bar.update(n)
+            if used >= sample_bytes:
+                break
+    if not texts:
+        raise _empty_corpus(src)
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # no prefix: exact round-trip
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer, length=len(texts))
+    info = {"kind": "trained", "type": "byte-level BPE", "requested_vocab_size": vocab_size,
+            "vocab_size": tok.get_vocab_size(), "sample_bytes": used, "sample_docs": len(texts),
+            "tokenizers_version": tokenizers.__version__}
+    return tok, info
+
+
+def _vocab_size(tok) -> int:
+    """Embedding rows needed: max id + 1 (ids of loaded tokenizers need not be dense)."""
+    return max(tok.get_vocab(with_added_tokens=True).values()) + 1
+
+
+# Cut a long document only at a lone "\n" between two visible ASCII characters: GPT-2's pre-tokenizer regex
+# always splits there (the "\n" is a whitespace run of its own), so the pieces encode to exactly the tokens of
+# the whole document, while a 1 GB single-file corpus is encoded in parallel and in bounded memory.
+_SAFE_CUT = re.compile(r"(?<=[!-~])\n(?=[!-~])")
+
+
+def _pieces(text: str, target: int = PIECE_CHARS) -> list[str]:
+    out, start = [], 0
+    while len(text) - start > target:
+        m = _SAFE_CUT.search(text, start + target)
+        if m is None:
+            break
+        out.append(text[start:m.end()])
+        start = m.end()
+    out.append(text[start:])
+    return out
+
+
+def _cuts_are_safe(tok) -> bool:
+    """True when cutting at _SAFE_CUT cannot change the encoding: plain byte-level BPE with GPT-2's regex."""
+    cfg = json.loads(tok.to_str())
+    pre = cfg.get("pre_tokenizer") or {}
+    return (cfg.get("normalizer") is None and (cfg.get("model") or {}).get("type") == "BPE"
+            and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+            and all(t.get("special") for t in cfg.get("added_tokens", [])))
+
+
+def _known_total(src: Source, *limits: int | None) -> int | None:
+    """Bytes the progress bar will reach, when the source's size is known."""
+    if src.total_bytes is None:
+        return None
+    return min([src.total_bytes] + [x for x in limits if x is not None])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shards
+
+
+class _ShardWriter:
+    """Appends token ids to a flat binary file, keeping counts and where the last document starts."""
+
+    def __init__(self, path: Path, dtype: np.dtype, eot_id: int):
+        self.path, self.dtype = path, dtype
+        self.eot = np.array([eot_id], dtype=dtype)
+        self.f = open(path, "wb")
+        self.tokens = self.docs = 0
+        self.doc_start = 0  # first token of the document being written
+        self.last_doc_start = 0  # first token of the last finished document
+
+    def write(self, ids) -> None:
+        a = np.array(ids, dtype=self.dtype)  # numpy raises on an id that does not fit
+        self.f.write(a.data)
+        self.tokens += len(a)
+
+    def end_doc(self) -> None:
+        self.f.write(self.eot.data)
+        self.tokens += 1
+        self.docs += 1
+        self.last_doc_start, self.doc_start = self.doc_start, self.tokens
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _stable_unit(name: str) -> float:
+    """A number in [0, 1) from a document name, the same on every machine (Python's hash() is salted)."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
+
+
+def is_val(name: str, val_fraction: float) -> bool:
+    return _stable_unit(name) < val_fraction
+
+
+def _write_shards(src: Source, tok, tmp: Path, dtype: np.dtype, eot_id: int, val_fraction: float,
+                  max_bytes: int | None, progress: bool):
+    train = _ShardWriter(tmp / "train.bin", dtype, eot_id)
+    val = _ShardWriter(tmp / "val.bin", dtype, eot_id)
+    cut = _cuts_are_safe(tok)
+    batch: list[tuple[_ShardWriter, str, bool]] = []  # (split, text piece, last piece of its document)
+    batch_chars = text_bytes = 0
+
+    def flush():
+        nonlocal batch_chars
+        encs = tok.encode_batch_fast([piece for _, piece, _ in batch], add_special_tokens=False)
+        for (w, _, last), enc in zip(batch, encs):
+            w.write(enc.ids)
+            if last:
+                w.end_doc()
+        batch.clear()
+        batch_chars = 0
+
+    tok.encode_special_tokens = True  # a literal "<|endoftext|>" (or "</s>") inside a document is just text
+    try:
+        total = _known_total(src, max_bytes)
+        with tqdm(total=total, desc="tokenizing", unit="B", unit_scale=True, disable=not progress) as bar:
+            for doc in iter_documents(src, max_bytes):
+                w = val if is_val(doc.name, val_fraction) else train
+                pieces = _pieces(doc.text) if cut else [doc.text]
+                for i, piece in enumerate(pieces):
+                    batch.append((w, piece, i == len(pieces) - 1))
+                    batch_chars += len(piece)
+                    if len(batch) >= ENCODE_BATCH_PIECES or batch_chars >= ENCODE_BATCH_CHARS:
+                        flush()
+                text_bytes += doc.nbytes
+                bar.update(doc.nbytes)
+            if batch:
+                flush()
+    finally:
+        tok.encode_special_tokens = False
+        train.close()
+        val.close()
+    return train, val, text_bytes
+
+
+def _copy_tokens(src: Path, dtype: np.dtype, start: int, stop: int, f, chunk: int = 1 << 24) -> None:
+    mm = np.memmap(src, dtype=dtype, mode="r")
+    for i in range(start, stop, chunk):
+        f.write(np.ascontiguousarray(mm[i:min(i + chunk, stop)]).data)
+    del mm
+
+
+def _balance_splits(train: _ShardWriter, val: _ShardWriter, val_fraction: float) -> str:
+    """Keep both splits non-empty when val_fraction > 0 (see prepare's docstring); returns the rule used."""
+    if val_fraction == 0:
+        return "none"
+    n_docs = train.docs + val.docs
+    if n_docs >= 2 and train.docs and val.docs:
+        return "hash"
+    itemsize = train.dtype.itemsize
+    if n_docs >= 2:  # move the last document of the full split to the empty one
+        full, empty = (train, val) if val.docs == 0 else (val, train)
+        with open(empty.path, "wb") as f:
+            _copy_tokens(full.path, full.dtype, full.last_doc_start, full.tokens, f)
+        os.truncate(full.path, full.last_doc_start * itemsize)
+        empty.tokens, full.tokens = full.tokens - full.last_doc_start, full.last_doc_start
+        empty.docs, full.docs = 1, full.docs - 1
+        return f"hash, then the last {'train' if full is train else 'val'} document moved to the empty split"
+
+    # One document: its tail becomes val. Both parts end with end-of-text, like two documents.
+    only = train if train.docs else val
+    body = only.tokens - 1
+    if body < 2:
+        raise UserError(f"the corpus is one document of {body} token(s), too short to split into train and val; "
+                        "add text or set val_fraction=0")
+    n_val = min(body - 1, max(1, round(body * val_fraction)))
+    parts = {"train": (0, body - n_val), "val": (body - n_val, body)}
+    for name, (a, b) in parts.items():
+        with open(only.path.with_name(f"{name}.new"), "wb") as f:
+            _copy_tokens(only.path, only.dtype, a, b, f)
+            f.write(only.eot.data)
+    for name, w in (("train", train), ("val", val)):
+        os.replace(w.path.with_name(f"{name}.new"), w.path)
+        w.tokens, w.docs = parts[name][1] - parts[name][0] + 1, 1
+    return "single document: its last val_fraction of tokens is val"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export
+
+
+def export_jsonl(source: str, out_path: str | Path, *, max_bytes: int | None = None, subset: str = "code",
+                 text_field: str = "text", progress: bool = True) -> dict:
+    """Write a source's documents as JSONL lines {"name": ..., "text": ...}; .xz / .gz names compress.
+
+    The name field carries each document's identity, so prepare(<this file>, tokenizer=<data dir>) puts every
+    document in the same split and gives the same shards as preparing the original source.
+    """
+    out_path = Path(out_path).expanduser()
+    if out_path.exists():
+        raise UserError(f"{out_path} already exists; pass a new output path or delete it")
+    if max_bytes is not None and max_bytes <= 0:
+        raise UserError(f"max_bytes must be positive, got {max_bytes}; leave it unset to export everything")
+    src = open_source(source, subset=subset, text_field=text_field, streaming=max_bytes is not None,
+                      progress=progress)
+    made = _mkdirs(out_path.parent)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    docs = text_bytes = 0
+    try:
+        suffix = out_path.suffix.lower()
+        if suffix == ".xz":
+            f = lzma.open(tmp, "xb", preset=6)
+        elif suffix == ".gz":
+            f = gzip.GzipFile(tmp, "xb", mtime=0)  # mtime=0: same input, same bytes
+        else:
+            f = open(tmp, "xb")
+        with f, tqdm(total=_known_total(src, max_bytes), desc="exporting", unit="B", unit_scale=True,
+                     disable=not progress) as bar:
+            for doc in iter_documents(src, max_bytes):
+                line = json.dumps({"name": doc.name, "text": doc.text}, ensure_ascii=False) + "\n"
+                f.write(line.encode("utf-8"))
+                docs += 1
+                text_bytes += doc.nbytes
+                bar.update(doc.nbytes)
+        if docs == 0:
+            raise _empty_corpus(src)
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        _rmdirs(made)
+        raise
+    return {"source": str(source), "path": str(out_path), "source_info": src.info, "max_bytes": max_bytes,
+            "docs": docs, "text_bytes": text_bytes, "file_bytes": out_path.stat().st_size,
+            "sha256": sha256_file(out_path), "skipped": dict(src.skipped)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading prepared data
+
+
+class TokenData:
+    """A prepared data dir: meta (dict), train / val token memmaps, vocab_size, eot_id."""
+
+    def __init__(self, dir: str | Path):
+        self.dir = Path(dir).expanduser()
+        meta_path = self.dir / "meta.json"
+        if not meta_path.is_file():
+            raise UserError(f"{self.dir} is not a prepared dataset (no meta.json); run "
+                            f"`sparsetrain data prepare --out {self.dir} ...` first")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            dtype = np.dtype(self.meta["dtype"])
+            self.vocab_size = int(self.meta["vocab_size"])
+            self.eot_id = int(self.meta["eot_id"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{meta_path} is damaged ({e!r}); run `sparsetrain data prepare` again") from None
+        self.train = self._open("train", dtype)
+        self.val = self._open("val", dtype)
+
+    def _open(self, split: str, dtype: np.dtype) -> np.ndarray:
+        path, n = self.dir / f"{split}.bin", int(self.meta[f"{split}_tokens"])
+        if not path.is_file() or path.stat().st_size != n * dtype.itemsize:
+            raise UserError(f"{path} is missing or has the wrong size (meta.json says {n:,} tokens); "
+                            "run `sparsetrain data prepare` again")
+        # np.memmap cannot map an empty file (val_fraction=0)
+        return np.memmap(path, dtype=dtype, mode="r") if n else np.zeros(0, dtype=dtype)
+
+    @property
+    def tokenizer(self):
+        return load_tokenizer(self.dir)
+
+
+class BatchLoader:
+    """Random windows of seq_len+1 tokens from a 1-D token array, reproducible by seed, resumable.
+
+    Batch i is a pure function of (seed, rank, i): resuming only restores the counter i, and each rank draws
+    its own windows. Windows may cross document boundaries (the end-of-text token marks them).
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if batch_size < 1 or seq_len < 1 or seed < 0:
+            raise UserError(f"batch_size and seq_len must be >= 1 and seed >= 0, got {batch_size}, {seq_len}, "
+                            f"{seed}; fix the train config")
+        if len(tokens) < seq_len + 1:
+            raise UserError(f"corpus has {len(tokens):,} tokens, fewer than seq_len+1 = {seq_len + 1}; "
+                            "prepare more text or lower train.seq_len")
+        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.step = 0  # batches drawn so far
+        self._window = np.arange(seq_len + 1)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.rank, self.step])
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+        self.step += 1
+        return _xy(self.tokens, starts, self._window)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise UserError(f"the checkpoint's data loader used seed {state['seed']}, this run uses {self.seed}; "
+                            "resume with the same seed")
+        self.step = int(state["step"])
+
+
+def _xy(tokens: np.ndarray, starts: np.ndarray, window: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    xy = torch.from_numpy(tokens[starts[:, None] + window].astype(np.int64))
+    return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
+
+
+def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int,
+                 max_tokens: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive non-overlapping windows from the start of `tokens`, up to max_tokens targets (at least one
+    window), in batches of batch_size (the last may be smaller). The same tokens every call."""
+    if len(tokens) < seq_len + 1:  # checked here, not on first next(), so callers fail at setup
+        raise UserError(f"val split has {len(tokens):,} tokens, fewer than seq_len+1 = {seq_len + 1}; prepare "
+                        "with a larger val_fraction or more text, or lower train.seq_len")
+    n = max(1, min(max_tokens // seq_len, (len(tokens) - 1) // seq_len))
+    window = np.arange(seq_len + 1)
+
+    def batches():
+        for b in range(0, n, batch_size):
+            yield _xy(tokens, np.arange(b, min(b + batch_size, n)) * seq_len, window)
+
+    return batches()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# summary
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def describe(meta: dict) -> str:
+    """One paragraph about a prepared dataset, for printing after prepare."""
+    info = meta.get("source_info") or {}
+    src = meta["source"]
+    if info.get("kind") == "linux-source":
+        src += f" ({info['package']} {info['version']}, {info['subset']} subset)"
+    tok = meta["tokenizer"]
+    if tok["kind"] == "trained":
+        how = f"byte-level BPE trained on {_fmt_bytes(tok['sample_bytes'])} of it"
+    else:
+        how = f"loaded from {tok['path']}" + (" (end-of-text token added)" if tok.get("added_eot") else "")
+    docs = meta["train_docs"] + meta["val_docs"]
+    tokens = meta["train_tokens"] + meta["val_tokens"]
+    per_token = meta["text_bytes"] / max(1, tokens - docs)  # end-of-text tokens carry no text
+    limit = f" (first {_fmt_bytes(meta['max_bytes'])})" if meta.get("max_bytes") else ""
+    return (f"Prepared {src}{limit}: {_fmt_bytes(meta['text_bytes'])} of text in {docs:,} documents -> "
+            f"{meta['train_tokens']:,} train tokens ({meta['train_docs']:,} docs) and {meta['val_tokens']:,} val "
+            f"tokens ({meta['val_docs']:,} docs), {per_token:.2f} bytes/token. Tokenizer: {how}, "
+            f"vocab {meta['vocab_size']:,}, end-of-text {meta['eot_token']!r} = id {meta['eot_id']}; "
+            f"stored as {meta['dtype']}.")

@@ -1,0 +1,104 @@
+"""`sparsetrain demo`: the main job on the embedded default corpus (the Python standard library sources).
+
+Prepares the corpus (once), trains the tiny model densely and with each method that runs on it, side by side
+on the same data, seed and schedule, and writes a short report (markdown + loss curves) into the run folder.
+CPU timings say nothing about GPU speed-ups: the report says so.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from . import config as config_mod
+from .data import TokenData, describe, prepare
+from .train import train
+
+# Method sections trained by the demo, each against the same dense baseline.
+CONTENDERS: list[tuple[str, dict[str, Any]]] = [
+    ("dense", {"name": "dense"}),
+]
+
+
+def ensure_data(data_dir: Path, max_bytes: int) -> None:
+    if (data_dir / "meta.json").is_file():
+        print(f"data: using {data_dir} (delete it to prepare again)")
+        return
+    print(f"data: preparing the stdlib corpus into {data_dir} (first {max_bytes / 1e6:.0f} MB)")
+    meta = prepare("stdlib", data_dir, vocab_size=4096, max_bytes=max_bytes, val_fraction=0.02)
+    print(describe(meta))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def plot_runs(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in runs.items():
+        axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
+        val = [r for r in rows if "val_loss" in r]
+        axes[1].plot([r["flops"] / 1e12 for r in val], [r["val_loss"] for r in val], marker="o", label=name)
+    axes[0].set(xlabel="step", ylabel="training loss", title="training loss")
+    axes[1].set(xlabel="counted training TFLOPs", ylabel="validation loss", title="validation loss vs FLOPs")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_demo(out: Path, data_dir: Path, steps: int = 300, max_bytes: int = 8_000_000) -> Path:
+    ensure_data(data_dir, max_bytes)
+    if out.exists():
+        print(f"demo: replacing the previous demo in {out}")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    runs, summaries = {}, {}
+    for name, method in CONTENDERS:
+        raw = {
+            "model": {"preset": "tiny"},
+            "data": {"dir": str(data_dir)},
+            "train": {"steps": steps, "batch_size": 16, "seq_len": 256, "lr": 2e-3, "warmup_steps": 20,
+                      "eval_every": max(1, steps // 4), "eval_tokens": 32768, "checkpoint_every": steps,
+                      "log_every": 10, "keep_checkpoints": 1},
+            "method": method,
+        }
+        print(f"demo: training tiny with method {name} for {steps} steps")
+        summaries[name] = train(config_mod.from_dict(raw), out / name)
+        runs[name] = read_metrics(out / name)
+    plot_runs(runs, out / "loss.png")
+    meta = TokenData(data_dir).meta
+    dense = summaries["dense"]
+    lines = [
+        "# sparsetrain demo",
+        "",
+        f"Corpus: {meta.get('source')} ({meta['train_tokens']:,} training tokens, {meta['val_tokens']:,} validation "
+        f"tokens, vocabulary {meta['vocab_size']}). Model: `tiny` preset. {steps} steps of 16 x 256 tokens each.",
+        "",
+        "| method | final val loss | vs dense | counted training FLOPs | vs dense | wall-clock s (CPU) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summaries.items():
+        lines.append(f"| {name} | {s['val_loss']:.4f} | {(s['val_loss'] - dense['val_loss']) / dense['val_loss']:+.2%} "
+                     f"| {s['flops']:.3g} | {s['flops'] / dense['flops']:.2f}x | {s['train_time']:.1f} |")
+    lines += [
+        "",
+        "![loss curves](loss.png)",
+        "",
+        "CPU timings do not predict GPU speed-ups: the methods pay off in large matrix products on the GPU.",
+        "See BENCHMARKS.md for the GPU numbers.",
+        "",
+    ]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    print("\n".join(lines[4:4 + 2 + len(summaries)]))
+    print(f"demo: report in {report}, loss curves in {out / 'loss.png'}")
+    return report

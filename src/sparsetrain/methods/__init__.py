@@ -1,0 +1,17 @@
+"""Methods by name. Each lives in one module of this package; `base.Method` is the seam they implement."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UserError
+from ..model import ModelArgs
+from .base import Dense, Method
+
+REGISTRY: dict[str, type[Method]] = {"dense": Dense}
+
+
+def build_method(method_cfg: dict[str, Any], args: ModelArgs, seq_len: int) -> Method:
+    name = method_cfg.get("name", "dense")
+    if name not in REGISTRY:
+        raise UserError(f"unknown method.name '{name}'; methods: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name].from_config(method_cfg, args, seq_len)

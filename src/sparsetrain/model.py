@@ -1,0 +1,316 @@
+"""A decoder-only transformer written for one device, in two families.
+
+`gpt2`: LayerNorm, learned positions, GELU, tied embeddings, biases.
+`llama`: RMSNorm, rotary positions, SwiGLU, untied embeddings, grouped-query attention, no biases.
+
+The seam for sparsity methods lives in two modules:
+- `FFN.active`: indices of the neurons to compute this step (None = all). The step then multiplies by
+  `index_select`ed weight slices: smaller GEMMs, real speed (SAT, structured MST).
+- `Attention.active`: indices of the key/value head groups to compute (None = all); each group carries its
+  query heads. `Attention.block_mask`: a FlexAttention BlockMask (hybrid sparse attention, MST); None = causal SDPA.
+A method may also replace `Block.mlp` with another module of the same signature (MoE: upcycling, SSD).
+Parallelism (DDP, FSDP2) and compilation are applied from outside, in the trainer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .errors import UserError
+
+
+@dataclass
+class ModelArgs:
+    """A fully resolved model shape (no zeros meaning 'default')."""
+
+    family: str
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    d_model: int
+    d_ff: int
+    vocab_size: int
+    max_seq_len: int
+    activation: str
+    norm_eps: float
+    rope_theta: float
+    tie_embeddings: bool
+    bias: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def gated(self) -> bool:
+        return self.activation == "swiglu"
+
+
+FAMILY_DEFAULTS = {
+    "gpt2": dict(activation="gelu", norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=True, bias=True),
+    "llama": dict(activation="swiglu", norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=False, bias=False),
+}
+
+PRESETS = {
+    # CPU tests and the demo.
+    "tiny": dict(family="gpt2", n_layer=2, n_head=4, d_model=128, d_ff=512, max_seq_len=256),
+    "tiny-llama": dict(family="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=128, d_ff=352, max_seq_len=256),
+    # GPT-2 small / medium shapes (124M / 350M with GPT-2's vocabulary).
+    "gpt2-small": dict(family="gpt2", n_layer=12, n_head=12, d_model=768, d_ff=3072, max_seq_len=1024),
+    "gpt2-medium": dict(family="gpt2", n_layer=24, n_head=16, d_model=1024, d_ff=4096, max_seq_len=1024),
+    # ~1.1B llama (TinyLlama-like width, 16 layers).
+    "llama-1b": dict(family="llama", n_layer=16, n_head=32, n_kv_head=8, d_model=2048, d_ff=8192, max_seq_len=2048),
+}
+
+ACTIVATIONS = ("gelu", "relu", "relu2", "swiglu")
+
+
+def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelArgs:
+    """Preset, then family defaults, then the user's overrides."""
+    if cfg.preset not in PRESETS:
+        raise UserError(f"unknown model.preset '{cfg.preset}'; presets: {', '.join(PRESETS)}")
+    values = dict(PRESETS[cfg.preset])
+    family = cfg.family or values["family"]
+    if family not in FAMILY_DEFAULTS:
+        raise UserError(f"unknown model.family '{family}'; families: gpt2, llama")
+    merged = {**FAMILY_DEFAULTS[family], **values, "family": family}
+    for key in ["n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "vocab_size", "max_seq_len",
+                "activation", "norm_eps", "rope_theta", "tie_embeddings", "bias"]:
+        v = getattr(cfg, key)
+        if isinstance(v, bool) or v not in (0, 0.0, "", None):  # False == 0, but False is a choice
+            merged[key] = v
+    if not merged.get("vocab_size"):
+        if vocab_size is None:
+            raise UserError("model.vocab_size is unknown; prepare data first or set model.vocab_size")
+        merged["vocab_size"] = vocab_size
+    merged.setdefault("n_kv_head", merged["n_head"])
+    if not merged["n_kv_head"]:
+        merged["n_kv_head"] = merged["n_head"]
+    args = ModelArgs(**merged)
+    if args.activation not in ACTIVATIONS:
+        raise UserError(f"unknown model.activation '{args.activation}'; choose one of {', '.join(ACTIVATIONS)}")
+    if args.d_model % args.n_head:
+        raise UserError(f"model.d_model={args.d_model} is not a multiple of model.n_head={args.n_head}")
+    if args.n_head % args.n_kv_head:
+        raise UserError(f"model.n_head={args.n_head} is not a multiple of model.n_kv_head={args.n_kv_head}")
+    return args
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(args: ModelArgs) -> nn.Module:
+    if args.family == "llama":
+        return RMSNorm(args.d_model, args.norm_eps)
+    return nn.LayerNorm(args.d_model, eps=args.norm_eps, bias=args.bias)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, head_dim] in the half-split layout that Hugging Face Llama uses (rotate_half)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D]; cos/sin: [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = args.n_head, args.n_kv_head, args.head_dim
+        self.rope = args.family == "llama"
+        # q, k, v in one matrix: rows [q heads | k heads | v heads], each head_dim rows.
+        self.qkv = nn.Linear(args.d_model, (args.n_head + 2 * args.n_kv_head) * args.head_dim, bias=args.bias)
+        self.proj = nn.Linear(args.n_head * args.head_dim, args.d_model, bias=args.bias)
+        self.active: torch.Tensor | None = None  # kept kv-head groups this step (sorted), None = all
+        self.block_mask = None  # FlexAttention BlockMask, None = causal SDPA
+
+    def group_rows(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of `qkv` and columns of `proj` that belong to the kv-head groups `groups` (each with its query heads)."""
+        per_group = self.n_head // self.n_kv_head
+        d = self.head_dim
+        heads = (groups[:, None] * per_group + torch.arange(per_group, device=groups.device)).flatten()
+        q_rows = (heads[:, None] * d + torch.arange(d, device=groups.device)).flatten()
+        kv = (groups[:, None] * d + torch.arange(d, device=groups.device)).flatten()
+        k_rows = self.n_head * d + kv
+        v_rows = (self.n_head + self.n_kv_head) * d + kv
+        return torch.cat([q_rows, k_rows, v_rows]), q_rows
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        d = self.head_dim
+        if self.active is None:
+            n_head, n_kv = self.n_head, self.n_kv_head
+            qkv = self.qkv(x)
+        else:
+            n_kv = self.active.numel()
+            n_head = n_kv * (self.n_head // self.n_kv_head)
+            rows, cols = self.group_rows(self.active)
+            bias = self.qkv.bias.index_select(0, rows) if self.qkv.bias is not None else None
+            qkv = F.linear(x, self.qkv.weight.index_select(0, rows), bias)
+            proj_w = self.proj.weight.index_select(1, cols)
+        q, k, v = qkv.split([n_head * d, n_kv * d, n_kv * d], dim=-1)
+        q = q.view(B, T, n_head, d).transpose(1, 2)
+        k = k.view(B, T, n_kv, d).transpose(1, 2)
+        v = v.view(B, T, n_kv, d).transpose(1, 2)
+        if self.rope:
+            cos, sin = rope[0][:T], rope[1][:T]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.block_mask is not None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            y = flex_attention(q, k, v, block_mask=self.block_mask, enable_gqa=n_head != n_kv)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_head != n_kv)
+        y = y.transpose(1, 2).reshape(B, T, n_head * d)
+        if self.active is None:
+            return self.proj(y)
+        return F.linear(y, proj_w, self.proj.bias)
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "gelu":
+        return F.gelu(h, approximate="tanh")
+    if activation == "relu":
+        return F.relu(h)
+    if activation == "relu2":
+        return F.relu(h).square()
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    raise ValueError(activation)
+
+
+class FFN(nn.Module):
+    """Feed-forward block. For swiglu, `fc` holds [gate rows | up rows] so one GEMM computes both."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.activation = args.activation
+        self.d_ff = args.d_ff
+        self.fc = nn.Linear(args.d_model, args.d_ff * (2 if args.gated else 1), bias=args.bias)
+        self.proj = nn.Linear(args.d_ff, args.d_model, bias=args.bias)
+        self.active: torch.Tensor | None = None  # kept neurons this step (sorted), None = all
+
+    def in_rows(self, neurons: torch.Tensor) -> torch.Tensor:
+        """Rows of `fc` that feed the given neurons (gate and up rows together for swiglu)."""
+        if self.activation == "swiglu":
+            return torch.cat([neurons, neurons + self.d_ff])
+        return neurons
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The activations, one column per neuron (the thing whose sparsity SSD studies)."""
+        return activate(self.fc(x), self.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.active is None:
+            return self.proj(activate(self.fc(x), self.activation))
+        rows = self.in_rows(self.active)
+        bias = self.fc.bias.index_select(0, rows) if self.fc.bias is not None else None
+        h = activate(F.linear(x, self.fc.weight.index_select(0, rows), bias), self.activation)
+        return F.linear(h, self.proj.weight.index_select(1, self.active), self.proj.bias)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm1 = make_norm(args)
+        self.attn = Attention(args)
+        self.norm2 = make_norm(args)
+        self.mlp = FFN(args)
+
+    def forward(self, x, rope):
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.wte = nn.Embedding(args.vocab_size, args.d_model)
+        self.wpe = nn.Embedding(args.max_seq_len, args.d_model) if args.family == "gpt2" else None
+        self.blocks = nn.ModuleList(Block(args) for _ in range(args.n_layer))
+        self.norm = make_norm(args)
+        self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if args.family == "llama":
+            cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """GPT-2 init: normal(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * self.args.n_layer) if name.endswith("proj.weight") else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits [B, T, V] when targets is None, else the mean cross-entropy loss (a scalar)."""
+        B, T = idx.shape
+        if T > self.args.max_seq_len:
+            raise UserError(f"sequence of {T} tokens exceeds model.max_seq_len={self.args.max_seq_len}")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+        for block in self.blocks:
+            x = block(x, rope)
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token, by part, at 2 FLOPs per multiply-add (training is 3x: backward twice forward).
+
+    The parts let a method scale what it skips: `attn_linear` and `attn_scores` by the kept heads, `ffn` by the
+    kept neurons. `attn_scores` counts the full T x T product (the convention of the 6N + 12LdT formula).
+    """
+    d, L = args.d_model, args.n_layer
+    kv = args.n_kv_head * args.head_dim
+    attn_linear = 2 * (d * (d + 2 * kv) + d * d)
+    attn_scores = 2 * 2 * seq_len * d
+    ffn = 2 * d * args.d_ff * (3 if args.gated else 2)
+    return {
+        "attn_linear": L * attn_linear,
+        "attn_scores": L * attn_scores,
+        "ffn": L * ffn,
+        "head": 2 * d * args.vocab_size,
+    }
+
+
+def build(cfg: ModelConfig, vocab_size: int | None = None) -> Transformer:
+    return Transformer(resolve(cfg, vocab_size))

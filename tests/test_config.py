@@ -1,0 +1,46 @@
+import pytest
+
+from sparsetrain import config
+from sparsetrain.errors import UserError
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[model]\npreset = "tiny"\n[train]\nsteps = 5\n[method]\nname = "dense"\n')
+    cfg = config.load(p, ["train.lr=0.01", "train.steps=7", 'model.activation="relu"', "data.dir=x/y"])
+    assert cfg.train.steps == 7 and cfg.train.lr == 0.01 and cfg.model.activation == "relu"
+    assert cfg.data.dir == "x/y" and cfg.method == {"name": "dense"}
+
+
+def test_int_accepted_for_float_and_round_trip(tmp_path):
+    cfg = config.from_dict({"train": {"lr": 1}})
+    assert isinstance(cfg.train.lr, float)
+    text = config.dumps(config.to_dict(cfg))
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    assert config.load(p) == cfg
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"train": {"stepz": 1}}, "unknown config key 'train.stepz'"),
+    ({"train": {"steps": "many"}}, "train.steps must be int"),
+    ({"train": {"steps": 1.5}}, "train.steps must be int"),
+    ({"train": {"steps": 0}}, "must be positive"),
+    ({"trian": {}}, "unknown config section"),
+    ({"train": {"device": "tpu"}}, "train.device"),
+    ({"model": {"tie_embeddings": "yes"}}, "model.tie_embeddings must be bool"),
+])
+def test_bad_values(raw, match):
+    with pytest.raises(UserError, match=match):
+        config.from_dict(raw)
+
+
+def test_bad_set_and_file(tmp_path):
+    with pytest.raises(UserError, match="section.key=value"):
+        config.load(None, ["steps=3"])
+    with pytest.raises(UserError, match="not found"):
+        config.load(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\n")
+    with pytest.raises(UserError, match="not valid TOML"):
+        config.load(bad)
