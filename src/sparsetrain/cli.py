@@ -57,6 +57,13 @@ def cmd_train(a) -> None:
         overrides.append(f'train.init_from="{a.init}"')
     cfg = config.load(cfg_path, overrides)
     summary = train(cfg, out, resume=a.resume)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return
     if summary.get("val_loss") is not None:
         print(f"done: {summary['steps']} steps, val_loss {summary['val_loss']:.4f}, run in {out}")
 
@@ -80,7 +87,8 @@ def cmd_convert_hf_import(a) -> None:
     from .hf import import_hf
 
     model_section, model = import_hf(a.source)
-    raw = config.to_dict(config.from_dict({"model": model_section}))
+    seq_len = min(config.TrainConfig.seq_len, model.args.max_seq_len)
+    raw = config.to_dict(config.from_dict({"model": model_section, "train": {"seq_len": seq_len}}))
     write_model_folder(Path(a.out), config.dumps(raw), model.state_dict())
     print(f"imported {a.source} into {a.out}")
 

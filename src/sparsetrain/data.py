@@ -12,14 +12,13 @@ Sources (files, folders, stdlib, linux-source, Hugging Face datasets) live in so
 from __future__ import annotations
 
 import hashlib
+import gzip
 import json
 import lzma
-import gzip
 import os
 import re
 import secrets
 import shutil
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -265,7 +264,8 @@ def _vocab_size(tok) -> int:
 _SAFE_CUT = re.compile(r"(?<=[!-~])\n(?=[!-~])")
 
 
-def _pieces(text: str, target: int = PIECE_CHARS) -> list[str]:
+def _pieces(text: str, target: int | None = None) -> list[str]:
+    target = target or PIECE_CHARS
     out, start = [], 0
     while len(text) - start > target:
         m = _SAFE_CUT.search(text, start + target)
@@ -482,13 +482,14 @@ class TokenData:
             dtype = np.dtype(self.meta["dtype"])
             self.vocab_size = int(self.meta["vocab_size"])
             self.eot_id = int(self.meta["eot_id"])
+            counts = int(self.meta["train_tokens"]), int(self.meta["val_tokens"])
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{meta_path} is damaged ({e!r}); run `sparsetrain data prepare` again") from None
-        self.train = self._open("train", dtype)
-        self.val = self._open("val", dtype)
+        self.train = self._open("train", dtype, counts[0])
+        self.val = self._open("val", dtype, counts[1])
 
-    def _open(self, split: str, dtype: np.dtype) -> np.ndarray:
-        path, n = self.dir / f"{split}.bin", int(self.meta[f"{split}_tokens"])
+    def _open(self, split: str, dtype: np.dtype, n: int) -> np.ndarray:
+        path = self.dir / f"{split}.bin"
         if not path.is_file() or path.stat().st_size != n * dtype.itemsize:
             raise UserError(f"{path} is missing or has the wrong size (meta.json says {n:,} tokens); "
                             "run `sparsetrain data prepare` again")

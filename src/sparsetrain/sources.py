@@ -420,7 +420,11 @@ def _hf_docs(ds, text_field: str, label: str, prefix: str) -> Iterator[tuple[str
 def _hf_disk_source(path: Path, text_field: str, split: str) -> Source:
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # a half-copied or foreign folder
+        raise UserError(f"could not load the saved dataset {path} ({type(e).__name__}: {e}); re-save it with "
+                        "`Dataset.save_to_disk`") from None
     prefix = ""
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:

@@ -164,10 +164,10 @@ def evaluate(model: torch.nn.Module, tokens, tcfg, rt: Runtime, method: Method |
 def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool) -> torch.nn.Module:
     """Wrap for several processes (DDP or FSDP2) and compile; the raw model stays what methods see."""
     if compile_model:
-        import torch._dynamo
+        from torch import _dynamo
 
         # Methods change shapes and attributes between steps (kept subsets, phases): allow a few graphs.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
     if rt.distributed and tcfg.parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -280,10 +280,13 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str
     if args.vocab_size < data.vocab_size:
         raise UserError(f"model.vocab_size={args.vocab_size} is smaller than the data's vocabulary "
                         f"({data.vocab_size}); remove model.vocab_size or raise it")
+    cfg.model.vocab_size = args.vocab_size  # saved with the run, so the model can be rebuilt without the data
     if tcfg.init_from and not resume:
         _, weights = find_weights(tcfg.init_from)
         load_weights(model, load_file(str(weights)), tcfg.init_from)
-    loader = BatchLoader(data.train, micro, tcfg.seq_len, seed=tcfg.seed, rank=rt.rank, world_size=rt.world)
+    # Every process draws the same global batch and takes its rows: one GPU or many, any micro-batching,
+    # the model sees the same tokens.
+    loader = BatchLoader(data.train, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed)
 
     model.to(rt.device)
     compile_model = tcfg.compile == "true" or (tcfg.compile == "auto" and rt.device.type == "cuda")
@@ -334,8 +337,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str
             group["lr"] = lr
         method.before_step(step)
         step_loss = torch.zeros((), device=rt.device)
-        for i in range(accum):
-            x, y = loader.next_batch()
+        xs, ys = loader.next_batch()
+        mine = slice(rt.rank * micro * accum, (rt.rank + 1) * micro * accum)
+        for i, (x, y) in enumerate(zip(xs[mine].split(micro), ys[mine].split(micro))):
             x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
             with no_grad_sync(wrapped, model, rt, tcfg, last=i == accum - 1), rt.autocast():
                 loss = wrapped(x, y)

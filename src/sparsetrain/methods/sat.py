@@ -1,0 +1,502 @@
+"""SAT: sparsity-accelerated training. Each step computes only the more important FFN neurons and attention head groups.
+
+Per step and per layer one kept set, shared across the batch, is chosen by an importance score (`uniform`, `magnitude`,
+`wanda`, `maxip`) with `topk` or by sampling in proportion to the score; the model then multiplies by `index_select`ed
+weight slices (`FFN.active`, `Attention.active`), so the GEMMs are really smaller. Omitted neurons and heads are left
+exactly as they were: their weights and optimizer moments are stashed before `optimizer.step()` and put back after
+it (AdamW moves a weight with a zero gradient through momentum and weight decay). The omission rate follows the
+ladder omission rate scheduler (LORS): a fixed rate first, then lower rates in equal steps, dense at the end.
+
+Scores, per FFN neuron (its `fc` rows, both gate and up for SwiGLU, and its `proj` column) and per kv-head group
+(its query, key and value rows and its `proj` columns; a group carries the query heads that share its key/value):
+  uniform    a uniformly random subset every step.
+  magnitude  L2 norm of all the neuron's (group's) weights.
+  wanda      sum over the input rows of |W_ij| * rms(x_j): the input x of a block is computed in full whatever this
+             layer omits, so these statistics are complete and unbiased every step, and cost one reduction.
+  maxip      running mean of |<w, x>| per neuron (the L2 norm of the gate/up pair for SwiGLU) and of the norm of
+             each head's output per group. Measured on a sample of each micro-batch's sequences for the neurons
+             computed that step (one small extra GEMM), or for all of them with `stats_dense_pass`. A neuron never
+             measured scores twice the best measured one in its layer, so it is tried (and measured) soon.
+Activation statistics are exponential moving averages with a per-entry weight (so partial updates and the first
+update need no special case), gathered by forward hooks on steps where `step % stats_every == 0`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..model import Attention, ModelArgs, Transformer, apply_rope, flops_per_token
+from .base import Method
+
+METRICS = ("uniform", "magnitude", "wanda", "maxip")
+SELECTS = ("topk", "sample")
+SCHEDULES = ("ladder", "constant", "linear")
+
+
+@dataclass
+class SATOptions:
+    ffn_rate: float = 0.5  # share of FFN neurons omitted per layer, in [0, 1)
+    head_rate: float = 0.5  # share of kv-head groups omitted per layer (each with its query heads), in [0, 1)
+    # wanda by default: its statistics (block inputs) are complete every step whatever was omitted, and cost no GEMM.
+    metric: str = "wanda"  # uniform | magnitude | wanda | maxip
+    # sample by default: with topk a neuron that is omitted is never updated, so it stays unimportant and frozen.
+    select: str = "sample"  # topk | sample (in proportion to the score, without replacement)
+    ffn_multiple: int = 64  # kept neurons rounded to a multiple of this (GEMM-friendly shapes)
+    head_multiple: int = 1  # kept head groups rounded to a multiple of this
+    exempt_layers: list[int] = field(default_factory=list)  # layers kept dense; negative indices count from the end
+    schedule: str = "ladder"  # ladder (LORS) | constant | linear
+    ladder_start: float = 0.5  # fraction of training at the full rate before the ladder starts
+    ladder_steps: int = 3  # lower rates between ladder_start and the dense end: rate * (1 - i / (ladder_steps + 1))
+    dense_warmup: float = 0.0  # fraction of training kept dense at the start (SparseLoRA keeps ~0.1)
+    dense_final: float = 0.1  # fraction of training kept dense at the end
+    stats_every: int = 1  # gather activation statistics and refresh scores every this many steps
+    stats_fraction: float = 0.125  # share of each micro-batch's sequences the statistics are measured on (>= 1)
+    stats_decay: float = 0.9  # EMA decay of the activation statistics, per measurement
+    stats_dense_pass: bool = False  # maxip: measure every neuron/group, not only those computed (extra FLOPs)
+    seed: int = 0  # seeds the sampler (uniform metric, sample selection)
+
+
+def keep_count(n: int, rate: float, multiple: int) -> int:
+    """Neurons (groups) kept of n at an omission rate: round((1 - rate) n) to a multiple, within [min(multiple, n), n].
+
+    Rounding is half-up, not Python's half-to-even, so counts are what the docs say. 0 means the rate keeps nothing.
+    """
+    if rate <= 0:
+        return n
+    k = math.floor((1 - rate) * n + 0.5)
+    if k == 0:
+        return 0
+    k = math.floor(k / multiple + 0.5) * multiple
+    return min(n, max(k, min(multiple, n)))
+
+
+def head_outputs(attn: Attention, x: torch.Tensor, rope, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Each head's attention output before `proj`, [B, heads, T, head_dim], for kv groups `groups` (None = all).
+
+    The same computation as `Attention.forward` stopped before the output projection (causal SDPA).
+    """
+    B, T, _ = x.shape
+    d = attn.head_dim
+    if groups is None:
+        n_kv, weight, bias = attn.n_kv_head, attn.qkv.weight, attn.qkv.bias
+    else:
+        rows, _ = attn.group_rows(groups)
+        n_kv = groups.numel()
+        weight = attn.qkv.weight.index_select(0, rows)
+        bias = attn.qkv.bias.index_select(0, rows) if attn.qkv.bias is not None else None
+    n_head = n_kv * (attn.n_head // attn.n_kv_head)
+    q, k, v = F.linear(x, weight, bias).split([n_head * d, n_kv * d, n_kv * d], dim=-1)
+    q = q.view(B, T, n_head, d).transpose(1, 2)
+    k = k.view(B, T, n_kv, d).transpose(1, 2)
+    v = v.view(B, T, n_kv, d).transpose(1, 2)
+    if attn.rope:
+        cos, sin = rope[0][:T], rope[1][:T]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_head != n_kv)
+
+
+def _ema_(total: torch.Tensor, weight: torch.Tensor, value: torch.Tensor, idx: torch.Tensor | None, decay: float):
+    """total/weight is a running mean; update it with `value` at `idx` (None = everywhere), in place."""
+    if idx is None:
+        total.mul_(decay).add_(value, alpha=1 - decay)
+        weight.mul_(decay).add_(1 - decay)
+    else:
+        total.index_copy_(0, idx, total.index_select(0, idx).mul_(decay).add_(value, alpha=1 - decay))
+        weight.index_copy_(0, idx, weight.index_select(0, idx).mul_(decay).add_(1 - decay))
+
+
+def _optimistic(total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Running means [L, n]; an entry never measured gets twice its layer's best measured mean (1 if none is)."""
+    seen = weight > 0
+    mean = torch.where(seen, total / weight.clamp_min(1e-30), torch.zeros_like(total))
+    best = mean.amax(dim=1, keepdim=True)
+    fill = torch.where(best > 0, 2 * best, torch.ones_like(best))
+    return torch.where(seen, mean, fill)
+
+
+def _complement(kept: torch.Tensor, n: int) -> torch.Tensor:
+    """Sorted indices in [0, n) not in each row of `kept` [L, k] -> [L, n - k], without a host sync."""
+    omitted = torch.ones(kept.shape[0], n, dtype=torch.uint8, device=kept.device)
+    omitted.scatter_(1, kept, 0)
+    # A stable descending sort puts the ones (omitted) first, in index order.
+    return omitted.argsort(dim=1, descending=True, stable=True)[:, : n - kept.shape[1]]
+
+
+class SAT(Method):
+    name = "sat"
+    Options = SATOptions
+
+    def __init__(self, options: SATOptions, args: ModelArgs, seq_len: int):
+        super().__init__(options, args, seq_len)
+        L = args.n_layer
+        exempt = {i % L for i in options.exempt_layers}
+        self.layers = [i for i in range(L) if i not in exempt]  # the layers SAT makes sparse
+        self.total_steps: int | None = None  # set by the trainer before start()
+        self.generator: torch.Generator | None = None
+        self.stats: dict[str, torch.Tensor] = {}
+        self.scores: dict[str, torch.Tensor] = {}  # cached between refreshes (stats_every > 1)
+        self.kept: dict[str, torch.Tensor | None] = {"ffn": None, "head": None}  # [len(layers), k] this step
+        self.gathering = False  # read by the hooks: statistics are wanted on this step
+        self._gather_ffn_now = self._gather_head_now = False
+        self._stash: list = []
+        self._hooks: list = []
+        self._pending_state: dict | None = None
+
+    # --- options ------------------------------------------------------------------------------------------------
+    @classmethod
+    def validate(cls, o: SATOptions, args: ModelArgs, seq_len: int) -> None:
+        for key, n, what in [("ffn_rate", args.d_ff, "FFN neurons"), ("head_rate", args.n_kv_head, "kv-head groups")]:
+            rate = getattr(o, key)
+            if not 0 <= rate < 1:
+                raise UserError(f"method.{key}={rate} is outside [0, 1); it is the share of {what} left out")
+            if keep_count(n, rate, 1) == 0:
+                largest = (n - 0.5) / n
+                raise UserError(
+                    f"method.{key}={rate} keeps none of the {n} {what} per layer; use a rate of at most {largest:.4g}"
+                )
+        for key, allowed in [("metric", METRICS), ("select", SELECTS), ("schedule", SCHEDULES)]:
+            if getattr(o, key) not in allowed:
+                raise UserError(f"unknown method.{key} '{getattr(o, key)}'; choose one of {', '.join(allowed)}")
+        for key in ["ffn_multiple", "head_multiple", "stats_every"]:
+            if getattr(o, key) < 1:
+                raise UserError(f"method.{key} must be at least 1, got {getattr(o, key)}")
+        if o.ladder_steps < 0:
+            raise UserError(f"method.ladder_steps must be >= 0, got {o.ladder_steps}")
+        bad = [i for i in o.exempt_layers if not -args.n_layer <= i < args.n_layer]
+        if bad:
+            raise UserError(
+                f"method.exempt_layers has {bad}, outside the model's {args.n_layer} layers; "
+                f"use indices in [{-args.n_layer}, {args.n_layer - 1}]"
+            )
+        for key in ["ladder_start", "dense_warmup", "dense_final"]:
+            if not 0 <= getattr(o, key) <= 1:
+                raise UserError(f"method.{key} must be a fraction of training in [0, 1], got {getattr(o, key)}")
+        if o.dense_warmup + o.dense_final > 1:
+            raise UserError(
+                f"method.dense_warmup + method.dense_final = {o.dense_warmup + o.dense_final} is more than all of "
+                "training; make them add up to at most 1"
+            )
+        if o.schedule == "ladder" and not o.dense_warmup <= o.ladder_start <= 1 - o.dense_final:
+            raise UserError(
+                f"method.ladder_start={o.ladder_start} must lie between method.dense_warmup={o.dense_warmup} "
+                f"and 1 - method.dense_final={1 - o.dense_final}"
+            )
+        if not 0 < o.stats_fraction <= 1:
+            raise UserError(f"method.stats_fraction must be in (0, 1], got {o.stats_fraction}")
+        if not 0 <= o.stats_decay < 1:
+            raise UserError(f"method.stats_decay must be in [0, 1), got {o.stats_decay}")
+
+    # --- schedule -----------------------------------------------------------------------------------------------
+    def scheduled_rate(self, rate: float, step: int) -> float:
+        """The omission rate in force at `step` for a configured rate (LORS, constant or linear)."""
+        if self.total_steps is None:
+            raise RuntimeError("SAT needs method.total_steps (the run's optimizer steps), set before start()")
+        o = self.options
+        p = step / self.total_steps
+        end = 1 - o.dense_final
+        if rate == 0 or p < o.dense_warmup or p >= end:
+            return 0.0
+        if o.schedule == "constant":
+            return rate
+        if o.schedule == "linear":
+            return rate * (end - p) / (end - o.dense_warmup)
+        if p < o.ladder_start or o.ladder_steps == 0:
+            return rate
+        rung = min(int((p - o.ladder_start) / (end - o.ladder_start) * o.ladder_steps), o.ladder_steps - 1) + 1
+        return rate * (1 - rung / (o.ladder_steps + 1))
+
+    def rates(self, step: int) -> tuple[float, float]:
+        return self.scheduled_rate(self.options.ffn_rate, step), self.scheduled_rate(self.options.head_rate, step)
+
+    def keep_counts(self, step: int) -> tuple[int, int]:
+        """Kept FFN neurons and kv-head groups per sparse layer at `step` (n = dense)."""
+        ffn_rate, head_rate = self.rates(step)
+        return (
+            keep_count(self.args.d_ff, ffn_rate, self.options.ffn_multiple),
+            keep_count(self.args.n_kv_head, head_rate, self.options.head_multiple),
+        )
+
+    def _gathers(self, kind: str, step: int) -> bool:
+        """Statistics of `kind` are wanted on this step: the metric uses them and a sparse step may still come."""
+        o = self.options
+        rate = o.ffn_rate if kind == "ffn" else o.head_rate
+        needs = o.metric in ("wanda", "maxip") and rate > 0 and self.layers
+        return bool(needs) and step % o.stats_every == 0 and step < (1 - o.dense_final) * self.total_steps
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
+        super().start(model, optimizer)
+        device = model.wte.weight.device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(self.options.seed)
+        Ls, d = len(self.layers), self.args.d_model
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=device)  # noqa: E731
+        if self.options.metric == "wanda":
+            # Mean square of each input feature of the FFN and of the attention (one weight per layer: all features
+            # are measured together).
+            self.stats = {"ffn_in": zeros(Ls, d), "ffn_in_w": zeros(Ls, 1),
+                          "attn_in": zeros(Ls, d), "attn_in_w": zeros(Ls, 1)}
+        elif self.options.metric == "maxip":
+            self.stats = {"ffn_ip": zeros(Ls, self.args.d_ff), "ffn_ip_w": zeros(Ls, self.args.d_ff),
+                          "head_out": zeros(Ls, self.args.n_kv_head), "head_out_w": zeros(Ls, self.args.n_kv_head)}
+        self.scores = {}
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        if self.stats:
+            for j, i in enumerate(self.layers):
+                block = model.blocks[i]
+                self._hooks.append(block.mlp.register_forward_hook(self._ffn_hook(j)))
+                self._hooks.append(block.attn.register_forward_hook(self._attn_hook(j)))
+
+    # --- activation statistics (forward hooks) ------------------------------------------------------------------
+    def _sample(self, x: torch.Tensor) -> torch.Tensor:
+        """The first sequences of a micro-batch [B, T, d]: data order is random, so they are a fair sample."""
+        return x[: max(1, math.ceil(self.options.stats_fraction * x.shape[0]))]
+
+    def _ffn_hook(self, j: int):
+        def hook(mlp, inputs, output):
+            if self.gathering and self._gather_ffn_now:
+                with torch.no_grad():
+                    self._gather_ffn(j, mlp, self._sample(inputs[0]).flatten(0, 1))
+
+        return hook
+
+    def _attn_hook(self, j: int):
+        def hook(attn, inputs, output):
+            if self.gathering and self._gather_head_now:
+                with torch.no_grad():
+                    self._gather_head(j, attn, self._sample(inputs[0]), inputs[1])
+
+        return hook
+
+    def _gather_ffn(self, j: int, mlp, x: torch.Tensor) -> None:
+        decay, s = self.options.stats_decay, self.stats
+        if self.options.metric == "wanda":
+            _ema_(s["ffn_in"][j], s["ffn_in_w"][j], x.float().square().mean(0), None, decay)
+            return
+        neurons = None if self.options.stats_dense_pass else mlp.active
+        if neurons is None:
+            weight, bias = mlp.fc.weight, mlp.fc.bias
+        else:
+            rows = mlp.in_rows(neurons)
+            weight = mlp.fc.weight.index_select(0, rows)
+            bias = mlp.fc.bias.index_select(0, rows) if mlp.fc.bias is not None else None
+        pre = F.linear(x, weight, bias).float()
+        if mlp.activation == "swiglu":
+            pre = pre.view(x.shape[0], 2, -1).norm(dim=1)  # gate and up inner products together
+        _ema_(s["ffn_ip"][j], s["ffn_ip_w"][j], pre.abs().mean(0), neurons, decay)
+
+    def _gather_head(self, j: int, attn, x: torch.Tensor, rope) -> None:
+        decay, s = self.options.stats_decay, self.stats
+        if self.options.metric == "wanda":
+            _ema_(s["attn_in"][j], s["attn_in_w"][j], x.flatten(0, 1).float().square().mean(0), None, decay)
+            return
+        groups = None if self.options.stats_dense_pass else attn.active
+        y = head_outputs(attn, x, rope, groups)  # [B, heads, T, d]
+        per_head = y.float().norm(dim=-1).mean(dim=(0, 2))
+        per_group = per_head.view(-1, attn.n_head // attn.n_kv_head).mean(1)
+        _ema_(s["head_out"][j], s["head_out_w"][j], per_group, groups, decay)
+
+    # --- scores and selection -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _scores(self, kind: str) -> torch.Tensor:
+        """Importance [len(layers), n] of FFN neurons (kind 'ffn') or kv-head groups (kind 'head'), float32."""
+        metric, s = self.options.metric, self.stats
+        if metric == "maxip":
+            key = "ffn_ip" if kind == "ffn" else "head_out"
+            return _optimistic(s[key], s[key + "_w"])
+        per_layer = []
+        for j, i in enumerate(self.layers):
+            block = self.model.blocks[i]
+            if metric == "wanda":
+                key = "ffn_in" if kind == "ffn" else "attn_in"
+                seen = s[key + "_w"][j] > 0
+                rms = torch.where(seen, (s[key][j] / s[key + "_w"][j].clamp_min(1e-30)).sqrt(), 1.0)
+                weight = block.mlp.fc.weight if kind == "ffn" else block.attn.qkv.weight
+                rows = (weight.abs() @ rms.to(weight.dtype)).float()
+                cols = None
+            else:
+                weight, proj = (block.mlp.fc, block.mlp.proj) if kind == "ffn" else (block.attn.qkv, block.attn.proj)
+                rows = torch.linalg.vector_norm(weight.weight, dim=1, dtype=torch.float32).square()
+                cols = torch.linalg.vector_norm(proj.weight, dim=0, dtype=torch.float32).square()
+            score = self._fold_ffn(rows, cols) if kind == "ffn" else self._fold_head(rows, cols)
+            per_layer.append(score.sqrt() if metric == "magnitude" else score)
+        return torch.stack(per_layer)
+
+    def _fold_ffn(self, rows: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+        """Per-row values of `fc` (and per-column values of `proj`) summed per neuron."""
+        per_neuron = rows.view(2, -1).sum(0) if self.args.gated else rows
+        return per_neuron if cols is None else per_neuron + cols
+
+    def _fold_head(self, rows: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+        """Per-row values of `qkv` [q heads | k heads | v heads] (and per-column of `proj`) summed per kv group."""
+        a = self.args
+        K, qd = a.n_kv_head, a.n_head * a.head_dim
+        q, k, v = rows.split([qd, K * a.head_dim, K * a.head_dim])
+        per_group = q.view(K, -1).sum(1) + k.view(K, -1).sum(1) + v.view(K, -1).sum(1)
+        return per_group if cols is None else per_group + cols.view(K, -1).sum(1)
+
+    def _select(self, kind: str, n: int, k: int, refresh: bool) -> torch.Tensor:
+        """Kept indices [len(layers), k], sorted per row, one set per layer for the whole batch."""
+        if self.options.metric == "uniform":
+            scores = torch.rand(len(self.layers), n, generator=self.generator, device=self.generator.device)
+            return scores.topk(k, dim=1).indices.sort(dim=1).values
+        if refresh or kind not in self.scores:
+            self.scores[kind] = self._scores(kind)
+        scores = self.scores[kind]
+        if self.options.select == "topk":
+            kept = scores.topk(k, dim=1).indices
+        else:
+            # Every entry keeps a small chance, and a layer of all-zero scores samples uniformly.
+            weights = scores.clamp_min(0)
+            weights = weights + 1e-6 * weights.amax(dim=1, keepdim=True) + 1e-30
+            kept = torch.multinomial(weights, k, replacement=False, generator=self.generator)
+        return kept.sort(dim=1).values
+
+    @staticmethod
+    def _same_on_all_ranks(kept: torch.Tensor) -> torch.Tensor:
+        """Statistics are gathered per rank, but every rank must compute the same slices: rank 0 decides."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(kept, src=0)
+        return kept
+
+    # --- per step -----------------------------------------------------------------------------------------------
+    def before_step(self, step: int) -> None:
+        keep = dict(zip(("ffn", "head"), self.keep_counts(step)))
+        total = {"ffn": self.args.d_ff, "head": self.args.n_kv_head}
+        refresh = step % self.options.stats_every == 0
+        for kind in ("ffn", "head"):
+            n, k = total[kind], keep[kind]
+            kept = None
+            if k < n and self.layers:
+                kept = self._same_on_all_ranks(self._select(kind, n, k, refresh))
+            self.kept[kind] = kept
+            for j, i in enumerate(self.layers):
+                module = self.model.blocks[i].mlp if kind == "ffn" else self.model.blocks[i].attn
+                module.active = None if kept is None else kept[j]
+        self._gather_ffn_now = self._gathers("ffn", step)
+        self._gather_head_now = self._gathers("head", step)
+        self.gathering = self._gather_ffn_now or self._gather_head_now
+
+    def before_optimizer(self, step: int) -> None:
+        """Stash the omitted slices of every sliced parameter and of its optimizer moments."""
+        self._stash = []
+        with torch.no_grad():
+            if self.kept["ffn"] is not None:
+                omitted = _complement(self.kept["ffn"], self.args.d_ff)
+                for j, i in enumerate(self.layers):
+                    mlp = self.model.blocks[i].mlp
+                    rows = mlp.in_rows(omitted[j])
+                    self._save(mlp.fc.weight, 0, rows)
+                    if mlp.fc.bias is not None:
+                        self._save(mlp.fc.bias, 0, rows)
+                    self._save(mlp.proj.weight, 1, omitted[j])
+            if self.kept["head"] is not None:
+                omitted = _complement(self.kept["head"], self.args.n_kv_head)
+                for j, i in enumerate(self.layers):
+                    attn = self.model.blocks[i].attn
+                    rows, cols = attn.group_rows(omitted[j])
+                    self._save(attn.qkv.weight, 0, rows)
+                    if attn.qkv.bias is not None:
+                        self._save(attn.qkv.bias, 0, rows)
+                    self._save(attn.proj.weight, 1, cols)
+
+    def _save(self, p: torch.Tensor, dim: int, idx: torch.Tensor) -> None:
+        state = self.optimizer.state.get(p, {})
+        # Moments have the parameter's shape (exp_avg, exp_avg_sq, max_exp_avg_sq); AdamW's `step` is one per tensor.
+        moments = {key: t.index_select(dim, idx) for key, t in state.items()
+                   if torch.is_tensor(t) and t.shape == p.shape}
+        self._stash.append((p, dim, idx, p.detach().index_select(dim, idx), moments))
+
+    def after_optimizer(self, step: int) -> None:
+        """Put the omitted slices back; moments the optimizer created on this step are zero there, as before it."""
+        with torch.no_grad():
+            for p, dim, idx, value, moments in self._stash:
+                p.index_copy_(dim, idx, value)
+                for key, t in self.optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(t) and t.shape == p.shape:
+                        if key in moments:
+                            t.index_copy_(dim, idx, moments[key])
+                        else:
+                            t.index_fill_(dim, idx, 0)
+        self._stash = []
+        # Between steps (evaluation, checkpoints) the model is dense and gathers nothing.
+        self.gathering = False
+        for i in self.layers:
+            self.model.blocks[i].mlp.active = None
+            self.model.blocks[i].attn.active = None
+
+    # --- accounting ---------------------------------------------------------------------------------------------
+    def flops_per_token(self, step: int) -> float:
+        a = self.args
+        parts = flops_per_token(a, self.seq_len)
+        kf, kh = self.keep_counts(step)
+        L, Ls = a.n_layer, len(self.layers)
+        ffn_keep = (L - Ls + Ls * kf / a.d_ff) / L
+        head_keep = (L - Ls + Ls * kh / a.n_kv_head) / L
+        forward = parts["head"] + parts["ffn"] * ffn_keep + (parts["attn_linear"] + parts["attn_scores"]) * head_keep
+        return 3 * forward + self._stats_flops(step, kf, kh)
+
+    def _stats_flops(self, step: int, kf: int, kh: int) -> float:
+        """Forward-only FLOPs per training token of the maxip measurements (wanda's are elementwise: not counted).
+
+        Approximate where a micro-batch is too small for `stats_fraction` of it to be whole sequences.
+        """
+        if self.options.metric != "maxip":
+            return 0.0
+        a, dense = self.args, self.options.stats_dense_pass
+        flops = 0.0
+        if self._gathers("ffn", step):
+            neurons = a.d_ff if dense else kf
+            flops += 2 * a.d_model * neurons * (2 if a.gated else 1)
+        if self._gathers("head", step):
+            groups = a.n_kv_head if dense else kh
+            heads = groups * (a.n_head // a.n_kv_head)
+            flops += 2 * a.d_model * (heads + 2 * groups) * a.head_dim + 2 * 2 * self.seq_len * heads * a.head_dim
+        return self.options.stats_fraction * len(self.layers) * flops
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        ffn_rate, head_rate = self.rates(step)
+        return {
+            "sat_ffn_rate": ffn_rate,
+            "sat_head_rate": head_rate,
+            "sat_flops_saved": 1 - self.flops_per_token(step) / self.dense_flops_per_token(),
+        }
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "stats": {k: v.cpu() for k, v in self.stats.items()},
+            "scores": {k: v.cpu() for k, v in self.scores.items()},
+            "generator": self.generator.get_state(),
+            "generator_device": self.generator.device.type,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Applied in start() (the trainer loads state before start, when the device is known)."""
+        if self.generator is None:
+            self._pending_state = state
+        else:
+            self._apply_state(state)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        if state["generator_device"] != self.generator.device.type:
+            raise UserError(
+                f"this checkpoint's SAT sampler state is from a {state['generator_device']} run; "
+                f"resume it on {state['generator_device']}"
+            )
+        self.generator.set_state(state["generator"])
+        device = self.generator.device
+        for k, v in state["stats"].items():
+            self.stats[k].copy_(v)
+        self.scores = {k: v.to(device) for k, v in state["scores"].items()}

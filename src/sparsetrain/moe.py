@@ -1,0 +1,313 @@
+"""A Mixture-of-Experts FFN: a drop-in for `Block.mlp` (sparse upcycling; the sparse phase of SSD).
+
+Experts of width f are stored stacked, ready for grouped GEMMs and easy to map to other formats:
+    router  nn.Linear(d, E, bias=False)
+    w_in    [E, d, n_in]   n_in = 2f for swiglu, laid out [gate | up] like `FFN.fc`; else n_in = f
+    w_out   [E, f, d]
+    in_bias [E * n_in], out_bias [E * d]   (gpt2 family only; kept 1-D, like the dense biases, so the
+                                            trainer's "decay only >= 2-D parameters" rule skips them)
+
+Routing and expert compute are separate steps, so another router can be plugged in (override `route`):
+    route(x [N, d]) -> expert_ids [N, k], weights [N, k]        token choice, optional capacity limit
+    experts(x, expert_ids, weights) -> [N, d]                   sort by expert, two grouped GEMMs, combine
+Expert choice (each expert takes its top-C tokens) gives every expert exactly C rows: a batched matmul.
+
+The dispatch: one stable argsort of the N*k expert ids, one row gather, two grouped GEMMs over the
+expert-contiguous rows with int32 cumulative `offs`, then the rows go back to token order and the k outputs of
+a token are summed with their weights (a fixed-order sum: deterministic, unlike an atomic index_add).
+`offs[-1]` always equals the number of rows: tokens over an expert's capacity are still multiplied, with weight
+0, so no grouped GEMM ever leaves rows past `offs[-1]` uninitialised (forward output or gradient), and an
+uninitialised NaN can never meet a 0 weight. Experts with no tokens are empty groups.
+
+Losses, kept on the layer for the step (`aux_loss`; the method sums them over layers):
+    load balancing (Switch): E * sum_e f_e * P_e, f_e = share of the N*k assignments the router gave expert e
+                             (before capacity drops), P_e = mean router probability of e; 1 when balanced.
+    router z-loss:           mean over tokens of logsumexp(logits)^2.
+Expert choice is balanced by construction: it gets the z-loss only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .model import activate
+
+# Public from torch 2.10; the private op before that.
+grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+ROUTERS = ("softmax_then_topk", "topk_then_softmax", "expert_choice")
+
+
+# --- routing: pure functions of the router logits ----------------------------------------------------------------
+def token_choice(logits: torch.Tensor, top_k: int, mode: str, renormalize: bool):
+    """Each token picks its top-k experts. Returns expert_ids [N, k], weights [N, k], probs [N, E] (fp32).
+    A sort of each row's E values, not topk: one small kernel instead of two on the GPU."""
+    probs = logits.softmax(dim=-1)
+    if mode == "topk_then_softmax":
+        top_logits, expert_ids = logits.sort(dim=-1, descending=True)
+        return expert_ids[:, :top_k], top_logits[:, :top_k].softmax(dim=-1), probs
+    weights, expert_ids = probs.sort(dim=-1, descending=True)
+    weights, expert_ids = weights[:, :top_k], expert_ids[:, :top_k]
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return expert_ids, weights, probs
+
+
+def expert_choice(logits: torch.Tensor, capacity: int):
+    """Each expert picks its top-`capacity` tokens (Zhou et al. 2022). Returns token_ids [E, C], weights [E, C],
+    probs [N, E]. Non-causal: a token's experts depend on the other tokens of the batch (the upcycling paper used
+    it in encoders)."""
+    probs = logits.softmax(dim=-1)
+    weights, token_ids = probs.t().topk(capacity, dim=-1)
+    return token_ids, weights, probs
+
+
+def capacity_keep(expert_ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Which assignments fit in their expert's capacity [N, k] (bool). First choices of all tokens come before
+    any second choice (GShard's priority), then token order."""
+    N, k = expert_ids.shape
+    flat = expert_ids.t().reshape(-1)  # slot-major
+    sorted_ids, order = flat.sort(stable=True)
+    # Rank of each assignment inside its expert's group: position minus the group's first position.
+    rank_sorted = torch.arange(flat.numel(), device=flat.device) - torch.searchsorted(sorted_ids, sorted_ids)
+    rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+    return (rank < capacity).view(k, N).t()
+
+
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert [E] (fp32), without bincount's data-dependent output size."""
+    flat = expert_ids.reshape(-1)
+    return torch.zeros(num_experts, device=flat.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
+
+
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss E * sum_e f_e * P_e (f_e from `counts`, no gradient; P_e with)."""
+    E = probs.shape[-1]
+    return E * torch.dot(counts / counts.sum(), probs.mean(dim=0))
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    return logits.logsumexp(dim=-1).square().mean()
+
+
+# --- expert compute ------------------------------------------------------------------------------------------------
+class GatherRows(torch.autograd.Function):
+    """x.index_select(0, index) where `index` takes every row of x `repeat` times (consecutive rows of the
+    output's preimage) and `inverse` undoes it. The backward is then a gather and a sum over the repeats, not
+    index_select's atomic scatter-add (slow in bf16, and its accumulation in bf16 is lossy)."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, repeat: int):
+        ctx.save_for_backward(inverse)
+        ctx.repeat = repeat
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        grad = grad.index_select(0, inverse)
+        if ctx.repeat > 1:
+            grad = grad.view(-1, ctx.repeat, grad.shape[-1]).sum(dim=1)
+        return grad, None, None, None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in: autocast's when it is on (grouped_mm has no autocast rule), else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def group_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """Rows of `a` grouped by expert (group e ends at offs[e]) times w[e]: one grouped GEMM, or the reference,
+    one GEMM per expert (a host sync for the group sizes)."""
+    if grouped:
+        return grouped_mm(a, w, offs=offs)
+    ends = offs.tolist()
+    return torch.cat([a[start:end] @ w[e] for e, (start, end) in enumerate(zip([0] + ends[:-1], ends))])
+
+
+class MoEFFN(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        d_expert: int,
+        experts: int,
+        top_k: int,
+        activation: str,
+        *,
+        bias: bool = False,
+        router: str = "softmax_then_topk",
+        renormalize: bool = True,
+        capacity_factor: float = 0.0,
+        aux_loss_coef: float = 0.01,
+        z_loss_coef: float = 0.001,
+        init_std: float = 0.02,
+        out_std: float = 0.02,
+    ):
+        super().__init__()
+        if router not in ROUTERS:
+            raise ValueError(f"unknown router {router!r}")
+        self.d_model, self.d_expert, self.num_experts, self.top_k = d_model, d_expert, experts, top_k
+        self.activation = activation
+        self.n_in = d_expert * (2 if activation == "swiglu" else 1)
+        self.router_type, self.renormalize = router, renormalize
+        self.capacity_factor = capacity_factor  # token choice: 0 = dropless; expert choice: must be > 0
+        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.grouped = True  # False forces the per-expert loop (the reference the tests compare with)
+
+        self.router = nn.Linear(d_model, experts, bias=False)
+        self.w_in = nn.Parameter(torch.empty(experts, d_model, self.n_in))
+        self.w_out = nn.Parameter(torch.empty(experts, d_expert, d_model))
+        self.in_bias = nn.Parameter(torch.empty(experts * self.n_in)) if bias else None
+        self.out_bias = nn.Parameter(torch.empty(experts * d_model)) if bias else None
+        self.reset_parameters(init_std, out_std)
+
+        # Set by every forward: the weighted loss of the step (with gradient) and the routing, for `stats`.
+        self.aux_loss: torch.Tensor | None = None
+        self.routing: dict[str, torch.Tensor | None] | None = None
+
+    @torch.no_grad()
+    def reset_parameters(self, init_std: float = 0.02, out_std: float = 0.02):
+        """A fresh MoE (training from scratch, or a shape to load an upcycled checkpoint into)."""
+        nn.init.normal_(self.router.weight, 0.0, init_std)
+        nn.init.normal_(self.w_in, 0.0, init_std)
+        nn.init.normal_(self.w_out, 0.0, out_std)
+        for b in (self.in_bias, self.out_bias):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_expert={self.d_expert}, experts={self.num_experts}, "
+                f"top_k={self.top_k}, router={self.router_type}, capacity_factor={self.capacity_factor}")
+
+    def capacity(self, num_tokens: int) -> int:
+        """C = capacity_factor * tokens * k / E, at least 1, at most all tokens."""
+        c = math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+        return max(1, min(num_tokens, c))
+
+    # --- the two steps ------------------------------------------------------------------------------------------
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, E], fp32 for the softmax and top-k. The GEMM runs in x's dtype: an fp32 copy of x would cost a full
+        pass over the activations."""
+        return F.linear(x, self.router.weight.to(x.dtype)).float()
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token choice: expert_ids [N, k], weights [N, k] (0 for assignments over capacity). Records the step's
+        loss and what its statistics need."""
+        logits = self.router_logits(x)
+        expert_ids, weights, probs = token_choice(logits, self.top_k, self.router_type, self.renormalize)
+        keep = None
+        if self.capacity_factor > 0:
+            keep = capacity_keep(expert_ids, self.num_experts, self.capacity(x.shape[0]))
+            weights = weights * keep
+        self._record(logits, probs, expert_ids=expert_ids, keep=keep)
+        return expert_ids, weights
+
+    def experts(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_j weights[:, j] * expert_{expert_ids[:, j]}(x): [N, d] in the compute dtype."""
+        N, k = expert_ids.shape
+        # Row r of the expert-sorted layout is assignment order[r] (token order[r] // k); inverse undoes it.
+        # Narrow keys make the radix sort short: one pass over 8-bit keys when E <= 256.
+        key_dtype = torch.uint8 if self.num_experts <= 256 else torch.int32
+        sorted_ids, order = expert_ids.reshape(-1).to(key_dtype).sort(stable=True)
+        offs = torch.searchsorted(
+            sorted_ids, torch.arange(self.num_experts, device=x.device, dtype=key_dtype), right=True,
+            out_int32=True,
+        )
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        dtype = compute_dtype(x)
+        xs = GatherRows.apply(x.to(dtype), order // k, inverse, k)
+        ys = self.expert_rows(xs, offs, sorted_ids, dtype)
+        ys = GatherRows.apply(ys, inverse, order, 1).view(N, k, -1)  # back to token order
+        return (ys * weights.to(ys.dtype).unsqueeze(-1)).sum(dim=1)
+
+    def expert_rows(self, xs, offs, sorted_ids, dtype) -> torch.Tensor:
+        """The expert MLP of rows already grouped by expert (`offs`: int32 ends of the groups; `sorted_ids`: each
+        row's expert)."""
+        grouped = self.use_grouped_mm(dtype, xs.device)
+        h = group_gemm(xs, self.w_in.to(dtype), offs, grouped)
+        # Biases are added in fp32 (the sum promotes): their gradient, a sum over many rows, then accumulates in
+        # fp32 too, as a dense Linear's does.
+        if self.in_bias is not None:
+            h = h + self.in_bias.float().view(self.num_experts, -1).index_select(0, sorted_ids.long())
+        y = group_gemm(activate(h, self.activation).to(dtype), self.w_out.to(dtype), offs, grouped)
+        if self.out_bias is not None:
+            y = y + self.out_bias.float().view(self.num_experts, -1).index_select(0, sorted_ids.long())
+        return y
+
+    def use_grouped_mm(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Grouped GEMMs need bf16 (any dtype in CPU eager) and row strides of a multiple of 16 bytes."""
+        if not self.grouped or grouped_mm is None:
+            return False
+        if dtype != torch.bfloat16 and (device.type != "cpu" or torch.compiler.is_compiling()):
+            return False
+        align = 16 // torch.empty((), dtype=dtype).element_size()
+        return all(n % align == 0 for n in (self.d_model, self.n_in, self.d_expert))
+
+    def expert_choice_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert takes exactly C tokens: gather [E, C, d], two batched matmuls, weighted index_add back
+        (in fp32: a token may be taken by several experts)."""
+        logits = self.router_logits(x)
+        token_ids, weights, probs = expert_choice(logits, self.capacity(x.shape[0]))
+        self._record(logits, probs, token_ids=token_ids)
+        dtype = compute_dtype(x)
+        E = self.num_experts
+        h = torch.bmm(x.to(dtype)[token_ids], self.w_in.to(dtype))  # [E, C, n_in]
+        if self.in_bias is not None:
+            h = h + self.in_bias.to(dtype).view(E, 1, -1)
+        y = torch.bmm(activate(h, self.activation), self.w_out.to(dtype))
+        if self.out_bias is not None:
+            y = y + self.out_bias.to(dtype).view(E, 1, -1)
+        y = y.float() * weights.unsqueeze(-1)
+        out = x.new_zeros(x.shape, dtype=torch.float)
+        return out.index_add(0, token_ids.reshape(-1), y.reshape(-1, self.d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        x2 = x.reshape(B * T, d)
+        if self.router_type == "expert_choice":
+            y = self.expert_choice_forward(x2)
+        else:
+            y = self.experts(x2, *self.route(x2))
+        return y.to(x.dtype).view(B, T, d)
+
+    # --- losses and statistics ------------------------------------------------------------------------------------
+    def _record(self, logits, probs, expert_ids=None, token_ids=None, keep=None):
+        """Set the step's weighted loss (with gradient) and keep, detached, what `stats` needs: the statistics
+        are computed only when asked for (log steps), not every step."""
+        aux = logits.new_zeros(())
+        if self.aux_loss_coef > 0 and expert_ids is not None:
+            aux = aux + self.aux_loss_coef * load_balancing_loss(probs, expert_counts(expert_ids, self.num_experts))
+        if self.z_loss_coef > 0:
+            aux = aux + self.z_loss_coef * router_z_loss(logits)
+        self.aux_loss = aux
+        self.routing = {"logits": logits.detach(), "expert_ids": expert_ids, "token_ids": token_ids, "keep": keep}
+
+    @torch.no_grad()
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Statistics of the last forward, as tensors: per-expert share of the assignments (`load`, the router's
+        choice before capacity drops), `dropped` (share of token choice assignments over capacity; for expert
+        choice, share of tokens no expert took), router `entropy`, unweighted `lb_loss` and `z_loss`."""
+        r = self.routing
+        logits = r["logits"]
+        probs = logits.softmax(dim=-1)
+        zero = logits.new_zeros(())
+        if r["expert_ids"] is not None:
+            counts = expert_counts(r["expert_ids"], self.num_experts)
+            dropped = 1.0 - r["keep"].float().mean() if r["keep"] is not None else zero
+        else:
+            token_ids = r["token_ids"]
+            counts = torch.full((self.num_experts,), float(token_ids.shape[1]), device=logits.device)
+            picked = torch.zeros(logits.shape[0], device=logits.device).index_fill_(0, token_ids.reshape(-1), 1.0)
+            dropped = 1.0 - picked.mean()
+        return {
+            "load": counts / counts.sum(),
+            "dropped": dropped,
+            "entropy": -(probs * logits.log_softmax(dim=-1)).sum(dim=-1).mean(),
+            "lb_loss": load_balancing_loss(probs, counts),
+            "z_loss": router_z_loss(logits),
+        }

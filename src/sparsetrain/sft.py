@@ -1,0 +1,264 @@
+"""Supervised fine-tuning data: prompt/response or chat JSONL, tokenized and packed into fixed-length rows.
+
+Each JSONL line is one example, either `{"prompt": ..., "response": ...}` (field names configurable) or Hugging Face
+chat format `{"messages": [{"role": ..., "content": ...}, ...]}`. An example is rendered as turns
+
+    [bos] <|role|>\n content eos   <|role|>\n content eos   ...
+
+(a prompt/response pair is a user turn then an assistant turn) and the loss goes on the content and closing eos of
+assistant turns only. Examples are packed whole, in order, into rows of seq_len + 1 tokens (inputs are a row's first
+seq_len tokens, targets its last seq_len) and the rest of a row is padding without loss. An example longer than a row
+is cut to the row; one left with no loss token is dropped. Packed examples see the ones before them in their row
+(plain causal attention), as in pre-training.
+
+Written: `sft_train.npz` and `sft_val.npz` (`tokens` [rows, seq_len + 1], `mask` [rows, seq_len + 1]: loss on that
+token as a target), `meta.json`, and a copy of `tokenizer.json`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from .errors import UserError
+
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
+EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
+BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>")
+
+
+def load_tokenizer(path: str | Path) -> tuple[Tokenizer, Path]:
+    """A `tokenizers.Tokenizer` from a tokenizer.json file or a folder holding one."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"no tokenizer at {path}; pass a tokenizer.json file or a folder that holds one")
+    try:
+        return Tokenizer.from_file(str(file)), file
+    except Exception as e:  # tokenizers raises plain Exceptions for malformed files
+        raise UserError(f"{file} is not a readable tokenizer.json ({e})") from None
+
+
+def _special(tokenizer: Tokenizer, name: str | None, candidates: tuple[str, ...], what: str) -> int | None:
+    if name:
+        token_id = tokenizer.token_to_id(name)
+        if token_id is None:
+            raise UserError(f"{what} token '{name}' is not in the tokenizer's vocabulary; pass one that is")
+        return token_id
+    for candidate in candidates:
+        token_id = tokenizer.token_to_id(candidate)
+        if token_id is not None:
+            return token_id
+    return None
+
+
+def read_examples(jsonl_path: str | Path, prompt_field: str = "prompt", response_field: str = "response"):
+    """Every example as a list of (role, content) turns; any bad line is a UserError naming its line number."""
+    path = Path(jsonl_path)
+    if not path.is_file():
+        raise UserError(f"SFT data file {path} not found; pass a JSONL file of prompt/response or chat examples")
+    examples = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e.msg}); write one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            examples.append(_turns(row, where, prompt_field, response_field))
+    if not examples:
+        raise UserError(f"SFT data file {path} holds no examples; add one JSON object per line")
+    return examples
+
+
+def _turns(row: dict, where: str, prompt_field: str, response_field: str) -> list[tuple[str, str]]:
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise UserError(f"{where}: 'messages' must be a list of {{\"role\": str, \"content\": str}} objects")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise UserError(f"{where}: the chat has no assistant turn, so nothing to learn; add one or drop the line")
+        return [(m["role"], m["content"]) for m in messages]
+    for field in (prompt_field, response_field):
+        if field not in row:
+            raise UserError(
+                f"{where}: missing field '{field}'; each line needs '{prompt_field}' and '{response_field}' "
+                "(or a chat 'messages' list)"
+            )
+        if not isinstance(row[field], str):
+            raise UserError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
+    return [("user", row[prompt_field]), ("assistant", row[response_field])]
+
+
+def encode(examples, tokenizer: Tokenizer, eos_id: int, bos_id: int | None) -> list[tuple[list[int], list[bool]]]:
+    """Token ids and loss mask of each example (the mask is True on assistant content and its eos)."""
+    headers = sorted({role for turns in examples for role, _ in turns})
+    header_ids = dict(zip(headers, (e.ids for e in tokenizer.encode_batch(
+        [f"<|{role}|>\n" for role in headers], add_special_tokens=False))))
+    contents = tokenizer.encode_batch([c for turns in examples for _, c in turns], add_special_tokens=False)
+    out, at = [], 0
+    for turns in examples:
+        ids, mask = ([bos_id], [False]) if bos_id is not None else ([], [])
+        for role, _ in turns:
+            body = contents[at].ids + [eos_id]
+            at += 1
+            ids += header_ids[role] + body
+            mask += [False] * len(header_ids[role]) + [role == "assistant"] * len(body)
+        out.append((ids, mask))
+    return out
+
+
+def pack(encoded, row_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Whole examples, in order, into rows of `row_len` tokens; returns tokens, mask and counts."""
+    rows, masks = [], []
+    row, row_mask = [], []
+    truncated = dropped = 0
+
+    def flush():
+        if row:
+            rows.append(row + [pad_id] * (row_len - len(row)))
+            masks.append(row_mask + [False] * (row_len - len(row_mask)))
+
+    for ids, mask in encoded:
+        if len(ids) > row_len:
+            ids, mask = ids[:row_len], mask[:row_len]
+            truncated += 1
+            if not any(mask[1:]):  # the first token of a row is never a target
+                dropped += 1
+                continue
+        if len(row) + len(ids) > row_len:
+            flush()
+            row, row_mask = [], []
+        row += ids
+        row_mask += mask
+    flush()
+    tokens = np.array(rows, dtype=np.int64).reshape(-1, row_len)
+    loss = np.array(masks, dtype=bool).reshape(-1, row_len)
+    counts = {"examples": len(encoded) - dropped, "truncated": truncated, "dropped": dropped,
+              "sequences": len(rows), "loss_tokens": int(loss[:, 1:].sum())}
+    return tokens, loss, counts
+
+
+def prepare_sft(jsonl_path: str | Path, tokenizer_path: str | Path, out_dir: str | Path, *,
+                prompt_field: str = "prompt", response_field: str = "response", seq_len: int = 1024,
+                val_fraction: float = 0.05, seed: int = 1337, eos_token: str | None = None,
+                bos_token: str | None = None) -> dict[str, Any]:
+    """Tokenize and pack a JSONL file into `out_dir`; returns the meta written to meta.json. Nothing is written
+    unless every line is valid."""
+    if seq_len <= 0:
+        raise UserError(f"seq_len must be positive, got {seq_len}")
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    tokenizer, tokenizer_file = load_tokenizer(tokenizer_path)
+    eos_id = _special(tokenizer, eos_token, EOS_NAMES, "eos")
+    if eos_id is None:
+        raise UserError(f"the tokenizer has none of {', '.join(EOS_NAMES)}; name its end-of-text token with eos_token")
+    bos_id = _special(tokenizer, bos_token, BOS_NAMES, "bos")
+    examples = read_examples(jsonl_path, prompt_field, response_field)
+
+    # Split whole examples (not rows), in a seeded order.
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n_val = int(round(val_fraction * len(examples)))
+    if val_fraction > 0 and len(examples) >= 2:
+        n_val = min(max(n_val, 1), len(examples) - 1)
+    splits = {"val": sorted(order[:n_val].tolist()), "train": sorted(order[n_val:].tolist())}
+
+    encoded = encode(examples, tokenizer, eos_id, bos_id)
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    packed = {name: pack([encoded[i] for i in idx], seq_len + 1, eos_id) for name, idx in splits.items()}
+    if packed["train"][2]["sequences"] == 0:
+        raise UserError("no training example survives packing (every one lost its response); raise seq_len")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (tokens, mask, _) in packed.items():
+        np.savez(out / f"sft_{name}.npz", tokens=tokens.astype(dtype), mask=mask)
+    shutil.copyfile(tokenizer_file, out / "tokenizer.json")
+    meta = {
+        "kind": "sft",
+        "source": str(Path(jsonl_path).resolve()),
+        "tokenizer": "tokenizer.json",
+        "vocab_size": vocab_size,
+        "seq_len": seq_len,
+        "eos_id": eos_id,
+        "bos_id": bos_id,
+        "prompt_field": prompt_field,
+        "response_field": response_field,
+        "seed": seed,
+        **{name: counts for name, (_, _, counts) in packed.items()},
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+class SFTLoader:
+    """Batches of packed SFT rows: `next_batch()` -> (x, y) int64 [batch_size, seq_len], y = -100 where no loss.
+
+    Rows are visited in a seeded random order, a new order each epoch; with several ranks every call takes
+    batch_size * world_size rows and this rank keeps its share. The position is in `state_dict()`.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str = "train", batch_size: int = 16, *, seed: int = 1337,
+                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", seq_len: int | None = None):
+        data_dir = Path(data_dir)
+        file = data_dir / f"sft_{split}.npz"
+        if not file.is_file():
+            raise UserError(f"no SFT {split} data at {file}; prepare it with prepare_sft (sparsetrain data sft)")
+        meta = json.loads((data_dir / "meta.json").read_text())
+        self.seq_len = meta["seq_len"]
+        if seq_len is not None and seq_len != self.seq_len:
+            raise UserError(f"the SFT data in {data_dir} is packed for seq_len={self.seq_len}, not {seq_len}; "
+                            f"set train.seq_len={self.seq_len} or prepare it again")
+        with np.load(file) as arrays:
+            tokens = torch.from_numpy(arrays["tokens"].astype(np.int64))
+            mask = torch.from_numpy(arrays["mask"])
+        if tokens.shape[0] == 0:
+            raise UserError(f"the SFT {split} split in {data_dir} is empty; prepare it with more examples "
+                            "(or val_fraction > 0 for a validation split)")
+        self.x = tokens[:, :-1].contiguous()
+        self.y = tokens[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX).contiguous()
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.device = torch.device(device)
+        self.epoch, self.pos = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.x.shape[0], generator=g)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        need = self.batch_size * self.world_size
+        picked = []
+        while need:
+            take = self._order[self.pos: self.pos + need]
+            picked.append(take)
+            need -= take.numel()
+            self.pos += take.numel()
+            if self.pos == self._order.numel():
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+        rows = torch.cat(picked)[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+        x, y = self.x[rows], self.y[rows]
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.epoch, self.pos = state["seed"], state["epoch"], state["pos"]
+        self._order = self._permutation(self.epoch)

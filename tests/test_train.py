@@ -1,0 +1,206 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparsetrain import checkpoint as ckpt_mod
+from sparsetrain import train as train_mod
+from sparsetrain.cli import main
+from sparsetrain.errors import UserError
+from sparsetrain.train import lr_at, train
+
+
+def metrics(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run):
+    return load_file(str(ckpt_mod.list_checkpoints(run)[-1] / "model.safetensors"))
+
+
+def test_training_lowers_loss_and_logs(make_config, tmp_path):
+    run = tmp_path / "run"
+    summary = train(make_config(steps=40, eval_every=20, checkpoint_every=20), run)
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40] and evals[1]["val_loss"] < evals[0]["val_loss"]
+    for key in ["step", "loss", "lr", "tokens_per_s", "flops", "tokens", "train_time"]:
+        assert key in rows[-1]
+    # FLOPs are cumulative and counted per step by the method (dense: constant per token).
+    assert rows[-1]["flops"] == pytest.approx(40 * rows[0]["flops"])
+    assert (run / "config.toml").is_file() and (run / "summary.json").is_file() and (run / "tb").is_dir()
+    assert summary["val_loss"] == evals[-1]["val_loss"]
+    assert len(ckpt_mod.list_checkpoints(run)) == 2
+
+
+def test_resume_equals_uninterrupted(make_config, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    train(make_config(), full)
+
+    # Interrupt right after the step-6 checkpoint, then resume.
+    real_save = train_mod.save_checkpoint
+
+    def save_then_die(run_dir, step, **kw):
+        path = real_save(run_dir, step, **kw)
+        if step == 6:
+            raise KeyboardInterrupt
+        return path
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(), part)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    train(make_config(), part, resume=True)
+
+    a, b = metrics(full), metrics(part)
+    assert [r["step"] for r in b] == list(range(1, 13))  # no duplicated steps in the log
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r.get("val_loss") for r in a] == [r.get("val_loss") for r in b]
+    wa, wb = final_weights(full), final_weights(part)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_killed_while_writing_checkpoint_resumes_from_last_complete(make_config, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    train(make_config(checkpoint_every=4), full)
+
+    real = ckpt_mod.save_model_weights
+    calls = {"n": 0}
+
+    def dies_on_second(state, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            real(state, path)
+            raise KeyboardInterrupt  # killed mid-checkpoint: weights written, the rest not
+        real(state, path)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(ckpt_mod, "save_model_weights", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(checkpoint_every=4), run)
+    monkeypatch.setattr(ckpt_mod, "save_model_weights", real)
+    assert [p.name for p in ckpt_mod.list_checkpoints(run)] == ["step_0000004"]
+    train(make_config(checkpoint_every=4), run, resume=True)
+    assert [r["loss"] for r in metrics(full)] == [r["loss"] for r in metrics(run)]
+
+
+def test_gradient_accumulation_matches_full_batch(make_config, tmp_path):
+    train(make_config(steps=3, eval_every=0, checkpoint_every=0), tmp_path / "a")
+    train(make_config(steps=3, eval_every=0, checkpoint_every=0, micro_batch_size=2), tmp_path / "b")
+    la = [r["loss"] for r in metrics(tmp_path / "a")]
+    lb = [r["loss"] for r in metrics(tmp_path / "b")]
+    assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_lr_schedule():
+    from sparsetrain.config import TrainConfig
+
+    t = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(10, t) == pytest.approx(1.0) and lr_at(100, t) == pytest.approx(0.1)
+    assert lr_at(55, t) == pytest.approx(0.55)
+
+
+def test_existing_run_refused_without_resume(make_config, tmp_path):
+    run = tmp_path / "run"
+    train(make_config(steps=2, eval_every=0, checkpoint_every=0), run)
+    before = sorted(p.name for p in run.rglob("*"))
+    with pytest.raises(UserError, match="already holds a run"):
+        train(make_config(steps=2), run)
+    assert sorted(p.name for p in run.rglob("*")) == before
+    with pytest.raises(UserError, match="no complete checkpoint|no run"):
+        train(make_config(steps=2), tmp_path / "empty", resume=True)
+
+
+def test_bad_inputs_leave_nothing(make_config, tmp_path):
+    cfg = make_config(steps=2)
+    cfg.data.dir = str(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="data prepare"):
+        train(cfg, tmp_path / "r1")
+    assert not (tmp_path / "r1").exists()
+    with pytest.raises(UserError, match="micro_batch_size"):
+        train(make_config(batch_size=8, micro_batch_size=3), tmp_path / "r2")
+    assert not (tmp_path / "r2").exists()
+    with pytest.raises(UserError, match="seq_len"):
+        train(make_config(seq_len=128), tmp_path / "r3")
+    assert not (tmp_path / "r3").exists()
+
+
+def test_init_from_other_shape_is_refused(make_config, tmp_path):
+    src = tmp_path / "src"
+    train(make_config(steps=2, eval_every=0, checkpoint_every=0), src)
+    cfg = make_config(steps=2, init_from=str(src), model={"d_ff": 128})
+    with pytest.raises(UserError, match="another model shape"):
+        train(cfg, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+    # Same shape: the run starts from those weights.
+    train(make_config(steps=1, init_from=str(src), lr=1e-12, warmup_steps=0, eval_every=0, checkpoint_every=0,
+                      weight_decay=0.0), tmp_path / "ok")
+    a, b = final_weights(src), final_weights(tmp_path / "ok")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_cli_train_eval_and_errors(tiny_data, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[model]\npreset = "tiny"\nn_layer = 1\nd_model = 64\nd_ff = 128\nmax_seq_len = 64\n'
+        f'[data]\ndir = "{tiny_data}"\n'
+        "[train]\nsteps = 3\nbatch_size = 4\nseq_len = 32\neval_every = 0\neval_tokens = 1024\nprogress = false\n"
+    )
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(run)]) == 0
+    assert main(["eval", str(run)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["val_loss"] > 0 and out["perplexity"] > 1
+    # Resume with more steps continues the same run.
+    assert main(["train", "--out", str(run), "--resume", "--set", "train.steps=5"]) == 0
+    assert metrics(run)[-1]["step"] == 5
+    # User mistakes: exit 2, one line on stderr, no traceback.
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg), "--out", str(run)]) == 2
+    assert main(["train", "--config", str(cfg), "--set", "train.stepz=3", "--out", str(tmp_path / "x")]) == 2
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("sparsetrain: error:") for line in err)
+    assert "train.stepz" in err[1]
+
+
+def test_hf_export_import_cli(tiny_data, make_config, tmp_path):
+    run = tmp_path / "run"
+    train(make_config(steps=2, eval_every=0, checkpoint_every=0), run)
+    assert main(["convert", "hf-export", "--from", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert main(["convert", "hf-import", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    model, _, _ = train_mod.load_model(tmp_path / "back")
+    orig, _, _ = train_mod.load_model(run)
+    x = torch.randint(0, 512, (2, 16))
+    assert torch.allclose(model(x), orig(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(make_config, tiny_data, tmp_path, parallel):
+    """torchrun with 2 gloo processes at the same global batch trains what one process trains."""
+    one = tmp_path / "one"
+    train(make_config(steps=4, eval_every=0, checkpoint_every=0), one)
+    cfg = tmp_path / "c.toml"
+    from sparsetrain import config
+
+    raw = config.to_dict(make_config(steps=4, eval_every=0, checkpoint_every=4, parallel=parallel))
+    cfg.write_text(config.dumps(raw))
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "sparsetrain.cli", "train", "--config", str(cfg), "--out", str(two)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    la = [r["loss"] for r in metrics(one)]
+    lb = [r["loss"] for r in metrics(two)]
+    assert la == pytest.approx(lb, rel=1e-4)
+    # The checkpoint holds full weights, loadable on one process.
+    w = final_weights(two)
+    assert w["wte.weight"].shape == (512, 64)
