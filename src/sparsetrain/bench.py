@@ -79,7 +79,7 @@ def measure_steps(cfg: config_mod.RunConfig, *, steps: int = 30, warmup: int = 1
     peak = peak_flops(rt.device)
     out = {
         "preset": cfg.model.preset, "method": method.name, "params": sum(p.numel() for p in model.parameters()),
-        "batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len, "step_s": step_s,
+        "batch_size": tcfg.batch_size, "micro_batch_size": micro, "seq_len": tcfg.seq_len, "step_s": step_s,
         "step_s_min": min(times), "step_s_max": max(times), "tokens_per_s": tokens / step_s,
         "flops_per_token": statistics.mean(flops), "dense_flops_per_token": dense_fpt, "warmup_s": warmup_s,
         "memory_gb": torch.cuda.max_memory_allocated(rt.device) / 1e9 if cuda else None,
@@ -128,15 +128,48 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def run_dense_bench(presets: list[str], *, batch_size: int, seq_len: int, steps: int, vocab_size: int,
-                    out: str, compile_model: bool = True) -> list[dict[str, Any]]:
+def run_method_bench(presets: list[str], methods: list[dict[str, Any]], *, batch_size: int, seq_len: int,
+                     steps: int, vocab_size: int, out: str, micro_batch_size: int = 0, compile_model: bool = True,
+                     model_overrides: dict | None = None) -> list[dict[str, Any]]:
+    """Dense and each of `methods` on the same model and batch, one after the other in this process; ratios to
+    dense."""
     rows = []
     for preset in presets:
-        cfg = bench_config(preset, batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size)
+        dense_step = None
+        for contender in [{"name": "dense"}, *methods]:
+            cfg = bench_config(preset, batch_size=batch_size, micro_batch_size=micro_batch_size, seq_len=seq_len,
+                               vocab_size=vocab_size, model_overrides=model_overrides, method=contender)
+            r = measure_steps(cfg, steps=steps, compile_model=compile_model)
+            r["method_options"] = contender
+            dense_step = dense_step or r["step_s"]
+            r["speedup"] = dense_step / r["step_s"]
+            r["flops_ratio"] = r["dense_flops_per_token"] / r["flops_per_token"]
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    print_table(rows, [("preset", "model", ""), ("method", "method", ""), ("batch_size", "batch", "d"),
+                       ("seq_len", "seq", "d"), ("step_s", "step s", ".4f"), ("tokens_per_s", "tokens/s", ",.0f"),
+                       ("speedup", "speed-up vs dense", ".2f"), ("flops_ratio", "FLOP reduction", ".2f"),
+                       ("mfu", "MFU (dense FLOPs)", ".3f"), ("memory_gb", "mem GB", ".1f")])
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"env": environment(), "rows": rows}, indent=2))
+    print(f"raw numbers: {path}")
+    return rows
+
+
+def run_dense_bench(presets: list[str], *, batch_size: int, seq_len: int, steps: int, vocab_size: int,
+                    out: str, micro_batch_size: int = 0, compile_model: bool = True,
+                    model_overrides: dict | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for preset in presets:
+        cfg = bench_config(preset, batch_size=batch_size, micro_batch_size=micro_batch_size, seq_len=seq_len,
+                           vocab_size=vocab_size, model_overrides=model_overrides)
         r = measure_steps(cfg, steps=steps, compile_model=compile_model)
+        r["model_overrides"] = model_overrides or {}
         rows.append(r)
         print(json.dumps(r), flush=True)
     print_table(rows, [("preset", "model", ""), ("params", "params", ",d"), ("batch_size", "batch", "d"),
+                       ("micro_batch_size", "micro", "d"),
                        ("seq_len", "seq", "d"), ("step_s", "step s", ".4f"), ("tokens_per_s", "tokens/s", ",.0f"),
                        ("mfu", "MFU", ".3f"), ("memory_gb", "mem GB", ".1f")])
     path = Path(out)

@@ -111,8 +111,26 @@ def cmd_convert_hf_export(a) -> None:
 def cmd_bench(a) -> None:
     from .bench import run_dense_bench
 
-    run_dense_bench(presets=a.preset, batch_size=a.batch_size, seq_len=a.seq_len, steps=a.steps,
-                    vocab_size=a.vocab_size, out=a.out, compile_model=not a.no_compile)
+    from .config import parse_value
+
+    overrides = {}
+    for item in a.model_set or []:
+        key, _, value = item.partition("=")
+        overrides[key.removeprefix("model.")] = parse_value(value)
+    if a.method != "dense":
+        from .bench import run_method_bench
+
+        method = {"name": a.method}
+        for item in a.method_set or []:
+            key, _, value = item.partition("=")
+            method[key.removeprefix("method.")] = parse_value(value)
+        run_method_bench(a.preset, [method], batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
+                         seq_len=a.seq_len, steps=a.steps, vocab_size=a.vocab_size, out=a.out,
+                         compile_model=not a.no_compile, model_overrides=overrides)
+        return
+    run_dense_bench(presets=a.preset, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
+                    seq_len=a.seq_len, steps=a.steps, vocab_size=a.vocab_size, out=a.out,
+                    compile_model=not a.no_compile, model_overrides=overrides)
 
 
 def cmd_demo(a) -> None:
@@ -173,9 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     he.set_defaults(func=cmd_convert_hf_export)
 
-    be = sub.add_parser("bench", help="dense training-step speed on the GPU (tokens/s, MFU)")
+    be = sub.add_parser("bench", help="training-step speed on the GPU (tokens/s, MFU), a method against dense")
     be.add_argument("--preset", nargs="+", default=["gpt2-small", "gpt2-medium"])
     be.add_argument("--batch-size", type=int, default=16)
+    be.add_argument("--micro-batch-size", type=int, default=0, help="0 = the whole batch in one pass")
+    be.add_argument("--model-set", action="append", metavar="model.KEY=VALUE", help="override a model key")
+    be.add_argument("--method", default="dense", help="time this method side by side with dense")
+    be.add_argument("--method-set", action="append", metavar="method.KEY=VALUE", help="a method option")
     be.add_argument("--seq-len", type=int, default=1024)
     be.add_argument("--steps", type=int, default=30)
     be.add_argument("--vocab-size", type=int, default=50304)

@@ -18,6 +18,7 @@ from .train import train
 # Method sections trained by the demo, each against the same dense baseline.
 CONTENDERS: list[tuple[str, dict[str, Any]]] = [
     ("dense", {"name": "dense"}),
+    ("sat", {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5}),
 ]
 
 

@@ -12,9 +12,10 @@ Routing and expert compute are separate steps, so another router can be plugged 
     experts(x, expert_ids, weights) -> [N, d]                   sort by expert, two grouped GEMMs, combine
 Expert choice (each expert takes its top-C tokens) gives every expert exactly C rows: a batched matmul.
 
-The dispatch: one stable argsort of the N*k expert ids, one row gather, two grouped GEMMs over the
-expert-contiguous rows with int32 cumulative `offs`, then the rows go back to token order and the k outputs of
-a token are summed with their weights (a fixed-order sum: deterministic, unlike an atomic index_add).
+The dispatch: one stable sort of the N*k expert ids (8-bit keys: one radix pass), one row gather, two grouped
+GEMMs over the expert-contiguous rows with int32 cumulative `offs`, then the rows go back to token order and the
+k outputs of a token are summed with their weights. Both gathers have gathers as backward (`GatherRows`), not
+atomic scatter-adds: deterministic, and fast in bf16.
 `offs[-1]` always equals the number of rows: tokens over an expert's capacity are still multiplied, with weight
 0, so no grouped GEMM ever leaves rows past `offs[-1]` uninitialised (forward output or gradient), and an
 uninitialised NaN can never meet a 0 weight. Experts with no tokens are empty groups.
@@ -95,9 +96,9 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 # --- expert compute ------------------------------------------------------------------------------------------------
 class GatherRows(torch.autograd.Function):
-    """x.index_select(0, index) where `index` takes every row of x `repeat` times (consecutive rows of the
-    output's preimage) and `inverse` undoes it. The backward is then a gather and a sum over the repeats, not
-    index_select's atomic scatter-add (slow in bf16, and its accumulation in bf16 is lossy)."""
+    """x.index_select(0, index), where `index` lists every row of x `repeat` times and output row
+    inverse[i * repeat + j] is the j-th copy of row i. The backward is then a gather and a sum over the copies,
+    not index_select's atomic scatter-add (slow in bf16, and lossy: it accumulates in bf16)."""
 
     @staticmethod
     def forward(ctx, x, index, inverse, repeat: int):
@@ -110,7 +111,13 @@ class GatherRows(torch.autograd.Function):
         (inverse,) = ctx.saved_tensors
         grad = grad.index_select(0, inverse)
         if ctx.repeat > 1:
-            grad = grad.view(-1, ctx.repeat, grad.shape[-1]).sum(dim=1)
+            grad = grad.view(-1, ctx.repeat, grad.shape[-1])
+            if torch.compiler.is_compiling():
+                # Inductor turns a sum over this short middle dimension into a slow reduction kernel; written
+                # as k - 1 additions it fuses into one pointwise kernel with the gather.
+                grad = sum(grad[:, j] for j in range(1, ctx.repeat)) + grad[:, 0]
+            else:
+                grad = grad.sum(dim=1)
         return grad, None, None, None
 
 

@@ -6,8 +6,9 @@ from typing import Any
 from ..errors import UserError
 from ..model import ModelArgs
 from .base import Dense, Method
+from .sat import SAT
 
-REGISTRY: dict[str, type[Method]] = {"dense": Dense}
+REGISTRY: dict[str, type[Method]] = {"dense": Dense, "sat": SAT}
 
 
 def build_method(method_cfg: dict[str, Any], args: ModelArgs, seq_len: int) -> Method:

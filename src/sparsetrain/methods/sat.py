@@ -310,41 +310,40 @@ class SAT(Method):
     # --- scores and selection -----------------------------------------------------------------------------------
     @torch.no_grad()
     def _scores(self, kind: str) -> torch.Tensor:
-        """Importance [len(layers), n] of FFN neurons (kind 'ffn') or kv-head groups (kind 'head'), float32."""
+        """Importance [len(layers), n] of FFN neurons (kind 'ffn') or kv-head groups (kind 'head'), float32.
+
+        Per layer only the products over the weights; the rest runs once over the stacked layers (few launches).
+        """
         metric, s = self.options.metric, self.stats
         if metric == "maxip":
             key = "ffn_ip" if kind == "ffn" else "head_out"
             return _optimistic(s[key], s[key + "_w"])
-        per_layer = []
-        for j, i in enumerate(self.layers):
-            block = self.model.blocks[i]
-            if metric == "wanda":
-                key = "ffn_in" if kind == "ffn" else "attn_in"
-                seen = s[key + "_w"][j] > 0
-                rms = torch.where(seen, (s[key][j] / s[key + "_w"][j].clamp_min(1e-30)).sqrt(), 1.0)
-                weight = block.mlp.fc.weight if kind == "ffn" else block.attn.qkv.weight
-                rows = (weight.abs() @ rms.to(weight.dtype)).float()
-                cols = None
-            else:
-                weight, proj = (block.mlp.fc, block.mlp.proj) if kind == "ffn" else (block.attn.qkv, block.attn.proj)
-                rows = torch.linalg.vector_norm(weight.weight, dim=1, dtype=torch.float32).square()
-                cols = torch.linalg.vector_norm(proj.weight, dim=0, dtype=torch.float32).square()
-            score = self._fold_ffn(rows, cols) if kind == "ffn" else self._fold_head(rows, cols)
-            per_layer.append(score.sqrt() if metric == "magnitude" else score)
-        return torch.stack(per_layer)
+        blocks = [self.model.blocks[i] for i in self.layers]
+        ins = [b.mlp.fc.weight if kind == "ffn" else b.attn.qkv.weight for b in blocks]
+        if metric == "wanda":
+            key = "ffn_in" if kind == "ffn" else "attn_in"
+            rms = torch.where(s[key + "_w"] > 0, (s[key] / s[key + "_w"].clamp_min(1e-30)).sqrt(), 1.0)
+            rows = torch.stack([torch.mv(w.abs(), r.to(w.dtype)) for w, r in zip(ins, rms)]).float()
+            return self._fold(kind, rows, None)
+        outs = [b.mlp.proj.weight if kind == "ffn" else b.attn.proj.weight for b in blocks]
+        rows = torch.stack([torch.linalg.vector_norm(w, dim=1, dtype=torch.float32) for w in ins]).square()
+        cols = torch.stack([torch.linalg.vector_norm(w, dim=0, dtype=torch.float32) for w in outs]).square()
+        return self._fold(kind, rows, cols).sqrt()
 
-    def _fold_ffn(self, rows: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
-        """Per-row values of `fc` (and per-column values of `proj`) summed per neuron."""
-        per_neuron = rows.view(2, -1).sum(0) if self.args.gated else rows
-        return per_neuron if cols is None else per_neuron + cols
+    def _fold(self, kind: str, rows: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+        """Sum per-row values of `fc` / `qkv` (and per-column values of `proj`), [L, rows], per neuron / kv group.
 
-    def _fold_head(self, rows: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
-        """Per-row values of `qkv` [q heads | k heads | v heads] (and per-column of `proj`) summed per kv group."""
-        a = self.args
-        K, qd = a.n_kv_head, a.n_head * a.head_dim
-        q, k, v = rows.split([qd, K * a.head_dim, K * a.head_dim])
-        per_group = q.view(K, -1).sum(1) + k.view(K, -1).sum(1) + v.view(K, -1).sum(1)
-        return per_group if cols is None else per_group + cols.view(K, -1).sum(1)
+        `fc` rows are [gate | up] for SwiGLU; `qkv` rows are [q heads | k heads | v heads], a group's query heads
+        adjacent, and `proj` columns follow the query heads.
+        """
+        L, a = rows.shape[0], self.args
+        if kind == "ffn":
+            per_neuron = rows.view(L, -1, a.d_ff).sum(1)
+            return per_neuron if cols is None else per_neuron + cols
+        K = a.n_kv_head
+        q, k, v = rows.split([a.n_head * a.head_dim, K * a.head_dim, K * a.head_dim], dim=1)
+        per_group = q.view(L, K, -1).sum(2) + k.view(L, K, -1).sum(2) + v.view(L, K, -1).sum(2)
+        return per_group if cols is None else per_group + cols.view(L, K, -1).sum(2)
 
     def _select(self, kind: str, n: int, k: int, refresh: bool) -> torch.Tensor:
         """Kept indices [len(layers), k], sorted per row, one set per layer for the whole batch."""
@@ -392,24 +391,31 @@ class SAT(Method):
         """Stash the omitted slices of every sliced parameter and of its optimizer moments."""
         self._stash = []
         with torch.no_grad():
-            if self.kept["ffn"] is not None:
-                omitted = _complement(self.kept["ffn"], self.args.d_ff)
+            for kind in ("ffn", "head"):
+                if self.kept[kind] is None:
+                    continue
+                rows, cols = self._omitted_slices(kind)
                 for j, i in enumerate(self.layers):
-                    mlp = self.model.blocks[i].mlp
-                    rows = mlp.in_rows(omitted[j])
-                    self._save(mlp.fc.weight, 0, rows)
-                    if mlp.fc.bias is not None:
-                        self._save(mlp.fc.bias, 0, rows)
-                    self._save(mlp.proj.weight, 1, omitted[j])
-            if self.kept["head"] is not None:
-                omitted = _complement(self.kept["head"], self.args.n_kv_head)
-                for j, i in enumerate(self.layers):
-                    attn = self.model.blocks[i].attn
-                    rows, cols = attn.group_rows(omitted[j])
-                    self._save(attn.qkv.weight, 0, rows)
-                    if attn.qkv.bias is not None:
-                        self._save(attn.qkv.bias, 0, rows)
-                    self._save(attn.proj.weight, 1, cols)
+                    module = self.model.blocks[i].mlp if kind == "ffn" else self.model.blocks[i].attn
+                    fc = module.fc if kind == "ffn" else module.qkv
+                    self._save(fc.weight, 0, rows[j])
+                    if fc.bias is not None:
+                        self._save(fc.bias, 0, rows[j])
+                    self._save(module.proj.weight, 1, cols[j])
+
+    def _omitted_slices(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of `fc` / `qkv` and columns of `proj` of this step's omitted neurons / groups, [len(layers), *] each,
+        found for all layers at once with the model's own index maps."""
+        L, a = len(self.layers), self.args
+        first = self.model.blocks[self.layers[0]]
+        if kind == "ffn":
+            omitted = _complement(self.kept["ffn"], a.d_ff)
+            rows = first.mlp.in_rows(omitted.flatten())  # [gate | up] blocks, each in (layer, neuron) order
+            return rows.view(-1, L, omitted.shape[1]).transpose(0, 1).flatten(1), omitted
+        omitted = _complement(self.kept["head"], a.n_kv_head)
+        rows, cols = first.attn.group_rows(omitted.flatten())  # [q | k | v] blocks, each in (layer, group) order
+        q, k, v = rows.split([cols.numel(), (rows.numel() - cols.numel()) // 2, (rows.numel() - cols.numel()) // 2])
+        return torch.cat([q.view(L, -1), k.view(L, -1), v.view(L, -1)], dim=1), cols.view(L, -1)
 
     def _save(self, p: torch.Tensor, dim: int, idx: torch.Tensor) -> None:
         state = self.optimizer.state.get(p, {})

@@ -198,15 +198,14 @@ def upcycle(
     o = UpcycleOptions(experts, top_k, layers, granularity, drop_rate, router, renormalize, capacity_factor,
                        aux_loss_coef, z_loss_coef, seed)
     check_options(o, model.args)
-    gen = torch.Generator().manual_seed(seed)
-    for i in resolve_layers(o.layers, model.args.n_layer):
-        block = model.blocks[i]
-        if isinstance(block.mlp, MoEFFN):
+    dense = {i: model.blocks[i].mlp for i in resolve_layers(o.layers, model.args.n_layer)}
+    for i, ffn in dense.items():
+        if isinstance(ffn, MoEFFN):
             raise UserError(f"block {i} is already a Mixture-of-Experts; upcycle a dense model")
-        dense = block.mlp
-        moe = make_moe(model.args, o).to(device=dense.fc.weight.device, dtype=dense.fc.weight.dtype)
-        fill_from_dense(moe, dense, o, gen)
-        block.mlp = moe
+    replace_ffns(model, o)
+    gen = torch.Generator().manual_seed(seed)
+    for i, ffn in dense.items():
+        fill_from_dense(model.blocks[i].mlp, ffn, o, gen)
     return model
 
 
