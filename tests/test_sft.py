@@ -128,7 +128,7 @@ def test_custom_fields_and_tokenizer_file(tmp_path, tokenizer_dir):
     meta = prepare_sft(path, tokenizer_dir / "tokenizer.json", tmp_path / "out", prompt_field="q",
                        response_field="a", seq_len=32, val_fraction=0.0)
     assert meta["train"]["examples"] == 1
-    with pytest.raises(UserError, match="no tokenizer at"):
+    with pytest.raises(UserError, match="no tokenizer.json at"):
         prepare_sft(path, tmp_path / "missing", tmp_path / "out2", seq_len=32)
     with pytest.raises(UserError, match="seq_len=32, not 64"):
         SFTLoader(tmp_path / "out", "train", batch_size=1, seq_len=64)
@@ -150,12 +150,13 @@ def test_loader_is_reproducible_and_resumes_exactly(tmp_path, tokenizer_dir):
     assert epoch == sorted(tuple(r.tolist()) for r in one.x) and one.epoch == 1
     state = a.state_dict()
     expected = [a.next_batch() for _ in range(5)]
-    c = SFTLoader(tmp_path / "out", batch_size=3, seed=123)
+    c = SFTLoader(tmp_path / "out", batch_size=3, seed=7)
     c.load_state_dict(state)
     assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(expected, (c.next_batch()
                                                                                              for _ in range(5))))
-    # Two ranks split each global batch between them, without overlap.
-    r0 = SFTLoader(tmp_path / "out", batch_size=2, seed=7, rank=0, world_size=2)
-    r1 = SFTLoader(tmp_path / "out", batch_size=2, seed=7, rank=1, world_size=2)
-    single = SFTLoader(tmp_path / "out", batch_size=4, seed=7)
-    assert torch.equal(torch.cat([r0.next_batch()[0], r1.next_batch()[0]]), single.next_batch()[0])
+    with pytest.raises(UserError, match="used seed 7, this run uses 8"):
+        SFTLoader(tmp_path / "out", batch_size=3, seed=8).load_state_dict(state)
+    # Evaluation batches: the same rows every call, at most max_tokens inputs.
+    batches = list(a.eval_batches(batch_size=4, max_tokens=16 * 6))
+    assert [x.shape[0] for x, _ in batches] == [4, 2]
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(batches, a.eval_batches(batch_size=4, max_tokens=16 * 6)))

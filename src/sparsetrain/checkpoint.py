@@ -186,3 +186,16 @@ def write_model_folder(out: Path, config_toml: str, model_state: dict[str, torch
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, model has {tuple(own[wrong[0]].shape)}")
+        raise UserError(f"checkpoint {source} is from another model shape ({detail}); "
+                        "use the config it was trained with (model.preset and overrides, method)")
+    model.load_state_dict(state)

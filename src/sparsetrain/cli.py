@@ -37,6 +37,17 @@ def cmd_data_export(a) -> None:
     print(f"wrote {a.out}: {json.dumps(info)}")
 
 
+def cmd_data_sft(a) -> None:
+    from .sft import prepare_sft
+
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; pass a new --out folder or delete it")
+    meta = prepare_sft(a.source, a.tokenizer, out, prompt_field=a.prompt_field, response_field=a.response_field,
+                       seq_len=a.seq_len, val_fraction=a.val_fraction)
+    print(f"wrote {out}: {meta['train']['sequences']} train and {meta['val']['sequences']} validation rows of {a.seq_len} tokens")
+
+
 def cmd_train(a) -> None:
     from . import config
     from .train import train
@@ -69,14 +80,13 @@ def cmd_train(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    from .data import TokenData
-    from .train import evaluate, load_model, setup_runtime
+    from .train import TrainingData, evaluate, load_model, setup_runtime
 
     model, method, cfg = load_model(a.run, overrides=a.set or [])
     rt = setup_runtime(cfg.train)
     model.to(rt.device)
-    data = TokenData(a.data or cfg.data.dir)
-    loss = evaluate(model, data.val, cfg.train, rt, method, max_tokens=a.tokens)
+    data = TrainingData(a.data or cfg.data.dir, cfg.train)
+    loss = evaluate(model, data, cfg.train, rt, method, max_tokens=a.tokens)
     result = {"val_loss": loss, "perplexity": math.exp(min(loss, 50))}
     print(json.dumps(result))
 
@@ -106,6 +116,41 @@ def cmd_convert_hf_export(a) -> None:
     if (tok_dir / "tokenizer.json").is_file():
         copy_tokenizer(tok_dir, a.out)
     print(f"exported {a.source} to {a.out}")
+
+
+def _layers(text: str):
+    """'every-other', 'all' or a comma-separated list of block indices."""
+    if text in ("every-other", "all"):
+        return text
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes every-other, all or indices like 1,3,5; got '{text}'")
+
+
+def cmd_convert_upcycle(a) -> None:
+    from . import config
+    from .checkpoint import write_model_folder
+    from .methods import build_method
+    from .train import load_model
+
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; pass a new --out folder or delete it")
+    model, method, cfg = load_model(a.source)
+    if method.name != "dense":
+        raise UserError(f"{a.source} was trained with method '{method.name}'; upcycle a dense model")
+    options = {"name": "upcycle", "experts": a.experts, "top_k": a.top_k, "layers": a.layers,
+               "granularity": a.granularity, "drop_rate": a.drop_rate, "router": a.router, "seed": a.seed}
+    if a.capacity_factor:
+        options["capacity_factor"] = a.capacity_factor
+    upcycler = build_method(options, model.args, cfg.train.seq_len)
+    upcycler.convert(model)
+    cfg.method = upcycler.options_dict()
+    write_model_folder(out, config.dumps(config.to_dict(cfg)), model.state_dict())
+    n_moe = sum(1 for b in model.blocks if b.mlp.__class__.__name__ == "MoEFFN")
+    print(f"upcycled {a.source}: {n_moe} of {model.args.n_layer} FFNs are now {a.experts} experts, top-{a.top_k}; "
+          f"wrote {out}. Train it with: sparsetrain train --init {out} --out RUN_DIR")
 
 
 def cmd_bench(a) -> None:
@@ -165,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--text-field", default="text")
     exp.set_defaults(func=cmd_data_export)
 
+    sft = data.add_parser("sft", help="prompt/response or chat JSONL -> packed fine-tuning rows (loss on responses)")
+    sft.add_argument("--source", required=True, help="a .jsonl file: prompt/response fields or chat `messages`")
+    sft.add_argument("--tokenizer", required=True, help="a tokenizer.json, or a folder holding one (data or model)")
+    sft.add_argument("--out", required=True)
+    sft.add_argument("--seq-len", type=int, default=1024)
+    sft.add_argument("--prompt-field", default="prompt")
+    sft.add_argument("--response-field", default="response")
+    sft.add_argument("--val-fraction", type=float, default=0.05)
+    sft.set_defaults(func=cmd_data_sft)
+
     tr = sub.add_parser("train", help="train a model")
     tr.add_argument("--config", help="TOML config (default with --resume: RUN_DIR/config.toml)")
     tr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
@@ -190,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--out", required=True)
     he.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     he.set_defaults(func=cmd_convert_hf_export)
+
+    up = conv.add_parser("upcycle", help="a dense run or model folder -> a Mixture-of-Experts model folder")
+    up.add_argument("--from", dest="source", required=True)
+    up.add_argument("--out", required=True)
+    up.add_argument("--experts", type=int, default=8)
+    up.add_argument("--top-k", type=int, default=2)
+    up.add_argument("--layers", type=_layers, default="every-other", help="every-other, all, or e.g. 1,3,5")
+    up.add_argument("--granularity", type=int, default=1, help="split each FFN into G shards (fine-grained experts)")
+    up.add_argument("--drop-rate", type=float, default=0.0, help="Drop-Upcycling: share of neurons re-initialised")
+    up.add_argument("--router", default="softmax_then_topk",
+                    choices=["softmax_then_topk", "topk_then_softmax", "expert_choice"])
+    up.add_argument("--capacity-factor", type=float, default=0.0, help="0 = dropless (token choice)")
+    up.add_argument("--seed", type=int, default=0)
+    up.set_defaults(func=cmd_convert_upcycle)
 
     be = sub.add_parser("bench", help="training-step speed on the GPU (tokens/s, MFU), a method against dense")
     be.add_argument("--preset", nargs="+", default=["gpt2-small", "gpt2-medium"])

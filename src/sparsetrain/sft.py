@@ -17,7 +17,6 @@ token as a target), `meta.json`, and a copy of `tokenizer.json`.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +24,12 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from .data import load_tokenizer
 from .errors import UserError
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>")
-
-
-def load_tokenizer(path: str | Path) -> tuple[Tokenizer, Path]:
-    """A `tokenizers.Tokenizer` from a tokenizer.json file or a folder holding one."""
-    path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.is_file():
-        raise UserError(f"no tokenizer at {path}; pass a tokenizer.json file or a folder that holds one")
-    try:
-        return Tokenizer.from_file(str(file)), file
-    except Exception as e:  # tokenizers raises plain Exceptions for malformed files
-        raise UserError(f"{file} is not a readable tokenizer.json ({e})") from None
 
 
 def _special(tokenizer: Tokenizer, name: str | None, candidates: tuple[str, ...], what: str) -> int | None:
@@ -161,7 +149,7 @@ def prepare_sft(jsonl_path: str | Path, tokenizer_path: str | Path, out_dir: str
         raise UserError(f"seq_len must be positive, got {seq_len}")
     if not 0 <= val_fraction < 1:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    tokenizer, tokenizer_file = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     eos_id = _special(tokenizer, eos_token, EOS_NAMES, "eos")
     if eos_id is None:
         raise UserError(f"the tokenizer has none of {', '.join(EOS_NAMES)}; name its end-of-text token with eos_token")
@@ -186,7 +174,7 @@ def prepare_sft(jsonl_path: str | Path, tokenizer_path: str | Path, out_dir: str
     out.mkdir(parents=True, exist_ok=True)
     for name, (tokens, mask, _) in packed.items():
         np.savez(out / f"sft_{name}.npz", tokens=tokens.astype(dtype), mask=mask)
-    shutil.copyfile(tokenizer_file, out / "tokenizer.json")
+    tokenizer.save(str(out / "tokenizer.json"))
     meta = {
         "kind": "sft",
         "source": str(Path(jsonl_path).resolve()),
@@ -207,12 +195,12 @@ def prepare_sft(jsonl_path: str | Path, tokenizer_path: str | Path, out_dir: str
 class SFTLoader:
     """Batches of packed SFT rows: `next_batch()` -> (x, y) int64 [batch_size, seq_len], y = -100 where no loss.
 
-    Rows are visited in a seeded random order, a new order each epoch; with several ranks every call takes
-    batch_size * world_size rows and this rank keeps its share. The position is in `state_dict()`.
+    Like the pre-training loader it draws the global batch (the trainer gives each process its rows), reproducible
+    by seed: rows in a seeded random order, a new order each epoch, batches running on across epoch ends.
     """
 
     def __init__(self, data_dir: str | Path, split: str = "train", batch_size: int = 16, *, seed: int = 1337,
-                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", seq_len: int | None = None):
+                 seq_len: int | None = None):
         data_dir = Path(data_dir)
         file = data_dir / f"sft_{split}.npz"
         if not file.is_file():
@@ -230,18 +218,15 @@ class SFTLoader:
                             "(or val_fraction > 0 for a validation split)")
         self.x = tokens[:, :-1].contiguous()
         self.y = tokens[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX).contiguous()
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.device = torch.device(device)
+        self.batch_size, self.seed = batch_size, seed
         self.epoch, self.pos = 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.x.shape[0], generator=g)
+        return torch.randperm(self.x.shape[0], generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        need = self.batch_size * self.world_size
-        picked = []
+        picked, need = [], self.batch_size
         while need:
             take = self._order[self.pos: self.pos + need]
             picked.append(take)
@@ -250,15 +235,21 @@ class SFTLoader:
             if self.pos == self._order.numel():
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
-        rows = torch.cat(picked)[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
-        x, y = self.x[rows], self.y[rows]
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
+        rows = torch.cat(picked)
+        return self.x[rows], self.y[rows]
+
+    def eval_batches(self, batch_size: int, max_tokens: int):
+        """The first rows in stored order, up to max_tokens input tokens (at least one row): the same every call."""
+        n = min(self.x.shape[0], max(1, max_tokens // self.seq_len))
+        for start in range(0, n, batch_size):
+            yield self.x[start: min(start + batch_size, n)], self.y[start: min(start + batch_size, n)]
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed}
+        return {"seed": self.seed, "epoch": self.epoch, "pos": self.pos}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.seed, self.epoch, self.pos = state["seed"], state["epoch"], state["pos"]
+        if state["seed"] != self.seed:
+            raise UserError(f"the checkpoint's data loader used seed {state['seed']}, this run uses {self.seed}; "
+                            "resume with the same seed")
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self._order = self._permutation(self.epoch)

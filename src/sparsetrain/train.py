@@ -21,7 +21,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from . import config as config_mod
-from .checkpoint import (find_weights, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state)
+from .checkpoint import (find_weights, list_checkpoints, load_checkpoint, load_weights, save_checkpoint,
+                         set_rng_state)
 from .config import RunConfig
 from .data import BatchLoader, TokenData, eval_windows
 from .errors import UserError
@@ -116,19 +117,6 @@ def build_model(cfg: RunConfig, vocab_size: int | None) -> tuple[Transformer, Me
     return model, method, args
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                  else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, model has {tuple(own[wrong[0]].shape)}")
-        raise UserError(f"checkpoint {source} is from another model shape ({detail}); "
-                        "use the config it was trained with (model.preset and overrides, method)")
-    model.load_state_dict(state)
-
-
 def load_model(path: str | Path, device: str | torch.device = "cpu", overrides: list[str] = ()
                ) -> tuple[Transformer, Method, RunConfig]:
     """A trained model from a run folder (latest checkpoint), checkpoint folder or model folder."""
@@ -139,22 +127,52 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", overrides: 
     return model.to(device), method, cfg
 
 
+class TrainingData:
+    """The batches a run trains and evaluates on: pre-training token shards, or packed SFT rows (loss on
+    responses only) when the data folder's meta.json says `kind = "sft"`."""
+
+    def __init__(self, data_dir: str | Path, tcfg):
+        meta_file = Path(data_dir) / "meta.json"
+        self.sft = meta_file.is_file() and json.loads(meta_file.read_text()).get("kind") == "sft"
+        self.dir, self.tcfg = Path(data_dir), tcfg
+        if self.sft:
+            from .sft import SFTLoader
+
+            self.loader = SFTLoader(data_dir, "train", tcfg.batch_size, seed=tcfg.seed, seq_len=tcfg.seq_len)
+            self.vocab_size = json.loads(meta_file.read_text())["vocab_size"]
+        else:
+            self.tokens = TokenData(data_dir)
+            # Every process draws the same global batch and takes its rows: one GPU or many, any micro-batching,
+            # the model sees the same tokens.
+            self.loader = BatchLoader(self.tokens.train, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed)
+            self.vocab_size = self.tokens.vocab_size
+
+    def eval_batches(self, batch_size: int, max_tokens: int):
+        """The same validation batches every call."""
+        if self.sft:
+            from .sft import SFTLoader
+
+            return SFTLoader(self.dir, "val", batch_size, seq_len=self.tcfg.seq_len).eval_batches(batch_size, max_tokens)
+        return eval_windows(self.tokens.val, batch_size, self.tcfg.seq_len, max_tokens)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens, tcfg, rt: Runtime, method: Method | None = None,
+def evaluate(model: torch.nn.Module, data: TrainingData, tcfg, rt: Runtime, method: Method | None = None,
              max_tokens: int | None = None) -> float:
-    """Mean cross-entropy on the same validation windows every time."""
+    """Mean cross-entropy over the target tokens of the validation batches (the same every time)."""
     was_training = model.training
     model.eval()
     if method is not None:
         method.before_eval()
     micro = tcfg.micro_batch_size or max(1, tcfg.batch_size // rt.world)
-    total, count = torch.zeros((), device=rt.device), 0
-    for x, y in eval_windows(tokens, micro, tcfg.seq_len, max_tokens or tcfg.eval_tokens):
+    total, count = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
+    for x, y in data.eval_batches(micro, max_tokens or tcfg.eval_tokens):
         x, y = x.to(rt.device), y.to(rt.device)
         with rt.autocast():
             loss = model(x, y)
-        total += loss.float() * y.numel()
-        count += y.numel()
+        n = (y != -100).sum()  # SFT targets without loss are -100
+        total += loss.float() * n
+        count += n
     if method is not None:
         method.after_eval()
     model.train(was_training)
@@ -269,7 +287,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str
     # Everything that can fail on user input is checked before anything is written.
     check_run_dir(out_dir, resume)
     rt = setup_runtime(tcfg)
-    data = TokenData(cfg.data.dir)
+    data = TrainingData(cfg.data.dir, tcfg)
     micro = tcfg.micro_batch_size or tcfg.batch_size // rt.world
     if micro <= 0 or tcfg.batch_size % (micro * rt.world):
         raise UserError(f"train.batch_size={tcfg.batch_size} is not a multiple of micro_batch_size x processes "
@@ -283,10 +301,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str
     cfg.model.vocab_size = args.vocab_size  # saved with the run, so the model can be rebuilt without the data
     if tcfg.init_from and not resume:
         _, weights = find_weights(tcfg.init_from)
-        load_weights(model, load_file(str(weights)), tcfg.init_from)
-    # Every process draws the same global batch and takes its rows: one GPU or many, any micro-batching,
-    # the model sees the same tokens.
-    loader = BatchLoader(data.train, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed)
+        method.init_weights(model, load_file(str(weights)), tcfg.init_from)
+    loader = data.loader
 
     model.to(rt.device)
     compile_model = tcfg.compile == "true" or (tcfg.compile == "auto" and rt.device.type == "cuda")
@@ -385,7 +401,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str
                 record["mfu"] = window_flops / window_time / rt.world / peak
             record.update(method.metrics(step))
             if is_eval:
-                last_val = evaluate(wrapped, data.val, tcfg, rt, method)
+                last_val = evaluate(wrapped, data, tcfg, rt, method)
                 record["val_loss"] = last_val
             log.write(record)
             postfix = {"loss": f"{last_loss:.3f}", "tok/s": f"{record['tokens_per_s']:.3g}"}

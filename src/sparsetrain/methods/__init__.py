@@ -7,8 +7,9 @@ from ..errors import UserError
 from ..model import ModelArgs
 from .base import Dense, Method
 from .sat import SAT
+from .upcycle import Upcycle
 
-REGISTRY: dict[str, type[Method]] = {"dense": Dense, "sat": SAT}
+REGISTRY: dict[str, type[Method]] = {"dense": Dense, "sat": SAT, "upcycle": Upcycle}
 
 
 def build_method(method_cfg: dict[str, Any], args: ModelArgs, seq_len: int) -> Method:

@@ -2,6 +2,7 @@
 
 The trainer calls, in this order:
     setup(model)                      structure only (replace modules); also run when a model is loaded for eval
+    init_weights(model, state)        a fresh run from `train.init_from` (upcycling fills its experts here)
     start(model, optimizer)           once, before the first step (also after a resume, after the state is loaded)
     per step:
         before_step(step)             choose what this step computes (neurons, heads, experts, masks, phase)
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import load_weights
 from ..config import fill_dataclass
 from ..model import ModelArgs, Transformer, flops_per_token
 
@@ -60,6 +62,10 @@ class Method:
     # --- structure and lifecycle -------------------------------------------------------------------------------
     def setup(self, model: Transformer) -> None:
         self.model = model
+
+    def init_weights(self, model: Transformer, state: dict[str, torch.Tensor], source: str) -> None:
+        """Start a run from the weights of another (`train.init_from`); by default they must match exactly."""
+        load_weights(model, state, source)
 
     def start(self, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer

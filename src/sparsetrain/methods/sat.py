@@ -22,6 +22,7 @@ update need no special case), gathered by forward hooks on steps where `step % s
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,7 +237,7 @@ class SAT(Method):
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(self.options.seed)
         Ls, d = len(self.layers), self.args.d_model
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=device)  # noqa: E731
+        zeros = functools.partial(torch.zeros, dtype=torch.float32, device=device)
         if self.options.metric == "wanda":
             # Mean square of each input feature of the FFN and of the attention (one weight per layer: all features
             # are measured together).
@@ -436,7 +437,13 @@ class SAT(Method):
                         else:
                             t.index_fill_(dim, idx, 0)
         self._stash = []
-        # Between steps (evaluation, checkpoints) the model is dense and gathers nothing.
+        self._dense()
+
+    def before_eval(self) -> None:
+        self._dense()
+
+    def _dense(self) -> None:
+        """Between steps (evaluation, checkpoints) the model is dense and gathers nothing."""
         self.gathering = False
         for i in self.layers:
             self.model.blocks[i].mlp.active = None

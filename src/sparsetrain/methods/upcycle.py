@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checkpoint import load_weights
 from ..errors import UserError
 from ..model import ModelArgs, Transformer, flops_per_token
 from ..moe import ROUTERS, MoEFFN
@@ -233,6 +234,16 @@ class Upcycle(Method):
                 seed=o.seed)
         self.model = model
         return model
+
+    def init_weights(self, model: Transformer, state: dict[str, torch.Tensor], source: str) -> None:
+        """An upcycled checkpoint loads as it is; a dense one is upcycled here with this method's options."""
+        if any(".mlp.w_in" in k for k in state):
+            load_weights(model, state, source)
+            return
+        dense = Transformer(model.args)
+        load_weights(dense, state, source)
+        model.load_state_dict(self.convert(dense).state_dict())
+        self.model = model
 
     def aux_loss(self, model: Transformer) -> torch.Tensor | None:
         losses = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
