@@ -1,0 +1,189 @@
+"""MoE FFN layer vs a dense FFN of equal active FLOPs: forward + backward time.
+
+Each expert is f_e = ffn_mult * d / k wide, so a token's k experts do the work of one dense FFN of width
+ffn_mult * d (the dense contender). Both run in bf16 on the same input; the MoE includes its router, losses,
+statistics and dispatch. `ms`: wall time of the layer's step alone, CUDA events after warm-up, median of many
+steps (launch overhead included: a lone layer can wait on the CPU). `gpu`: the sum of the step's kernel times
+(profiler), what the layer costs inside a model step that keeps the GPU busy. `gemm ms`: the MoE's two grouped
+GEMMs alone (forward + backward on rows already sorted by expert), so moe - gemm is what routing, losses and
+dispatch cost. Modes: eager, torch.compile, and torch.compile with CUDA graphs (no launch overhead).
+
+    python bench/moe_layer.py --out bench_out/moe_layer.json           # the full grid on a GPU
+    python bench/moe_layer.py --device cpu --quick                     # a smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from sparsetrain.model import FFN, ModelArgs
+from sparsetrain.moe import MoEFFN
+
+
+def dense_ffn(d: int, width: int, activation: str) -> FFN:
+    args = ModelArgs(family="gpt2", n_layer=1, n_head=1, n_kv_head=1, d_model=d, d_ff=width, vocab_size=1,
+                     max_seq_len=1, activation=activation, norm_eps=1e-5, rope_theta=1e4, tie_embeddings=False,
+                     bias=False)
+    return FFN(args)
+
+
+def median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def train_step(module: torch.nn.Module, layer, x: torch.Tensor, gy: torch.Tensor):
+    """One forward + backward of `layer` (maybe compiled) whose parameters live in `module`."""
+    def run():
+        for p in module.parameters():
+            p.grad = None
+        x.grad = None
+        y = layer(x)
+        aux = getattr(module, "aux_loss", None)
+        if aux is not None:
+            torch.autograd.backward([y, aux], [gy, torch.ones_like(aux)])
+        else:
+            y.backward(gy)
+    return run
+
+
+def gemm_only_step(moe: MoEFFN, x: torch.Tensor):
+    """The two grouped GEMMs of one routing of `x`, forward + backward, without routing or dispatch."""
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    with torch.no_grad():
+        ids, _ = moe.route(x2)
+        sorted_ids, order = ids.reshape(-1).sort(stable=True)
+        offs = torch.searchsorted(sorted_ids, torch.arange(moe.num_experts, device=x.device), right=True,
+                                  out_int32=True)
+        xs = x2.index_select(0, order // ids.shape[1])
+    xs.requires_grad_(True)
+    gy = torch.randn(xs.shape[0], moe.d_model, device=x.device, dtype=x.dtype)
+
+    def run():
+        for p in moe.parameters():
+            p.grad = None
+        xs.grad = None
+        moe.expert_rows(xs, offs, sorted_ids, x.dtype).backward(gy)
+    return run
+
+
+def kernel_ms(fn, steps: int = 5) -> float:
+    """GPU time of one call of `fn`: the sum of its kernels' (and copies') durations, gaps left out. This is what
+    the layer costs inside a model step that keeps the GPU busy, where launch overhead overlaps other work."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in events) / steps / 1e3
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (a smoke test)")
+    p.add_argument("--d", type=int, nargs="+", default=[768, 1024, 2048])
+    p.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    p.add_argument("--top-k", type=int, nargs="+", default=[1, 2, 8])
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--seq", type=int, default=1024, help="tokens per sequence (the input is [tokens/seq, seq, d])")
+    p.add_argument("--ffn-mult", type=int, default=4, help="dense width / d; expert width = ffn_mult * d / k")
+    p.add_argument("--activation", default="gelu", choices=["gelu", "relu", "relu2", "swiglu"])
+    p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile", "cudagraphs"],
+                   help="cudagraphs = torch.compile(mode='reduce-overhead'): no launch overhead")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--out", help="write the rows as JSON here")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.d, a.experts, a.top_k, a.tokens, a.seq, a.warmup, a.iters = [64], [4], [1, 2], 512, 128, 1, 3
+        a.modes = ["eager"]
+    device = torch.device(a.device)
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    torch._dynamo.config.cache_size_limit = 64
+    compile_kw = {"eager": None, "compile": {}, "cudagraphs": {"mode": "reduce-overhead"}}
+    timed_kernels = device.type == "cuda"
+
+    rows = []
+    for d in a.d:
+        x = torch.randn(a.tokens // a.seq, a.seq, d, device=device, dtype=dtype, requires_grad=True)
+        gy = torch.randn_like(x)
+        width = a.ffn_mult * d
+        dense = dense_ffn(d, width, a.activation).to(device, dtype)
+        for mode in a.modes:
+            kw = compile_kw[mode]
+            torch._dynamo.reset()
+            layer = dense if kw is None else torch.compile(dense, **kw)
+            step = train_step(dense, layer, x, gy)
+            dense_ms = median_ms(step, device, a.warmup, a.iters)
+            dense_kernel_ms = kernel_ms(step) if timed_kernels and mode != "cudagraphs" else None
+            for E in a.experts:
+                for k in a.top_k:
+                    if k > E or width % k:
+                        continue
+                    moe = MoEFFN(d, width // k, E, k, a.activation).to(device, dtype)
+                    torch._dynamo.reset()
+                    layer = moe if kw is None else torch.compile(moe, **kw)
+                    step = train_step(moe, layer, x, gy)
+                    moe_ms = median_ms(step, device, a.warmup, a.iters)
+                    row = dict(d=d, experts=E, top_k=k, expert_width=width // k, dense_width=width, mode=mode,
+                               grouped_mm=moe.use_grouped_mm(dtype, device), dense_ms=dense_ms, moe_ms=moe_ms,
+                               ratio=moe_ms / dense_ms, gemm_ms=median_ms(gemm_only_step(moe, x), device, a.warmup,
+                                                                          a.iters))
+                    if dense_kernel_ms is not None:
+                        row.update(dense_kernel_ms=dense_kernel_ms, moe_kernel_ms=kernel_ms(step))
+                        row["kernel_ratio"] = row["moe_kernel_ms"] / dense_kernel_ms
+                    rows.append(row)
+                    del moe, layer, step
+                    print_row(rows[-1], header=len(rows) == 1)
+
+    print("\nMoE layer fwd+bwd time / dense FFN of equal active FLOPs (ratio < 1: MoE faster)")
+    for i, r in enumerate(rows):
+        print_row(r, header=i == 0)
+    if a.out:
+        meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    torch=torch.__version__, date=datetime.date.today().isoformat(), tokens=a.tokens,
+                    dtype="bf16", activation=a.activation, argv=sys.argv[1:] if argv is None else argv)
+        with open(a.out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    return rows
+
+
+def print_row(r: dict, header: bool):
+    if header:
+        print(f"{'d':>5} {'E':>3} {'k':>2} {'f_e':>5} {'mode':>10} {'dense ms':>9} {'moe ms':>8} {'ratio':>6} "
+              f"{'gemm ms':>8} {'dense gpu':>9} {'moe gpu':>8} {'ratio':>6}")
+    gpu = (f"{r['dense_kernel_ms']:>9.3f} {r['moe_kernel_ms']:>8.3f} {r['kernel_ratio']:>6.2f}"
+           if "kernel_ratio" in r else f"{'-':>9} {'-':>8} {'-':>6}")
+    print(f"{r['d']:>5} {r['experts']:>3} {r['top_k']:>2} {r['expert_width']:>5} {r['mode']:>10} "
+          f"{r['dense_ms']:>9.3f} {r['moe_ms']:>8.3f} {r['ratio']:>6.2f} {r['gemm_ms']:>8.3f} {gpu}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
