@@ -24,10 +24,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from sparsetrain import __version__
 from sparsetrain.errors import UserError
+from sparsetrain.progress import progress_bar
 from sparsetrain.sources import Source, TEXT_SUFFIXES, iter_documents, open_source, sha256_file
 
 EOT = "<|endoftext|>"
@@ -227,7 +227,7 @@ def _train_tokenizer(src: Source, vocab_size: int, sample_bytes: int, max_bytes:
 
     texts, used = [], 0
     total = _known_total(src, max_bytes, sample_bytes)
-    with tqdm(total=total, desc="tokenizer sample", unit="B", unit_scale=True, disable=not progress) as bar:
+    with progress_bar(total=total, desc="tokenizer sample", unit="B", unit_scale=True, disable=not progress) as bar:
         for doc in iter_documents(src, max_bytes):
             text = doc.text
             if used + doc.nbytes > sample_bytes:  # cut the last document to the budget
@@ -353,7 +353,7 @@ def _write_shards(src: Source, tok, tmp: Path, dtype: np.dtype, eot_id: int, val
     tok.encode_special_tokens = True  # a literal "<|endoftext|>" (or "</s>") inside a document is just text
     try:
         total = _known_total(src, max_bytes)
-        with tqdm(total=total, desc="tokenizing", unit="B", unit_scale=True, disable=not progress) as bar:
+        with progress_bar(total=total, desc="tokenizing", unit="B", unit_scale=True, disable=not progress) as bar:
             for doc in iter_documents(src, max_bytes):
                 w = val if is_val(doc.name, val_fraction) else train
                 pieces = _pieces(doc.text) if cut else [doc.text]
@@ -444,7 +444,7 @@ def export_jsonl(source: str, out_path: str | Path, *, max_bytes: int | None = N
             f = gzip.GzipFile(tmp, "xb", mtime=0)  # mtime=0: same input, same bytes
         else:
             f = open(tmp, "xb")
-        with f, tqdm(total=_known_total(src, max_bytes), desc="exporting", unit="B", unit_scale=True,
+        with f, progress_bar(total=_known_total(src, max_bytes), desc="exporting", unit="B", unit_scale=True,
                      disable=not progress) as bar:
             for doc in iter_documents(src, max_bytes):
                 line = json.dumps({"name": doc.name, "text": doc.text}, ensure_ascii=False) + "\n"

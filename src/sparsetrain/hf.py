@@ -1,14 +1,25 @@
-"""Hugging Face interop: load `LlamaForCausalLM` / `GPT2LMHeadModel` folders into our `Transformer`, and back.
+"""Hugging Face interop: load `LlamaForCausalLM` / `GPT2LMHeadModel` / `MixtralForCausalLM` folders into our
+`Transformer`, and back.
 
 Loading reads config.json and the weight files directly (safetensors, or pytorch_model.bin through
 `torch.load(weights_only=True)`), so it does not import transformers. Both directions share one name map:
 each of our parameters is one Hugging Face tensor, or several concatenated along the output rows
 (llama q|k|v into `attn.qkv`, gate|up into `mlp.fc`). GPT-2's Conv1D stores weights [in, out]: transposed.
 Our RoPE already uses the half-split (rotate_half) layout of HF Llama, so q/k rows need no permutation.
+
+Mixtral is Llama with an MoE in every layer, which is what upcycling a llama-family model with `layers = "all"`
+makes. Its router is ours with `softmax_then_topk` and renormalised weights (softmax over all experts, top-k,
+divide by their sum); `topk_then_softmax` computes the same weights (softmax over the k largest logits =
+renormalised top-k probabilities), so both export. Mixtral is dropless and has no biases, no dense layers and no
+expert choice: those refuse to export. Files use the per-expert layout that `save_pretrained` writes and every
+transformers version loads (`block_sparse_moe.gate`, `experts.{e}.w1|w3|w2` = gate|up|down, each [out, in]);
+our stacked `w_in [E, d, 2f]` is then all experts' w1|w3 rows concatenated and transposed per expert. Import also
+takes the fused in-memory layout of transformers 5 (`mlp.gate`, `mlp.experts.gate_up_proj|down_proj`).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -20,7 +31,9 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from .errors import UserError
+from .methods.upcycle import Upcycle
 from .model import FFN, ModelArgs, Transformer
+from .moe import MoEFFN
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -32,12 +45,15 @@ OUR_TO_GPT2_ACTIVATION = {"gelu": "gelu_new", "relu": "relu"}
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 # One entry per parameter of ours: (our name, [(HF name, rows)], transposed). `rows` is the HF tensor's share of
-# the concatenated dim 0 (None when a single tensor maps whole).
+# the concatenated dim 0 (None when a single tensor maps whole). `transposed`: HF holds the last two dims swapped;
+# a stacked [E, a, b] parameter is then the HF tensors concatenated into [E * b, a], expert after expert.
 NameMap = list[tuple[str, list[tuple[str, int | None]], bool]]
 
 
-def name_map(args: ModelArgs, gpt2_prefix: str = "transformer.") -> NameMap:
-    """Our parameter names -> Hugging Face tensor names, for every parameter (tied lm_head excluded)."""
+def name_map(args: ModelArgs, gpt2_prefix: str = "transformer.", experts: int = 0,
+             d_expert: int | None = None) -> NameMap:
+    """Our parameter names -> Hugging Face tensor names, for every parameter (tied lm_head excluded). With
+    `experts`, every llama block's MLP is a Mixtral MoE of that many experts of width `d_expert` (default d_ff)."""
     entries: NameMap = []
     if args.family == "gpt2":
         p = gpt2_prefix
@@ -60,9 +76,19 @@ def name_map(args: ModelArgs, gpt2_prefix: str = "transformer.") -> NameMap:
             linears = [
                 ("attn.qkv", [(f"{h}self_attn.q_proj", q), (f"{h}self_attn.k_proj", kv), (f"{h}self_attn.v_proj", kv)]),
                 ("attn.proj", [(f"{h}self_attn.o_proj", None)]),
-                ("mlp.fc", [(f"{h}mlp.gate_proj", args.d_ff), (f"{h}mlp.up_proj", args.d_ff)]),
-                ("mlp.proj", [(f"{h}mlp.down_proj", None)]),
             ]
+            if experts:
+                f, m = d_expert or args.d_ff, f"{h}block_sparse_moe."
+                entries += [
+                    (f"blocks.{i}.mlp.router.weight", [(f"{m}gate.weight", None)], False),
+                    (f"blocks.{i}.mlp.w_in",
+                     [(f"{m}experts.{e}.{w}.weight", f) for e in range(experts) for w in ("w1", "w3")], True),
+                    (f"blocks.{i}.mlp.w_out", [(f"{m}experts.{e}.w2.weight", args.d_model) for e in range(experts)],
+                     True),
+                ]
+            else:
+                linears += [("mlp.fc", [(f"{h}mlp.gate_proj", args.d_ff), (f"{h}mlp.up_proj", args.d_ff)]),
+                            ("mlp.proj", [(f"{h}mlp.down_proj", None)])]
             for ours, parts in linears:
                 entries.append((f"blocks.{i}.{ours}.weight", [(f"{n}.weight", r) for n, r in parts], False))
                 if args.bias:
@@ -89,10 +115,11 @@ def _family(config: dict, folder: Path) -> str:
     model_type = config.get("model_type")
     if model_type is None:
         archs = config.get("architectures") or []
-        model_type = {"LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2"}.get(archs[0] if archs else "")
-    if model_type not in ("llama", "gpt2"):
-        raise UserError(f"{folder}/config.json has model_type '{model_type}', which is not supported; "
-                        "sparsetrain imports llama (LlamaForCausalLM) and gpt2 (GPT2LMHeadModel) models")
+        model_type = {"LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2",
+                      "MixtralForCausalLM": "mixtral"}.get(archs[0] if archs else "")
+    if model_type not in ("llama", "gpt2", "mixtral"):
+        raise UserError(f"{folder}/config.json has model_type '{model_type}', which is not supported; sparsetrain "
+                        "imports llama (LlamaForCausalLM), gpt2 (GPT2LMHeadModel) and mixtral (MixtralForCausalLM)")
     return model_type
 
 
@@ -122,6 +149,20 @@ def _llama_args(c: dict, folder: Path) -> ModelArgs:
         rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
         tie_embeddings=bool(c.get("tie_word_embeddings", False)), bias=bool(attention_bias),
     )
+
+
+def _mixtral_method(c: dict, args: ModelArgs, folder: Path) -> dict:
+    """The `[method]` section that rebuilds a Mixtral's MoE layers: upcycling's structure with Mixtral's router."""
+    window = c.get("sliding_window")
+    if window is not None and window < args.max_seq_len:
+        raise _unsupported(folder, f"sliding-window attention (sliding_window={window})")
+    return {
+        "name": "upcycle", "experts": c["num_local_experts"], "top_k": c["num_experts_per_tok"], "layers": "all",
+        "granularity": 1, "router": "softmax_then_topk", "renormalize": True, "capacity_factor": 0.0,
+        # the same knob, not the same loss: HF pools the load-balancing statistics over all layers
+        "aux_loss_coef": float(c.get("router_aux_loss_coef", 0.001)),
+        "z_loss_coef": 0.0,  # Mixtral trains without a router z-loss
+    }
 
 
 def _gpt2_args(c: dict, folder: Path) -> ModelArgs:
@@ -165,20 +206,42 @@ def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _per_expert_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mixtral weights in the fused layout of transformers 5 (`save_original_format=False`) renamed and split into
+    the per-expert layout of the name map; other tensors pass through."""
+    out = {}
+    for name, t in tensors.items():
+        prefix, _, leaf = name.partition(".mlp.")
+        m = f"{prefix}.block_sparse_moe."
+        if leaf == "gate.weight":
+            out[f"{m}gate.weight"] = t
+        elif leaf == "experts.gate_up_proj":  # [E, 2f, d]: rows [gate | up] per expert
+            for e, (w1, w3) in enumerate(x.chunk(2) for x in t):
+                out[f"{m}experts.{e}.w1.weight"], out[f"{m}experts.{e}.w3.weight"] = w1, w3
+        elif leaf == "experts.down_proj":  # [E, d, f]
+            for e, w2 in enumerate(t):
+                out[f"{m}experts.{e}.w2.weight"] = w2
+        else:
+            out[name] = t
+    return out
+
+
 def model_section(args: ModelArgs) -> dict:
     """`[model]` config keys that `resolve` turns back into exactly `args`."""
     return {"preset": "tiny" if args.family == "gpt2" else "tiny-llama", **asdict(args)}
 
 
-def import_hf(folder: str | Path) -> tuple[dict, Transformer]:
-    """Load a local Hugging Face llama or gpt2 causal LM; return its `[model]` section and our model (fp32)."""
+def import_hf_full(folder: str | Path) -> tuple[dict, dict, Transformer]:
+    """Load a local Hugging Face llama, gpt2 or mixtral causal LM; return its `[model]` and `[method]` sections
+    (`{"name": "dense"}`, or upcycling's options that rebuild Mixtral's MoE layers) and our model (fp32)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} has no config.json; point at a folder saved by save_pretrained or export_hf")
     config = _read_json(folder / "config.json")
     family = _family(config, folder)
     try:
-        args = _llama_args(config, folder) if family == "llama" else _gpt2_args(config, folder)
+        args = _gpt2_args(config, folder) if family == "gpt2" else _llama_args(config, folder)
+        method = _mixtral_method(config, args, folder) if family == "mixtral" else {"name": "dense"}
     except KeyError as e:
         raise UserError(f"{folder}/config.json lacks {e}, which a {family} config needs; fix or re-save it") from None
 
@@ -186,8 +249,12 @@ def import_hf(folder: str | Path) -> tuple[dict, Transformer]:
     # saved from GPT2Model (the original hub `gpt2` files): no "transformer." prefix
     prefix = "" if "transformer.wte.weight" not in tensors and "wte.weight" in tensors else "transformer."
     model = Transformer(args)
+    experts = 0
+    if family == "mixtral":
+        Upcycle.from_config(method, args, args.max_seq_len).setup(model)  # the structure a run folder rebuilds
+        tensors, experts = _per_expert_layout(tensors), method["experts"]
     params = dict(model.named_parameters())
-    entries = name_map(args, prefix)
+    entries = name_map(args, prefix, experts)
     assert {e[0] for e in entries} == set(params), "name_map out of sync with model.Transformer"
 
     with torch.no_grad():
@@ -197,27 +264,83 @@ def import_hf(folder: str | Path) -> tuple[dict, Transformer]:
                 raise UserError(f"{folder}: missing weight {missing[0]} (needed for {ours}); the checkpoint is "
                                 f"incomplete or does not match its config.json")
             value = torch.cat([tensors.pop(n) for n, _ in parts])
-            if transposed:
-                value = value.T
-            if value.shape != params[ours].shape:
+            shape = params[ours].shape
+            hf_shape = (*shape[:-2], shape[-1], shape[-2]) if transposed else shape
+            flat = (math.prod(hf_shape[:-1]), hf_shape[-1]) if len(hf_shape) > 1 else hf_shape
+            if value.shape != flat:
                 raise UserError(f"{folder}: weight for {ours} has shape {tuple(value.shape)}, config.json implies "
-                                f"{tuple(params[ours].shape)}; the checkpoint does not match its config")
-            params[ours].copy_(value)
+                                f"{flat}; the checkpoint does not match its config")
+            value = value.view(hf_shape)
+            params[ours].copy_(value.transpose(-1, -2) if transposed else value)
     if args.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # some files store the tied head too; HF ignores it as well
     unexpected = [n for n in tensors if not n.endswith(IGNORED_SUFFIXES)]
     if unexpected:
         raise UserError(f"{folder}: weights with no place in a {family} model: {', '.join(unexpected[:3])}"
                         f"{' ...' if len(unexpected) > 3 else ''}; the architecture has parts sparsetrain lacks")
-    return model_section(args), model
+    return model_section(args), method, model
+
+
+def import_hf(folder: str | Path) -> tuple[dict, Transformer]:
+    """Load a local Hugging Face llama or gpt2 causal LM; return its `[model]` section and our model (fp32)."""
+    model_section_, method, model = import_hf_full(folder)
+    if method["name"] != "dense":
+        raise UserError(f"{folder} holds a Mixture-of-Experts model, which a [model] section alone cannot rebuild; "
+                        "import it with import_hf_full, which also returns its [method] section")
+    return model_section_, model
 
 
 # ---------------------------------------------------------------------------------------------------- export
 
 
-def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
-    """A LlamaConfig / GPT2Config dict for `args`, readable by transformers 4.x and 5.x."""
+def mixtral_moe(model: Transformer) -> MoEFFN | None:
+    """None for a model without MoE layers; else one of its MoE layers, after checking that every layer is an MoE
+    that MixtralForCausalLM computes exactly (UserError naming what it cannot hold, and the fix)."""
+    moes = {i: b.mlp for i, b in enumerate(model.blocks) if isinstance(b.mlp, MoEFFN)}
+    if not moes:
+        return None
+    args = model.args
+    if args.family != "llama" or args.activation != "swiglu":
+        raise UserError(f"a {args.family}-family MoE with activation '{args.activation}' has no Hugging Face "
+                        "equivalent (Mixtral is llama-family with SwiGLU experts); export a swiglu llama model")
+    dense = [i for i in range(args.n_layer) if i not in moes]
+    if dense:
+        raise UserError(f"blocks {dense} are not MoE layers, but MixtralForCausalLM has an MoE in every layer; "
+                        "upcycle with method.layers = \"all\" (convert upcycle --layers all) to export to Mixtral")
+    if args.bias:
+        raise UserError("Mixtral has no biases; export a llama model with model.bias = false")
+    settings = {(m.num_experts, m.top_k, m.d_expert, m.router_type, m.renormalize, m.capacity_factor)
+                for m in moes.values()}
+    if len(settings) > 1:
+        raise UserError("the MoE layers differ in experts, top_k, width or router, but Mixtral has one setting for "
+                        "all layers; export a model upcycled with one set of options")
+    moe = moes[0]
+    if moe.router_type == "expert_choice":
+        raise UserError("expert-choice routing has no Mixtral equivalent (each Mixtral token picks its top-k "
+                        "experts); export a model trained with method.router = \"softmax_then_topk\"")
+    if moe.router_type == "softmax_then_topk" and not moe.renormalize:
+        raise UserError("Mixtral renormalises the top-k router weights to sum to 1, this model does not; export a "
+                        "model trained with method.renormalize = true")
+    if moe.capacity_factor > 0:
+        raise UserError(f"Mixtral is dropless, this model drops tokens over capacity_factor={moe.capacity_factor}; "
+                        "export a model trained with method.capacity_factor = 0")
+    return moe
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype, moe: MoEFFN | None = None) -> dict:
+    """A LlamaConfig / GPT2Config dict for `args` (a MixtralConfig one with `moe`, a checked `mixtral_moe`),
+    readable by transformers 4.x and 5.x."""
     dtype_name = str(dtype).removeprefix("torch.")
+    if moe is not None:
+        config = {key: value for key, value in hf_config(args, dtype).items()
+                  if key not in ("attention_bias", "mlp_bias", "pretraining_tp")}  # llama-only keys
+        return config | {
+            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "intermediate_size": moe.d_expert,
+            "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k, "sliding_window": None,
+            # the same knob, not the same loss: HF pools the load-balancing statistics over all layers, and adds
+            # the loss only with output_router_logits; our router z-loss has no counterpart
+            "router_aux_loss_coef": moe.aux_loss_coef, "output_router_logits": False, "router_jitter_noise": 0.0,
+        }
     if args.family == "llama":
         if args.activation != "swiglu":
             raise UserError(f"a llama-family model with activation '{args.activation}' has no LlamaForCausalLM "
@@ -256,22 +379,26 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
 
 
 def hf_state_dict(model: Transformer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Our weights under Hugging Face names, as separate contiguous CPU tensors of `dtype`."""
+    """Our weights under Hugging Face names (Mixtral's for a model with MoE layers), as separate contiguous CPU
+    tensors of `dtype`."""
     for i, block in enumerate(model.blocks):
-        if type(block.mlp) is not FFN:
-            raise UserError(f"block {i} has a {type(block.mlp).__name__} MLP, which Hugging Face llama/gpt2 "
+        if type(block.mlp) not in (FFN, MoEFFN):
+            raise UserError(f"block {i} has a {type(block.mlp).__name__} MLP, which Hugging Face llama/gpt2/mixtral "
                             "cannot hold; convert the model back to dense FFNs before exporting")
+    moe = mixtral_moe(model)
     args = model.args
     params = dict(model.named_parameters())
     out = {}
-    for ours, parts, transposed in name_map(args):
+    experts, d_expert = (moe.num_experts, moe.d_expert) if moe is not None else (0, None)
+    for ours, parts, transposed in name_map(args, experts=experts, d_expert=d_expert):
         if ours in params:
             value = params[ours].detach()
         else:  # a bias-free gpt2-family model: GPT-2 always has biases, and zeros compute the same function
             weight = params[ours.removesuffix(".bias") + ".weight"]
             value = torch.zeros(weight.shape[0], dtype=weight.dtype)  # Linear [out, in] or LayerNorm [d]
-        if transposed:
-            value = value.T
+        if transposed:  # [E, a, b] -> [E * b, a]: experts' HF tensors one after another
+            value = value.transpose(-1, -2)
+            value = value.reshape(-1, value.shape[-1])
         rows = [r for _, r in parts]
         pieces = value.split(rows) if len(parts) > 1 else [value]
         for (name, _), piece in zip(parts, pieces):
@@ -286,7 +413,7 @@ def export_hf(model: Transformer, folder: str | Path, *, dtype: torch.dtype | No
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"{folder} already exists and is not empty; export into a new folder or remove it first")
     dtype = dtype or next(model.parameters()).dtype
-    config = hf_config(model.args, dtype)
+    config = hf_config(model.args, dtype, mixtral_moe(model))
     tensors = hf_state_dict(model, dtype)
 
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from .data import BatchLoader, TokenData, eval_windows
 from .errors import UserError
 from .methods import Method, build_method
 from .model import ModelArgs, Transformer, resolve
+from .progress import progress_bar
 
 # bf16 dense peak per GPU, for MFU (datasheet numbers, no sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -337,10 +337,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str
         n = sum(p.numel() for p in model.parameters())
         print(f"model {cfg.model.preset} ({args.family}, {n / 1e6:.1f}M parameters), method {method.name}, "
               f"{rt.world} x {rt.device.type}, {tokens_per_step} tokens/step, {accum} accumulation step(s)")
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=tcfg.steps, initial=start_step, disable=not (tcfg.progress and rt.main), unit="step",
-               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    bar = progress_bar(total=tcfg.steps, initial=start_step, disable=not (tcfg.progress and rt.main), unit="step")
     last_loss, last_val = float("nan"), None
     window_time, window_tokens, window_flops = 0.0, 0, 0.0
     loss_sum = torch.zeros((), device=rt.device)
