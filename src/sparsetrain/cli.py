@@ -94,11 +94,12 @@ def cmd_eval(a) -> None:
 def cmd_convert_hf_import(a) -> None:
     from . import config
     from .checkpoint import write_model_folder
-    from .hf import import_hf
+    from .hf import import_hf_full
 
-    model_section, model = import_hf(a.source)
+    model_section, method_section, model = import_hf_full(a.source)
     seq_len = min(config.TrainConfig.seq_len, model.args.max_seq_len)
-    raw = config.to_dict(config.from_dict({"model": model_section, "train": {"seq_len": seq_len}}))
+    raw = config.to_dict(config.from_dict({"model": model_section, "method": method_section,
+                                           "train": {"seq_len": seq_len}}))
     write_model_folder(Path(a.out), config.dumps(raw), model.state_dict())
     print(f"imported {a.source} into {a.out}")
 
@@ -236,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     conv = sub.add_parser("convert", help="convert models").add_subparsers(dest="convert_command", required=True)
-    hi = conv.add_parser("hf-import", help="a local Hugging Face Llama / GPT-2 folder -> a sparsetrain model folder")
+    hi = conv.add_parser("hf-import", help="a local Hugging Face Llama / GPT-2 / Mixtral folder -> a sparsetrain model folder")
     hi.add_argument("--from", dest="source", required=True)
     hi.add_argument("--out", required=True)
     hi.set_defaults(func=cmd_convert_hf_import)

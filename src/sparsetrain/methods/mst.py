@@ -1,0 +1,633 @@
+"""MST: mixed sparsity training. Dynamic sparse training under a three-phase sparsity schedule, with optional hybrid
+sparse attention.
+
+Schedule (fractions p of training; `sparsity` s, `final_sparsity` f):
+    warm-up          p < warmup_end                  target ramps linearly from 0 (dense) to s
+    ultra-sparse     warmup_end <= p < restore_start  target s
+    restoration      p >= restore_start               target ramps linearly from s to f, reached at restore_end
+The topology changes only at updates, every `update_every` (dT) steps: the update after step u builds the topology
+for target(u), which then holds until the next update (the first topology, before step 0, is target(0)). An update
+prunes the smallest-magnitude active weights, a share zeta(u) = zeta/2 (1 + cos(pi u / (update_end T))) of them,
+and grows as many by the largest dense-gradient magnitude (`rigl`), at random (`set`) or 3 parts gradient to 1 random
+(`mixed`, the authors'). When the target rises it prunes more than it grows, when it falls it grows more, so that
+after every update each layer holds exactly its target count.
+
+Granularity `weight` (the paper's): boolean masks over the linear layers' weights (the token embedding and output
+layer with `sparsify_embeddings`), layer densities by ERK (density proportional to (n_in + n_out) / (n_in n_out),
+layers that would pass 1 made dense, as RigL) or uniform. A gradient hook masks every gradient as autograd delivers
+it (so clipping and AdamW see a sparse gradient), and on update steps accumulates the dense gradient that growth
+ranks; masked weights and their AdamW moments are zero and stay exactly zero. Regrown weights start at zero with zero
+moments (the authors' code keeps stale moments there, a known source of loss spikes). The GEMMs here are dense
+tensors with zeros, so this variant saves no time; `flops_per_token` counts what a sparse kernel would do: forward,
+input gradient and weight gradient by each layer's density, except that the weight gradient is dense on the update
+steps that grow by gradient (RigL's dense-gradient cost), and attention by the blocks FlexAttention computes.
+
+Granularity `neuron` (ours): the units are FFN neurons and kv-head groups, the same target for every layer, and
+the step computes with `index_select`ed weight slices (`FFN.active`, `Attention.active`), so the saving is
+wall-clock. A pruned unit's output weights (its `proj` columns) are zeroed and its input weights kept, frozen, like
+SAT's omitted slices (weights and moments stashed around `optimizer.step()`): an omitted unit then adds exactly zero,
+so the sliced model and the dense model compute the same function, and a regrown unit starts from zero output
+weights (function unchanged) with zero moments, its input weights where they were. Pruning ranks the L2 norm of a
+unit's weights; growth ranks the L2 norm of its gradient, which for an omitted unit is the gradient of its zeroed
+output weights. Gradients of omitted units exist only on a dense step, so update steps that grow by gradient run
+dense (and count dense FLOPs).
+
+Hybrid sparse attention (`attention` = local | strided | hybrid, see `attention_masks`): FlexAttention block masks on
+the chosen layers for steps in [attention_start, attention_end) of training, causal SDPA elsewhere. FlexAttention has
+no backward on CPU, so attention sparsity needs a GPU.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from .. import attention_masks
+from ..errors import UserError
+from ..model import ModelArgs, Transformer, flops_per_token
+from .base import Method
+from .sat import SAT, keep_count
+
+GRANULARITIES = ("weight", "neuron")
+GROWS = ("rigl", "set", "mixed")
+DENSITIES = ("auto", "erk", "uniform")
+ATTENTIONS = ("none",) + attention_masks.KINDS
+MIXED_GRADIENT_SHARE = 0.75  # mixed growth: 3 parts by gradient to 1 at random, as the authors' code
+
+
+@dataclass
+class MSTOptions:
+    granularity: str = "weight"  # weight (unstructured masks) | neuron (FFN neurons and kv-head groups, sliced GEMMs)
+    sparsity: float = 0.9  # the ultra-sparsification target, in [0, 1)
+    final_sparsity: float = 0.0  # the target restoration reaches, in [0, sparsity]
+    warmup_end: float = 0.1  # fraction of training at which the warm-up ramp (dense to `sparsity`) ends
+    restore_start: float = 0.75  # fraction at which restoration starts
+    restore_end: float = 0.9  # fraction at which restoration reaches `final_sparsity` (held to the end)
+    update_every: int = 100  # dT: steps between topology updates
+    zeta: float = 0.3  # initial share of active weights (units) exchanged per update, decaying by cosine
+    update_end: float = 1.0  # fraction of training where the exchanged share reaches 0 (the authors': the end)
+    grow: str = "mixed"  # rigl (dense-gradient magnitude) | set (random) | mixed (3/4 gradient, 1/4 random)
+    density: str = "auto"  # per-layer densities: erk | uniform; auto = erk for weights, uniform for neurons
+    sparsify_embeddings: bool = False  # weight: also mask the token embedding and the output layer
+    neuron_multiple: int = 64  # neuron: kept FFN neurons per layer rounded to a multiple (GEMM-friendly shapes)
+    neuron_heads: bool = True  # neuron: omit kv-head groups too (else FFN neurons only)
+    attention: str = "none"  # none | local | strided | hybrid (local or strided)
+    window: int = 128  # local band: a query sees itself and the window - 1 keys before it (the authors': 128)
+    stride: int = 128  # strided: a query sees keys a multiple of stride back (the authors': 128)
+    attention_layers: list[int] = field(default_factory=list)  # layers with sparse attention; [] = all
+    attention_start: float = 0.1  # fraction of training where sparse attention starts
+    attention_end: float = 0.75  # fraction where it ends (dense causal attention from there)
+    seed: int = 0  # seeds random growth
+
+
+class SparseWeight(NamedTuple):
+    name: str  # parameter name in the Transformer
+    shape: tuple[int, int]  # (n_out, n_in); an embedding is (vocab, d_model)
+    flops: int  # forward FLOPs per token when dense (0 for an embedding lookup that is not also the output layer)
+
+
+def sparse_weights(args: ModelArgs, embeddings: bool) -> list[SparseWeight]:
+    """The weights that weight-granular MST masks: every linear layer of the blocks, and the embeddings if asked."""
+    d, hd = args.d_model, args.head_dim
+    shapes = {
+        "attn.qkv": ((args.n_head + 2 * args.n_kv_head) * hd, d),
+        "attn.proj": (d, args.n_head * hd),
+        "mlp.fc": (args.d_ff * (2 if args.gated else 1), d),
+        "mlp.proj": (d, args.d_ff),
+    }
+    out = [SparseWeight(f"blocks.{i}.{key}.weight", shape, 2 * shape[0] * shape[1])
+           for i in range(args.n_layer) for key, shape in shapes.items()]
+    if embeddings:
+        vd = (args.vocab_size, d)
+        # A tied embedding is the output layer too: one parameter, one mask, the output layer's FLOPs.
+        out.append(SparseWeight("wte.weight", vd, 2 * vd[0] * vd[1] if args.tie_embeddings else 0))
+        if not args.tie_embeddings:
+            out.append(SparseWeight("lm_head.weight", vd, 2 * vd[0] * vd[1]))
+    return out
+
+
+def erk_densities(shapes: list[tuple[int, int]], sparsity: float) -> list[float]:
+    """Erdos-Renyi densities: proportional to (n_in + n_out) / (n_in n_out), scaled so that the layers together keep
+    (1 - sparsity) of their weights. A layer that would pass density 1 is made dense and the others rescaled, the
+    largest first, until none passes (RigL's procedure)."""
+    sizes = [a * b for a, b in shapes]
+    if sparsity <= 0:
+        return [1.0] * len(shapes)
+    raw = [(a + b) / (a * b) for a, b in shapes]
+    budget = (1 - sparsity) * sum(sizes)
+    dense: set[int] = set()
+    while True:
+        rest = [i for i in range(len(shapes)) if i not in dense]
+        if not rest:
+            return [1.0] * len(shapes)
+        scale = (budget - sum(sizes[i] for i in dense)) / sum(raw[i] * sizes[i] for i in rest)
+        over = [i for i in rest if scale * raw[i] > 1]
+        if not over:
+            return [1.0 if i in dense else scale * raw[i] for i in range(len(shapes))]
+        dense.add(max(over, key=lambda i: raw[i]))
+
+
+def round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def moments(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The optimizer's per-element state of `p` (AdamW: exp_avg, exp_avg_sq; its `step` is one per tensor)."""
+    return {k: t for k, t in optimizer.state.get(p, {}).items() if torch.is_tensor(t) and t.shape == p.shape}
+
+
+class SliceStash:
+    """Slices of parameters and of their optimizer moments, saved before `optimizer.step()` and put back after it,
+    so that the step leaves them exactly as they were (AdamW moves a weight with a zero gradient through momentum and
+    weight decay). A moment the optimizer creates during the step is zero on the saved slices, as it was before."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.saved: list = []
+
+    def save(self, p: torch.Tensor, dim: int, idx: torch.Tensor) -> None:
+        saved = {k: t.index_select(dim, idx) for k, t in moments(self.optimizer, p).items()}
+        self.saved.append((p, dim, idx, p.detach().index_select(dim, idx), saved))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, dim, idx, value, saved in self.saved:
+            p.index_copy_(dim, idx, value)
+            for key, t in moments(self.optimizer, p).items():
+                if key in saved:
+                    t.index_copy_(dim, idx, saved[key])
+                else:
+                    t.index_fill_(dim, idx, 0)
+        self.saved = []
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest entries of a 1-D tensor."""
+    out = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k > 0:
+        out[scores.topk(k, sorted=False).indices] = True
+    return out
+
+
+def next_active(mask: torch.Tensor, magnitude: torch.Tensor, grad: torch.Tensor | None, keep: int, z: float,
+                grow: str, generator: torch.Generator) -> torch.Tensor:
+    """One layer's next active set (1-D bool, `keep` entries): prune the smallest-magnitude active entries,
+    max(floor(z * active), active - keep) of them, then grow among the inactive ones until `keep` are active, by
+    largest gradient magnitude (rigl), at random (set), or 3/4 by gradient and the rest at random (mixed).
+
+    An entry pruned and grown back in the same update simply stays (as in RigL); only entries that were inactive
+    before the update are new.
+    """
+    active = int(mask.sum())
+    survivors = active - min(active, max(int(z * active), active - keep))
+    new = _top(torch.where(mask, magnitude.float(), -1.0), survivors)
+    n_grow = keep - survivors
+    if n_grow > 0:
+        n_grad = {"rigl": n_grow, "set": 0, "mixed": int(MIXED_GRADIENT_SHARE * n_grow)}[grow]
+        if n_grad:
+            if grad is None:
+                raise RuntimeError("MST growth by gradient needs the dense gradient of this update step")
+            new |= _top(torch.where(new, -1.0, grad.float()), n_grad)
+        if n_grow > n_grad:
+            noise = torch.rand(new.shape, generator=generator, device=new.device)
+            new |= _top(torch.where(new, -1.0, noise), n_grow - n_grad)
+    return new
+
+
+class MST(Method):
+    name = "mst"
+    Options = MSTOptions
+
+    def __init__(self, options: MSTOptions, args: ModelArgs, seq_len: int):
+        super().__init__(options, args, seq_len)
+        self.weights = sparse_weights(args, options.sparsify_embeddings) if options.granularity == "weight" else []
+        self.kinds = ["ffn", "head"] if options.neuron_heads else ["ffn"]
+        L = args.n_layer
+        self.attention_layers = sorted({i % L for i in options.attention_layers}) or list(range(L))
+        self.generator: torch.Generator | None = None
+        # weight granularity: one boolean mask per entry of self.weights (True = active), and its parameter.
+        self.masks: list[torch.Tensor] = []
+        self.params: list[torch.Tensor] = []
+        self._full: list[bool] = []  # mask is all True: nothing to apply
+        self._dense_grads: dict[int, torch.Tensor] = {}
+        self._collect = False  # read by the gradient hooks: accumulate the dense gradient on this step
+        self._hooks: list = []
+        # neuron granularity: kept units [n_layer, n] per kind ("ffn", "head"), and per layer their indices
+        # (None = all kept) and the omitted ones, cached between updates (no host sync per step).
+        self.units: dict[str, torch.Tensor] = {}
+        self._kept_idx: dict[str, list[torch.Tensor | None]] = {}
+        self._omitted_idx: dict[str, list[torch.Tensor | None]] = {}
+        self._grow_scores: dict[str, list[torch.Tensor]] = {}
+        self._dense_step = False
+        self._stash: SliceStash | None = None
+        self._pending_state: dict | None = None
+        self._keep_cache: dict[float, tuple[int, ...]] = {}
+
+    # --- options ------------------------------------------------------------------------------------------------
+    @classmethod
+    def validate(cls, o: MSTOptions, args: ModelArgs, seq_len: int) -> None:
+        for key, allowed in [("granularity", GRANULARITIES), ("grow", GROWS), ("density", DENSITIES),
+                             ("attention", ATTENTIONS)]:
+            if getattr(o, key) not in allowed:
+                raise UserError(f"unknown method.{key} '{getattr(o, key)}'; choose one of {', '.join(allowed)}")
+        if not 0 <= o.sparsity < 1:
+            raise UserError(f"method.sparsity={o.sparsity} is outside [0, 1); it is the share of weights removed")
+        if not 0 <= o.final_sparsity <= o.sparsity:
+            raise UserError(f"method.final_sparsity={o.final_sparsity} must be in [0, method.sparsity={o.sparsity}]: "
+                            "restoration lowers the sparsity")
+        bounds = [("warmup_end", o.warmup_end), ("restore_start", o.restore_start), ("restore_end", o.restore_end)]
+        for key, value in bounds:
+            if not 0 <= value <= 1:
+                raise UserError(f"method.{key}={value} must be a fraction of training in [0, 1]")
+        for (a, va), (b, vb) in zip(bounds, bounds[1:]):
+            if va > vb:
+                raise UserError(f"method.{a}={va} comes after method.{b}={vb}: the phases overlap; "
+                                "order them warmup_end <= restore_start <= restore_end")
+        if o.update_every < 1:
+            raise UserError(f"method.update_every must be at least 1, got {o.update_every}")
+        if not 0 <= o.zeta <= 1:
+            raise UserError(f"method.zeta={o.zeta} must be in [0, 1]; it is the share of weights exchanged")
+        if not 0 < o.update_end <= 1:
+            raise UserError(f"method.update_end={o.update_end} must be a fraction of training in (0, 1]")
+        if o.granularity == "neuron" and o.density == "erk":
+            raise UserError("method.density=erk applies to granularity=weight; neuron granularity keeps the same "
+                            "share of units in every layer (density=uniform or auto)")
+        if o.neuron_multiple < 1:
+            raise UserError(f"method.neuron_multiple must be at least 1, got {o.neuron_multiple}")
+        if o.attention != "none":
+            attention_masks.check(o.attention, seq_len, o.window, o.stride)
+            if not torch.cuda.is_available():
+                raise UserError(f"method.attention={o.attention} needs a GPU (FlexAttention has no backward on CPU); "
+                                "set method.attention=none")
+        bad = [i for i in o.attention_layers if not -args.n_layer <= i < args.n_layer]
+        if bad:
+            raise UserError(f"method.attention_layers has {bad}, outside the model's {args.n_layer} layers; "
+                            f"use indices in [{-args.n_layer}, {args.n_layer - 1}]")
+        if not 0 <= o.attention_start <= o.attention_end <= 1:
+            raise UserError(f"method.attention_start={o.attention_start} and attention_end={o.attention_end} must "
+                            "satisfy 0 <= attention_start <= attention_end <= 1")
+
+    # --- schedule (pure functions of the step) ------------------------------------------------------------------
+    def _steps(self) -> int:
+        if not self.total_steps or self.total_steps <= 0:
+            raise RuntimeError("MST needs method.total_steps (the run's optimizer steps), set before start()")
+        return self.total_steps
+
+    def target(self, step: int) -> float:
+        """The target sparsity of the schedule at `step` (what an update at `step` builds)."""
+        o = self.options
+        p = step / self._steps()
+        if p < o.warmup_end:
+            return o.sparsity * p / o.warmup_end
+        if p < o.restore_start:
+            return o.sparsity
+        if p < o.restore_end:
+            progress = (p - o.restore_start) / (o.restore_end - o.restore_start)
+            return o.sparsity + (o.final_sparsity - o.sparsity) * progress
+        return o.final_sparsity
+
+    def phase(self, step: int) -> str:
+        p = step / self._steps()
+        return "warmup" if p < self.options.warmup_end else "ultra" if p < self.options.restore_start else "restoration"
+
+    def drop_fraction(self, step: int) -> float:
+        """zeta(t): the share of active weights (units) an update at `step` exchanges, cosine-decayed."""
+        end = self.options.update_end * self._steps()
+        if step >= end:
+            return 0.0
+        return self.options.zeta / 2 * (1 + math.cos(math.pi * step / end))
+
+    def is_update(self, step: int) -> bool:
+        """A topology update follows this step: on the dT grid, and there is something to exchange or to reach."""
+        dT = self.options.update_every
+        if step <= 0 or step % dT or step >= self._steps():
+            return False
+        return self.drop_fraction(step) > 0 or self.target(step) != self.target(step - dT)
+
+    def topology_step(self, step: int) -> int:
+        """The step whose target built the topology that `step` computes with (0: the first topology)."""
+        return 0 if step <= 0 else (step - 1) // self.options.update_every * self.options.update_every
+
+    def dense_gradient_step(self, step: int) -> bool:
+        """This step needs the gradient of inactive weights (units): its update grows by gradient."""
+        return self.options.grow != "set" and self.is_update(step)
+
+    def attention_on(self, step: int) -> bool:
+        o = self.options
+        return o.attention != "none" and o.attention_start * self._steps() <= step < o.attention_end * self._steps()
+
+    def keep_counts(self, sparsity: float) -> tuple[int, ...]:
+        """Active weights per entry of `self.weights` at an overall target sparsity (at least one per layer)."""
+        if sparsity not in self._keep_cache:
+            shapes = [w.shape for w in self.weights]
+            if self.options.density == "uniform":
+                densities = [1 - sparsity] * len(shapes)
+            else:
+                densities = erk_densities(shapes, sparsity)
+            self._keep_cache[sparsity] = tuple(
+                min(a * b, max(1, round_half_up(dens * a * b))) for dens, (a, b) in zip(densities, shapes)
+            )
+        return self._keep_cache[sparsity]
+
+    def unit_keep(self, kind: str, sparsity: float) -> int:
+        """Kept FFN neurons (kind 'ffn') or kv-head groups ('head') per layer at a target sparsity (at least one)."""
+        if kind == "ffn":
+            n, multiple = self.args.d_ff, self.options.neuron_multiple
+        else:
+            n, multiple = self.args.n_kv_head, 1
+        return keep_count(n, sparsity, multiple) or min(multiple, n)
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
+        super().start(model, optimizer)
+        device = model.wte.weight.device
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            raise UserError("method mst runs on one process or with DDP, not on sharded (FSDP) parameters; "
+                            "set train.parallel=ddp")
+        if self.options.attention != "none" and device.type != "cuda":
+            raise UserError(f"method.attention={self.options.attention} needs a GPU (FlexAttention has no backward "
+                            "on CPU); set method.attention=none or train on cuda")
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(self.options.seed)
+        self._stash = SliceStash(optimizer)
+        state, self._pending_state = self._pending_state, None
+        if state is not None and state.get("granularity") != self.options.granularity:
+            raise UserError(f"this checkpoint was trained with method.granularity={state.get('granularity')}; "
+                            "resume it with the same granularity")
+        if self.options.granularity == "weight":
+            self._start_weights(model, device, state)
+        else:
+            self._start_units(model, device, state)
+        if state is not None:
+            if state["generator_device"] != device.type:
+                raise UserError(f"this checkpoint's MST sampler state is from a {state['generator_device']} run; "
+                                f"resume it on {state['generator_device']}")
+            self.generator.set_state(state["generator"])
+
+    def _start_weights(self, model: Transformer, device: torch.device, state: dict | None) -> None:
+        self.params = [model.get_parameter(w.name) for w in self.weights]
+        for w, p in zip(self.weights, self.params):
+            if tuple(p.shape) != w.shape:
+                raise RuntimeError(f"{w.name} has shape {tuple(p.shape)}, expected {w.shape}")
+        if state is not None:
+            self.masks = [state["masks"][w.name].to(device=device, dtype=torch.bool) for w in self.weights]
+        else:
+            # The first topology: the target at step 0, the largest-magnitude weights kept.
+            self.masks = [torch.ones_like(p, dtype=torch.bool) for p in self.params]
+            keep = self.keep_counts(self.target(0))
+            self.masks = [self._next_mask(m.flatten(), p.detach().abs().flatten(), None, k, 0.0).view_as(p)
+                          for m, p, k in zip(self.masks, self.params, keep)]
+        self._full = [bool(m.all()) for m in self.masks]
+        self._apply_masks(with_moments=True)
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = [p.register_hook(self._grad_hook(j)) for j, p in enumerate(self.params)]
+
+    def _start_units(self, model: Transformer, device: torch.device, state: dict | None) -> None:
+        L = self.args.n_layer
+        self._unit_maps = {kind: self._unit_index(kind, device) for kind in self.kinds}
+        if state is not None:
+            self.units = {kind: state["units"][kind].to(device=device, dtype=torch.bool) for kind in self.kinds}
+            self._cache_indices()
+        else:
+            n = {"ffn": self.args.d_ff, "head": self.args.n_kv_head}
+            self.units = {kind: torch.ones(L, n[kind], dtype=torch.bool, device=device) for kind in self.kinds}
+            self._cache_indices()
+            self._update_units(self.target(0), 0.0)
+
+    # --- weight granularity -------------------------------------------------------------------------------------
+    def _grad_hook(self, j: int):
+        def hook(grad: torch.Tensor):
+            if self._collect:
+                acc = self._dense_grads.get(j)
+                self._dense_grads[j] = grad.detach().clone() if acc is None else acc.add_(grad)
+            return None if self._full[j] else grad * self.masks[j]
+
+        return hook
+
+    @torch.no_grad()
+    def _apply_masks(self, with_moments: bool) -> None:
+        """Zero the inactive weights (and their optimizer moments)."""
+        for p, m, full in zip(self.params, self.masks, self._full):
+            if full:
+                continue
+            p.mul_(m)
+            if with_moments:
+                for t in moments(self.optimizer, p).values():
+                    t.mul_(m)
+
+    def _update_weights(self, step: int) -> None:
+        keep = self.keep_counts(self.target(step))
+        z = self.drop_fraction(step)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        for j, p in enumerate(self.params):
+            grad = self._dense_grads.get(j)
+            if grad is not None and world > 1:
+                dist.all_reduce(grad)  # hooks see this rank's gradient, before DDP averages it
+            scores = grad.abs().flatten() if grad is not None else None
+            self.masks[j] = self._next_mask(self.masks[j].flatten(), p.detach().abs().flatten(), scores, keep[j],
+                                            z).view_as(p)
+        self._full = [bool(m.all()) for m in self.masks]
+        self._apply_masks(with_moments=True)
+
+    def _next_mask(self, mask: torch.Tensor, magnitude: torch.Tensor, grad: torch.Tensor | None, keep: int,
+                   z: float) -> torch.Tensor:
+        new = next_active(mask, magnitude, grad, keep, z, self.options.grow, self.generator)
+        # Every rank computed the same set from the same (all-reduced) numbers; rank 0 decides against tie-breaks.
+        SAT._same_on_all_ranks(new.view(torch.uint8))
+        return new
+
+    # --- neuron granularity -------------------------------------------------------------------------------------
+    def _module(self, kind: str, i: int):
+        block = self.model.blocks[i]
+        return block.mlp if kind == "ffn" else block.attn
+
+    def _layer_params(self, kind: str, i: int):
+        """(module, input-side parameters whose rows belong to units, `proj` weight whose columns do)."""
+        m = self._module(kind, i)
+        layer_in = m.fc if kind == "ffn" else m.qkv
+        ins = [layer_in.weight] + ([layer_in.bias] if layer_in.bias is not None else [])
+        return m, ins, m.proj.weight
+
+    def _slices(self, kind: str, i: int, units: torch.Tensor) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+        """(parameter, dim, index) of every slice that belongs to the given units, input rows first, `proj` last."""
+        m, ins, out = self._layer_params(kind, i)
+        rows, cols = (m.in_rows(units), units) if kind == "ffn" else m.group_rows(units)
+        return [(p, 0, rows) for p in ins] + [(out, 1, cols)]
+
+    def _unit_index(self, kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unit of every input row and of every `proj` column, from the model's own index maps."""
+        _, ins, out = self._layer_params(kind, 0)
+        row_unit = torch.empty(ins[0].shape[0], dtype=torch.long, device=device)
+        col_unit = torch.empty(out.shape[1], dtype=torch.long, device=device)
+        for u in range(self.args.d_ff if kind == "ffn" else self.args.n_kv_head):
+            slices = self._slices(kind, 0, torch.tensor([u], device=device))
+            row_unit[slices[0][2]] = u
+            col_unit[slices[-1][2]] = u
+        return row_unit, col_unit
+
+    def _unit_norms(self, kind: str, i: int, grad: bool) -> torch.Tensor:
+        """L2 norm per unit of its weights (or of their gradients), float32."""
+        row_unit, col_unit = self._unit_maps[kind]
+        _, ins, out = self._layer_params(kind, i)
+        total = torch.zeros(self.units[kind].shape[1], dtype=torch.float32, device=row_unit.device)
+        for p, dim, unit in [(p, 0, row_unit) for p in ins] + [(out, 1, col_unit)]:
+            t = p.grad if grad else p.detach()
+            if t is not None:
+                sq = t.float().square()
+                total.index_add_(0, unit, sq.sum(1 - dim) if sq.dim() == 2 else sq)
+        return total.sqrt()
+
+    def _cache_indices(self) -> None:
+        for kind in self.kinds:
+            kept = [row.nonzero().flatten() for row in self.units[kind]]
+            omitted = [(~row).nonzero().flatten() for row in self.units[kind]]
+            n = self.units[kind].shape[1]
+            self._kept_idx[kind] = [None if k.numel() == n else k for k in kept]
+            self._omitted_idx[kind] = [None if o.numel() == 0 else o for o in omitted]
+
+    @torch.no_grad()
+    def _update_units(self, sparsity: float, z: float) -> None:
+        for kind in self.kinds:
+            keep = self.unit_keep(kind, sparsity)
+            for i in range(self.args.n_layer):
+                kept = self.units[kind][i]
+                grad = self._grow_scores[kind][i] if kind in self._grow_scores else None
+                new = self._next_mask(kept, self._unit_norms(kind, i, grad=False), grad, keep, z)
+                pruned, grown = (kept & ~new).nonzero().flatten(), (new & ~kept).nonzero().flatten()
+                p, dim, idx = self._slices(kind, i, pruned)[-1]
+                p.index_fill_(dim, idx, 0.0)  # a pruned unit's output weights: it adds nothing from now on
+                for p, dim, idx in self._slices(kind, i, pruned) + self._slices(kind, i, grown):
+                    for t in moments(self.optimizer, p).values():
+                        t.index_fill_(dim, idx, 0)
+                self.units[kind][i] = new
+        self._grow_scores = {}
+        self._cache_indices()
+
+    # --- per step -----------------------------------------------------------------------------------------------
+    def before_step(self, step: int) -> None:
+        if self.options.granularity == "weight":
+            self._collect = self.dense_gradient_step(step)
+        else:
+            self._dense_step = self.dense_gradient_step(step)
+            for kind in self.kinds:
+                for i in range(self.args.n_layer):
+                    self._module(kind, i).active = None if self._dense_step else self._kept_idx[kind][i]
+        self.apply_attention(step)
+
+    def apply_attention(self, step: int) -> None:
+        """Sparse attention on the chosen layers while the schedule says so, causal SDPA (None) otherwise."""
+        mask = None
+        if self.attention_on(step):
+            o = self.options
+            mask = attention_masks.build_block_mask(o.attention, self.seq_len, o.window, o.stride,
+                                                    self.model.wte.weight.device)
+        for i in self.attention_layers:
+            self.model.blocks[i].attn.block_mask = mask
+
+    def before_optimizer(self, step: int) -> None:
+        if self.options.granularity == "weight":
+            return  # the hooks have masked every gradient already
+        with torch.no_grad():
+            if self._dense_step:
+                self._grow_scores = {kind: [self._unit_norms(kind, i, grad=True)
+                                            for i in range(self.args.n_layer)] for kind in self.kinds}
+            for kind in self.kinds:
+                for i, omitted in enumerate(self._omitted_idx[kind]):
+                    if omitted is not None:
+                        for p, dim, idx in self._slices(kind, i, omitted):
+                            self._stash.save(p, dim, idx)
+
+    def after_optimizer(self, step: int) -> None:
+        if self.options.granularity == "weight":
+            self._collect = False
+            with torch.no_grad():
+                if self.is_update(step):
+                    self._update_weights(step)
+                else:
+                    self._apply_masks(with_moments=False)
+            self._dense_grads = {}
+            return
+        self._stash.restore()
+        for kind in self.kinds:
+            for i in range(self.args.n_layer):
+                self._module(kind, i).active = None  # between steps the model is dense (and computes the same)
+        if self.is_update(step):
+            self._update_units(self.target(step), self.drop_fraction(step))
+        self._grow_scores = {}
+        self._dense_step = False
+
+    # --- accounting ---------------------------------------------------------------------------------------------
+    def _attention_scores(self, step: int, parts: dict[str, float]) -> float:
+        """Forward FLOPs per token of the attention scores, the sparse layers by the blocks they compute."""
+        per_layer = parts["attn_scores"] / self.args.n_layer
+        if not self.attention_on(step):
+            return parts["attn_scores"]
+        o = self.options
+        frac = attention_masks.block_fraction(o.attention, self.seq_len, o.window, o.stride)
+        sparse = len(self.attention_layers)
+        return per_layer * (self.args.n_layer - sparse + sparse * frac)
+
+    def flops_per_token(self, step: int) -> float:
+        parts = flops_per_token(self.args, self.seq_len)
+        scores = self._attention_scores(step, parts)
+        target = self.target(self.topology_step(step))
+        dense_grad = self.dense_gradient_step(step)
+        if self.options.granularity == "weight":
+            keep = self.keep_counts(target)
+            linear = parts["attn_linear"] + parts["ffn"] + parts["head"]
+            masked = sum(w.flops for w in self.weights)
+            sparse = sum(w.flops * k / (w.shape[0] * w.shape[1]) for w, k in zip(self.weights, keep))
+            # Forward and input gradient by density; the weight gradient too, except dense when growth needs it.
+            weight_grad = masked if dense_grad else sparse
+            return 3 * (linear - masked) + 2 * sparse + weight_grad + 3 * scores
+        if dense_grad:  # computed dense so that every unit has a gradient
+            return 3 * (parts["attn_linear"] + parts["ffn"] + parts["head"] + scores)
+        ffn_keep = self.unit_keep("ffn", target) / self.args.d_ff
+        head_keep = self.unit_keep("head", target) / self.args.n_kv_head if "head" in self.kinds else 1.0
+        return 3 * (parts["head"] + parts["ffn"] * ffn_keep + (parts["attn_linear"] + scores) * head_keep)
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        """Realised sparsity after this step's update and the target it was built for, and this step's FLOPs."""
+        out: dict[str, Any] = {
+            "mst_phase": self.phase(step),
+            "mst_target": self.target(self.topology_step(step + 1)),
+            "mst_attention": self.options.attention if self.attention_on(step) else "dense",
+            "mst_flops_saved": 1 - self.flops_per_token(step) / self.dense_flops_per_token(),
+        }
+        if self.options.granularity == "weight":
+            active = [int(m.sum()) for m in self.masks]
+            sizes = [m.numel() for m in self.masks]
+            out["mst_sparsity"] = 1 - sum(active) / sum(sizes)
+            out["mst_layer_density"] = {w.name.removeprefix("blocks.").removesuffix(".weight"): round(a / n, 5)
+                                        for w, a, n in zip(self.weights, active, sizes)}
+        else:
+            kept = {kind: self.units[kind].sum(1).tolist() for kind in self.kinds}
+            out["mst_sparsity"] = 1 - sum(kept["ffn"]) / self.units["ffn"].numel()
+            if "head" in self.kinds:
+                out["mst_head_sparsity"] = 1 - sum(kept["head"]) / self.units["head"].numel()
+            out["mst_layer_density"] = {f"{i}.{kind}": round(k / self.units[kind].shape[1], 5)
+                                        for kind in self.kinds for i, k in enumerate(kept[kind])}
+        return out
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "granularity": self.options.granularity,
+            "generator": self.generator.get_state(),
+            "generator_device": self.generator.device.type,
+        }
+        if self.options.granularity == "weight":
+            state["masks"] = {w.name: m.cpu() for w, m in zip(self.weights, self.masks)}
+        else:
+            state["units"] = {kind: u.cpu() for kind, u in self.units.items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Applied in start() (the trainer loads state before start, when the device is known)."""
+        self._pending_state = state
