@@ -68,3 +68,29 @@ def test_bad_upcycle_cli(dense_run, tmp_path, capsys):
                  "--layers", "7"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("sparsetrain: error:") for e in err)
+
+
+def test_llama_upcycle_export_mixtral_and_back(make_config, tmp_path, capsys):
+    """A user's path: dense llama run -> upcycle (every layer) -> Mixtral folder transformers loads -> import."""
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "llama"
+    train(make_config(steps=4, eval_every=0, checkpoint_every=0, model={"preset": "tiny-llama", "n_kv_head": 2}),
+          run)
+    up = tmp_path / "up"
+    assert main(["convert", "upcycle", "--from", str(run), "--out", str(up), "--experts", "4", "--top-k", "2",
+                 "--layers", "all", "--drop-rate", "0.25"]) == 0
+    hf_dir = tmp_path / "mixtral"
+    assert main(["convert", "hf-export", "--from", str(up), "--out", str(hf_dir)]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir)
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    ours, _, _ = load_model(up)
+    x = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x), atol=1e-4, rtol=1e-4)
+    back = tmp_path / "back"
+    assert main(["convert", "hf-import", "--from", str(hf_dir), "--out", str(back)]) == 0
+    again, method, _ = load_model(back)
+    assert method.name == "upcycle"
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), ours(x), atol=1e-5, rtol=1e-5)
