@@ -1,0 +1,123 @@
+"""Where a SAT step's time goes: before_step (selection), forward+backward, optimizer (with stash/restore).
+
+Dense and SAT variants side by side in one process, each phase timed with CUDA events (CPU: perf_counter), compiled
+model, bf16 autocast, fused AdamW. Prints a table and writes JSON.
+
+    PYTHONPATH=src python3 bench/sat_phases.py --out $OUT/sat_phases.json            # GPU, gpt2-medium
+    PYTHONPATH=src python3 bench/sat_phases.py --device cpu --quick --out /tmp/p.json # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from sparsetrain.bench import environment, print_table
+from sparsetrain.config import ModelConfig
+from sparsetrain.methods.sat import SAT
+from sparsetrain.model import build
+
+VARIANTS = [
+    None,  # dense
+    {"metric": "wanda"},
+    {"metric": "maxip"},
+    {"metric": "magnitude", "select": "topk"},
+    {"metric": "uniform"},
+    {"metric": "uniform", "head_rate": 0.0},
+    {"metric": "wanda", "stats_every": 10},
+]
+
+
+class Clock:
+    """Marks between phases: CUDA events on a GPU, wall-clock on the CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.marks = cuda, []
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def phases_ms(self) -> list[float]:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def run(variant, *, preset, batch, seq, vocab, steps, warmup, device, compile_model):
+    torch.manual_seed(0)
+    model = build(ModelConfig(preset=preset, vocab_size=vocab)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    sat = None
+    if variant is not None:
+        sat = SAT.from_config({"name": "sat", "schedule": "constant", "dense_final": 0.0, **variant}, model.args, seq)
+        sat.total_steps = 10**6
+        sat.start(model, opt)
+    fwd = torch.compile(model) if compile_model else model
+    x = torch.randint(0, vocab, (batch, seq), device=device)
+    y = torch.randint(0, vocab, (batch, seq), device=device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    rows = []
+    for i in range(warmup + steps):
+        clock = Clock(cuda)
+        clock.mark()
+        if sat:
+            sat.before_step(i)
+        clock.mark()
+        with torch.autocast(device.type, dtype=dtype, enabled=cuda):
+            loss = fwd(x, y)
+        loss.backward()
+        clock.mark()
+        if sat:
+            sat.before_optimizer(i)
+        opt.step()
+        if sat:
+            sat.after_optimizer(i)
+        opt.zero_grad(set_to_none=True)
+        clock.mark()
+        if i >= warmup:
+            rows.append(clock.phases_ms())
+    before, fwdbwd, optim = (statistics.median(r[j] for r in rows) for j in range(3))
+    return {"variant": "dense" if variant is None else json.dumps(variant), "before_ms": before,
+            "fwd_bwd_ms": fwdbwd, "optimizer_ms": optim, "step_ms": before + fwdbwd + optim}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="gpt2-medium")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=50304)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--quick", action="store_true", help="tiny model, few steps, no compile (smoke test)")
+    p.add_argument("--out", default="bench_out/sat_phases.json")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    kw = dict(preset=a.preset, batch=a.batch, seq=a.seq, vocab=a.vocab, steps=a.steps, warmup=a.warmup,
+              device=device, compile_model=device.type == "cuda")
+    if a.quick:
+        kw.update(preset="tiny", batch=4, seq=64, vocab=512, steps=2, warmup=1, compile_model=False)
+    rows = [run(v, **kw) for v in VARIANTS]
+    dense = rows[0]["step_ms"]
+    for r in rows:
+        r["speedup"] = dense / r["step_ms"]
+    print_table(rows, [("variant", "SAT variant (rates 0.5)", ""), ("before_ms", "select ms", ".2f"),
+                       ("fwd_bwd_ms", "fwd+bwd ms", ".2f"), ("optimizer_ms", "optimizer ms", ".2f"),
+                       ("step_ms", "step ms", ".2f"), ("speedup", "speed-up", ".2f")])
+    with open(a.out, "w") as f:
+        json.dump({"env": environment(), "args": vars(a), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
