@@ -204,3 +204,17 @@ def test_two_processes_match_one(make_config, tiny_data, tmp_path, parallel):
     # The checkpoint holds full weights, loadable on one process.
     w = final_weights(two)
     assert w["wte.weight"].shape == (512, 64)
+
+
+def test_compiled_training_really_compiles_and_matches_eager(make_config, tmp_path):
+    """train.compile=true must compile (some torch releases make `module.compile()` a no-op) and train the same."""
+    from torch._dynamo.utils import counters
+
+    small = {"n_layer": 1, "d_model": 32, "n_head": 2, "d_ff": 64}
+    train(make_config(steps=3, eval_every=0, checkpoint_every=0, model=small), tmp_path / "eager")
+    counters.clear()
+    train(make_config(steps=3, eval_every=0, checkpoint_every=0, compile="true", model=small), tmp_path / "compiled")
+    assert counters["stats"]["unique_graphs"] >= 1
+    a = [r["loss"] for r in metrics(tmp_path / "eager")]
+    b = [r["loss"] for r in metrics(tmp_path / "compiled")]
+    assert a == pytest.approx(b, rel=1e-4)

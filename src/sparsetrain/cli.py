@@ -37,6 +37,14 @@ def cmd_data_export(a) -> None:
     print(f"wrote {a.out}: {json.dumps(info)}")
 
 
+def cmd_data_tokenizer(a) -> None:
+    from .data import train_tokenizer
+
+    info = train_tokenizer(a.source, a.out, vocab_size=a.vocab_size, sample_bytes=a.sample_bytes, subset=a.subset,
+                           text_field=a.text_field)
+    print(f"wrote {a.out}: {json.dumps(info)}")
+
+
 def cmd_data_sft(a) -> None:
     from .sft import prepare_sft
 
@@ -155,6 +163,13 @@ def cmd_convert_upcycle(a) -> None:
 
 
 def cmd_bench(a) -> None:
+    if a.suite:
+        from .suite import run_part
+
+        run_part(a.suite, out=a.out or "bench_out", data_dir=a.data_dir, work_dir=a.work_dir, carry=a.carry,
+                 quick=a.quick, device=a.device, scale=a.scale)
+        return
+    a.out = a.out or "bench_out/dense.json"
     from .bench import run_dense_bench
 
     from .config import parse_value
@@ -177,6 +192,13 @@ def cmd_bench(a) -> None:
     run_dense_bench(presets=a.preset, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
                     seq_len=a.seq_len, steps=a.steps, vocab_size=a.vocab_size, out=a.out,
                     compile_model=not a.no_compile, model_overrides=overrides)
+
+
+def cmd_report(a) -> None:
+    from .report import write_report
+
+    path = write_report([Path(p) for p in a.results], Path(a.out))
+    print(f"report: {path}")
 
 
 def cmd_demo(a) -> None:
@@ -210,6 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--subset", default="code", choices=["code", "english"])
     exp.add_argument("--text-field", default="text")
     exp.set_defaults(func=cmd_data_export)
+
+    tk = data.add_parser("tokenizer", help="train one byte-level BPE on an even mix of several sources")
+    tk.add_argument("--source", action="append", required=True, help="repeat for each source (same forms as prepare)")
+    tk.add_argument("--out", required=True, help="the tokenizer.json to write")
+    tk.add_argument("--vocab-size", type=int, default=32768)
+    tk.add_argument("--sample-bytes", type=_size, default=_size("50M"), help="text to train on, all sources together")
+    tk.add_argument("--subset", default="code", choices=["code", "english"])
+    tk.add_argument("--text-field", default="text")
+    tk.set_defaults(func=cmd_data_tokenizer)
 
     sft = data.add_parser("sft", help="prompt/response or chat JSONL -> packed fine-tuning rows (loss on responses)")
     sft.add_argument("--source", required=True, help="a .jsonl file: prompt/response fields or chat `messages`")
@@ -272,8 +303,22 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--steps", type=int, default=30)
     be.add_argument("--vocab-size", type=int, default=50304)
     be.add_argument("--no-compile", action="store_true")
-    be.add_argument("--out", default="bench_out/dense.json")
+    be.add_argument("--out", help="a JSON file (default bench_out/dense.json); with --suite a folder (default bench_out)")
+    be.add_argument("--suite", metavar="PART", help="one part of the benchmark suite: prepare-data, dense-step, "
+                    "sat-step, sat-cpt, upcycle, ssd-pretrain, mst-pretrain (see sparsetrain/suite.py)")
+    be.add_argument("--quick", action="store_true", help="with --suite: tiny model, few steps (a CPU smoke test)")
+    be.add_argument("--data-dir", default="data/suite", help="with --suite: prepared corpora DIR/code, DIR/english")
+    be.add_argument("--work-dir", default="runs/suite", help="with --suite: scratch run folders (checkpoints)")
+    be.add_argument("--carry", default=".carry",
+                    help="with --suite prepare-data: code.jsonl.xz, english.jsonl.xz and tokenizer.json")
+    be.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="with --suite")
+    be.add_argument("--scale", type=float, default=1.0, help="with --suite: multiply a part's training steps")
     be.set_defaults(func=cmd_bench)
+
+    rp = sub.add_parser("report", help="merge benchmark-suite results (PART.json) into report.md and plots")
+    rp.add_argument("results", nargs="+", help="PART.json files written by `sparsetrain bench --suite`")
+    rp.add_argument("--out", default="bench_out/report", help="folder for report.md and the plots")
+    rp.set_defaults(func=cmd_report)
 
     de = sub.add_parser("demo", help="the main job: prepare the stdlib corpus, train the tiny model, write a report")
     de.add_argument("--out", default="runs/demo")

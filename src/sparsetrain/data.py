@@ -419,6 +419,38 @@ def _balance_splits(train: _ShardWriter, val: _ShardWriter, val_fraction: float)
 # export
 
 
+def train_tokenizer(sources: list[str], out_path: str | Path, *, vocab_size: int = 32768,
+                    sample_bytes: int = 50_000_000, subset: str = "code", text_field: str = "text",
+                    progress: bool = True) -> dict:
+    """One byte-level BPE trained on an even mix of several sources (documents taken in turn from each), written
+    as a tokenizer.json that `prepare(..., tokenizer=PATH)` then uses for every corpus (continual pre-training
+    needs one vocabulary across domains)."""
+    out_path = Path(out_path)
+    if out_path.exists():
+        raise UserError(f"{out_path} already exists; pass a new --out or delete it")
+    opened = [open_source(s, subset=subset, text_field=text_field, progress=progress) for s in sources]
+
+    def interleaved():
+        streams = [src.docs() for src in opened]
+        while streams:
+            for stream in list(streams):
+                doc = next(stream, None)
+                if doc is None:
+                    streams.remove(stream)
+                else:
+                    yield doc
+
+    mix = Source(label=" + ".join(sources), info={"kind": "mix", "sources": [s.info for s in opened]},
+                 docs=interleaved)
+    _check_vocab_size(vocab_size, trained=True)
+    tok, info = _train_tokenizer(mix, vocab_size, sample_bytes, None, progress)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    tok.save(str(tmp))
+    os.replace(tmp, out_path)
+    return {**info, "sources": sources, "path": str(out_path), "sha256": sha256_file(out_path)}
+
+
 def export_jsonl(source: str, out_path: str | Path, *, max_bytes: int | None = None, subset: str = "code",
                  text_field: str = "text", progress: bool = True) -> dict:
     """Write a source's documents as JSONL lines {"name": ..., "text": ...}; .xz / .gz names compress.

@@ -6,13 +6,13 @@ CPU timings say nothing about GPU speed-ups: the report says so.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
 from .data import TokenData, describe, prepare
+from .report import Panel, plot_panels, read_metrics, run_series
 from .train import train
 
 # Method sections trained by the demo, each against the same dense baseline.
@@ -31,29 +31,13 @@ def ensure_data(data_dir: Path, max_bytes: int) -> None:
     print(describe(meta))
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-
-
 def plot_runs(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, rows in runs.items():
-        axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
-        val = [r for r in rows if "val_loss" in r]
-        axes[1].plot([r["flops"] / 1e12 for r in val], [r["val_loss"] for r in val], marker="o", label=name)
-    axes[0].set(xlabel="step", ylabel="training loss", title="training loss")
-    axes[1].set(xlabel="counted training TFLOPs", ylabel="validation loss", title="validation loss vs FLOPs")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Training loss by step and validation loss by counted FLOPs, one line per method."""
+    plot_panels([
+        Panel("training loss", "step", "training loss", run_series(runs, "step", "loss")),
+        Panel("validation loss vs FLOPs", "counted training TFLOPs", "validation loss",
+              run_series(runs, "flops", "val_loss", 1e-12), marker="o"),
+    ], path)
 
 
 def run_demo(out: Path, data_dir: Path, steps: int = 300, max_bytes: int = 8_000_000) -> Path:

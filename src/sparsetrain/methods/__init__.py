@@ -6,10 +6,11 @@ from typing import Any
 from ..errors import UserError
 from ..model import ModelArgs
 from .base import Dense, Method
+from .mst import MST
 from .sat import SAT
 from .upcycle import Upcycle
 
-REGISTRY: dict[str, type[Method]] = {"dense": Dense, "sat": SAT, "upcycle": Upcycle}
+REGISTRY: dict[str, type[Method]] = {"dense": Dense, "sat": SAT, "upcycle": Upcycle, "mst": MST}
 
 
 def build_method(method_cfg: dict[str, Any], args: ModelArgs, seq_len: int) -> Method:

@@ -30,11 +30,17 @@ so the sliced model and the dense model compute the same function, and a regrown
 weights (function unchanged) with zero moments, its input weights where they were. Pruning ranks the L2 norm of a
 unit's weights; growth ranks the L2 norm of its gradient, which for an omitted unit is the gradient of its zeroed
 output weights. Gradients of omitted units exist only on a dense step, so update steps that grow by gradient run
-dense (and count dense FLOPs).
+dense (and count dense FLOPs; the omitted units' gradients then also enter that step's clipping norm).
 
 Hybrid sparse attention (`attention` = local | strided | hybrid, see `attention_masks`): FlexAttention block masks on
 the chosen layers for steps in [attention_start, attention_end) of training, causal SDPA elsewhere. FlexAttention has
 no backward on CPU, so attention sparsity needs a GPU.
+
+Defaults: sparsity 0.9, zeta 0.3, dT 100, mixed growth, ERK, the drop fraction decaying over the whole run, window and
+stride 128 are the authors'; the phase boundaries (warm-up to 0.1, restoration from 0.75 to 0.9, dense after) are
+ours (the paper gives none usable). Attention sparsity is off by default: at 128-token blocks a stride below 256
+skips no block (`hybrid` with the authors' settings computes every causal block), and FlexAttention only beats
+SDPA from about 4k tokens. Sharded (FSDP) parameters are not supported; DDP is.
 """
 from __future__ import annotations
 
@@ -49,7 +55,7 @@ from .. import attention_masks
 from ..errors import UserError
 from ..model import ModelArgs, Transformer, flops_per_token
 from .base import Method
-from .sat import SAT, keep_count
+from .sat import keep_count, same_on_all_ranks
 
 GRANULARITIES = ("weight", "neuron")
 GROWS = ("rigl", "set", "mixed")
@@ -111,8 +117,8 @@ def sparse_weights(args: ModelArgs, embeddings: bool) -> list[SparseWeight]:
 
 def erk_densities(shapes: list[tuple[int, int]], sparsity: float) -> list[float]:
     """Erdos-Renyi densities: proportional to (n_in + n_out) / (n_in n_out), scaled so that the layers together keep
-    (1 - sparsity) of their weights. A layer that would pass density 1 is made dense and the others rescaled, the
-    largest first, until none passes (RigL's procedure)."""
+    (1 - sparsity) of their weights. While some layer would pass density 1, the one with the largest raw density is
+    made dense and the others rescaled (RigL's procedure)."""
     sizes = [a * b for a, b in shapes]
     if sparsity <= 0:
         return [1.0] * len(shapes)
@@ -220,7 +226,8 @@ class MST(Method):
         self.units: dict[str, torch.Tensor] = {}
         self._kept_idx: dict[str, list[torch.Tensor | None]] = {}
         self._omitted_idx: dict[str, list[torch.Tensor | None]] = {}
-        self._grow_scores: dict[str, list[torch.Tensor]] = {}
+        self._unit_maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # unit of each input row, proj column
+        self._grow_scores: dict[str, list[torch.Tensor]] = {}  # gradient norms per unit on dense update steps
         self._dense_step = False
         self._stash: SliceStash | None = None
         self._pending_state: dict | None = None
@@ -389,14 +396,15 @@ class MST(Method):
         self._hooks = [p.register_hook(self._grad_hook(j)) for j, p in enumerate(self.params)]
 
     def _start_units(self, model: Transformer, device: torch.device, state: dict | None) -> None:
-        L = self.args.n_layer
+        n = {"ffn": self.args.d_ff, "head": self.args.n_kv_head}
+        self.units = {kind: torch.ones(self.args.n_layer, n[kind], dtype=torch.bool, device=device)
+                      for kind in self.kinds}
         self._unit_maps = {kind: self._unit_index(kind, device) for kind in self.kinds}
         if state is not None:
             self.units = {kind: state["units"][kind].to(device=device, dtype=torch.bool) for kind in self.kinds}
             self._cache_indices()
         else:
-            n = {"ffn": self.args.d_ff, "head": self.args.n_kv_head}
-            self.units = {kind: torch.ones(L, n[kind], dtype=torch.bool, device=device) for kind in self.kinds}
+            # The first topology: the target at step 0, the units of largest weight norm kept.
             self._cache_indices()
             self._update_units(self.target(0), 0.0)
 
@@ -439,7 +447,7 @@ class MST(Method):
                    z: float) -> torch.Tensor:
         new = next_active(mask, magnitude, grad, keep, z, self.options.grow, self.generator)
         # Every rank computed the same set from the same (all-reduced) numbers; rank 0 decides against tie-breaks.
-        SAT._same_on_all_ranks(new.view(torch.uint8))
+        same_on_all_ranks(new.view(torch.uint8))
         return new
 
     # --- neuron granularity -------------------------------------------------------------------------------------
@@ -461,15 +469,16 @@ class MST(Method):
         return [(p, 0, rows) for p in ins] + [(out, 1, cols)]
 
     def _unit_index(self, kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The unit of every input row and of every `proj` column, from the model's own index maps."""
+        """The unit of every input row and of every `proj` column, from the model's own index maps (built on the
+        host, once)."""
         _, ins, out = self._layer_params(kind, 0)
-        row_unit = torch.empty(ins[0].shape[0], dtype=torch.long, device=device)
-        col_unit = torch.empty(out.shape[1], dtype=torch.long, device=device)
-        for u in range(self.args.d_ff if kind == "ffn" else self.args.n_kv_head):
-            slices = self._slices(kind, 0, torch.tensor([u], device=device))
+        row_unit = torch.empty(ins[0].shape[0], dtype=torch.long)
+        col_unit = torch.empty(out.shape[1], dtype=torch.long)
+        for u in range(self.units[kind].shape[1]):
+            slices = self._slices(kind, 0, torch.tensor([u]))
             row_unit[slices[0][2]] = u
             col_unit[slices[-1][2]] = u
-        return row_unit, col_unit
+        return row_unit.to(device), col_unit.to(device)
 
     def _unit_norms(self, kind: str, i: int, grad: bool) -> torch.Tensor:
         """L2 norm per unit of its weights (or of their gradients), float32."""
@@ -554,13 +563,18 @@ class MST(Method):
             self._dense_grads = {}
             return
         self._stash.restore()
-        for kind in self.kinds:
-            for i in range(self.args.n_layer):
-                self._module(kind, i).active = None  # between steps the model is dense (and computes the same)
+        self.before_eval()
         if self.is_update(step):
             self._update_units(self.target(step), self.drop_fraction(step))
         self._grow_scores = {}
         self._dense_step = False
+
+    def before_eval(self) -> None:
+        """Between steps the model is dense: omitted units add exactly zero, so it computes the same function."""
+        if self.options.granularity == "neuron":
+            for kind in self.kinds:
+                for i in range(self.args.n_layer):
+                    self._module(kind, i).active = None
 
     # --- accounting ---------------------------------------------------------------------------------------------
     def _attention_scores(self, step: int, parts: dict[str, float]) -> float:

@@ -129,6 +129,13 @@ def _complement(kept: torch.Tensor, n: int) -> torch.Tensor:
     return omitted.argsort(dim=1, descending=True, stable=True)[:, : n - kept.shape[1]]
 
 
+def same_on_all_ranks(decision: torch.Tensor) -> torch.Tensor:
+    """Statistics are gathered per rank, but every rank must compute the same slices: rank 0 decides."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(decision, src=0)
+    return decision
+
+
 class SAT(Method):
     name = "sat"
     Options = SATOptions
@@ -363,13 +370,6 @@ class SAT(Method):
             kept = torch.multinomial(weights, k, replacement=False, generator=self.generator)
         return kept.sort(dim=1).values
 
-    @staticmethod
-    def _same_on_all_ranks(kept: torch.Tensor) -> torch.Tensor:
-        """Statistics are gathered per rank, but every rank must compute the same slices: rank 0 decides."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast(kept, src=0)
-        return kept
-
     # --- per step -----------------------------------------------------------------------------------------------
     def before_step(self, step: int) -> None:
         keep = dict(zip(("ffn", "head"), self.keep_counts(step)))
@@ -379,7 +379,7 @@ class SAT(Method):
             n, k = total[kind], keep[kind]
             kept = None
             if k < n and self.layers:
-                kept = self._same_on_all_ranks(self._select(kind, n, k, refresh))
+                kept = same_on_all_ranks(self._select(kind, n, k, refresh))
             self.kept[kind] = kept
             for j, i in enumerate(self.layers):
                 module = self.model.blocks[i].mlp if kind == "ffn" else self.model.blocks[i].attn

@@ -1,0 +1,362 @@
+"""`sparsetrain report`: merge the raw JSON of benchmark-suite parts into one markdown report and its plots.
+
+The report's table holds every target of BENCHMARK.md's "Targets in force", the value measured for it, whether it
+is met, and the command that produced it ("not measured" when that part's JSON is not among the inputs). Plots:
+validation loss against wall-clock and against counted FLOPs for every trained contender, step speed-ups as bars,
+and the sparsity schedules (SAT's omission rates, MST's sparsity) that the runs logged.
+
+This module reads JSON and draws; it needs neither torch nor a GPU. The plotting helpers also serve `demo`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UserError
+
+# Logged per-step values that are schedules worth drawing, with their axis labels. A method that logs another
+# schedule adds its key here (the suite keeps these keys in each run's curve).
+SCHEDULE_KEYS = {
+    "sat_ffn_rate": "SAT FFN omission rate",
+    "sat_head_rate": "SAT head omission rate",
+    "mst_target": "MST target sparsity",
+    "mst_sparsity": "MST realised sparsity",
+    "mst_head_sparsity": "MST head-group sparsity",
+    "ssd_flops_saved": "SSD share of FLOPs saved (> 0: sparse phase)",
+}
+
+# Table columns: (key, header, format spec).
+CONTENDER_COLUMNS = [
+    ("name", "contender", ""), ("steps", "steps", "d"), ("tokens", "tokens", ",d"), ("val_loss", "val loss", ".4f"),
+    ("val_gap", "vs dense", "+.2%"), ("wallclock", "wall-clock s", ".1f"), ("train_time", "with compile s", ".1f"),
+    ("speedup", "speed-up", ".2f"), ("flops", "FLOPs", ".3g"), ("flops_ratio", "FLOP reduction", ".2f"),
+    ("mfu", "MFU (counted FLOPs)", ".1%"),
+]
+STEP_COLUMNS = [
+    ("preset", "model", ""), ("method", "method", ""), ("batch_size", "batch", "d"), ("seq_len", "seq", "d"),
+    ("step_s", "step s", ".4f"), ("tokens_per_s", "tokens/s", ",.0f"), ("speedup", "speed-up vs dense", ".2f"),
+    ("flops_ratio", "FLOP reduction", ".2f"), ("mfu", "MFU (dense FLOPs)", ".1%"), ("memory_gb", "mem GB", ".1f"),
+]
+
+CORPUS_COLUMNS = [
+    ("corpus", "corpus", ""), ("text_bytes", "text bytes", ",d"), ("train_tokens", "train tokens", ",d"),
+    ("val_tokens", "held-out tokens", ",d"), ("val_fraction", "held-out fraction", ".3f"),
+    ("vocab_size", "vocabulary", ",d"),
+]
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        cells = [("-" if r.get(k) is None else format(r[k], fmt) if fmt else str(r[k])) for k, _, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# targets
+
+
+def contender(part: dict, name: str) -> dict | None:
+    return next((c for c in part.get("contenders", []) if c["name"] == name), None)
+
+
+def _check_mfu(part: dict) -> tuple[str, bool | None]:
+    need = {"gpt2-small": 0.45, "gpt2-medium": 0.50}
+    rows = [r for r in part.get("rows", []) if r["method"] == "dense"]
+    text = ", ".join(f"{r['preset']} " + (f"{r['mfu']:.1%}" if r.get("mfu") is not None else "no MFU (peak unknown)")
+                     for r in rows)
+    got = {r["preset"]: r.get("mfu") for r in rows}
+    if set(need) - set(got) or any(got[p] is None for p in need):
+        return text, None
+    return text, all(got[p] >= v for p, v in need.items())
+
+
+def _check_step_speedup(method: str, minimum: float) -> Callable[[dict], tuple[str, bool | None]]:
+    def check(part: dict) -> tuple[str, bool | None]:
+        rows = [r for r in part.get("rows", []) if r["method"] == method]
+        if not rows:
+            return f"no {method} rows", None
+        return (", ".join(f"{r['preset']} {r['speedup']:.2f}x" for r in rows),
+                all(r["speedup"] >= minimum for r in rows))
+    return check
+
+
+def _check_quality(name: str, ratio_key: str, minimum: float, tol: float) -> Callable[[dict], tuple[str, bool | None]]:
+    """`name`'s ratio to dense (wall-clock speed-up or FLOP reduction) at a final validation loss within `tol`."""
+    def check(part: dict) -> tuple[str, bool | None]:
+        c = contender(part, name)
+        if c is None or c.get(ratio_key) is None:
+            return f"no '{name}' result", None
+        if ratio_key == "speedup":
+            text = f"{c['speedup']:.2f}x wall-clock ({c['speedup_raw']:.2f}x with compilation)"
+        else:
+            text = f"{c['flops_ratio']:.2f}x fewer FLOPs"
+        text += f", val loss {c['val_gap']:+.2%} vs dense"
+        return text, c[ratio_key] >= minimum and c["val_gap"] <= tol
+    return check
+
+
+def _check_upcycle(part: dict) -> tuple[str, bool | None]:
+    moe, dense = contender(part, "upcycle"), contender(part, "dense")
+    if moe is None or dense is None:
+        return "no 'upcycle' / 'dense' result", None
+    time_ratio = moe["wallclock"] / dense["wallclock"]
+    mfu = moe.get("mfu")
+    text = (f"val {moe['val_loss']:.4f} vs {dense['val_loss']:.4f} dense ({moe['val_gap']:+.2%}) at {time_ratio:.2f}x "
+            f"dense's wall-clock; active-parameter MFU " + ("n/a" if mfu is None else f"{mfu:.1%}"))
+    if mfu is None:
+        return text, None
+    # Equal wall-clock within 5%, else the comparison itself is off.
+    return text, moe["val_loss"] < dense["val_loss"] and time_ratio <= 1.05 and mfu >= 0.40
+
+
+@dataclass(frozen=True)
+class Target:
+    what: str
+    target: str
+    part: str | None  # the suite part that measures it; None: measured elsewhere (see `elsewhere`)
+    check: Callable[[dict], tuple[str, bool | None]] | None = None
+    elsewhere: str = ""
+
+
+# BENCHMARK.md, "Targets in force", in its order.
+TARGETS = [
+    Target("dense step, MFU at 124M / 350M", ">= 45% / >= 50%", "dense-step", _check_mfu),
+    Target("SAT step at omission 0.5", ">= 1.6x", "sat-step", _check_step_speedup("sat", 1.6)),
+    Target("SAT continual pre-training, wall-clock at val loss within 1%", ">= 1.45x", "sat-cpt",
+           _check_quality("sat", "speedup", 1.45, 0.01)),
+    Target("SSD sparse-phase step (E=16, top-4)", ">= 1.4x", None, elsewhere="no suite part yet"),
+    Target("SSD pre-training, wall-clock at val loss within 1%", ">= 1.25x", "ssd-pretrain",
+           _check_quality("ssd", "speedup", 1.25, 0.01)),
+    Target("SSD model run as MoE, FFN speed at val loss within 2%", ">= 2x", None, elsewhere="no suite part yet"),
+    Target("MoE layer time vs equal-FLOP dense FFN, d >= 1024", "within 1.25x", None,
+           elsewhere="by bench/moe_layer.py, see BENCHMARKS.md"),
+    Target("Upcycled vs dense continuation, equal wall-clock", "lower val loss; active-parameter MFU >= 40%",
+           "upcycle", _check_upcycle),
+    Target("MST weight-level: counted training FLOPs at val loss within 2%", ">= 4x", "mst-pretrain",
+           _check_quality("mst-weight", "flops_ratio", 4.0, 0.02)),
+    Target("MST neuron-level: wall-clock at val loss within 2%", ">= 1.3x", "mst-pretrain",
+           _check_quality("mst-neuron", "speedup", 1.3, 0.02)),
+    Target("Two GPUs (2 x H200, torchrun) vs one, every method", ">= 1.8x tokens/s", None,
+           elsewhere="needs two GPUs; no suite part yet"),
+]
+
+
+def evaluate_targets(parts: dict[str, dict]) -> list[dict[str, str]]:
+    """One row per target: what, target, measured, met, command."""
+    rows = []
+    for t in TARGETS:
+        row = {"what": t.what, "target": t.target, "measured": "not measured", "met": "-", "command": "-"}
+        part = parts.get(t.part) if t.part else None
+        if t.part is None:
+            row["measured"] = f"not measured ({t.elsewhere})"
+        elif part is not None:
+            row["command"] = f"`{part['command']}`"
+            if part["status"] == "skipped":
+                row["measured"] = f"not measured: {part['message']}"
+            else:
+                measured, met = t.check(part)
+                row["measured"] = measured
+                row["met"] = ("quick run, not a measurement" if part.get("quick")
+                              else "-" if met is None else "yes" if met else "**no**")
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plots
+
+
+@dataclass
+class Panel:
+    title: str
+    xlabel: str
+    ylabel: str
+    series: list[tuple[str, list[float], list[float]]]  # (label, xs, ys)
+    marker: str = ""
+    drawstyle: str = "default"  # "steps-post" for schedules: a value holds until the next one
+
+
+def plot_panels(panels: list[Panel], path: Path, ncols: int = 2) -> None:
+    """Line charts, `ncols` to a row, into one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4 * nrows), squeeze=False)
+    for ax, p in zip(axes.flat, panels):
+        for label, xs, ys in p.series:
+            ax.plot(xs, ys, marker=p.marker or None, drawstyle=p.drawstyle, label=label)
+        ax.set(xlabel=p.xlabel, ylabel=p.ylabel, title=p.title)
+        ax.grid(alpha=0.3)
+        if p.series:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_series(runs: dict[str, list[dict[str, Any]]], x: str, y: str, x_scale: float = 1.0):
+    """(label, xs, ys) of each run's records that hold `y`."""
+    out = []
+    for name, rows in runs.items():
+        pts = [r for r in rows if r.get(y) is not None and r.get(x) is not None]
+        out.append((name, [r[x] * x_scale for r in pts], [r[y] for r in pts]))
+    return out
+
+
+def loss_panels(parts: dict[str, dict]) -> list[Panel]:
+    """Per trained part: validation loss vs wall-clock (compilation excluded) and vs counted FLOPs."""
+    panels = []
+    for name, part in parts.items():
+        runs = {c["name"]: c["curve"] for c in part.get("contenders", []) if c.get("role") != "base"}
+        if not runs:
+            continue
+        corpus = next(c["corpus"] for c in part["contenders"] if c.get("role") != "base")
+        ylabel = f"validation loss ({corpus})"
+        panels.append(Panel(f"{name}: loss vs wall-clock", "wall-clock s (compilation excluded)", ylabel,
+                            run_series(runs, "wallclock", "val_loss"), marker="o"))
+        panels.append(Panel(f"{name}: loss vs FLOPs", "counted training TFLOPs", ylabel,
+                            run_series(runs, "flops", "val_loss", 1e-12), marker="o"))
+    return panels
+
+
+def plot_steps(parts: dict[str, dict], path: Path) -> bool:
+    """Bars: each method's step speed-up over dense, and every row's MFU when known. False if nothing to draw."""
+    rows = [(name, r) for name, p in parts.items() for r in p.get("rows", [])]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    sped = [(f"{r['preset']}\n{r['method']}", r["speedup"]) for _, r in rows if r["method"] != "dense"]
+    ax = axes[0]
+    if sped:
+        ax.bar([s[0] for s in sped], [s[1] for s in sped], color="tab:orange")
+    ax.axhline(1.0, color="gray", lw=1, ls="--")
+    ax.set(title="step speed-up vs dense (same process)", ylabel="x dense")
+    with_mfu = [(f"{r['preset']}\n{r['method']}", r["mfu"]) for _, r in rows if r.get("mfu") is not None]
+    ax = axes[1]
+    if with_mfu:
+        ax.bar([m[0] for m in with_mfu], [100 * m[1] for m in with_mfu], color="tab:blue")
+    else:
+        ax.text(0.5, 0.5, "no MFU: no GPU peak known (CPU run)", ha="center", va="center", transform=ax.transAxes)
+    ax.set(title="MFU (dense FLOPs)", ylabel="%")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def schedule_panels(parts: dict[str, dict]) -> list[Panel]:
+    """One panel per logged schedule key, a line per run that logged it, against the fraction of training."""
+    panels = []
+    for key, label in SCHEDULE_KEYS.items():
+        series = []
+        for pname, part in parts.items():
+            for c in part.get("contenders", []):
+                pts = [r for r in c.get("curve", []) if r.get(key) is not None]
+                if pts:  # a record at step s holds the value of step s - 1 (0-based), in force from there
+                    series.append((f"{pname}: {c['name']}", [(r["step"] - 1) / c["steps"] for r in pts],
+                                   [r[key] for r in pts]))
+        if series:
+            panels.append(Panel(label, "fraction of training", label, series, drawstyle="steps-post"))
+    return panels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the report
+
+
+def load_results(paths: list[Path]) -> dict[str, dict]:
+    """Part name -> its JSON; a later file of the same part replaces an earlier one."""
+    parts = {}
+    for p in paths:
+        p = Path(p)
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{p} does not exist; pass the PART.json files written by `sparsetrain bench --suite`")
+        except ValueError as e:
+            raise UserError(f"{p} is not JSON ({e}); pass the PART.json files written by `sparsetrain bench --suite`")
+        if not isinstance(data, dict) or "part" not in data or "status" not in data:
+            raise UserError(f"{p} is not a suite result (no 'part'/'status'); pass files written by "
+                            "`sparsetrain bench --suite PART`")
+        parts[data["part"]] = data
+    return parts
+
+
+def _env_line(part: dict) -> str:
+    env = part.get("env", {})
+    device = env.get("device", "CPU") if env.get("ran_on", "cuda") == "cuda" else "CPU"
+    return f"{device}, torch {env.get('torch', '?')}, {env.get('date', '?')}"
+
+
+def write_report(paths: list[Path], out_dir: Path) -> Path:
+    """report.md (+ loss.png, steps.png, schedules.png when there is something to draw) in `out_dir`."""
+    parts = load_results(paths)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# sparsetrain benchmark report", "",
+             "Protocol: BENCHMARK.md. Ratios are to the dense run of the same part, measured in the same process. "
+             "Wall-clock is the training steps' time with compilation (first steps and recompilations) taken out; "
+             "the time with it is in each part's table.", "",
+             "## Targets in force", "",
+             "| what | target | measured | met | command |", "|---|---|---|---|---|"]
+    for r in evaluate_targets(parts):
+        lines.append(f"| {r['what']} | {r['target']} | {r['measured']} | {r['met']} | {r['command']} |")
+    lines.append("")
+
+    trained = {n: p for n, p in parts.items() if p.get("contenders")}
+    figures = []
+    loss = loss_panels(trained)
+    if loss:
+        plot_panels(loss, out_dir / "loss.png")
+        figures.append(("validation loss", "loss.png"))
+    if plot_steps(parts, out_dir / "steps.png"):
+        figures.append(("step speed-ups", "steps.png"))
+    sched = schedule_panels(trained)
+    if sched:
+        plot_panels(sched, out_dir / "schedules.png")
+        figures.append(("sparsity schedules", "schedules.png"))
+    if figures:
+        lines += ["## Plots", ""] + [f"![{alt}]({f})" for alt, f in figures] + [""]
+
+    lines += ["## Parts", ""]
+    for name, part in parts.items():
+        lines += [f"### {name}", "", f"`{part['command']}` ({_env_line(part)})", ""]
+        if part["status"] == "skipped":
+            lines += [f"Skipped: {part['message']}", ""]
+            continue
+        if part.get("quick"):
+            lines += ["Quick run (tiny model, few steps): a smoke test, not a measurement.", ""]
+        if part.get("contenders"):
+            lines += [markdown_table(part["contenders"], CONTENDER_COLUMNS), ""]
+        if part.get("rows"):
+            lines += [markdown_table(part["rows"], STEP_COLUMNS), ""]
+        if part.get("corpora"):
+            rows = [{"corpus": k, **v} for k, v in part["corpora"].items()]
+            lines += [markdown_table(rows, CORPUS_COLUMNS), ""]
+        for note in part.get("notes", []):
+            lines += [note, ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,545 @@
+"""The benchmark suite of BENCHMARK.md: named parts, each one GPU call of at most 10 minutes.
+
+`sparsetrain bench --suite PART [--quick] [--out DIR] [--data-dir DATA]` runs one part. Every contender of a part
+trains (or is timed) in the same process as its dense baseline, with the same seed, data order, batch, sequence
+length and learning-rate schedule; the part writes DIR/PART.json (environment, each contender's config, summary,
+validation curve and logged schedules, ratios to dense) and DIR/PART/NAME/ (each run's metrics.jsonl, summary.json,
+config.toml), and prints a table. `sparsetrain report DIR/*.json` turns the JSONs into the report.
+
+Parts (H100, gpt2-small = 124M at batch 16 x 1024 = 16,384 tokens a step, about 440k tokens/s dense, AdamW with
+linear warm-up over 5% of the steps and cosine decay to 10%; every validation loss on 2,097,152 held-out tokens
+(2^21: 128 full batches), the same tokens for every contender; predicted call times assume 20-40 s of
+torch.compile per model and are not yet measured):
+
+    prepare-data  DATA/code and DATA/english from .carry/{code,english}.jsonl.xz with the shared .carry/tokenizer.json;
+                  the validation fraction is raised until each held-out set has >= 2^21 + 1 tokens (English: about
+                  25 MB of text, ~6M tokens, so ~40% is held out). A no-op when DATA holds both already. (~1-2 min)
+    dense-step    dense step time, gpt2-small and gpt2-medium, batch 16 x 1024, vocabulary 50304, 30 timed steps
+                  after 10 of warm-up.                                                                (~2 min)
+    sat-step      dense vs SAT at omission 0.5 (FFN and heads, constant, no dense end), the same shapes. (~4 min)
+    sat-cpt       dense base on code, 2,500 steps (41.0M tokens, lr 6e-4); continual pre-training on English,
+                  400 steps (6.6M tokens, lr 3e-4, seed + 1): dense vs SAT with the LORS ladder (rate 0.5), both
+                  from the base. With ~3.6M English training tokens the continuation sees them ~1.8 times. (~7 min)
+    upcycle       dense base on code, 1,600 steps (26.2M tokens); continuation on code (lr 3e-4, seed + 1): dense for
+                  800 steps (13.1M tokens, +50% of the base), and the upcycled MoE (8 experts, top-2, every other
+                  layer) for the same wall-clock: its steps = 800 x dense step time / MoE step time, both timed by
+                  `measure_steps` in this process, so its cosine schedule ends where its budget does. (~7.5 min)
+    ssd-pretrain  dense vs SSD from scratch on code, 2,000 steps (32.8M tokens), relu2 activation for both. (~6 min)
+    mst-pretrain  dense vs MST weight-level vs MST neuron-level from scratch on code, 1,200 steps (19.7M tokens).
+                                                                                                     (~7 min)
+Each part prints and stores its `elapsed_s`: re-budget from those once seen.
+`--scale X` multiplies every training step count of a part (for example 0.5 if a part overruns its call);
+`--quick` runs the tiny preset for a few steps, on the CPU in seconds: a smoke test, not a measurement.
+
+Wall-clock. The trainer's `train_time` is the time of the training steps (evaluation and checkpoints excluded) and
+includes torch.compile: the first step of every run and each recompilation when a method changes shapes (SAT's
+ladder, MST's neurons, SSD's phases). Those are fixed costs that a run of 100M+ tokens amortises and a
+minutes-long benchmark does not, so each contender's "wall-clock" takes out the seconds that dynamo's compile
+callbacks say were spent compiling for training steps (`CompileClock`), from the logging windows (10 steps) where
+they were spent (`steady_times`). A method's own one-off work (statistics, re-clustering, topology updates) stays
+in its time. Both numbers are in the JSON and the table ("wall-clock s" and "with compile s"); targets are judged on
+the first, and the report shows the second beside it.
+
+GPU calls (run tool, carry [".carry"]; DATA persists while the machine is warm, and a fresh machine prepares it
+again in the same command; each command is one line, wrapped here):
+
+    1. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite prepare-data --data-dir data/suite --out $OUT
+    2. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite dense-step --out $OUT
+    3. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite sat-step --out $OUT
+    4. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite prepare-data --data-dir data/suite --out $OUT &&
+       PYTHONPATH=src python3 -m sparsetrain.cli bench --suite sat-cpt --data-dir data/suite --out $OUT
+    5. as 4, with --suite upcycle
+    6. as 4, with --suite ssd-pretrain
+    7. as 4, with --suite mst-pretrain
+    then here: sparsetrain report FILES_AT/*.json --out bench_out/report (FILES_AT of each call; the PART/ folders
+    beside the JSONs hold each run's metrics.jsonl)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import json
+import shlex
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import config as config_mod
+from .bench import bench_config, environment, measure_steps, print_table
+from .data import TokenData, load_tokenizer, prepare
+from .errors import UserError
+from .report import CONTENDER_COLUMNS, SCHEDULE_KEYS, STEP_COLUMNS, read_metrics
+from .sources import sha256_file
+from .train import TrainingData, evaluate, load_model, peak_flops, setup_runtime, train
+
+SEED = 1337
+MARKER = ".sparsetrain-suite"  # marks the suite's own scratch folders, the only ones it deletes
+CURVE_KEYS = ("step", "tokens", "flops", "train_time", "wallclock", "loss", "val_loss", "mfu", *SCHEDULE_KEYS)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The training shape of every run of a part."""
+    preset: str
+    batch_size: int
+    seq_len: int
+    eval_tokens: int
+    log_every: int
+
+
+FULL = Shape("gpt2-small", 16, 1024, 2**21, 10)
+QUICK = Shape("tiny", 8, 64, 2048, 2)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The shape of the step-time parts."""
+    presets: tuple[str, ...]
+    batch_size: int
+    seq_len: int
+    vocab_size: int
+    steps: int
+    warmup: int
+
+
+STEP_FULL = StepShape(("gpt2-small", "gpt2-medium"), 16, 1024, 50304, 30, 10)
+STEP_QUICK = StepShape(("tiny",), 4, 64, 512, 3, 1)
+
+
+@dataclass
+class Context:
+    part: str
+    out: Path
+    data: Path
+    work: Path
+    carry: Path
+    quick: bool
+    device: str
+    scale: float
+
+    @property
+    def shape(self) -> Shape:
+        return QUICK if self.quick else FULL
+
+    @property
+    def cuda(self) -> bool:
+        return self.device != "cpu" and torch.cuda.is_available()
+
+    def steps(self, full: int, quick: int) -> int:
+        return quick if self.quick else max(1, round(full * self.scale))
+
+
+@dataclass(frozen=True)
+class Part:
+    summary: str
+    run: Callable[[Context], dict[str, Any]]
+    methods: tuple[str, ...] = ()  # methods the part trains; unregistered ones skip the part with a message
+    trains: bool = True  # runs the trainer (needs prepared data and a scratch folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+
+def prepare_corpus(source: Path, out: Path, tokenizer: Path, min_val_tokens: int, val_fraction: float,
+                   tries: int = 4) -> dict[str, Any]:
+    """Prepare `source` into `out` with `tokenizer`, raising the validation fraction until the held-out set has
+    `min_val_tokens`; an existing `out` made with the same tokenizer and a large enough held-out set is kept."""
+    tok_sha = sha256_file(tokenizer)
+    if (out / "meta.json").is_file():
+        meta = TokenData(out).meta
+        if meta["tokenizer"].get("file_sha256") != tok_sha:
+            raise UserError(f"{out} was prepared with another tokenizer than {tokenizer}; delete {out} and run "
+                            "prepare-data again")
+        if meta["val_tokens"] >= min_val_tokens:
+            print(f"prepare-data: {out} is ready ({meta['train_tokens']:,} train, {meta['val_tokens']:,} val tokens)")
+            return meta
+        val_fraction = max(val_fraction, meta["val_fraction"])
+        shutil.rmtree(out)
+    for _ in range(tries):
+        meta = prepare(str(source), out, tokenizer=str(tokenizer), val_fraction=val_fraction, progress=False)
+        print(f"prepare-data: {out}: {meta['train_tokens']:,} train, {meta['val_tokens']:,} val tokens "
+              f"(val fraction {val_fraction:.3f})")
+        if meta["val_tokens"] >= min_val_tokens:
+            return meta
+        # Whole documents go to val, so the share of tokens tracks the fraction; aim 15% over.
+        val_fraction = min(0.9, val_fraction * 1.15 * min_val_tokens / max(1, meta["val_tokens"]))
+        shutil.rmtree(out)
+    raise UserError(f"{source} has too little text for a {min_val_tokens:,}-token held-out set; carry more text")
+
+
+def run_prepare_data(ctx: Context) -> dict[str, Any]:
+    tokenizer = ctx.carry / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise UserError(f"no shared tokenizer at {tokenizer}; put the tokenizer.json that both corpora use there "
+                        "(a prepared data dir holds one), or pass --carry DIR")
+    corpora = {}
+    for corpus, fraction in (("code", 0.05), ("english", 0.4)):
+        source = ctx.carry / f"{corpus}.jsonl.xz"
+        if not source.is_file():
+            raise UserError(f"{source} not found; make it with `sparsetrain data export --source linux-source "
+                            f"--subset {corpus} --out {source}` (code: add --max-bytes 200M)")
+        meta = prepare_corpus(source, ctx.data / corpus, tokenizer, ctx.shape.eval_tokens + 1, fraction)
+        corpora[corpus] = {k: meta[k] for k in ("train_tokens", "val_tokens", "val_fraction", "vocab_size",
+                                                "text_bytes", "sha256")}
+    return {"corpora": corpora}
+
+
+def corpus_dir(ctx: Context, corpus: str) -> Path:
+    """A prepared corpus, checked: present, and (full runs) a held-out set of at least the evaluated tokens."""
+    d = ctx.data / corpus
+    hint = f"run `sparsetrain bench --suite prepare-data --data-dir {ctx.data}` first"
+    if not (d / "meta.json").is_file():
+        raise UserError(f"{d} holds no prepared corpus; {hint}")
+    meta = TokenData(d).meta
+    if meta["val_tokens"] < ctx.shape.eval_tokens + 1:
+        raise UserError(f"{d} has {meta['val_tokens']:,} held-out tokens, fewer than the {ctx.shape.eval_tokens:,} "
+                        f"every contender is evaluated on; delete {d} and {hint}")
+    return d
+
+
+def same_tokenizer(a: Path, b: Path) -> None:
+    if load_tokenizer(a).get_vocab(with_added_tokens=True) != load_tokenizer(b).get_vocab(with_added_tokens=True):
+        raise UserError(f"{a} and {b} were prepared with different tokenizers; continual pre-training needs one: "
+                        "prepare both with prepare-data")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training runs
+
+
+class CompileClock:
+    """Seconds torch.compile spends compiling for training steps, from dynamo's compile callbacks.
+
+    A compilation counts when it starts with grad enabled (a training forward) or is a deferred backward; those
+    under no_grad are for evaluation, which the trainer's `train_time` leaves out already.
+    """
+
+    def __enter__(self) -> "CompileClock":
+        from torch._dynamo import callback
+
+        self.seconds, self.count, self._started = 0.0, 0, None
+        self._handler = callback.callback_handler
+        self._lazy_backward = callback.CallbackTrigger.LAZY_BACKWARD
+        self._handler.register_start_callback(self._start)
+        self._handler.register_end_callback(self._end)
+        return self
+
+    def _start(self, args) -> None:
+        training = args.callback_trigger == self._lazy_backward or torch.is_grad_enabled()
+        self._started = time.perf_counter() if training else None
+
+    def _end(self, args) -> None:
+        if self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self.count += 1
+            self._started = None
+
+    def __exit__(self, *exc) -> None:
+        self._handler.remove_start_callback(self._start)
+        self._handler.remove_end_callback(self._end)
+
+
+def steady_times(records: list[dict[str, Any]], compile_s: float, spike: float = 2.0) -> list[float]:
+    """Cumulative training time at each record with `compile_s` seconds of compilation taken out where it was spent.
+
+    Compilation shows as logging windows (between consecutive records) whose per-step time is over `spike` x the
+    median per-step time of the next three windows. Their excess over that median is taken out, scaled down so that
+    no more than `compile_s` is taken out in all: a method's own one-off work (re-clustering, topology updates)
+    stays in its time.
+    """
+    steps = [0] + [r["step"] for r in records]
+    times = [0.0] + [r["train_time"] for r in records]
+    n = [steps[i + 1] - steps[i] for i in range(len(records))]
+    spent = [times[i + 1] - times[i] for i in range(len(records))]
+    excess = []
+    for i in range(len(records)):
+        after = [spent[j] / n[j] for j in range(i + 1, min(i + 4, len(records)))]
+        ref = statistics.median(after) if after else spent[i] / n[i]
+        excess.append(max(0.0, spent[i] - ref * n[i]) if spent[i] > spike * ref * n[i] else 0.0)
+    total = sum(excess)
+    scale = min(1.0, compile_s / total) if total > 0 else 0.0
+    out, t = [], 0.0
+    for s, e in zip(spent, excess):
+        t += s - e * scale
+        out.append(t)
+    return out
+
+
+def release_memory() -> None:
+    """Between runs: drop compiled graphs (every contender compiles from cold) and free cached GPU memory."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_config(ctx: Context, *, corpus: str, steps: int, method: dict | None = None, model: dict | None = None,
+               init_from: str = "", seed: int = SEED, lr: float = 6e-4, evals: int = 4) -> dict[str, Any]:
+    s = ctx.shape
+    return {
+        "model": {"preset": s.preset, **(model or {})},
+        "data": {"dir": str(corpus_dir(ctx, corpus))},
+        "train": {"steps": steps, "batch_size": s.batch_size, "seq_len": s.seq_len, "lr": lr,
+                  "warmup_steps": max(1, steps // 20), "eval_every": steps // evals if evals else 0,
+                  "eval_tokens": s.eval_tokens, "checkpoint_every": 0, "keep_checkpoints": 1,
+                  "log_every": s.log_every, "seed": seed, "device": ctx.device, "progress": False,
+                  "init_from": init_from},
+        "method": method or {"name": "dense"},
+    }
+
+
+def train_run(ctx: Context, name: str, raw: dict[str, Any], role: str = "contender") -> dict[str, Any]:
+    """Train one contender in the part's scratch folder; its result with the curve for the report."""
+    run_dir = ctx.work / ctx.part / name
+    cfg = config_mod.from_dict(raw)
+    print(f"{ctx.part}: training {name} ({cfg.method['name']}, {cfg.train.steps} steps)", flush=True)
+    with CompileClock() as clock:
+        summary = train(cfg, run_dir)
+    records = read_metrics(run_dir)
+    for r, t in zip(records, steady_times(records, clock.seconds)):
+        r["wallclock"] = t
+    kept = ctx.out / ctx.part / name
+    kept.mkdir(parents=True, exist_ok=True)
+    for f in ("metrics.jsonl", "summary.json", "config.toml"):
+        shutil.copy2(run_dir / f, kept / f)
+    release_memory()
+    result = {
+        "name": name, "role": role, "corpus": Path(raw["data"]["dir"]).name, "method": cfg.method["name"],
+        "config": config_mod.to_dict(cfg), "summary": summary, "steps": summary["steps"],
+        "tokens": summary["tokens"], "val_loss": summary["val_loss"], "train_time": summary["train_time"],
+        "wallclock": records[-1]["wallclock"], "compile_s": clock.seconds, "compilations": clock.count,
+        "flops": summary["flops"],
+        "curve": [{k: r[k] for k in CURVE_KEYS if k in r} for r in records],
+        "metrics": str((kept / "metrics.jsonl").relative_to(ctx.out)), "run_dir": str(run_dir),
+    }
+    print(f"{ctx.part}: {name}: val loss {result['val_loss']:.4f}, {result['wallclock']:.1f} s "
+          f"({result['train_time']:.1f} s with compilation)", flush=True)
+    return result
+
+
+def compare(ctx: Context, contenders: list[dict[str, Any]], baseline: str = "dense") -> None:
+    """Ratios to the baseline, and MFU of the counted FLOPs, in place."""
+    base = next(c for c in contenders if c["name"] == baseline)
+    peak = peak_flops(torch.device("cuda")) if ctx.cuda else None
+    for c in contenders:
+        c["mfu"] = c["flops"] / c["wallclock"] / peak if peak else None
+        if c.get("role") == "base":
+            continue
+        c["val_gap"] = (c["val_loss"] - base["val_loss"]) / base["val_loss"]
+        c["speedup"] = base["wallclock"] / c["wallclock"]
+        c["speedup_raw"] = base["train_time"] / c["train_time"]
+        c["flops_ratio"] = base["flops"] / c["flops"]
+
+
+def eval_run(ctx: Context, run_dir: str, corpus: str) -> float:
+    """Validation loss of a trained run on another corpus's held-out set (the same tokens the contenders see)."""
+    model, method, cfg = load_model(run_dir)
+    rt = setup_runtime(cfg.train)
+    model.to(rt.device)
+    loss = evaluate(model, TrainingData(corpus_dir(ctx, corpus), cfg.train), cfg.train, rt, method)
+    del model
+    release_memory()
+    return loss
+
+
+def start_point(c: dict[str, Any], val_loss: float) -> None:
+    """Put the starting model's validation loss at zero time and FLOPs at the head of a continuation's curve."""
+    c["curve"].insert(0, {"step": 0, "tokens": 0, "flops": 0.0, "train_time": 0.0, "wallclock": 0.0,
+                          "val_loss": val_loss})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parts
+
+
+def run_steps(ctx: Context, methods: list[dict[str, Any]]) -> dict[str, Any]:
+    """Step time of dense and each method, side by side on each preset (random tokens: speed does not depend on
+    them). The trainer's own step, timed by `measure_steps`."""
+    s = STEP_QUICK if ctx.quick else STEP_FULL
+    rows = []
+    for preset in s.presets:
+        dense = None
+        for method in [{"name": "dense"}, *methods]:
+            cfg = bench_config(preset, batch_size=s.batch_size, seq_len=s.seq_len, vocab_size=s.vocab_size,
+                               method=method)
+            cfg.train.device = ctx.device
+            r = measure_steps(cfg, steps=s.steps, warmup=s.warmup, compile_model=ctx.cuda)
+            r["method_options"] = method
+            dense = dense or r
+            r["speedup"] = dense["step_s"] / r["step_s"]
+            r["flops_ratio"] = r["dense_flops_per_token"] / r["flops_per_token"]
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            release_memory()
+    print_table(rows, STEP_COLUMNS)
+    return {"rows": rows, "shape": dataclasses.asdict(s)}
+
+
+def run_sat_cpt(ctx: Context) -> dict[str, Any]:
+    """Dense base on code, then continual pre-training on English: dense vs SAT (LORS), same tokens."""
+    same_tokenizer(corpus_dir(ctx, "code"), corpus_dir(ctx, "english"))
+    base = train_run(ctx, "base", run_config(ctx, corpus="code", steps=ctx.steps(2500, 24), evals=0), role="base")
+    start = eval_run(ctx, base["run_dir"], "english")
+    print(f"sat-cpt: base model's English validation loss before continuing: {start:.4f}")
+    steps = ctx.steps(400, 16)
+    common = dict(corpus="english", steps=steps, init_from=base["run_dir"], seed=SEED + 1, lr=3e-4)
+    dense = train_run(ctx, "dense", run_config(ctx, **common))
+    sat = train_run(ctx, "sat", run_config(ctx, method=SAT_CPT, **common))
+    for c in (dense, sat):
+        start_point(c, start)
+    note = (f"The base model (code, {base['steps']} steps) has English validation loss {start:.4f} before "
+            "continuing: the first point of both curves.")
+    return {"contenders": [base, dense, sat], "start_val_loss": start, "notes": [note]}
+
+
+def run_upcycle(ctx: Context) -> dict[str, Any]:
+    """Dense base, then dense vs upcycled continuation for the same wall-clock."""
+    base = train_run(ctx, "base", run_config(ctx, corpus="code", steps=ctx.steps(1600, 24), evals=0), role="base")
+    steps = ctx.steps(800, 16)
+    common = dict(corpus="code", init_from=base["run_dir"], seed=SEED + 1, lr=3e-4)
+    dense = train_run(ctx, "dense", run_config(ctx, steps=steps, **common))
+    # Equal wall-clock: the MoE's schedule gets as many steps as fit in dense's time, from step times measured the
+    # same way for both (the trainer's step on this device, compiled as the runs are).
+    timed, q = {}, STEP_QUICK if ctx.quick else STEP_FULL
+    for name, method in (("dense", None), ("upcycle", UPCYCLE)):
+        cfg = config_mod.from_dict(run_config(ctx, steps=steps, method=method, **common))
+        cfg.model.vocab_size = TokenData(cfg.data.dir).vocab_size
+        timed[name] = measure_steps(cfg, steps=q.steps, warmup=q.warmup, compile_model=ctx.cuda)["step_s"]
+        release_memory()
+    moe_steps = max(1, round(steps * timed["dense"] / timed["upcycle"]))
+    print(f"upcycle: step {timed['dense']:.4f} s dense, {timed['upcycle']:.4f} s MoE -> {moe_steps} MoE steps")
+    moe = train_run(ctx, "upcycle", run_config(ctx, steps=moe_steps, method=UPCYCLE, **common))
+    for c in (dense, moe):
+        start_point(c, base["val_loss"])
+    note = (f"Equal wall-clock: one step takes {timed['dense']:.4f} s dense and {timed['upcycle']:.4f} s upcycled "
+            f"(measure_steps, this process), so the MoE trains {moe_steps} steps for dense's {steps}.")
+    return {"contenders": [base, dense, moe], "notes": [note],
+            "calibration": {"dense_step_s": timed["dense"], "moe_step_s": timed["upcycle"], "moe_steps": moe_steps}}
+
+
+def run_pretrain(ctx: Context, contenders: list[tuple[str, dict[str, Any]]], model: dict[str, Any] | None = None,
+                 steps: int = 2000, quick_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Dense and each method from scratch on code, the same tokens. `quick_options` are added to every method's
+    options under --quick (so that a run of a few steps still goes through the method's schedule)."""
+    n = ctx.steps(steps, 20)
+    runs = [train_run(ctx, "dense", run_config(ctx, corpus="code", steps=n, model=model))]
+    for name, method in contenders:
+        if ctx.quick:
+            method = {**method, **(quick_options or {})}
+        runs.append(train_run(ctx, name, run_config(ctx, corpus="code", steps=n, model=model, method=method)))
+    return {"contenders": runs}
+
+
+SAT_STEP = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "constant", "dense_final": 0.0}
+SAT_CPT = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "ladder"}
+UPCYCLE = {"name": "upcycle", "experts": 8, "top_k": 2, "layers": "every-other"}
+
+PARTS: dict[str, Part] = {
+    "prepare-data": Part("prepare DATA/code and DATA/english from the carried corpora", run_prepare_data,
+                         trains=False),
+    "dense-step": Part("dense training step, gpt2-small and gpt2-medium", functools.partial(run_steps, methods=[]),
+                       trains=False),
+    "sat-step": Part("SAT step at omission 0.5 vs dense", functools.partial(run_steps, methods=[SAT_STEP]),
+                     ("sat",), trains=False),
+    "sat-cpt": Part("continual pre-training code -> English, dense vs SAT (LORS)", run_sat_cpt, ("sat",)),
+    "upcycle": Part("dense vs upcycled continuation at equal wall-clock", run_upcycle, ("upcycle",)),
+    "ssd-pretrain": Part("pre-training dense vs SSD (relu2)",
+                         functools.partial(run_pretrain, contenders=[("ssd", {"name": "ssd"})],
+                                           model={"activation": "relu2"}, steps=2000,
+                                           quick_options={"schedule": "fixed", "sparse_windows": [[0.3, 0.7]]}),
+                         ("ssd",)),
+    "mst-pretrain": Part("pre-training dense vs MST (weight and neuron level)",
+                         functools.partial(run_pretrain,
+                                           contenders=[("mst-weight", {"name": "mst", "granularity": "weight"}),
+                                                       ("mst-neuron", {"name": "mst", "granularity": "neuron"})],
+                                           steps=1200, quick_options={"update_every": 4}),
+                         ("mst",)),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def scratch_dir(path: Path) -> Path:
+    """Empty the suite's own scratch folder `path` (refusing one it did not make) and return it."""
+    if path.exists() and any(path.iterdir()):
+        if not (path / MARKER).is_file():
+            raise UserError(f"{path} is not empty and was not made by the suite; pass another --work-dir")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).touch()
+    return path
+
+
+def command_line(part: str, *, out: Path, data_dir: Path, work_dir: Path, carry: Path, quick: bool, device: str,
+                 scale: float) -> str:
+    args = ["sparsetrain", "bench", "--suite", part]
+    if quick:
+        args.append("--quick")
+    args += ["--out", str(out)]
+    if part == "prepare-data":
+        args += ["--data-dir", str(data_dir), "--carry", str(carry)]
+    elif not part.endswith("-step"):
+        args += ["--data-dir", str(data_dir), "--work-dir", str(work_dir)]
+        if scale != 1.0:
+            args += ["--scale", f"{scale:g}"]
+    if device != "auto":
+        args += ["--device", device]
+    return shlex.join(args)
+
+
+def run_part(part: str, *, out: str | Path = "bench_out", data_dir: str | Path = "data/suite",
+             work_dir: str | Path = "runs/suite", carry: str | Path = ".carry", quick: bool = False,
+             device: str = "auto", scale: float = 1.0) -> dict[str, Any]:
+    """Run one part; writes OUT/PART.json (and OUT/PART/ for trained runs) and returns what it wrote."""
+    from .methods import REGISTRY
+
+    if part not in PARTS:
+        raise UserError(f"unknown suite part '{part}'; parts: {', '.join(PARTS)}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got '{device}'")
+    if not scale > 0:
+        raise UserError(f"--scale must be positive, got {scale}")
+    out, data_dir, work_dir, carry = Path(out), Path(data_dir), Path(work_dir), Path(carry)
+    command = command_line(part, out=out, data_dir=data_dir, work_dir=work_dir, carry=carry, quick=quick,
+                           device=device, scale=scale)
+    spec = PARTS[part]
+    result: dict[str, Any] = {"part": part, "summary": spec.summary, "command": command, "quick": quick,
+                              "env": environment(), "status": "done"}
+    cuda = torch.cuda.is_available() and device != "cpu"
+    result["env"]["ran_on"] = "cuda" if cuda else "cpu"
+    if cuda:
+        result["env"]["peak_flops"] = peak_flops(torch.device("cuda"))
+    out.mkdir(parents=True, exist_ok=True)
+    missing = [m for m in spec.methods if m not in REGISTRY]
+    if missing:
+        result["status"] = "skipped"
+        result["message"] = (f"method {', '.join(repr(m) for m in missing)} is not registered in "
+                             f"sparsetrain.methods.REGISTRY (have: {', '.join(sorted(REGISTRY))}); "
+                             "this part runs once it is")
+        print(f"{part}: skipped: {result['message']}")
+    else:
+        ctx = Context(part, out, data_dir, work_dir, carry, quick, device, scale)
+        if spec.trains:
+            scratch_dir(work_dir / part)  # run folders (checkpoints)
+            scratch_dir(out / part)  # the runs' metrics, copied beside PART.json
+            result["shape"] = dataclasses.asdict(ctx.shape) | {"scale": scale}
+        t0 = time.perf_counter()
+        result.update(spec.run(ctx))
+        result["elapsed_s"] = time.perf_counter() - t0
+        if result.get("contenders"):
+            compare(ctx, result["contenders"])
+            print_table(result["contenders"], CONTENDER_COLUMNS)
+        print(f"{part}: done in {result['elapsed_s']:.0f} s")
+    path = out / f"{part}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"raw numbers: {path}")
+    return result

@@ -1,0 +1,284 @@
+"""The benchmark suite and its report, on tiny corpora: every part with --quick, the report on what they wrote."""
+import ast
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsetrain.data import TokenData, export_jsonl, prepare
+from sparsetrain.errors import UserError
+from sparsetrain.methods import REGISTRY
+from sparsetrain.methods.base import Dense, DenseOptions
+from sparsetrain.report import TARGETS, evaluate_targets, load_results, write_report
+from sparsetrain.suite import PARTS, CompileClock, prepare_corpus, run_part, steady_times
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall when other processes share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_english(folder, max_bytes=250_000):
+    """Real English: the docstrings of standard-library modules (read with ast, nothing imported)."""
+    folder.mkdir()
+    total = 0
+    for path in sorted(Path(os.__file__).parent.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        docs = [ast.get_docstring(n) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))]
+        text = "\n\n".join(d for d in docs if d)
+        if text:
+            (folder / f"{path.stem}.txt").write_text(text)
+            total += len(text)
+        if total > max_bytes:
+            break
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The carried files of a GPU call in miniature: code and English JSONL (xz) and one shared tokenizer."""
+    root = tmp_path_factory.mktemp("suite")
+    carry = root / "carry"
+    write_english(root / "english_text")
+    export_jsonl("stdlib", carry / "code.jsonl.xz", max_bytes=300_000, progress=False)
+    export_jsonl(str(root / "english_text"), carry / "english.jsonl.xz", progress=False)
+    tok = root / "tok"
+    prepare(str(carry / "code.jsonl.xz"), tok, vocab_size=512, max_bytes=100_000, progress=False)
+    shutil.copy(tok / "tokenizer.json", carry / "tokenizer.json")
+    dirs = {"out": root / "out", "data_dir": root / "data", "work_dir": root / "work", "carry": carry}
+    run_part("prepare-data", quick=True, **dirs)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def results(env):
+    """Every part, --quick, in this process."""
+    return {name: run_part(name, quick=True, **env) for name in PARTS if name != "prepare-data"}
+
+
+def test_every_part_writes_its_json(env, results):
+    for name, r in results.items():
+        on_disk = json.loads((env["out"] / f"{name}.json").read_text())
+        assert on_disk["part"] == name and on_disk["quick"] is True
+        assert on_disk["command"].startswith(f"sparsetrain bench --suite {name} --quick --out ")
+        methods = PARTS[name].methods
+        if all(m in REGISTRY for m in methods):
+            assert on_disk["status"] == "done"
+        else:  # ssd / mst while they are not registered
+            assert on_disk["status"] == "skipped"
+            assert all(f"'{m}'" in on_disk["message"] for m in methods if m not in REGISTRY)
+
+
+def test_prepare_data_shares_the_tokenizer_and_keeps_prepared_corpora(env):
+    for corpus in ("code", "english"):
+        d = env["data_dir"] / corpus
+        assert TokenData(d).meta["val_tokens"] >= 2049  # the quick evaluation: 2048 tokens
+        assert (d / "tokenizer.json").read_bytes() == (env["data_dir"] / "code" / "tokenizer.json").read_bytes()
+    before = os.stat(env["data_dir"] / "code" / "train.bin").st_mtime_ns
+    run_part("prepare-data", quick=True, **env)
+    assert os.stat(env["data_dir"] / "code" / "train.bin").st_mtime_ns == before
+
+
+def test_prepare_data_refuses_a_corpus_of_another_tokenizer(env, tmp_path):
+    carry = tmp_path / "carry"
+    shutil.copytree(env["carry"], carry)
+    other = tmp_path / "other"
+    prepare(str(carry / "english.jsonl.xz"), other, vocab_size=300, max_bytes=50_000, progress=False)
+    shutil.copy(other / "tokenizer.json", carry / "tokenizer.json")
+    with pytest.raises(UserError, match="another tokenizer"):
+        run_part("prepare-data", quick=True, **{**env, "carry": carry, "out": tmp_path / "out"})
+
+
+def test_prepare_corpus_raises_the_validation_fraction_until_the_held_out_set_is_large_enough(env, tmp_path):
+    source, tok = env["carry"] / "english.jsonl.xz", env["carry"] / "tokenizer.json"
+    small = prepare_corpus(source, tmp_path / "a", tok, min_val_tokens=1, val_fraction=0.02)
+    need = 3 * small["val_tokens"]
+    meta = prepare_corpus(source, tmp_path / "b", tok, min_val_tokens=need, val_fraction=0.02)
+    assert meta["val_tokens"] >= need and meta["val_fraction"] > 0.02
+
+
+def test_steady_times_takes_out_at_most_the_compile_time_where_it_was_spent():
+    # 10-step windows of 1 s; 30 s extra in the first (a compile), 20 s in the fifth (a recompile, or a method's own
+    # one-off work), then a real 2x slower phase.
+    per_window = [31.0, 1.0, 1.0, 1.0, 21.0, 1.0, 1.0, 2.0, 2.0, 2.0]
+    records, t = [], 0.0
+    for i, w in enumerate(per_window):
+        t += w
+        records.append({"step": 10 * (i + 1), "train_time": t})
+    raw = [r["train_time"] for r in records]
+    assert steady_times(records, compile_s=0.0) == pytest.approx(raw)
+    steady = steady_times(records, compile_s=50.0)
+    assert steady[-1] == pytest.approx(raw[-1] - 50)
+    assert steady[:4] == pytest.approx([1, 2, 3, 4])  # the slower phase at the end is not taken for compilation
+    more = steady_times(records, compile_s=80.0)  # more compile time than the spikes hold: only the spikes go
+    assert more == pytest.approx(steady)
+    part = steady_times(records, compile_s=25.0)  # a compile only explains half: the rest stays
+    assert part[-1] == pytest.approx(raw[-1] - 25)
+    for times in (steady, part):
+        assert all(b > a for a, b in zip(times, times[1:]))
+        assert all(s <= r for s, r in zip(times, raw))
+
+
+def test_compile_clock_counts_training_compilations_only():
+    f = torch.compile(lambda x: (x.sin() * 2).sum(), backend="aot_eager")
+    with CompileClock() as clock:
+        with torch.no_grad():  # an evaluation: not training time
+            f(torch.randn(3))
+        assert clock.count == 0
+        x = torch.randn(4, requires_grad=True)
+        f(x).backward()
+    assert clock.count >= 1 and clock.seconds > 0
+    seconds = clock.seconds
+    f(torch.randn(5, requires_grad=True))  # outside the clock
+    assert clock.seconds == seconds
+
+
+def test_step_parts_time_dense_first_and_give_ratios_to_it(results):
+    for name in ("dense-step", "sat-step"):
+        rows = results[name]["rows"]
+        assert rows[0]["method"] == "dense" and rows[0]["speedup"] == 1.0
+        for r in rows:
+            assert r["speedup"] == pytest.approx(rows[0]["step_s"] / r["step_s"])
+    sat = results["sat-step"]["rows"][1]
+    assert sat["method"] == "sat" and sat["flops_ratio"] > 1.2  # half the FFN and heads omitted every step
+
+
+def check_contenders(part, baseline="dense"):
+    """Invariants of a trained part: same tokens and held-out set, ratios to dense, curves, copied metrics."""
+    cs = {c["name"]: c for c in part["contenders"]}
+    base = cs[baseline]
+    for c in part["contenders"]:
+        assert math.isfinite(c["val_loss"]) and c["wallclock"] > 0 and c["flops"] > 0
+        assert c["train_time"] - c["compile_s"] - 1e-9 <= c["wallclock"] <= c["train_time"] + 1e-9
+        assert c["config"]["train"]["eval_tokens"] == base["config"]["train"]["eval_tokens"]
+        assert c["curve"][-1]["val_loss"] == pytest.approx(c["val_loss"])
+        if c["role"] == "base":
+            continue
+        assert c["corpus"] == base["corpus"]
+        assert c["val_gap"] == pytest.approx((c["val_loss"] - base["val_loss"]) / base["val_loss"])
+        assert c["speedup"] == pytest.approx(base["wallclock"] / c["wallclock"])
+        assert c["flops_ratio"] == pytest.approx(base["flops"] / c["flops"])
+    return cs
+
+
+def test_sat_cpt_continues_the_code_base_on_english_with_the_same_tokens(env, results):
+    cs = check_contenders(results["sat-cpt"])
+    assert cs["base"]["corpus"] == "code" and cs["dense"]["corpus"] == "english"
+    assert cs["dense"]["tokens"] == cs["sat"]["tokens"]
+    for name in ("dense", "sat"):
+        train_cfg = cs[name]["config"]["train"]
+        assert train_cfg["init_from"] == cs["base"]["run_dir"]
+        assert train_cfg["seed"] == cs["dense"]["config"]["train"]["seed"] != cs["base"]["config"]["train"]["seed"]
+        assert cs[name]["curve"][0]["val_loss"] == pytest.approx(results["sat-cpt"]["start_val_loss"])
+        assert (env["out"] / cs[name]["metrics"]).is_file()
+    rates = [r["sat_ffn_rate"] for r in cs["sat"]["curve"] if "sat_ffn_rate" in r]
+    assert rates[0] == 0.5 and rates[-1] == 0.0 and rates == sorted(rates, reverse=True)  # the LORS ladder
+    assert cs["sat"]["flops"] < cs["dense"]["flops"]
+
+
+def test_upcycle_gives_the_moe_the_steps_that_fit_dense_time(results):
+    part = results["upcycle"]
+    cs = check_contenders(part)
+    cal = part["calibration"]
+    assert cs["upcycle"]["steps"] == cal["moe_steps"] == max(1, round(
+        cs["dense"]["steps"] * cal["dense_step_s"] / cal["moe_step_s"]))
+    assert cs["upcycle"]["config"]["method"]["experts"] == 8
+    # Both continuations start from the base model: exact upcycling computes what the base did.
+    for name in ("dense", "upcycle"):
+        assert cs[name]["curve"][0]["val_loss"] == cs["base"]["val_loss"]
+
+
+class StandIn(Dense):
+    """Dense under a method's name, whatever its options: runs a part whose method is not registered yet."""
+
+    @classmethod
+    def from_config(cls, method_cfg, args, seq_len):
+        return cls(DenseOptions(), args, seq_len)
+
+
+@pytest.mark.parametrize("name, contenders", [("ssd-pretrain", ["dense", "ssd"]),
+                                              ("mst-pretrain", ["dense", "mst-weight", "mst-neuron"])])
+def test_pretrain_parts_train_every_contender_on_the_same_tokens(env, results, monkeypatch, tmp_path, name,
+                                                                  contenders):
+    part = results[name]
+    if part["status"] == "skipped":
+        for m in PARTS[name].methods:
+            monkeypatch.setitem(REGISTRY, m, StandIn)
+        part = run_part(name, quick=True, **{**env, "out": tmp_path})
+    cs = check_contenders(part)
+    assert list(cs) == contenders
+    assert len({c["tokens"] for c in cs.values()}) == 1
+    assert len({json.dumps(c["config"]["model"]) for c in cs.values()}) == 1  # the same model for all
+    # --quick makes the methods switch phases / update their topology within its few steps.
+    if name == "ssd-pretrain":
+        assert cs["ssd"]["config"]["model"]["activation"] == "relu2"
+        assert cs["ssd"]["config"]["method"]["schedule"] == "fixed"
+    else:
+        assert cs["mst-weight"]["config"]["method"]["update_every"] == 4
+
+
+def test_a_part_whose_method_is_not_registered_is_skipped_with_a_message(env, monkeypatch, tmp_path):
+    monkeypatch.delitem(REGISTRY, "sat")
+    r = run_part("sat-cpt", quick=True, **{**env, "out": tmp_path})
+    assert r["status"] == "skipped" and "'sat' is not registered" in r["message"]
+    assert json.loads((tmp_path / "sat-cpt.json").read_text())["status"] == "skipped"
+
+
+def test_user_mistakes(env, tmp_path):
+    with pytest.raises(UserError, match="unknown suite part"):
+        run_part("sat-ctp", quick=True, **env)
+    with pytest.raises(UserError, match="prepare-data"):
+        run_part("upcycle", quick=True, **{**env, "data_dir": tmp_path / "nothing", "out": tmp_path / "o"})
+    foreign = tmp_path / "work" / "upcycle"
+    foreign.mkdir(parents=True)
+    (foreign / "keep.txt").write_text("not the suite's")
+    with pytest.raises(UserError, match="not made by the suite"):
+        run_part("upcycle", quick=True, **{**env, "work_dir": tmp_path / "work", "out": tmp_path / "o"})
+    assert (foreign / "keep.txt").is_file()
+
+
+def test_report_has_every_target_and_the_plots(env, results, tmp_path):
+    paths = [env["out"] / f"{name}.json" for name in results if name != "sat-step"]
+    report = write_report(paths, tmp_path).read_text()
+    for t in TARGETS:
+        assert f"| {t.what} | {t.target} |" in report
+    rows = {r["what"]: r for r in evaluate_targets(load_results(paths))}
+    assert rows["SAT step at omission 0.5"]["measured"] == "not measured"  # its JSON was left out
+    sat_cpt = rows["SAT continual pre-training, wall-clock at val loss within 1%"]
+    assert sat_cpt["met"] == "quick run, not a measurement"
+    assert results["sat-cpt"]["command"] in sat_cpt["command"]
+    for png in ("loss.png", "steps.png", "schedules.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    assert "![validation loss](loss.png)" in report
+
+
+def test_report_judges_quality_targets_by_ratio_and_validation_gap(results, tmp_path):
+    part = json.loads(json.dumps(results["sat-cpt"]))
+    part["quick"] = False
+    sat = next(c for c in part["contenders"] if c["name"] == "sat")
+    what = "SAT continual pre-training, wall-clock at val loss within 1%"
+    for speedup, gap, met in [(1.5, 0.005, "yes"), (1.5, 0.02, "**no**"), (1.3, 0.0, "**no**")]:
+        sat.update(speedup=speedup, speedup_raw=1.1, val_gap=gap)
+        path = tmp_path / "sat-cpt.json"
+        path.write_text(json.dumps(part))
+        row = next(r for r in evaluate_targets(load_results([path])) if r["what"] == what)
+        assert row["met"] == met, (speedup, gap)
+        assert f"{speedup:.2f}x wall-clock" in row["measured"]
+
+
+def test_report_refuses_files_that_are_not_suite_results(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"rows": []}))
+    with pytest.raises(UserError, match="not a suite result"):
+        write_report([bad], tmp_path / "r")
