@@ -30,6 +30,7 @@ def measure_steps(cfg: config_mod.RunConfig, *, steps: int = 30, warmup: int = 1
     wrapped = parallelize(model, rt, tcfg, compile_model)
     optimizer = make_optimizer(model, tcfg, rt.device)
     method.total_steps = warmup + steps
+    method.tokens_per_step = tcfg.batch_size * tcfg.seq_len
     method.start(model, optimizer)
     micro = tcfg.micro_batch_size or tcfg.batch_size
     accum = tcfg.batch_size // micro

@@ -91,11 +91,17 @@ def cmd_eval(a) -> None:
     from .train import TrainingData, evaluate, load_model, setup_runtime
 
     model, method, cfg = load_model(a.run, overrides=a.set or [])
+    if a.moe:
+        from .methods.ssd import prepare_moe  # SSD: the dense model run as an MoE with top-K experts
+
+        prepare_moe(model, a.run, a.moe, a.experts)
     rt = setup_runtime(cfg.train)
     model.to(rt.device)
     data = TrainingData(a.data or cfg.data.dir, cfg.train)
-    loss = evaluate(model, data, cfg.train, rt, method, max_tokens=a.tokens)
+    loss = evaluate(model, data, cfg.train, rt, None if a.moe else method, max_tokens=a.tokens)
     result = {"val_loss": loss, "perplexity": math.exp(min(loss, 50))}
+    if a.moe:
+        result["moe_top_k"] = a.moe
     print(json.dumps(result))
 
 
@@ -110,6 +116,40 @@ def cmd_convert_hf_import(a) -> None:
                                            "train": {"seq_len": seq_len}}))
     write_model_folder(Path(a.out), config.dumps(raw), model.state_dict())
     print(f"imported {a.source} into {a.out}")
+
+
+def cmd_generate(a) -> None:
+    from .methods.ssd import generate_both
+
+    texts = generate_both(a.run, a.prompt, a.moe, a.experts, a.device, max_new_tokens=a.max_new_tokens,
+                          temperature=a.temperature, top_k_sampling=a.top_k, seed=a.seed)
+    for name, text in texts.items():
+        print(f"--- {name}\n{a.prompt}{text}")
+
+
+def cmd_analyze(a) -> None:
+    from .analysis import analyze_run
+
+    result = analyze_run(a.run, a.out, a.probe_tokens, a.experts, a.top_k, activation_threshold=a.threshold,
+                         cluster=a.cluster, device=a.device)
+    out = Path(a.out) if a.out else Path(a.run) / "analysis"
+    print((out / "analysis.md").read_text())
+    print(f"analysis of {len(result['steps'])} checkpoint(s) in {out} (analysis.json, analysis.md, plots)")
+
+
+def cmd_convert_moefy(a) -> None:
+    from .methods.ssd import moefy_checkpoint
+
+    out = moefy_checkpoint(a.source, a.out, a.experts, a.seed)
+    print(f"moefied {a.source} into {out} ({a.experts} experts per FFN); run it as an MoE: "
+          f"sparsetrain eval {out} --moe K")
+
+
+def cmd_convert_densify(a) -> None:
+    from .methods.ssd import densify_checkpoint
+
+    out = densify_checkpoint(a.source, a.out)
+    print(f"densified {a.source} into {out}")
 
 
 def cmd_convert_hf_export(a) -> None:
@@ -264,8 +304,33 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run")
     ev.add_argument("--data", help="prepared data folder (default: the run's data.dir)")
     ev.add_argument("--tokens", type=int, help="validation tokens (default: train.eval_tokens)")
+    ev.add_argument("--moe", type=int, metavar="K", help="run every FFN as an MoE with top-K experts (SSD)")
+    ev.add_argument("--experts", type=int, help="with --moe: experts per FFN (default: the run's, else 16)")
     ev.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     ev.set_defaults(func=cmd_eval)
+
+    ge = sub.add_parser("generate", help="sample text from a run or model folder (dense, and as an MoE with --moe)")
+    ge.add_argument("run")
+    ge.add_argument("--prompt", required=True)
+    ge.add_argument("--moe", type=int, metavar="K", help="also generate with every FFN run as a top-K MoE (SSD)")
+    ge.add_argument("--experts", type=int)
+    ge.add_argument("--max-new-tokens", type=int, default=100)
+    ge.add_argument("--temperature", type=float, default=0.8)
+    ge.add_argument("--top-k", type=int, default=50, help="sample among the K likeliest tokens (0 = all)")
+    ge.add_argument("--seed", type=int, default=0)
+    ge.add_argument("--device", default="cpu")
+    ge.set_defaults(func=cmd_generate)
+
+    an = sub.add_parser("analyze", help="activation sparsity and stability over a run's checkpoints (the SSD study)")
+    an.add_argument("run")
+    an.add_argument("--out", help="folder for analysis.json/.md and plots (default: RUN/analysis)")
+    an.add_argument("--probe-tokens", type=int, default=4096)
+    an.add_argument("--experts", type=int, default=16)
+    an.add_argument("--top-k", type=int, default=4)
+    an.add_argument("--threshold", type=float, default=0.01, help="|activation| below this counts as zero (smooth)")
+    an.add_argument("--cluster", default="weights", choices=["weights", "coactivation"])
+    an.add_argument("--device", default="auto")
+    an.set_defaults(func=cmd_analyze)
 
     conv = sub.add_parser("convert", help="convert models").add_subparsers(dest="convert_command", required=True)
     hi = conv.add_parser("hf-import", help="a local Hugging Face Llama / GPT-2 / Mixtral folder -> a sparsetrain model folder")
@@ -291,6 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--capacity-factor", type=float, default=0.0, help="0 = dropless (token choice)")
     up.add_argument("--seed", type=int, default=0)
     up.set_defaults(func=cmd_convert_upcycle)
+
+    mo = conv.add_parser("moefy", help="cluster every FFN into experts (SSD's MoEfication) -> a model folder")
+    mo.add_argument("--from", dest="source", required=True)
+    mo.add_argument("--out", required=True)
+    mo.add_argument("--experts", type=int, default=16)
+    mo.add_argument("--seed", type=int, default=0)
+    mo.set_defaults(func=cmd_convert_moefy)
+    dn = conv.add_parser("densify", help="a moefied folder -> the dense model with its neurons in the original order")
+    dn.add_argument("--from", dest="source", required=True)
+    dn.add_argument("--out", required=True)
+    dn.set_defaults(func=cmd_convert_densify)
 
     be = sub.add_parser("bench", help="training-step speed on the GPU (tokens/s, MFU), a method against dense")
     be.add_argument("--preset", nargs="+", default=["gpt2-small", "gpt2-medium"])

@@ -137,6 +137,27 @@ def group_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, grouped: bo
     return torch.cat([a[start:end] @ w[e] for e, (start, end) in enumerate(zip([0] + ends[:-1], ends))])
 
 
+def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
+             expert_rows) -> torch.Tensor:
+    """sum_j weights[:, j] * expert_{expert_ids[:, j]}(x) for rows x [N, d]: sort the N*k assignments by expert,
+    run `expert_rows(xs, offs, sorted_ids, dtype)` on the grouped rows, and put the results back in token order.
+    Shared by every MoE layout (stacked experts here, SSD's views of a dense FFN)."""
+    N, k = expert_ids.shape
+    # Row r of the expert-sorted layout is assignment order[r] (token order[r] // k); inverse undoes it.
+    # Narrow keys make the radix sort short: one pass over 8-bit keys when E <= 256.
+    key_dtype = torch.uint8 if num_experts <= 256 else torch.int32
+    sorted_ids, order = expert_ids.reshape(-1).to(key_dtype).sort(stable=True)
+    offs = torch.searchsorted(
+        sorted_ids, torch.arange(num_experts, device=x.device, dtype=key_dtype), right=True, out_int32=True,
+    )
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+    dtype = compute_dtype(x)
+    xs = GatherRows.apply(x.to(dtype), order // k, inverse, k)
+    ys = expert_rows(xs, offs, sorted_ids, dtype)
+    ys = GatherRows.apply(ys, inverse, order, 1).view(N, k, -1)  # back to token order
+    return (ys * weights.to(ys.dtype).unsqueeze(-1)).sum(dim=1)
+
+
 class MoEFFN(nn.Module):
     def __init__(
         self,
@@ -216,21 +237,7 @@ class MoEFFN(nn.Module):
 
     def experts(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_j weights[:, j] * expert_{expert_ids[:, j]}(x): [N, d] in the compute dtype."""
-        N, k = expert_ids.shape
-        # Row r of the expert-sorted layout is assignment order[r] (token order[r] // k); inverse undoes it.
-        # Narrow keys make the radix sort short: one pass over 8-bit keys when E <= 256.
-        key_dtype = torch.uint8 if self.num_experts <= 256 else torch.int32
-        sorted_ids, order = expert_ids.reshape(-1).to(key_dtype).sort(stable=True)
-        offs = torch.searchsorted(
-            sorted_ids, torch.arange(self.num_experts, device=x.device, dtype=key_dtype), right=True,
-            out_int32=True,
-        )
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-        dtype = compute_dtype(x)
-        xs = GatherRows.apply(x.to(dtype), order // k, inverse, k)
-        ys = self.expert_rows(xs, offs, sorted_ids, dtype)
-        ys = GatherRows.apply(ys, inverse, order, 1).view(N, k, -1)  # back to token order
-        return (ys * weights.to(ys.dtype).unsqueeze(-1)).sum(dim=1)
+        return dispatch(x, expert_ids, weights, self.num_experts, self.expert_rows)
 
     def expert_rows(self, xs, offs, sorted_ids, dtype) -> torch.Tensor:
         """The expert MLP of rows already grouped by expert (`offs`: int32 ends of the groups; `sorted_ids`: each

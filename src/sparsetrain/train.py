@@ -298,6 +298,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str
     if args.vocab_size < data.vocab_size:
         raise UserError(f"model.vocab_size={args.vocab_size} is smaller than the data's vocabulary "
                         f"({data.vocab_size}); remove model.vocab_size or raise it")
+    if rt.distributed and tcfg.parallel == "fsdp" and not method.supports_fsdp:
+        raise UserError(f"method {method.name} needs whole weights on every process; use train.parallel = \"ddp\"")
     cfg.model.vocab_size = args.vocab_size  # saved with the run, so the model can be rebuilt without the data
     if tcfg.init_from and not resume:
         _, weights = find_weights(tcfg.init_from)
@@ -309,6 +311,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str
     wrapped = parallelize(model, rt, tcfg, compile_model)
     optimizer = make_optimizer(model, tcfg, rt.device)
     method.total_steps = tcfg.steps
+    method.tokens_per_step = tcfg.batch_size * tcfg.seq_len  # for methods with per-check overheads (SSD)
 
     start_step, flops_done, train_time, tokens_done = 0, 0.0, 0.0, 0
     if resume:

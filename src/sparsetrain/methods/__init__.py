@@ -8,9 +8,10 @@ from ..model import ModelArgs
 from .base import Dense, Method
 from .mst import MST
 from .sat import SAT
+from .ssd import SSD
 from .upcycle import Upcycle
 
-REGISTRY: dict[str, type[Method]] = {"dense": Dense, "sat": SAT, "upcycle": Upcycle, "mst": MST}
+REGISTRY: dict[str, type[Method]] = {"dense": Dense, "sat": SAT, "upcycle": Upcycle, "ssd": SSD, "mst": MST}
 
 
 def build_method(method_cfg: dict[str, Any], args: ModelArgs, seq_len: int) -> Method:

@@ -36,12 +36,15 @@ class DenseOptions:
 class Method:
     name = "dense"
     Options = DenseOptions
+    # Methods that slice or mask whole parameter tensors need each process to hold them whole (DDP, not FSDP).
+    supports_fsdp = True
 
     def __init__(self, options, args: ModelArgs, seq_len: int):
         self.options = options
         self.args = args
         self.seq_len = seq_len
         self.total_steps = 0  # set by the trainer before start(): schedules need the length of training
+        self.tokens_per_step = 0  # set by the trainer too: spreads a method's occasional work over tokens
         self.model: Transformer | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 

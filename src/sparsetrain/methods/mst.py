@@ -204,6 +204,7 @@ def next_active(mask: torch.Tensor, magnitude: torch.Tensor, grad: torch.Tensor 
 
 
 class MST(Method):
+    supports_fsdp = False  # masks and slices whole weight tensors
     name = "mst"
     Options = MSTOptions
 

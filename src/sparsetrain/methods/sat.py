@@ -138,6 +138,7 @@ def same_on_all_ranks(decision: torch.Tensor) -> torch.Tensor:
 
 class SAT(Method):
     name = "sat"
+    supports_fsdp = False  # slices whole weight tensors
     Options = SATOptions
 
     def __init__(self, options: SATOptions, args: ModelArgs, seq_len: int):
