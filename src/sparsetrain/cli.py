@@ -244,7 +244,7 @@ def cmd_report(a) -> None:
 def cmd_demo(a) -> None:
     from .demo import run_demo
 
-    run_demo(Path(a.out), data_dir=Path(a.data), steps=a.steps, max_bytes=a.max_bytes)
+    run_demo(Path(a.out), data_dir=Path(a.data), steps=a.steps, max_bytes=a.max_bytes, continue_steps=a.continue_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -399,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="the main job: prepare the stdlib corpus, train the tiny model, write a report")
     de.add_argument("--out", default="runs/demo")
     de.add_argument("--data", default="data/stdlib")
-    de.add_argument("--steps", type=int, default=300)
+    de.add_argument("--steps", type=int, default=200, help="pre-training steps per method")
+    de.add_argument("--continue-steps", type=int, help="steps of the dense/upcycled continuation (default steps/2)")
     de.add_argument("--max-bytes", type=_size, default=_size("8M"))
     de.set_defaults(func=cmd_demo)
     return p

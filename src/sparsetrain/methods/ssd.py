@@ -517,6 +517,7 @@ def _distributed() -> bool:
 
 class SSD(Method):
     name = "ssd"
+    supports_fsdp = False  # permutes and slices whole FFN weights
     Options = SSDOptions
 
     def __init__(self, options: SSDOptions, args: ModelArgs, seq_len: int):

@@ -1,0 +1,16 @@
+"""The README's main job, shrunk: every method runs and the report renders."""
+from sparsetrain.data import prepare
+from sparsetrain.demo import CONTENDERS, CONTINUATIONS, run_demo
+
+
+def test_demo_runs_every_method_and_writes_report(tmp_path):
+    data = tmp_path / "data"  # the demo's windows are 256 tokens: a larger held-out share than the shared fixture
+    prepare("stdlib", data, vocab_size=512, max_bytes=300_000, val_fraction=0.3, progress=False)
+    out = tmp_path / "demo"
+    report = run_demo(out, data_dir=data, steps=8, continue_steps=4)
+    text = report.read_text()
+    for name, _ in CONTENDERS + CONTINUATIONS:
+        assert f"| {name} |" in text
+        assert (out / name / "metrics.jsonl").is_file()
+    assert {m["name"] for _, m in CONTENDERS + CONTINUATIONS} == {"dense", "sat", "ssd", "mst", "upcycle"}
+    assert (out / "loss.png").stat().st_size > 10_000 and (out / "continuation.png").stat().st_size > 10_000
