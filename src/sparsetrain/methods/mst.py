@@ -55,6 +55,7 @@ from .. import attention_masks
 from ..errors import UserError
 from ..model import ModelArgs, Transformer, flops_per_token
 from .base import Method
+from .frozen import SliceStash, moments
 from .sat import keep_count, same_on_all_ranks
 
 GRANULARITIES = ("weight", "neuron")
@@ -138,36 +139,6 @@ def erk_densities(shapes: list[tuple[int, int]], sparsity: float) -> list[float]
 
 def round_half_up(x: float) -> int:
     return math.floor(x + 0.5)
-
-
-def moments(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The optimizer's per-element state of `p` (AdamW: exp_avg, exp_avg_sq; its `step` is one per tensor)."""
-    return {k: t for k, t in optimizer.state.get(p, {}).items() if torch.is_tensor(t) and t.shape == p.shape}
-
-
-class SliceStash:
-    """Slices of parameters and of their optimizer moments, saved before `optimizer.step()` and put back after it,
-    so that the step leaves them exactly as they were (AdamW moves a weight with a zero gradient through momentum and
-    weight decay). A moment the optimizer creates during the step is zero on the saved slices, as it was before."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
-        self.saved: list = []
-
-    def save(self, p: torch.Tensor, dim: int, idx: torch.Tensor) -> None:
-        saved = {k: t.index_select(dim, idx) for k, t in moments(self.optimizer, p).items()}
-        self.saved.append((p, dim, idx, p.detach().index_select(dim, idx), saved))
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for p, dim, idx, value, saved in self.saved:
-            p.index_copy_(dim, idx, value)
-            for key, t in moments(self.optimizer, p).items():
-                if key in saved:
-                    t.index_copy_(dim, idx, saved[key])
-                else:
-                    t.index_fill_(dim, idx, 0)
-        self.saved = []
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:

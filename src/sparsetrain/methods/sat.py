@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..model import Attention, ModelArgs, Transformer, apply_rope, flops_per_token
 from .base import Method
+from .frozen import SliceStash
 
 METRICS = ("uniform", "magnitude", "wanda", "maxip")
 SELECTS = ("topk", "sample")
@@ -153,7 +154,7 @@ class SAT(Method):
         self.kept: dict[str, torch.Tensor | None] = {"ffn": None, "head": None}  # [len(layers), k] this step
         self.gathering = False  # read by the hooks: statistics are wanted on this step
         self._gather_ffn_now = self._gather_head_now = False
-        self._stash: list = []
+        self._stash: SliceStash | None = None
         self._hooks: list = []
         self._pending_state: dict | None = None
 
@@ -391,7 +392,7 @@ class SAT(Method):
 
     def before_optimizer(self, step: int) -> None:
         """Stash the omitted slices of every sliced parameter and of its optimizer moments."""
-        self._stash = []
+        self._stash = SliceStash(self.optimizer)
         with torch.no_grad():
             for kind in ("ffn", "head"):
                 if self.kept[kind] is None:
@@ -400,10 +401,10 @@ class SAT(Method):
                 for j, i in enumerate(self.layers):
                     module = self.model.blocks[i].mlp if kind == "ffn" else self.model.blocks[i].attn
                     fc = module.fc if kind == "ffn" else module.qkv
-                    self._save(fc.weight, 0, rows[j])
+                    self._stash.save(fc.weight, 0, rows[j])
                     if fc.bias is not None:
-                        self._save(fc.bias, 0, rows[j])
-                    self._save(module.proj.weight, 1, cols[j])
+                        self._stash.save(fc.bias, 0, rows[j])
+                    self._stash.save(module.proj.weight, 1, cols[j])
 
     def _omitted_slices(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of `fc` / `qkv` and columns of `proj` of this step's omitted neurons / groups, [len(layers), *] each,
@@ -419,25 +420,11 @@ class SAT(Method):
         q, k, v = rows.split([cols.numel(), (rows.numel() - cols.numel()) // 2, (rows.numel() - cols.numel()) // 2])
         return torch.cat([q.view(L, -1), k.view(L, -1), v.view(L, -1)], dim=1), cols.view(L, -1)
 
-    def _save(self, p: torch.Tensor, dim: int, idx: torch.Tensor) -> None:
-        state = self.optimizer.state.get(p, {})
-        # Moments have the parameter's shape (exp_avg, exp_avg_sq, max_exp_avg_sq); AdamW's `step` is one per tensor.
-        moments = {key: t.index_select(dim, idx) for key, t in state.items()
-                   if torch.is_tensor(t) and t.shape == p.shape}
-        self._stash.append((p, dim, idx, p.detach().index_select(dim, idx), moments))
-
     def after_optimizer(self, step: int) -> None:
-        """Put the omitted slices back; moments the optimizer created on this step are zero there, as before it."""
-        with torch.no_grad():
-            for p, dim, idx, value, moments in self._stash:
-                p.index_copy_(dim, idx, value)
-                for key, t in self.optimizer.state.get(p, {}).items():
-                    if torch.is_tensor(t) and t.shape == p.shape:
-                        if key in moments:
-                            t.index_copy_(dim, idx, moments[key])
-                        else:
-                            t.index_fill_(dim, idx, 0)
-        self._stash = []
+        """Put the omitted slices back (see frozen.SliceStash)."""
+        if self._stash is not None:
+            self._stash.restore()
+            self._stash = None
         self._dense()
 
     def before_eval(self) -> None:

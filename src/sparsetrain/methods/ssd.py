@@ -62,6 +62,7 @@ from ..errors import UserError
 from ..model import FFN, ModelArgs, Transformer, activate, flops_per_token
 from ..moe import MoEFFN, dispatch, expert_counts, group_gemm, grouped_mm
 from .base import Method
+from .frozen import SliceStash, moments
 
 SCHEDULES = ("adaptive", "fixed")
 PHASES = ("dense", "sparse")
@@ -243,13 +244,6 @@ def router_centroids(ffn: FFN, labels: torch.Tensor, experts: int) -> torch.Tens
     return cluster_means(neuron_rows(ffn), labels, experts)
 
 
-def optimizer_moments(optimizer: torch.optim.Optimizer | None, p: torch.Tensor) -> list[torch.Tensor]:
-    """The optimizer's per-element state of `p` (AdamW: exp_avg, exp_avg_sq, max_exp_avg_sq; not `step`)."""
-    if optimizer is None:
-        return []
-    return [t for t in optimizer.state.get(p, {}).values() if torch.is_tensor(t) and t.shape == p.shape]
-
-
 @torch.no_grad()
 def permute_ffn_(ffn: FFN, order: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Reorder the neurons in place: new neuron i is old neuron order[i]. Moves `fc` rows (gate and up together),
@@ -260,7 +254,7 @@ def permute_ffn_(ffn: FFN, order: torch.Tensor, optimizer: torch.optim.Optimizer
     for p, dim, idx in [(ffn.fc.weight, 0, rows), (ffn.fc.bias, 0, rows), (ffn.proj.weight, 1, order)]:
         if p is None:
             continue
-        for t in [p, *optimizer_moments(optimizer, p), *([p.grad] if p.grad is not None else [])]:
+        for t in [p, *moments(optimizer, p).values(), *([p.grad] if p.grad is not None else [])]:
             t.copy_(t.index_select(dim, idx))
 
 
@@ -538,7 +532,7 @@ class SSD(Method):
         self.overhead = self.overhead_total = 0.0  # FLOPs: not yet in flops_per_token / all of them
         self._probe_hook = None
         self._pending_state: dict | None = None
-        self._stash: list = []
+        self._stash: SliceStash | None = None
 
     @classmethod
     def validate(cls, options: SSDOptions, args: ModelArgs, seq_len: int) -> None:
@@ -658,7 +652,7 @@ class SSD(Method):
     def before_optimizer(self, step: int) -> None:
         """Experts no token chose this step have zero gradients, but AdamW would still move them (momentum, weight
         decay): stash their weights and moments, put back after the step."""
-        self._stash = []
+        self._stash = SliceStash(self.optimizer)
         if self.phase != "sparse" or not self.options.freeze_unrouted:
             return
         loads = torch.stack([m.load for m in self.layers])
@@ -678,23 +672,12 @@ class SSD(Method):
                 rows = m.in_rows(neurons)
                 for p, dim, idx in [(m.fc.weight, 0, rows), (m.fc.bias, 0, rows), (m.proj.weight, 1, neurons)]:
                     if p is not None:
-                        state = self.optimizer.state.get(p, {})
-                        moments = {k: t.index_select(dim, idx) for k, t in state.items()
-                                   if torch.is_tensor(t) and t.shape == p.shape}
-                        self._stash.append((p, dim, idx, p.detach().index_select(dim, idx), moments))
+                        self._stash.save(p, dim, idx)
 
     def _restore(self) -> None:
-        """Put stashed slices back; moments the optimizer created this step are zero there, as before it."""
-        with torch.no_grad():
-            for p, dim, idx, value, moments in self._stash:
-                p.index_copy_(dim, idx, value)
-                for key, t in self.optimizer.state.get(p, {}).items():
-                    if torch.is_tensor(t) and t.shape == p.shape:
-                        if key in moments:
-                            t.index_copy_(dim, idx, moments[key])
-                        else:
-                            t.index_fill_(dim, idx, 0)
-        self._stash = []
+        if self._stash is not None:
+            self._stash.restore()
+            self._stash = None
 
     def before_eval(self) -> None:
         """Evaluate the dense model (what training produces), also in a sparse phase."""
