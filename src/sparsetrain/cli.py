@@ -187,8 +187,8 @@ def cmd_convert_upcycle(a) -> None:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty; pass a new --out folder or delete it")
     model, method, cfg = load_model(a.source)
-    if method.name != "dense":
-        raise UserError(f"{a.source} was trained with method '{method.name}'; upcycle a dense model")
+    if method.name == "upcycle":
+        raise UserError(f"{a.source} is already a Mixture-of-Experts; upcycle a dense model")
     options = {"name": "upcycle", "experts": a.experts, "top_k": a.top_k, "layers": a.layers,
                "granularity": a.granularity, "drop_rate": a.drop_rate, "router": a.router, "seed": a.seed}
     if a.capacity_factor:
