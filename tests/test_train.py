@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -191,7 +192,7 @@ def test_two_processes_match_one(make_config, tiny_data, tmp_path, parallel):
     cfg = tmp_path / "c.toml"
     from sparsetrain import config
 
-    raw = config.to_dict(make_config(steps=4, eval_every=0, checkpoint_every=4, parallel=parallel))
+    raw = config.to_dict(make_config(steps=4, eval_every=0, checkpoint_every=2, parallel=parallel))
     cfg.write_text(config.dumps(raw))
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -204,6 +205,17 @@ def test_two_processes_match_one(make_config, tiny_data, tmp_path, parallel):
     # The checkpoint holds full weights, loadable on one process.
     w = final_weights(two)
     assert w["wte.weight"].shape == (512, 64)
+    # Resume on two processes from the step-2 checkpoint (the step-4 one removed): the same last two steps.
+    again = tmp_path / "again"
+    shutil.copytree(two, again)
+    shutil.rmtree(again / "checkpoints" / "step_0000004")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "sparsetrain.cli", "train", "--out", str(again), "--resume"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["loss"] for r in metrics(again)] == lb
+    wa = final_weights(again)
+    assert all(torch.equal(w[k], wa[k]) for k in w)
 
 
 def test_compiled_training_really_compiles_and_matches_eager(make_config, tmp_path):

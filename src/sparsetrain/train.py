@@ -306,6 +306,10 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str
         method.init_weights(model, load_file(str(weights)), tcfg.init_from)
     loader = data.loader
 
+    # A resumed run's weights go in before sharding (FSDP2 shards the tensors it finds); its optimizer state after.
+    state = load_checkpoint(list_checkpoints(out_dir)[-1]) if resume else None
+    if state is not None:
+        load_weights(model, state["model"], "in " + str(out_dir))
     model.to(rt.device)
     compile_model = tcfg.compile == "true" or (tcfg.compile == "auto" and rt.device.type == "cuda")
     wrapped = parallelize(model, rt, tcfg, compile_model)
@@ -314,9 +318,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str
     method.tokens_per_step = tcfg.batch_size * tcfg.seq_len  # for methods with per-check overheads (SSD)
 
     start_step, flops_done, train_time, tokens_done = 0, 0.0, 0.0, 0
-    if resume:
-        state = load_checkpoint(list_checkpoints(out_dir)[-1])
-        load_weights(model, state["model"], "in " + str(out_dir))
+    if state is not None:
         load_optimizer_state(model, optimizer, state["optimizer"])
         method.load_state_dict(state["method"])
         loader.load_state_dict(state["loader"])
