@@ -39,9 +39,22 @@ def test_training_lowers_loss_and_logs(make_config, tmp_path):
     assert len(ckpt_mod.list_checkpoints(run)) == 2
 
 
-def test_resume_equals_uninterrupted(make_config, tmp_path, monkeypatch):
+METHODS = {
+    "dense": {"name": "dense"},
+    "sat": {"name": "sat", "ffn_multiple": 32},
+    "upcycle": {"name": "upcycle", "experts": 4, "top_k": 2},
+    "ssd": {"name": "ssd", "experts": 4, "top_k": 2, "schedule": "fixed", "sparse_windows": [[0.25, 0.75]],
+            "monitor_every": 3},
+    "mst": {"name": "mst", "update_every": 2},
+    "mst-neuron": {"name": "mst", "granularity": "neuron", "update_every": 2, "neuron_multiple": 32},
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_equals_uninterrupted(make_config, tmp_path, monkeypatch, method):
+    make = lambda: make_config(method=METHODS[method])  # noqa: E731
     full = tmp_path / "full"
-    train(make_config(), full)
+    train(make(), full)
 
     # Interrupt right after the step-6 checkpoint, then resume.
     real_save = train_mod.save_checkpoint
@@ -55,9 +68,9 @@ def test_resume_equals_uninterrupted(make_config, tmp_path, monkeypatch):
     part = tmp_path / "part"
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(make_config(), part)
+        train(make(), part)
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    train(make_config(), part, resume=True)
+    train(make(), part, resume=True)
 
     a, b = metrics(full), metrics(part)
     assert [r["step"] for r in b] == list(range(1, 13))  # no duplicated steps in the log
