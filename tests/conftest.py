@@ -1,4 +1,7 @@
-"""Shared fixtures: one tiny prepared corpus per test session, and a tiny training config."""
+"""Shared fixtures: one tiny prepared corpus per test session, a tiny training config, and a way to interrupt a
+run right after a checkpoint."""
+import contextlib
+
 import pytest
 
 from sparsetrain import config
@@ -36,3 +39,29 @@ def make_config(tiny_data):
         return config.from_dict(raw)
 
     return make
+
+
+@pytest.fixture
+def interrupt_after_checkpoint(monkeypatch):
+    """`with interrupt_after_checkpoint(6): train(...)`: the run stops (KeyboardInterrupt) right after writing its
+    step-6 checkpoint, as a run killed there would."""
+    from sparsetrain import train as train_mod
+
+    real = train_mod.save_checkpoint
+
+    @contextlib.contextmanager
+    def interrupt(at_step: int):
+        def save_then_die(run_dir, step, **kw):
+            path = real(run_dir, step, **kw)
+            if step == at_step:
+                raise KeyboardInterrupt
+            return path
+
+        monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            monkeypatch.setattr(train_mod, "save_checkpoint", real)
+
+    return interrupt

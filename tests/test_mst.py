@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sparsetrain import attention_masks, config
-from sparsetrain import train as train_mod
 from sparsetrain.checkpoint import join_state, list_checkpoints, split_state
 from sparsetrain.config import ModelConfig
 from sparsetrain.errors import UserError
@@ -418,7 +417,7 @@ def registered(monkeypatch):
     monkeypatch.setitem(REGISTRY, "mst", MST)  # a no-op once methods/__init__.py registers it
 
 
-def test_trainer_runs_mst_and_resumes_exactly(make_config, tmp_path, monkeypatch, registered):
+def test_trainer_runs_mst_and_resumes_exactly(make_config, tmp_path, interrupt_after_checkpoint, registered):
     method = {"name": "mst", "update_every": 2, "warmup_end": 0.25, "restore_start": 0.5, "restore_end": 0.75,
               "sparsity": 0.8, "final_sparsity": 0.4, "sparsify_embeddings": True}
     full = tmp_path / "full"
@@ -430,19 +429,9 @@ def test_trainer_runs_mst_and_resumes_exactly(make_config, tmp_path, monkeypatch
     assert all(r["mst_sparsity"] == pytest.approx(r["mst_target"], abs=0.01) for r in rows)
     assert summary["flops"] < rows[0]["flops"] * len(rows)  # fewer FLOPs than 12 dense steps
     # Interrupt after the step-6 checkpoint (mid ultra-sparsification) and resume: the same run.
-    real_save = train_mod.save_checkpoint
-
-    def save_then_die(run_dir, step, **kw):
-        path = real_save(run_dir, step, **kw)
-        if step == 6:
-            raise KeyboardInterrupt
-        return path
-
-    part = tmp_path / "part"
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    part = tmp_path / "part"  # killed right after the step-6 checkpoint, then resumed
+    with interrupt_after_checkpoint(6):
         run_training(make_config(method=method), part)
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     run_training(make_config(method=method), part, resume=True)
     resumed = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows] == [r["loss"] for r in resumed]

@@ -403,24 +403,14 @@ def test_training_switches_phases_logs_and_saves_flops(make_config, tmp_path):
     assert train_mod.evaluate(model, val, cfg.train, rt, method) > dense_loss
 
 
-def test_resume_reproduces_phase_clustering_and_weights(make_config, tmp_path, monkeypatch):
+def test_resume_reproduces_phase_clustering_and_weights(make_config, tmp_path, interrupt_after_checkpoint):
     cfg = dict(method=SSD_FIXED, model={"activation": "relu2"})
     full = tmp_path / "full"
     train(make_config(**cfg), full)
 
-    real_save = train_mod.save_checkpoint
-
-    def save_then_die(run_dir, step, **kw):  # killed right after the step-6 checkpoint, mid sparse phase
-        path = real_save(run_dir, step, **kw)
-        if step == 6:
-            raise KeyboardInterrupt
-        return path
-
-    part = tmp_path / "part"
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    part = tmp_path / "part"  # killed right after the step-6 checkpoint, then resumed
+    with interrupt_after_checkpoint(6):
         train(make_config(**cfg), part)
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     state = ckpt_mod.load_checkpoint(ckpt_mod.list_checkpoints(part)[-1])["method"]
     assert state["phase"] == "sparse" and state["probe"].shape[1] == 32
     train(make_config(**cfg), part, resume=True)

@@ -51,25 +51,15 @@ METHODS = {
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_resume_equals_uninterrupted(make_config, tmp_path, monkeypatch, method):
+def test_resume_equals_uninterrupted(make_config, tmp_path, interrupt_after_checkpoint, method):
     make = lambda: make_config(method=METHODS[method])  # noqa: E731
     full = tmp_path / "full"
     train(make(), full)
 
     # Interrupt right after the step-6 checkpoint, then resume.
-    real_save = train_mod.save_checkpoint
-
-    def save_then_die(run_dir, step, **kw):
-        path = real_save(run_dir, step, **kw)
-        if step == 6:
-            raise KeyboardInterrupt
-        return path
-
-    part = tmp_path / "part"
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    part = tmp_path / "part"  # killed right after the step-6 checkpoint, then resumed
+    with interrupt_after_checkpoint(6):
         train(make(), part)
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     train(make(), part, resume=True)
 
     a, b = metrics(full), metrics(part)
