@@ -282,3 +282,13 @@ def test_report_refuses_files_that_are_not_suite_results(tmp_path):
     bad.write_text(json.dumps({"rows": []}))
     with pytest.raises(UserError, match="not a suite result"):
         write_report([bad], tmp_path / "r")
+
+
+def test_cli_suite_all_runs_every_part_and_writes_the_report(env, tmp_path):
+    from sparsetrain.cli import main
+
+    out = tmp_path / "all"
+    assert main(["bench", "--suite", "all", "--quick", "--out", str(out), "--data-dir", str(env["data_dir"]),
+                 "--work-dir", str(tmp_path / "work"), "--carry", str(env["carry"]), "--device", "cpu"]) == 0
+    assert sorted(p.stem for p in out.glob("*.json")) == sorted(PARTS)
+    assert (out / "report" / "report.md").is_file()

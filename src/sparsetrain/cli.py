@@ -206,8 +206,18 @@ def cmd_bench(a) -> None:
     if a.suite:
         from .suite import run_part
 
-        run_part(a.suite, out=a.out or "bench_out", data_dir=a.data_dir, work_dir=a.work_dir, carry=a.carry,
-                 quick=a.quick, device=a.device, scale=a.scale)
+        from .suite import PARTS
+
+        # "all": every part in turn (on a machine without a per-call limit), then the report.
+        parts = list(PARTS) if a.suite == "all" else [a.suite]
+        for part in parts:
+            run_part(part, out=a.out or "bench_out", data_dir=a.data_dir, work_dir=a.work_dir, carry=a.carry,
+                     quick=a.quick, device=a.device, scale=a.scale)
+        if a.suite == "all":
+            from .report import write_report
+
+            out = Path(a.out or "bench_out")
+            print(f"report: {write_report([out / f'{p}.json' for p in parts], out / 'report')}")
         return
     a.out = a.out or "bench_out/dense.json"
     from .bench import run_dense_bench
@@ -381,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-compile", action="store_true")
     be.add_argument("--out", help="a JSON file (default bench_out/dense.json); with --suite a folder (default bench_out)")
     be.add_argument("--suite", metavar="PART", help="one part of the benchmark suite: prepare-data, dense-step, "
-                    "sat-step, sat-cpt, upcycle, ssd-pretrain, mst-pretrain (see sparsetrain/suite.py)")
+                    "sat-step, sat-cpt, upcycle, ssd-pretrain, mst-pretrain, or all (see sparsetrain/suite.py)")
     be.add_argument("--quick", action="store_true", help="with --suite: tiny model, few steps (a CPU smoke test)")
     be.add_argument("--data-dir", default="data/suite", help="with --suite: prepared corpora DIR/code, DIR/english")
     be.add_argument("--work-dir", default="runs/suite", help="with --suite: scratch run folders (checkpoints)")
