@@ -1,6 +1,7 @@
 """MST: sparsity 0 is dense training, realised sparsity equals the schedule's target after every update, masked
 weights and moments stay zero, regrown weights start at zero, ERK, schedule, attention windows, FLOPs, resume."""
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -342,7 +343,7 @@ def test_attention_window_sets_block_masks_and_counts_blocks():
     seq = 1024
     options = MSTOptions(attention="local", window=128, attention_layers=[-1], attention_start=0.25,
                          attention_end=0.5, sparsity=0.0)
-    method = MST(options, model.args, seq)  # built directly: validation refuses attention without a GPU
+    method = MST.from_config({"name": "mst", **dataclasses.asdict(options)}, model.args, seq)
     method.total_steps = 100
     method.setup(model)
     seen = []
@@ -475,3 +476,23 @@ def test_two_processes_match_one(make_config, tmp_path, registered):
     assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], rel=1e-4)
     ma, mb = (load_file(str(list_checkpoints(run)[-1] / "method.safetensors")) for run in (one, two))
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_hybrid_attention_trains_on_cpu_with_the_dense_mask(make_config, tmp_path):
+    """On CPU the attention pattern runs as a boolean mask: the run learns, and the masked layers see only the
+    allowed keys (a change to a key outside the window leaves a query's output unchanged)."""
+    method = {"name": "mst", "sparsity": 0.0, "attention": "local", "window": 8, "attention_start": 0.0,
+              "attention_end": 1.0}
+    run = tmp_path / "run"
+    summary = run_training(make_config(steps=6, eval_every=3, method=method), run)
+    assert summary["val_loss"] < 6.3
+    from sparsetrain.model import Attention
+
+    model = make_model("tiny")
+    attn: Attention = model.blocks[0].attn
+    attn.block_mask = attention_masks.cached_dense_mask("local", 32, 8, 8, "cpu")
+    x = torch.randn(1, 32, model.args.d_model)
+    y = x.clone()
+    y[0, 3] += 1.0  # key 3 is outside the window of query 20 (it sees keys 13..20)
+    a, b = attn(x, None), attn(y, None)
+    assert torch.allclose(a[0, 20], b[0, 20]) and not torch.allclose(a[0, 5], b[0, 5])

@@ -71,6 +71,12 @@ def dense_mask(kind: str, seq_len: int, window: int, stride: int, device=None) -
 
 
 @functools.lru_cache(maxsize=32)
+def cached_dense_mask(kind: str, seq_len: int, window: int, stride: int, device: str) -> torch.Tensor:
+    """`dense_mask`, built once per pattern and device (the CPU stand-in for a BlockMask)."""
+    return dense_mask(kind, seq_len, window, stride, torch.device(device))
+
+
+@functools.lru_cache(maxsize=32)
 def _cached_block_mask(kind: str, seq_len: int, window: int, stride: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 

@@ -141,7 +141,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(args.d_model, (args.n_head + 2 * args.n_kv_head) * args.head_dim, bias=args.bias)
         self.proj = nn.Linear(args.n_head * args.head_dim, args.d_model, bias=args.bias)
         self.active: torch.Tensor | None = None  # kept kv-head groups this step (sorted), None = all
-        self.block_mask = None  # FlexAttention BlockMask, None = causal SDPA
+        self.block_mask = None  # FlexAttention BlockMask (a bool [T, T] tensor on CPU), None = causal SDPA
 
     def group_rows(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of `qkv` and columns of `proj` that belong to the kv-head groups `groups` (each with its query heads)."""
@@ -174,7 +174,9 @@ class Attention(nn.Module):
         if self.rope:
             cos, sin = rope[0][:T], rope[1][:T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.block_mask is not None:
+        if isinstance(self.block_mask, torch.Tensor):  # a boolean [T, T] mask: the CPU stand-in for a BlockMask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.block_mask[:T, :T], enable_gqa=n_head != n_kv)
+        elif self.block_mask is not None:
             from torch.nn.attention.flex_attention import flex_attention
 
             y = flex_attention(q, k, v, block_mask=self.block_mask, enable_gqa=n_head != n_kv)

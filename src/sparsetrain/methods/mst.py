@@ -34,7 +34,7 @@ dense (and count dense FLOPs; the omitted units' gradients then also enter that 
 
 Hybrid sparse attention (`attention` = local | strided | hybrid, see `attention_masks`): FlexAttention block masks on
 the chosen layers for steps in [attention_start, attention_end) of training, causal SDPA elsewhere. FlexAttention has
-no backward on CPU, so attention sparsity needs a GPU.
+no backward on CPU, so on CPU the same pattern runs as a dense boolean mask in SDPA (correct, not faster).
 
 Defaults: sparsity 0.9, zeta 0.3, dT 100, mixed growth, ERK, the drop fraction decaying over the whole run, window and
 stride 128 are the authors'; the phase boundaries (warm-up to 0.1, restoration from 0.75 to 0.9, dense after) are
@@ -238,9 +238,6 @@ class MST(Method):
             raise UserError(f"method.neuron_multiple must be at least 1, got {o.neuron_multiple}")
         if o.attention != "none":
             attention_masks.check(o.attention, seq_len, o.window, o.stride)
-            if not torch.cuda.is_available():
-                raise UserError(f"method.attention={o.attention} needs a GPU (FlexAttention has no backward on CPU); "
-                                "set method.attention=none")
         bad = [i for i in o.attention_layers if not -args.n_layer <= i < args.n_layer]
         if bad:
             raise UserError(f"method.attention_layers has {bad}, outside the model's {args.n_layer} layers; "
@@ -328,9 +325,6 @@ class MST(Method):
         if any(isinstance(p, DTensor) for p in model.parameters()):
             raise UserError("method mst runs on one process or with DDP, not on sharded (FSDP) parameters; "
                             "set train.parallel=ddp")
-        if self.options.attention != "none" and device.type != "cuda":
-            raise UserError(f"method.attention={self.options.attention} needs a GPU (FlexAttention has no backward "
-                            "on CPU); set method.attention=none or train on cuda")
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(self.options.seed)
         self._stash = SliceStash(optimizer)
@@ -505,9 +499,11 @@ class MST(Method):
         """Sparse attention on the chosen layers while the schedule says so, causal SDPA (None) otherwise."""
         mask = None
         if self.attention_on(step):
-            o = self.options
-            mask = attention_masks.build_block_mask(o.attention, self.seq_len, o.window, o.stride,
-                                                    self.model.wte.weight.device)
+            o, device = self.options, self.model.wte.weight.device
+            if device.type == "cuda":
+                mask = attention_masks.build_block_mask(o.attention, self.seq_len, o.window, o.stride, device)
+            else:  # FlexAttention has no backward on CPU: the same pattern as a dense mask (correct, not faster)
+                mask = attention_masks.cached_dense_mask(o.attention, self.seq_len, o.window, o.stride, str(device))
         for i in self.attention_layers:
             self.model.blocks[i].attn.block_mask = mask
 
