@@ -28,6 +28,7 @@ VARIANTS = [
     {"metric": "uniform"},
     {"metric": "uniform", "head_rate": 0.0},
     {"metric": "wanda", "stats_every": 10},
+    {"metric": "uniform", "freeze_omitted": False},  # prices the stash/restore of omitted slices
 ]
 
 

@@ -328,3 +328,22 @@ def test_bad_options_raise_user_error(options, message):
     model = make_model("tiny-llama")
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         SAT.from_config({"name": "sat", **options}, model.args, T)
+
+
+def test_freeze_omitted_off_lets_adamw_move_omitted_weights():
+    """The ablation switch: without the stash, AdamW's momentum moves omitted rows (what the default prevents)."""
+    model = make_model("tiny")
+    method = make_sat(model, total_steps=4, dense_warmup=0.5, dense_final=0.0, schedule="constant",
+                      ffn_multiple=1, metric="magnitude", select="topk", freeze_omitted=False)
+    data = batches(3)
+    _, optimizer = train(model, method, data[:2])
+    method.before_step(2)
+    mlp = model.blocks[0].mlp
+    omitted = torch.ones(mlp.d_ff, dtype=torch.bool)
+    omitted[mlp.active] = False
+    before = mlp.fc.weight.detach().clone()
+    model(*data[2]).backward()
+    method.before_optimizer(2)
+    optimizer.step()
+    method.after_optimizer(2)
+    assert not torch.equal(before[omitted], mlp.fc.weight.detach()[omitted])

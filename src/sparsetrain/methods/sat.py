@@ -62,6 +62,9 @@ class SATOptions:
     stats_decay: float = 0.9  # EMA decay of the activation statistics, per measurement
     stats_dense_pass: bool = False  # maxip: measure every neuron/group, not only those computed (extra FLOPs)
     seed: int = 0  # seeds the sampler (uniform metric, sample selection)
+    # Leave omitted weights and their AdamW moments exactly as they were (the design). False lets AdamW move them
+    # with their zero gradient (momentum, weight decay): an ablation that prices the stash/restore.
+    freeze_omitted: bool = True
 
 
 def keep_count(n: int, rate: float, multiple: int) -> int:
@@ -392,6 +395,8 @@ class SAT(Method):
 
     def before_optimizer(self, step: int) -> None:
         """Stash the omitted slices of every sliced parameter and of its optimizer moments."""
+        if not self.options.freeze_omitted:
+            return
         self._stash = SliceStash(self.optimizer)
         with torch.no_grad():
             for kind in ("ffn", "head"):
