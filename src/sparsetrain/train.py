@@ -135,6 +135,7 @@ class TrainingData:
         meta_file = Path(data_dir) / "meta.json"
         self.sft = meta_file.is_file() and json.loads(meta_file.read_text()).get("kind") == "sft"
         self.dir, self.tcfg = Path(data_dir), tcfg
+        self.val_rows = None
         if self.sft:
             from .sft import SFTLoader
 
@@ -150,9 +151,11 @@ class TrainingData:
     def eval_batches(self, batch_size: int, max_tokens: int):
         """The same validation batches every call."""
         if self.sft:
-            from .sft import SFTLoader
+            if self.val_rows is None:  # read once, evaluated many times
+                from .sft import SFTLoader
 
-            return SFTLoader(self.dir, "val", batch_size, seq_len=self.tcfg.seq_len).eval_batches(batch_size, max_tokens)
+                self.val_rows = SFTLoader(self.dir, "val", batch_size, seq_len=self.tcfg.seq_len)
+            return self.val_rows.eval_batches(batch_size, max_tokens)
         return eval_windows(self.tokens.val, batch_size, self.tcfg.seq_len, max_tokens)
 
 
