@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from sparsetrain.config import ModelConfig
 from sparsetrain.errors import UserError
-from sparsetrain.methods.sat import SAT, head_outputs, keep_count
+from sparsetrain.methods.sat import SAT, keep_count
 from sparsetrain.model import build
 
 VOCAB, T, B = 61, 16, 4
@@ -145,14 +145,14 @@ def test_sliced_forward_equals_dense_with_omitted_outputs_zeroed(preset):
         expected = F.linear(h.masked_fill(zero, 0.0), mlp.proj.weight, mlp.proj.bias)
         torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-6)
         # Attention: zero the omitted groups' heads before the output projection.
-        y = head_outputs(attn, x, rope)  # [B, H, T, d], all heads
+        y = attn.head_outputs(x, rope)  # [B, H, T, d], all heads
         per_group = attn.n_head // attn.n_kv_head
         heads_zero = torch.ones(attn.n_kv_head, dtype=torch.bool)
         heads_zero[attn.active] = False
         y_zeroed = y.masked_fill(heads_zero.repeat_interleave(per_group)[None, :, None, None], 0.0)
         expected = F.linear(y_zeroed.transpose(1, 2).flatten(2), attn.proj.weight, attn.proj.bias)
         torch.testing.assert_close(attn(x, rope), expected, rtol=1e-5, atol=1e-6)
-        # head_outputs itself is the dense attention before proj.
+        # Attention.head_outputs itself is the dense attention before proj.
         active, attn.active = attn.active, None
         dense = F.linear(y.transpose(1, 2).flatten(2), attn.proj.weight, attn.proj.bias)
         torch.testing.assert_close(attn(x, rope), dense, rtol=1e-5, atol=1e-6)

@@ -122,6 +122,14 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]])
     return text
 
 
+def write_rows(rows: list[dict[str, Any]], out: str | Path) -> None:
+    """The raw numbers of a benchmark, with the environment they were taken in."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"env": environment(), "rows": rows}, indent=2))
+    print(f"raw numbers: {path}")
+
+
 def environment() -> dict[str, Any]:
     env = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     if torch.cuda.is_available():
@@ -151,10 +159,7 @@ def run_method_bench(presets: list[str], methods: list[dict[str, Any]], *, batch
                        ("seq_len", "seq", "d"), ("step_s", "step s", ".4f"), ("tokens_per_s", "tokens/s", ",.0f"),
                        ("speedup", "speed-up vs dense", ".2f"), ("flops_ratio", "FLOP reduction", ".2f"),
                        ("mfu", "MFU (dense FLOPs)", ".3f"), ("memory_gb", "mem GB", ".1f")])
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"env": environment(), "rows": rows}, indent=2))
-    print(f"raw numbers: {path}")
+    write_rows(rows, out)
     return rows
 
 
@@ -173,8 +178,5 @@ def run_dense_bench(presets: list[str], *, batch_size: int, seq_len: int, steps:
                        ("micro_batch_size", "micro", "d"),
                        ("seq_len", "seq", "d"), ("step_s", "step s", ".4f"), ("tokens_per_s", "tokens/s", ",.0f"),
                        ("mfu", "MFU", ".3f"), ("memory_gb", "mem GB", ".1f")])
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"env": environment(), "rows": rows}, indent=2))
-    print(f"raw numbers: {path}")
+    write_rows(rows, out)
     return rows

@@ -154,19 +154,24 @@ class Attention(nn.Module):
         v_rows = (self.n_head + self.n_kv_head) * d + kv
         return torch.cat([q_rows, k_rows, v_rows]), q_rows
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def head_outputs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                     groups: torch.Tensor | None = None) -> torch.Tensor:
+        """Each head's attention output before `proj`, [B, heads, T, head_dim], for the kv-head groups `groups`
+        (None = all; each group with its query heads)."""
+        return self._attend(x, rope, groups, None if groups is None else self.group_rows(groups)[0])
+
+    def _attend(self, x, rope, groups, rows) -> torch.Tensor:
+        """`head_outputs` with the qkv rows of `groups` already found (forward needs them and the proj columns)."""
         B, T, _ = x.shape
         d = self.head_dim
-        if self.active is None:
+        if groups is None:
             n_head, n_kv = self.n_head, self.n_kv_head
             qkv = self.qkv(x)
         else:
-            n_kv = self.active.numel()
+            n_kv = groups.numel()
             n_head = n_kv * (self.n_head // self.n_kv_head)
-            rows, cols = self.group_rows(self.active)
             bias = self.qkv.bias.index_select(0, rows) if self.qkv.bias is not None else None
             qkv = F.linear(x, self.qkv.weight.index_select(0, rows), bias)
-            proj_w = self.proj.weight.index_select(1, cols)
         q, k, v = qkv.split([n_head * d, n_kv * d, n_kv * d], dim=-1)
         q = q.view(B, T, n_head, d).transpose(1, 2)
         k = k.view(B, T, n_kv, d).transpose(1, 2)
@@ -175,17 +180,21 @@ class Attention(nn.Module):
             cos, sin = rope[0][:T], rope[1][:T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(self.block_mask, torch.Tensor):  # a boolean [T, T] mask: the CPU stand-in for a BlockMask
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.block_mask[:T, :T], enable_gqa=n_head != n_kv)
-        elif self.block_mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.block_mask[:T, :T],
+                                                  enable_gqa=n_head != n_kv)
+        if self.block_mask is not None:
             from torch.nn.attention.flex_attention import flex_attention
 
-            y = flex_attention(q, k, v, block_mask=self.block_mask, enable_gqa=n_head != n_kv)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_head != n_kv)
-        y = y.transpose(1, 2).reshape(B, T, n_head * d)
+            return flex_attention(q, k, v, block_mask=self.block_mask, enable_gqa=n_head != n_kv)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_head != n_kv)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, _ = x.shape
         if self.active is None:
-            return self.proj(y)
-        return F.linear(y, proj_w, self.proj.bias)
+            return self.proj(self._attend(x, rope, None, None).transpose(1, 2).reshape(B, T, -1))
+        rows, cols = self.group_rows(self.active)
+        y = self._attend(x, rope, self.active, rows).transpose(1, 2).reshape(B, T, -1)
+        return F.linear(y, self.proj.weight.index_select(1, cols), self.proj.bias)
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..model import Attention, ModelArgs, Transformer, apply_rope, flops_per_token
+from ..model import ModelArgs, Transformer, flops_per_token
 from .base import Method
 from .frozen import SliceStash
 
@@ -79,31 +79,6 @@ def keep_count(n: int, rate: float, multiple: int) -> int:
         return 0
     k = math.floor(k / multiple + 0.5) * multiple
     return min(n, max(k, min(multiple, n)))
-
-
-def head_outputs(attn: Attention, x: torch.Tensor, rope, groups: torch.Tensor | None = None) -> torch.Tensor:
-    """Each head's attention output before `proj`, [B, heads, T, head_dim], for kv groups `groups` (None = all).
-
-    The same computation as `Attention.forward` stopped before the output projection (causal SDPA).
-    """
-    B, T, _ = x.shape
-    d = attn.head_dim
-    if groups is None:
-        n_kv, weight, bias = attn.n_kv_head, attn.qkv.weight, attn.qkv.bias
-    else:
-        rows, _ = attn.group_rows(groups)
-        n_kv = groups.numel()
-        weight = attn.qkv.weight.index_select(0, rows)
-        bias = attn.qkv.bias.index_select(0, rows) if attn.qkv.bias is not None else None
-    n_head = n_kv * (attn.n_head // attn.n_kv_head)
-    q, k, v = F.linear(x, weight, bias).split([n_head * d, n_kv * d, n_kv * d], dim=-1)
-    q = q.view(B, T, n_head, d).transpose(1, 2)
-    k = k.view(B, T, n_kv, d).transpose(1, 2)
-    v = v.view(B, T, n_kv, d).transpose(1, 2)
-    if attn.rope:
-        cos, sin = rope[0][:T], rope[1][:T]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_head != n_kv)
 
 
 def _ema_(total: torch.Tensor, weight: torch.Tensor, value: torch.Tensor, idx: torch.Tensor | None, decay: float):
@@ -315,7 +290,7 @@ class SAT(Method):
             _ema_(s["attn_in"][j], s["attn_in_w"][j], x.flatten(0, 1).float().square().mean(0), None, decay)
             return
         groups = None if self.options.stats_dense_pass else attn.active
-        y = head_outputs(attn, x, rope, groups)  # [B, heads, T, d]
+        y = attn.head_outputs(x, rope, groups)  # [B, heads, T, d]
         per_head = y.float().norm(dim=-1).mean(dim=(0, 2))
         per_group = per_head.view(-1, attn.n_head // attn.n_kv_head).mean(1)
         _ema_(s["head_out"][j], s["head_out_w"][j], per_group, groups, decay)
