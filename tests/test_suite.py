@@ -224,6 +224,12 @@ def test_pretrain_parts_train_every_contender_on_the_same_tokens(env, results, m
     if name == "ssd-pretrain":
         assert cs["ssd"]["config"]["model"]["activation"] == "relu2"
         assert cs["ssd"]["config"]["method"]["schedule"] == "fixed"
+        # Both trained models run as MoEs: in dense mode the permuted model is the same function as the trained one.
+        for c in contenders:
+            mi = part["moe_inference"][c]
+            assert mi["val_loss_dense"] == pytest.approx(cs[c]["val_loss"], abs=1e-4)
+            assert mi["val_loss_moe"] != mi["val_loss_dense"]  # top-4 of 16 drops neurons
+            assert mi["ffn_ms_moe"] > 0 and mi["prefill_ms_dense"] > 0
     else:
         assert cs["mst-weight"]["config"]["method"]["update_every"] == 4
 

@@ -437,6 +437,87 @@ def run_pretrain(ctx: Context, contenders: list[tuple[str, dict[str, Any]]], mod
     return {"contenders": runs}
 
 
+def cuda_ms(fn, repeat: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of `fn()` (CUDA events on a GPU, perf_counter on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def moe_inference(ctx: Context, run_dir: str, top_k: int = 4, experts: int = 16) -> dict[str, Any]:
+    """A trained model run dense and as an MoE (SSD's sparse inference, top-`top_k` of `experts`): validation loss,
+    prefill time of one batch (whole model), and the FFNs' time alone on the hidden states of that batch."""
+    from .methods.ssd import SSDFFN, prepare_moe, run_dense
+
+    model, _, cfg = load_model(run_dir)
+    rt = setup_runtime(cfg.train)
+    prepare_moe(model, run_dir, top_k, experts)  # clusters; the model is an MoE from here
+    model.to(rt.device).eval()
+    data = TrainingData(corpus_dir(ctx, "code"), cfg.train)
+    x, _ = next(iter(data.eval_batches(ctx.shape.batch_size, ctx.shape.batch_size * ctx.shape.seq_len)))
+    x = x.to(rt.device)
+    inputs = []  # every FFN's input on this batch (the same for both timings)
+    hooks = [b.mlp.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in model.blocks]
+    with rt.autocast():
+        model(x)
+    for h in hooks:
+        h.remove()
+    result: dict[str, Any] = {"top_k": top_k, "experts": experts, "tokens": x.numel()}
+    for mode in ("dense", "moe"):
+        for b in model.blocks:
+            if isinstance(b.mlp, SSDFFN):
+                b.mlp.sparse = mode == "moe"
+        result[f"val_loss_{mode}"] = evaluate(model, data, cfg.train, rt, None)
+
+        def prefill():
+            with rt.autocast():
+                model(x)
+
+        def ffns():
+            with rt.autocast():
+                for b, h in zip(model.blocks, inputs):
+                    b.mlp(h)
+
+        result[f"prefill_ms_{mode}"] = cuda_ms(prefill)
+        result[f"ffn_ms_{mode}"] = cuda_ms(ffns)
+    run_dense(model)
+    result["val_gap"] = (result["val_loss_moe"] - result["val_loss_dense"]) / result["val_loss_dense"]
+    result["prefill_speedup"] = result["prefill_ms_dense"] / result["prefill_ms_moe"]
+    result["ffn_speedup"] = result["ffn_ms_dense"] / result["ffn_ms_moe"]
+    del model
+    release_memory()
+    return result
+
+
+def run_ssd_pretrain(ctx: Context) -> dict[str, Any]:
+    """Dense vs SSD from scratch (relu2), then both trained models run as MoEs (top-4 of 16): SSD's inference."""
+    result = run_pretrain(ctx, [("ssd", {"name": "ssd"})], model={"activation": "relu2"}, steps=2000,
+                          quick_options={"schedule": "fixed", "sparse_windows": [[0.3, 0.7]]})
+    result["moe_inference"] = {}
+    for c in result["contenders"]:
+        r = moe_inference(ctx, c["run_dir"])
+        result["moe_inference"][c["name"]] = r
+        print(f"ssd-pretrain: {c['name']} as MoE top-{r['top_k']}/{r['experts']}: val loss {r['val_loss_dense']:.4f} "
+              f"dense, {r['val_loss_moe']:.4f} MoE ({100 * r['val_gap']:+.2f}%); FFN {r['ffn_ms_dense']:.2f} -> "
+              f"{r['ffn_ms_moe']:.2f} ms ({r['ffn_speedup']:.2f}x), prefill {r['prefill_ms_dense']:.2f} -> "
+              f"{r['prefill_ms_moe']:.2f} ms ({r['prefill_speedup']:.2f}x)", flush=True)
+    return result
+
+
 SAT_STEP = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "constant", "dense_final": 0.0}
 SAT_CPT = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "ladder"}
 UPCYCLE = {"name": "upcycle", "experts": 8, "top_k": 2, "layers": "every-other"}
@@ -450,11 +531,7 @@ PARTS: dict[str, Part] = {
                      ("sat",), trains=False),
     "sat-cpt": Part("continual pre-training code -> English, dense vs SAT (LORS)", run_sat_cpt, ("sat",)),
     "upcycle": Part("dense vs upcycled continuation at equal wall-clock", run_upcycle, ("upcycle",)),
-    "ssd-pretrain": Part("pre-training dense vs SSD (relu2)",
-                         functools.partial(run_pretrain, contenders=[("ssd", {"name": "ssd"})],
-                                           model={"activation": "relu2"}, steps=2000,
-                                           quick_options={"schedule": "fixed", "sparse_windows": [[0.3, 0.7]]}),
-                         ("ssd",)),
+    "ssd-pretrain": Part("pre-training dense vs SSD (relu2), both then run as MoEs", run_ssd_pretrain, ("ssd",)),
     "mst-pretrain": Part("pre-training dense vs MST (weight and neuron level)",
                          functools.partial(run_pretrain,
                                            contenders=[("mst-weight", {"name": "mst", "granularity": "weight"}),
