@@ -11,8 +11,8 @@ from sparsetrain import train as train_mod
 from sparsetrain.config import ModelConfig
 from sparsetrain.errors import UserError
 from sparsetrain.methods import REGISTRY
-from sparsetrain.methods.ssd import (SSD, Check, Monitor, adjusted_rand_index, balanced_assign, cluster_neurons,
-                                     densify_checkpoint, generate, generate_both, moefy_, moefy_checkpoint,
+from sparsetrain.methods.ssd import (SSD, Check, Monitor, adjusted_rand_index, balanced_assign, balanced_kmeans,
+                                     cluster_neurons, densify_checkpoint, generate, generate_both, moefy_, moefy_checkpoint,
                                      neuron_rows, permute_ffn_, prepare_moe, run_as_moe, run_dense, ssd_layers,
                                      stored_order)
 from sparsetrain.model import build
@@ -262,6 +262,28 @@ def test_adjusted_rand_index_known_values():
     assert abs(sum(independent) / 5) < 0.01
 
 
+def test_light_check_reclusters_from_the_last_centroids_only():
+    model = make_model("tiny", "relu2")
+    x, _ = tokens(8)
+    monitor = Monitor(4, 2, iters=10, light_iters=2, seed=0)
+    full = monitor.check(model, x, light=True)  # no centroids yet: the first check is a full one anyway
+    warm = [c.clone() for c in monitor.centroids]
+    with torch.no_grad():
+        for b in model.blocks:
+            b.mlp.fc.weight.add_(0.05 * torch.randn_like(b.mlp.fc.weight))
+    rows = [neuron_rows(b.mlp) for b in model.blocks]
+    light = monitor.check(model, x, light=True)
+    for i, r in enumerate(rows):
+        expected = balanced_kmeans(r, 4, 2, warm[i])  # one start (the warm one), light_iters iterations
+        assert torch.equal(monitor.labels[i], expected.labels)
+    assert all(0 <= a <= 1 for a in light.ari)
+    # k-means FLOPs: a full check with a previous clustering runs 2 starts x 10 iterations, a light one 1 x 2.
+    again = monitor.check(model, x)
+    per_iter = 2.0 * model.args.d_ff * 4 * model.args.d_model * model.args.n_layer
+    assert again.flops - light.flops == pytest.approx((2 * 10 - 2) * per_iter)
+    assert full.flops - light.flops == pytest.approx((10 - 2) * per_iter)
+
+
 def test_monitor_tracks_neurons_through_permutations():
     model = make_model("tiny", "relu2")
     x, _ = tokens(8)
@@ -292,7 +314,7 @@ def run_policy(method, steps, stable_from=None):
     """The method's phases per step, the monitor faked: stable from step `stable_from` on."""
     phases = []
 
-    def fake_check(step):
+    def fake_check(step, light=False):
         good = stable_from is not None and step >= stable_from
         method.last = Check(sparsity=[0.5, 0.5], ari=[0.95 if good else 0.2] * 2, mass=[0.9] * 2,
                             router_mass=[0.8 if good else 0.3] * 2)

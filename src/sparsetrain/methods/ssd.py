@@ -21,7 +21,8 @@ Pieces, all in this module:
   straight-through: the selected experts' outputs are summed unweighted (the sparse FFN is the dense FFN restricted
   to their neurons), and g = 1 + s - s.detach(), s the softmax over the top-k scores, carries a gradient into the
   router's input (`router_grad`; the router has no parameters of its own to train).
-- Monitor: every `monitor_every` steps, on a fixed probe batch (the first sequences of the first training batch),
+- Monitor: every `monitor_every` steps (a light re-clustering: `monitor_iters` k-means iterations from the last
+  check's centroids; the full one runs at each switch), on a fixed probe batch (the first sequences of the first training batch),
   per layer: activation sparsity (exact zeros for relu / relu2, |a| <= activation_threshold for gelu / swiglu), the
   adjusted Rand index between this clustering and the previous check's (neurons tracked through permutations), and
   the share of activation mass (sum of |a|) that the top-k experts hold, for the best k experts of each token
@@ -78,7 +79,9 @@ class SSDOptions:
     schedule: str = "adaptive"  # adaptive (the monitor decides) | fixed (sparse_windows)
     sparse_windows: list[list[float]] = field(default_factory=list)  # fixed: [start, end) fractions of training
     stable_ari: float = 0.9  # adaptive: go sparse when the mean ARI of consecutive clusterings reaches this
-    stable_mass: float = 0.6  # ... and the router's top-k experts hold at least this share of activation mass
+    # ... and the router's top-k experts hold at least this share of activation mass. 0.5: gpt2-small (relu2, E=16,
+    # top-4) held 0.58-0.61 once its clusterings were stable (ARI >= 0.9); 0.6 never switched (BENCHMARKS.md).
+    stable_mass: float = 0.5
     sparse_span: int = 200  # adaptive: steps per sparse phase
     dense_span: int = 100  # adaptive: dense steps at least, at the start and after every sparse phase
     final_phase: str = "dense"  # adaptive: the phase of the last final_fraction of training
@@ -87,7 +90,8 @@ class SSDOptions:
     probe_sequences: int = 8  # sequences of the first training micro-batch kept as the probe
     activation_threshold: float = 0.01  # gelu / swiglu: |a| <= this is inactive (relu / relu2: a == 0)
     cluster: str = "weights"  # weights (k-means on normalised input rows) | coactivation (firing patterns)
-    cluster_iters: int = 10  # k-means iterations per start
+    cluster_iters: int = 10  # k-means iterations per start at a switch (and at the first check)
+    monitor_iters: int = 3  # k-means iterations of a periodic check: from the last check's centroids only
     router_grad: bool = True  # the straight-through gate's gradient reaches the router's input
     freeze_unrouted: bool = True  # experts that no token chose on a step keep their weights and moments
     seed: int = 0  # fresh k-means starts
@@ -120,7 +124,7 @@ def check_options(o: SSDOptions, args: ModelArgs) -> None:
             raise UserError(f"method.{key} must be >= 0, got {getattr(o, key)}")
     if o.sparse_span < 1:
         raise UserError(f"method.sparse_span must be at least 1 step, got {o.sparse_span}")
-    for key in ["probe_sequences", "cluster_iters"]:
+    for key in ["probe_sequences", "cluster_iters", "monitor_iters"]:
         if getattr(o, key) < 1:
             raise UserError(f"method.{key} must be at least 1, got {getattr(o, key)}")
     if not -1 <= o.stable_ari <= 1:
@@ -193,9 +197,12 @@ def balanced_kmeans(features: torch.Tensor, experts: int, iters: int, init: torc
 
 
 def cluster_neurons(features: torch.Tensor, experts: int, iters: int, seed: int,
-                    warm: torch.Tensor | None = None) -> Clustering:
+                    warm: torch.Tensor | None = None, fresh: bool = True) -> Clustering:
     """Balanced k-means from E seeded random rows; with `warm` centroids, also from those, keeping the better
-    clustering (the warm one on a tie, so a stable pattern keeps its layout). Deterministic given the seed."""
+    clustering (the warm one on a tie, so a stable pattern keeps its layout). `fresh=False` with `warm`: from the
+    warm centroids only (the monitor's cheap periodic check). Deterministic given the seed."""
+    if warm is not None and not fresh and warm.shape == (experts, features.shape[1]):
+        return balanced_kmeans(features, experts, iters, warm.to(features))
     gen = torch.Generator().manual_seed(seed)
     start = features[torch.randperm(features.shape[0], generator=gen)[:experts].to(features.device)]
     best = balanced_kmeans(features, experts, iters, start)
@@ -386,9 +393,9 @@ class Monitor:
     (the warm start of the next clustering)."""
 
     def __init__(self, experts: int, top_k: int, *, threshold: float = 0.01, cluster: str = "weights",
-                 iters: int = 10, seed: int = 0):
+                 iters: int = 10, light_iters: int = 3, seed: int = 0):
         self.experts, self.top_k, self.threshold = experts, top_k, threshold
-        self.cluster, self.iters, self.seed = cluster, iters, seed
+        self.cluster, self.iters, self.light_iters, self.seed = cluster, iters, light_iters, seed
         self.labels: list[torch.Tensor | None] = []
         self.centroids: list[torch.Tensor | None] = []
         self.count = 0  # clusterings so far: part of the fresh starts' seeds
@@ -406,9 +413,11 @@ class Monitor:
 
     @torch.no_grad()
     def check(self, model: Transformer, probe: torch.Tensor | None = None,
-              order: torch.Tensor | None = None) -> Check:
+              order: torch.Tensor | None = None, light: bool = False) -> Check:
         """Cluster every layer and, with a probe batch [B, T], measure it. `order` [L, d_ff]: the original neuron
-        at each position (None = the original order). Without a probe, clustering uses the weights."""
+        at each position (None = the original order). Without a probe, clustering uses the weights. `light`: a
+        layer with a previous clustering re-clusters from its centroids alone for `light_iters` iterations (a
+        periodic check; k-means is most of a check's cost), else from those and a fresh start for `iters`."""
         ffns = [b.mlp for b in model.blocks]
         L = len(ffns)
         if order is None:
@@ -419,13 +428,13 @@ class Monitor:
         flops = 0.0
         if probe is None:
             for i, ffn in enumerate(ffns):
-                flops += self._layer(i, ffn, order[i], stats)
+                flops += self._layer(i, ffn, order[i], stats, light=light)
         else:
             modes = [isinstance(f, SSDFFN) and f.sparse for f in ffns]
 
             def hook(i, module, inputs, output):
                 nonlocal flops
-                flops += self._layer(i, ffns[i], order[i], stats, inputs[0], output)
+                flops += self._layer(i, ffns[i], order[i], stats, inputs[0], output, light=light)
                 if i == L - 1:
                     raise _ProbeDone
 
@@ -454,7 +463,8 @@ class Monitor:
             stats[k][i] = v
         return Check(**stats, flops=flops)
 
-    def _layer(self, i: int, ffn: FFN, order: torch.Tensor, stats: dict, x=None, pre=None) -> float:
+    def _layer(self, i: int, ffn: FFN, order: torch.Tensor, stats: dict, x=None, pre=None,
+               light: bool = False) -> float:
         """Cluster layer i (and measure it when the probe's FFN input `x` and pre-activation `pre` are given);
         returns the FLOPs spent. The clustering runs on the neurons in their original order, so it does not depend
         on how they are laid out."""
@@ -471,12 +481,15 @@ class Monitor:
             features = rows
         else:  # firing patterns over the probe's tokens
             features = F.normalize(active.t()[unpermute].float(), dim=1)
-        result = cluster_neurons(features, E, self.iters, self.seed_for(i), self.centroids[i])
+        warm = self.centroids[i]
+        light = light and warm is not None
+        iters = self.light_iters if light else self.iters
+        result = cluster_neurons(features, E, iters, self.seed_for(i), warm, fresh=not light)
         if self.labels[i] is not None:
             stats["ari"][i] = adjusted_rand_index(self.labels[i], result.labels)
-        starts = 2 if self.centroids[i] is not None else 1
+        starts = 1 if light or warm is None else 2
         self.labels[i], self.centroids[i] = result.labels, result.centroids
-        flops = starts * self.iters * 2.0 * d_ff * E * features.shape[1]
+        flops = starts * iters * 2.0 * d_ff * E * features.shape[1]
         if h is not None:
             labels = result.labels[order]  # of the neurons at their positions, as h's columns are
             mass = h.new_zeros(h.shape[0], E).index_add_(1, labels, h.abs())  # [N, E]
@@ -519,7 +532,7 @@ class SSD(Method):
         o = options
         self.top_k = resolve_top_k(o)
         self.monitor = Monitor(o.experts, self.top_k, threshold=o.activation_threshold, cluster=o.cluster,
-                               iters=o.cluster_iters, seed=o.seed)
+                               iters=o.cluster_iters, light_iters=o.monitor_iters, seed=o.seed)
         # Training tokens per optimizer step: when the trainer sets it, the monitor's and the clustering's FLOPs are
         # folded into flops_per_token; they are always in the metric ssd_overhead_flops.
         self.tokens_per_step = 0
@@ -603,10 +616,9 @@ class SSD(Method):
                 m.load.zero_()
 
     def switch_to_sparse(self, step: int, window: int = -1) -> None:
-        """Re-cluster (unless a check just did), lay every FFN out expert by expert (weights and moments), and
-        route with the new centroids."""
-        if self.check_step != step or self.last is None:
-            self.run_check(step)
+        """Re-cluster in full (warm and fresh starts), lay every FFN out expert by expert (weights and moments),
+        and route with the new centroids."""
+        self.run_check(step)
         E = self.options.experts
         for i, m in enumerate(self.layers):
             order = self.monitor.positions(i, self.order[i]).argsort(stable=True)
@@ -622,10 +634,10 @@ class SSD(Method):
             m.sparse = False
         self.phase, self.phase_start, self.window = "dense", step, -1
 
-    def run_check(self, step: int) -> None:
+    def run_check(self, step: int, light: bool = False) -> None:
         """A monitor check at `step` (before that step's update); on the probe when there is one yet."""
         # Without a probe yet (a sparse window from step 0) the clustering uses the weights.
-        check = self.monitor.check(self.model, self.probe, self.order)
+        check = self.monitor.check(self.model, self.probe, self.order, light=light)
         if _distributed():
             check = self._same_on_all_ranks(check)
         self.last, self.check_step = check, step
@@ -646,7 +658,7 @@ class SSD(Method):
         self._restore()
         every = self.options.monitor_every
         if every and (step + 1) % every == 0 and self.probe is not None:
-            self.run_check(step + 1)
+            self.run_check(step + 1, light=True)
 
     # --- only the chosen experts are updated -------------------------------------------------------------------
     def before_optimizer(self, step: int) -> None:
