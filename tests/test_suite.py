@@ -145,13 +145,29 @@ def test_compile_clock_counts_training_compilations_only():
 
 
 def test_step_parts_time_dense_first_and_give_ratios_to_it(results):
-    for name in ("dense-step", "sat-step"):
+    for name in ("dense-step", "sat-step", "ssd-step"):
         rows = results[name]["rows"]
         assert rows[0]["method"] == "dense" and rows[0]["speedup"] == 1.0
         for r in rows:
             assert r["speedup"] == pytest.approx(rows[0]["step_s"] / r["step_s"])
     sat = results["sat-step"]["rows"][1]
     assert sat["method"] == "sat" and sat["flops_ratio"] > 1.2  # half the FFN and heads omitted every step
+    ssd = results["ssd-step"]["rows"][1]
+    assert ssd["method"] == "ssd" and ssd["flops_ratio"] > 1.2  # 4 of 16 experts: a quarter of the FFN
+    assert results["ssd-step"]["shape"]["model"] == {"activation": "relu2"}
+
+
+def test_report_judges_ssd_moe_inference_by_ffn_speed_and_validation_gap(results, tmp_path):
+    part = json.loads(json.dumps(results["ssd-pretrain"]))
+    part["quick"] = False
+    what = "SSD model run as MoE, FFN speed at val loss within 2%"
+    for speedup, gap, met in [(2.2, 0.01, "yes"), (2.2, 0.05, "**no**"), (1.5, 0.0, "**no**")]:
+        part["moe_inference"]["ssd"].update(ffn_speedup=speedup, val_gap=gap)
+        path = tmp_path / "ssd-pretrain.json"
+        path.write_text(json.dumps(part))
+        row = next(r for r in evaluate_targets(load_results([path])) if r["what"] == what)
+        assert row["met"] == met, (speedup, gap)
+        assert f"FFN {speedup:.2f}x" in row["measured"]
 
 
 def check_contenders(part, baseline="dense"):

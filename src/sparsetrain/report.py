@@ -118,6 +118,15 @@ def _check_upcycle(part: dict) -> tuple[str, bool | None]:
     return text, moe["val_loss"] < dense["val_loss"] and time_ratio <= 1.05 and mfu >= 0.40
 
 
+def _check_moe_inference(part: dict) -> tuple[str, bool | None]:
+    r = part.get("moe_inference", {}).get("ssd")
+    if r is None:
+        return "no 'ssd' MoE inference result", None
+    text = (f"FFN {r['ffn_speedup']:.2f}x, prefill {r['prefill_speedup']:.2f}x as top-{r['top_k']} of {r['experts']}, "
+            f"val loss {r['val_gap']:+.2%} vs the same model dense")
+    return text, r["ffn_speedup"] >= 2.0 and r["val_gap"] <= 0.02
+
+
 @dataclass(frozen=True)
 class Target:
     what: str
@@ -133,10 +142,10 @@ TARGETS = [
     Target("SAT step at omission 0.5", ">= 1.6x", "sat-step", _check_step_speedup("sat", 1.6)),
     Target("SAT continual pre-training, wall-clock at val loss within 1%", ">= 1.45x", "sat-cpt",
            _check_quality("sat", "speedup", 1.45, 0.01)),
-    Target("SSD sparse-phase step (E=16, top-4)", ">= 1.4x", None, elsewhere="no suite part yet"),
+    Target("SSD sparse-phase step (E=16, top-4)", ">= 1.4x", "ssd-step", _check_step_speedup("ssd", 1.4)),
     Target("SSD pre-training, wall-clock at val loss within 1%", ">= 1.25x", "ssd-pretrain",
            _check_quality("ssd", "speedup", 1.25, 0.01)),
-    Target("SSD model run as MoE, FFN speed at val loss within 2%", ">= 2x", None, elsewhere="no suite part yet"),
+    Target("SSD model run as MoE, FFN speed at val loss within 2%", ">= 2x", "ssd-pretrain", _check_moe_inference),
     Target("MoE layer time vs equal-FLOP dense FFN, d >= 1024", "within 1.25x", None,
            elsewhere="by bench/moe_layer.py, see BENCHMARKS.md"),
     Target("Upcycled vs dense continuation, equal wall-clock", "lower val loss; active-parameter MFU >= 40%",

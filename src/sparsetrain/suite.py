@@ -6,27 +6,33 @@ length and learning-rate schedule; the part writes DIR/PART.json (environment, e
 validation curve and logged schedules, ratios to dense) and DIR/PART/NAME/ (each run's metrics.jsonl, summary.json,
 config.toml), and prints a table. `sparsetrain report DIR/*.json` turns the JSONs into the report.
 
-Parts (H100, gpt2-small = 124M at batch 16 x 1024 = 16,384 tokens a step, about 440k tokens/s dense, AdamW with
+Parts (H100, gpt2-small = 124M at batch 16 x 1024 = 16,384 tokens a step, about 0.033 s a step dense, AdamW with
 linear warm-up over 5% of the steps and cosine decay to 10%; every validation loss on 2,097,152 held-out tokens
-(2^21: 128 full batches), the same tokens for every contender; predicted call times assume 20-40 s of
-torch.compile per model and are not yet measured):
+(2^21: 128 full batches), the same tokens for every contender). Call times: "seen" were measured on 2026-11-23
+(BENCHMARKS.md), the others are estimates from those runs' step times plus 20-40 s of torch.compile per model:
 
     prepare-data  DATA/code and DATA/english from .carry/{code,english}.jsonl.xz with the shared .carry/tokenizer.json;
                   the validation fraction is raised until each held-out set has >= 2^21 + 1 tokens (English: about
-                  25 MB of text, ~6M tokens, so ~40% is held out). A no-op when DATA holds both already. (~1-2 min)
+                  25 MB of text, ~6M tokens, so ~40% is held out). A no-op when DATA holds both already. (seen: 24 s)
     dense-step    dense step time, gpt2-small and gpt2-medium, batch 16 x 1024, vocabulary 50304, 30 timed steps
                   after 10 of warm-up.                                                                (~2 min)
-    sat-step      dense vs SAT at omission 0.5 (FFN and heads, constant, no dense end), the same shapes. (~4 min)
+    sat-step      dense vs SAT at omission 0.5 (FFN and heads, constant, no dense end), the same shapes. (seen: 213 s)
+    ssd-step      dense vs SSD's sparse phase (16 experts, top-4, relu2), gpt2-medium, the same shape. (> 110 s:
+                  a 110 s limit cut it before its table; give it 300 s)
     sat-cpt       dense base on code, 2,500 steps (41.0M tokens, lr 6e-4); continual pre-training on English,
                   400 steps (6.6M tokens, lr 3e-4, seed + 1): dense vs SAT with the LORS ladder (rate 0.5), both
-                  from the base. With ~3.6M English training tokens the continuation sees them ~1.8 times. (~7 min)
+                  from the base. With ~3.9M English training tokens the continuation sees them ~1.7 times.
+                  (> 220 s at --scale 0.6: SAT compiles for 38 s and again at each rung; give it the whole call)
     upcycle       dense base on code, 1,600 steps (26.2M tokens); continuation on code (lr 3e-4, seed + 1): dense for
                   800 steps (13.1M tokens, +50% of the base), and the upcycled MoE (8 experts, top-2, every other
                   layer) for the same wall-clock: its steps = 800 x dense step time / MoE step time, both timed by
-                  `measure_steps` in this process, so its cosine schedule ends where its budget does. (~7.5 min)
-    ssd-pretrain  dense vs SSD from scratch on code, 2,000 steps (32.8M tokens), relu2 activation for both. (~6 min)
+                  `measure_steps` in this process, so its cosine schedule ends where its budget does.
+                  (seen: 151 s at --scale 0.35; ~4-5 min in full)
+    ssd-pretrain  dense vs SSD from scratch on code, 2,000 steps (32.8M tokens), relu2 activation for both; then both
+                  trained models run as MoEs (top-4 of 16): validation loss, FFN and prefill time, dense vs MoE.
+                  (seen: 162 s at --scale 0.5; ~4 min in full)
     mst-pretrain  dense vs MST weight-level vs MST neuron-level from scratch on code, 1,200 steps (19.7M tokens).
-                                                                                                     (~7 min)
+                  (seen: 127 s at --scale 0.4; ~4 min in full)
 Each part prints and stores its `elapsed_s`: re-budget from those once seen.
 `--scale X` multiplies every training step count of a part (for example 0.5 if a part overruns its call);
 `--quick` runs the tiny preset for a few steps, on the CPU in seconds: a smoke test, not a measurement.
@@ -41,16 +47,16 @@ in its time. Both numbers are in the JSON and the table ("wall-clock s" and "wit
 the first, and the report shows the second beside it.
 
 GPU calls (run tool, carry [".carry"]; DATA persists while the machine is warm, and a fresh machine prepares it
-again in the same command; each command is one line, wrapped here):
+again in the same command; each command is one line, wrapped here; a part writes its JSON only at its end, so wrap
+each in `timeout` below the call's limit, write to a folder outside $OUT and tar it into $OUT at the end: a call
+brings back at most 8 files):
 
-    1. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite prepare-data --data-dir data/suite --out $OUT
-    2. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite dense-step --out $OUT
-    3. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite sat-step --out $OUT
-    4. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite prepare-data --data-dir data/suite --out $OUT &&
-       PYTHONPATH=src python3 -m sparsetrain.cli bench --suite sat-cpt --data-dir data/suite --out $OUT
-    5. as 4, with --suite upcycle
-    6. as 4, with --suite ssd-pretrain
-    7. as 4, with --suite mst-pretrain
+    1. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite sat-step --out R &&
+       PYTHONPATH=src python3 -m sparsetrain.cli bench --suite ssd-step --out R
+    2. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite prepare-data --data-dir data/suite --out R &&
+       PYTHONPATH=src python3 -m sparsetrain.cli bench --suite sat-cpt --data-dir data/suite --out R
+    3. as 2, with --suite upcycle, then --suite mst-pretrain
+    4. as 2, with --suite ssd-pretrain, then --suite dense-step
     then here: sparsetrain report FILES_AT/*.json --out bench_out/report (FILES_AT of each call; the PART/ folders
     beside the JSONs hold each run's metrics.jsonl)
 """
@@ -359,16 +365,20 @@ def start_point(c: dict[str, Any], val_loss: float) -> None:
 # parts
 
 
-def run_steps(ctx: Context, methods: list[dict[str, Any]]) -> dict[str, Any]:
+def run_steps(ctx: Context, methods: list[dict[str, Any]], presets: tuple[str, ...] | None = None,
+              model: dict[str, Any] | None = None) -> dict[str, Any]:
     """Step time of dense and each method, side by side on each preset (random tokens: speed does not depend on
-    them). The trainer's own step, timed by `measure_steps`."""
+    them). The trainer's own step, timed by `measure_steps`. `presets` (full runs) and `model` options narrow or
+    change the models of the step shape."""
     s = STEP_QUICK if ctx.quick else STEP_FULL
+    if presets and not ctx.quick:
+        s = dataclasses.replace(s, presets=presets)
     rows = []
     for preset in s.presets:
         dense = None
         for method in [{"name": "dense"}, *methods]:
             cfg = bench_config(preset, batch_size=s.batch_size, seq_len=s.seq_len, vocab_size=s.vocab_size,
-                               method=method)
+                               method=method, model_overrides=model)
             cfg.train.device = ctx.device
             r = measure_steps(cfg, steps=s.steps, warmup=s.warmup, compile_model=ctx.cuda)
             r["method_options"] = method
@@ -379,7 +389,7 @@ def run_steps(ctx: Context, methods: list[dict[str, Any]]) -> dict[str, Any]:
             print(json.dumps(r), flush=True)
             release_memory()
     print_table(rows, STEP_COLUMNS)
-    return {"rows": rows, "shape": dataclasses.asdict(s)}
+    return {"rows": rows, "shape": dataclasses.asdict(s) | {"model": model or {}}}
 
 
 def run_sat_cpt(ctx: Context) -> dict[str, Any]:
@@ -519,6 +529,8 @@ def run_ssd_pretrain(ctx: Context) -> dict[str, Any]:
 
 
 SAT_STEP = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "constant", "dense_final": 0.0}
+SSD_STEP = {"name": "ssd", "experts": 16, "top_k": 4, "schedule": "fixed", "sparse_windows": [[0.0, 1.0]],
+            "monitor_every": 0}  # the sparse phase alone
 SAT_CPT = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "ladder"}
 UPCYCLE = {"name": "upcycle", "experts": 8, "top_k": 2, "layers": "every-other"}
 
@@ -529,6 +541,9 @@ PARTS: dict[str, Part] = {
                        trains=False),
     "sat-step": Part("SAT step at omission 0.5 vs dense", functools.partial(run_steps, methods=[SAT_STEP]),
                      ("sat",), trains=False),
+    "ssd-step": Part("SSD sparse-phase step (relu2, 16 experts, top-4) vs dense, gpt2-medium",
+                     functools.partial(run_steps, methods=[SSD_STEP], presets=("gpt2-medium",),
+                                       model={"activation": "relu2"}), ("ssd",), trains=False),
     "sat-cpt": Part("continual pre-training code -> English, dense vs SAT (LORS)", run_sat_cpt, ("sat",)),
     "upcycle": Part("dense vs upcycled continuation at equal wall-clock", run_upcycle, ("upcycle",)),
     "ssd-pretrain": Part("pre-training dense vs SSD (relu2), both then run as MoEs", run_ssd_pretrain, ("ssd",)),
