@@ -160,3 +160,80 @@ def test_loader_is_reproducible_and_resumes_exactly(tmp_path, tokenizer_dir):
     batches = list(a.eval_batches(batch_size=4, max_tokens=16 * 6))
     assert [x.shape[0] for x, _ in batches] == [4, 2]
     assert all(torch.equal(p[0], q[0]) for p, q in zip(batches, a.eval_batches(batch_size=4, max_tokens=16 * 6)))
+
+
+KERNEL_C = """\
+#include <linux/kernel.h>
+
+/**
+ * foo_add() - add two numbers
+ * @a: the first
+ * @b: the second
+ *
+ * Return: their sum
+ */
+static int foo_add(int a,
+		   int b)
+{
+	return a + b;
+}
+
+/**
+ * struct foo - not a function
+ * @x: a member
+ */
+struct foo {
+	int x;
+};
+
+/**
+ * foo_decl - a prototype, no body here
+ */
+int foo_decl(void);
+
+/**
+ * foo_long - too long for the limit below
+ */
+void foo_long(void)
+{
+	LONG_BODY
+}
+
+/* not kernel-doc */
+int plain(void)
+{
+	return 0;
+}
+"""
+
+
+def test_kernel_doc_pairs_take_documented_function_definitions_only():
+    from sparsetrain.sft import KERNEL_DOC_PROMPT, kernel_doc_pairs
+
+    text = KERNEL_C.replace("LONG_BODY", "x();\n" * 200)
+    pairs = kernel_doc_pairs(text, max_response_chars=500)
+    assert len(pairs) == 1
+    prompt, response = pairs[0]
+    assert prompt == KERNEL_DOC_PROMPT + "foo_add() - add two numbers\n@a: the first\n@b: the second\n\nReturn: their sum"
+    assert response == "static int foo_add(int a,\n\t\t   int b)\n{\n\treturn a + b;\n}"
+    assert [r.split("(")[0] for _, r in kernel_doc_pairs(text, max_response_chars=5000)] == ["static int foo_add",
+                                                                                          "void foo_long"]
+
+
+def test_cli_kernel_doc_writes_pairs_that_data_sft_packs(tmp_path, tokenizer_dir):
+    from sparsetrain.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.c").write_text(KERNEL_C.replace("LONG_BODY", "x();"))
+    out = tmp_path / "pairs.jsonl"
+    assert main(["data", "kernel-doc", "--source", str(src), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["response"].splitlines()[0] for r in rows] == ["static int foo_add(int a,", "void foo_long(void)"]
+    assert main(["data", "sft", "--source", str(out), "--tokenizer", str(tokenizer_dir), "--out",
+                 str(tmp_path / "sft"), "--seq-len", "256", "--val-fraction", "0"]) == 0
+    assert main(["data", "kernel-doc", "--source", str(src), "--out", str(out)]) == 2  # exists: refused
+    (tmp_path / "py").mkdir()
+    (tmp_path / "py" / "b.py").write_text("def f():\n    return 1\n")
+    assert main(["data", "kernel-doc", "--source", str(tmp_path / "py"), "--out", str(tmp_path / "none.jsonl")]) == 2
+    assert not (tmp_path / "none.jsonl").exists() and not (tmp_path / "none.jsonl.tmp").exists()

@@ -1,6 +1,7 @@
 """The benchmark suite and its report, on tiny corpora: every part with --quick, the report on what they wrote."""
 import ast
 import json
+import lzma
 import math
 import os
 import shutil
@@ -45,6 +46,15 @@ def write_english(folder, max_bytes=250_000):
             break
 
 
+def add_kernel_doc_files(code_jsonl_xz, files=40, functions=8):
+    """C files with documented functions (the fine-tuning pairs of sat-sft), appended to the code corpus."""
+    with lzma.open(code_jsonl_xz, "at", encoding="utf-8") as f:
+        for i in range(files):
+            text = "".join(f"/**\n * add_{i}_{j}() - add {j} to a\n * @a: a number\n */\nint add_{i}_{j}(int a)\n{{\n"
+                           f"\treturn a + {j};\n}}\n\n" for j in range(functions))
+            f.write(json.dumps({"name": f"kdoc/{i}.c", "text": text}) + "\n")
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """The carried files of a GPU call in miniature: code and English JSONL (xz) and one shared tokenizer."""
@@ -52,6 +62,7 @@ def env(tmp_path_factory):
     carry = root / "carry"
     write_english(root / "english_text")
     export_jsonl("stdlib", carry / "code.jsonl.xz", max_bytes=300_000, progress=False)
+    add_kernel_doc_files(carry / "code.jsonl.xz")
     export_jsonl(str(root / "english_text"), carry / "english.jsonl.xz", progress=False)
     tok = root / "tok"
     prepare(str(carry / "code.jsonl.xz"), tok, vocab_size=512, max_bytes=100_000, progress=False)
@@ -201,6 +212,20 @@ def test_sat_cpt_continues_the_code_base_on_english_with_the_same_tokens(env, re
     rates = [r["sat_ffn_rate"] for r in cs["sat"]["curve"] if "sat_ffn_rate" in r]
     assert rates[0] == 0.5 and rates[-1] == 0.0 and rates == sorted(rates, reverse=True)  # the LORS ladder
     assert cs["sat"]["flops"] < cs["dense"]["flops"]
+
+
+def test_sat_sft_fine_tunes_the_code_base_on_kernel_doc_pairs(env, results):
+    part = results["sat-sft"]
+    cs = check_contenders(part)
+    assert cs["base"]["corpus"] == "code" and cs["dense"]["corpus"] == cs["sat"]["corpus"] == "sft"
+    assert cs["dense"]["tokens"] == cs["sat"]["tokens"]
+    assert cs["sat"]["config"]["method"]["name"] == "sat"
+    for name in ("dense", "sat"):
+        assert cs[name]["config"]["train"]["init_from"] == cs["base"]["run_dir"]
+        assert cs[name]["curve"][0]["val_loss"] == pytest.approx(part["start_val_loss"])
+        assert cs[name]["val_loss"] < part["start_val_loss"]  # the format is learnt: loss on the functions falls
+    meta = json.loads((env["data_dir"] / "sft" / "meta.json").read_text())
+    assert meta["kind"] == "sft" and meta["examples_file"]["examples"] == 40 * 8 and meta["val"]["sequences"] > 0
 
 
 def test_upcycle_gives_the_moe_the_steps_that_fit_dense_time(results):

@@ -56,6 +56,17 @@ def cmd_data_sft(a) -> None:
     print(f"wrote {out}: {meta['train']['sequences']} train and {meta['val']['sequences']} validation rows of {a.seq_len} tokens")
 
 
+def cmd_data_kernel_doc(a) -> None:
+    from .sft import write_kernel_doc_jsonl
+
+    out = Path(a.out)
+    if out.exists():
+        raise UserError(f"{out} already exists; pass a new --out file or delete it")
+    counts = write_kernel_doc_jsonl(a.source, out, max_examples=a.max_examples, max_bytes=a.max_bytes,
+                                    max_response_chars=a.max_response_chars)
+    print(f"wrote {out}: {counts['examples']:,} prompt/response pairs from {counts['documents']:,} files")
+
+
 def cmd_train(a) -> None:
     from . import config
     from .train import train
@@ -304,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--response-field", default="response")
     sft.add_argument("--val-fraction", type=float, default=0.05)
     sft.set_defaults(func=cmd_data_sft)
+
+    kd = data.add_parser("kernel-doc", help="a prompt/response JSONL from C sources: kernel-doc comment -> function")
+    kd.add_argument("--source", required=True, help="linux-source, or C files (a folder, file or JSONL of them)")
+    kd.add_argument("--out", required=True, help="the .jsonl to write (then `data sft` packs it)")
+    kd.add_argument("--max-examples", type=int, default=0, help="stop after this many pairs (0 = all)")
+    kd.add_argument("--max-bytes", type=_size, help="read at most this much source text")
+    kd.add_argument("--max-response-chars", type=int, default=2000, help="leave out longer functions")
+    kd.set_defaults(func=cmd_data_kernel_doc)
 
     tr = sub.add_parser("train", help="train a model")
     tr.add_argument("--config", help="TOML config (default with --resume: RUN_DIR/config.toml)")

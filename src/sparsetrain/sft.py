@@ -192,6 +192,79 @@ def prepare_sft(jsonl_path: str | Path, tokenizer_path: str | Path, out_dir: str
     return meta
 
 
+# --- a prompt/response set from documented C functions ----------------------------------------------------------
+KERNEL_DOC_PROMPT = "Write the C function that this kernel-doc comment documents.\n\n"
+
+
+def kernel_doc_pairs(text: str, max_response_chars: int = 2000) -> list[tuple[str, str]]:
+    """(prompt, response) pairs from the kernel-doc comments of a C file: a comment that opens with `/**` alone on
+    its line and names a function (` * name() - summary` or ` * name - summary`) right above that function's
+    definition. The prompt is the comment's text, the response the definition (signature to its closing `}` at
+    column 0). Definitions longer than `max_response_chars` are left out (they would not fit a training row)."""
+    lines = text.split("\n")
+    pairs, i = [], 0
+    while i < len(lines):
+        if lines[i] != "/**":
+            i += 1
+            continue
+        end = i + 1
+        while end < len(lines) and lines[end].strip() != "*/" and lines[end].startswith(" *"):
+            end += 1
+        if end >= len(lines) or lines[end].strip() != "*/":
+            i = end
+            continue
+        doc = [line[3:] if line.startswith(" * ") else line[2:] for line in lines[i + 1:end]]
+        head = doc[0].strip() if doc else ""
+        name = head.split(" - ", 1)[0].strip().removesuffix("()") if " - " in head else ""
+        sig_end = end + 1
+        while sig_end < len(lines) and sig_end - end <= 6 and lines[sig_end] != "{" and ";" not in lines[sig_end]:
+            sig_end += 1
+        if (name.isidentifier() and sig_end < len(lines) and lines[sig_end] == "{"
+                and f"{name}(" in " ".join(lines[end + 1:sig_end])):
+            body_end = sig_end + 1
+            while body_end < len(lines) and lines[body_end] != "}":
+                body_end += 1
+            response = "\n".join(lines[end + 1:body_end + 1])
+            if body_end < len(lines) and len(response) <= max_response_chars:
+                pairs.append((KERNEL_DOC_PROMPT + "\n".join(doc).strip(), response))
+            i = body_end + 1
+        else:
+            i = end + 1
+    return pairs
+
+
+def write_kernel_doc_jsonl(source: str, out: str | Path, *, max_examples: int = 0, max_bytes: int | None = None,
+                           max_response_chars: int = 2000, progress: bool = True) -> dict[str, int]:
+    """Every kernel-doc pair of a source of C files (`linux-source`, or a file/folder/JSONL of them) as
+    prompt/response JSONL (`data kernel-doc`); stops after `max_examples` pairs (0 = all). Written atomically."""
+    from .progress import progress_bar
+    from .sources import iter_documents, open_source
+
+    out = Path(out)
+    src = open_source(source, subset="code", progress=progress)
+    tmp = out.with_name(out.name + ".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    counts = {"documents": 0, "examples": 0}
+    with (tmp.open("w", encoding="utf-8") as f,
+          progress_bar(desc="kernel-doc pairs", unit="ex", disable=not progress) as pbar):
+        for doc in iter_documents(src, max_bytes):
+            counts["documents"] += 1
+            pairs = kernel_doc_pairs(doc.text, max_response_chars)
+            if max_examples:
+                pairs = pairs[: max_examples - counts["examples"]]
+            for prompt, response in pairs:
+                f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+            counts["examples"] += len(pairs)
+            pbar.update(len(pairs))
+            if max_examples and counts["examples"] >= max_examples:
+                break
+    if counts["examples"] == 0:
+        tmp.unlink()
+        raise UserError(f"{source} holds no kernel-doc comment above a function definition; pass C sources")
+    tmp.replace(out)
+    return counts
+
+
 class SFTLoader:
     """Batches of packed SFT rows: `next_batch()` -> (x, y) int64 [batch_size, seq_len], y = -100 where no loss.
 

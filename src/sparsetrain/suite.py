@@ -13,7 +13,10 @@ linear warm-up over 5% of the steps and cosine decay to 10%; every validation lo
 
     prepare-data  DATA/code and DATA/english from .carry/{code,english}.jsonl.xz with the shared .carry/tokenizer.json;
                   the validation fraction is raised until each held-out set has >= 2^21 + 1 tokens (English: about
-                  25 MB of text, ~6M tokens, so ~40% is held out). A no-op when DATA holds both already. (seen: 24 s)
+                  25 MB of text, ~6M tokens, so ~40% is held out); DATA/sft: the code corpus's kernel-doc pairs
+                  (comment -> function, ~10,000 in the carried 200 MB) packed into rows of 1,024 tokens with the loss
+                  on the functions, 5% of the pairs held out. A no-op when DATA holds all three. (seen: 24 s without
+                  sft; extracting the pairs takes ~4 s on a CPU core)
     dense-step    dense step time, gpt2-small and gpt2-medium, batch 16 x 1024, vocabulary 50304, 30 timed steps
                   after 10 of warm-up.                                                                (~2 min)
     sat-step      dense vs SAT at omission 0.5 (FFN and heads, constant, no dense end), the same shapes. (seen: 213 s)
@@ -23,6 +26,9 @@ linear warm-up over 5% of the steps and cosine decay to 10%; every validation lo
                   400 steps (6.6M tokens, lr 3e-4, seed + 1): dense vs SAT with the LORS ladder (rate 0.5), both
                   from the base. With ~3.9M English training tokens the continuation sees them ~1.7 times.
                   (> 220 s at --scale 0.6: SAT compiles for 38 s and again at each rung; give it the whole call)
+    sat-sft       dense base on code, 1,500 steps; fine-tuning on DATA/sft, 300 steps of 16 rows (about 1.5 epochs of
+                  the ~3,200 train rows, lr 1e-4, seed + 1): dense vs SAT with the LORS ladder, both from the base;
+                  validation loss on the held-out pairs' functions.                                  (~4-5 min)
     upcycle       dense base on code, 1,600 steps (26.2M tokens); continuation on code (lr 3e-4, seed + 1): dense for
                   800 steps (13.1M tokens, +50% of the base), and the upcycled MoE (8 experts, top-2, every other
                   layer) for the same wall-clock: its steps = 800 x dense step time / MoE step time, both timed by
@@ -55,8 +61,11 @@ brings back at most 8 files):
        PYTHONPATH=src python3 -m sparsetrain.cli bench --suite ssd-step --out R
     2. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite prepare-data --data-dir data/suite --out R &&
        PYTHONPATH=src python3 -m sparsetrain.cli bench --suite sat-cpt --data-dir data/suite --out R
-    3. as 2, with --suite upcycle, then --suite mst-pretrain
-    4. as 2, with --suite ssd-pretrain, then --suite dense-step
+    3. as 2, with --suite sat-sft, then --suite dense-step
+    4. as 2, with --suite upcycle, then --suite mst-pretrain
+    5. as 2, with --suite ssd-pretrain
+    (about 35 minutes of calls in all: more than one session's 30 minutes of device time, so split them across
+    sessions, or pass --scale to the training parts)
     then here: sparsetrain report FILES_AT/*.json --out bench_out/report (FILES_AT of each call; the PART/ folders
     beside the JSONs hold each run's metrics.jsonl)
 """
@@ -81,6 +90,7 @@ from .bench import bench_config, environment, measure_steps, print_table
 from .data import TokenData, load_tokenizer, prepare
 from .errors import UserError
 from .report import CONTENDER_COLUMNS, SCHEDULE_KEYS, STEP_COLUMNS, read_metrics
+from .sft import prepare_sft, write_kernel_doc_jsonl
 from .sources import sha256_file
 from .train import TrainingData, evaluate, load_model, peak_flops, setup_runtime, train
 
@@ -97,10 +107,11 @@ class Shape:
     seq_len: int
     eval_tokens: int
     log_every: int
+    sft_seq_len: int  # rows of the fine-tuning data (a kernel-doc prompt alone is ~100 tokens)
 
 
-FULL = Shape("gpt2-small", 16, 1024, 2**21, 10)
-QUICK = Shape("tiny", 8, 64, 2048, 2)
+FULL = Shape("gpt2-small", 16, 1024, 2**21, 10, 1024)
+QUICK = Shape("tiny", 8, 64, 2048, 2, 256)
 
 
 @dataclass(frozen=True)
@@ -194,7 +205,28 @@ def run_prepare_data(ctx: Context) -> dict[str, Any]:
         meta = prepare_corpus(source, ctx.data / corpus, tokenizer, ctx.shape.eval_tokens + 1, fraction)
         corpora[corpus] = {k: meta[k] for k in ("train_tokens", "val_tokens", "val_fraction", "vocab_size",
                                                 "text_bytes", "sha256")}
+    corpora["sft"] = prepare_sft_corpus(ctx, ctx.carry / "code.jsonl.xz", tokenizer)
     return {"corpora": corpora}
+
+
+def prepare_sft_corpus(ctx: Context, code: Path, tokenizer: Path) -> dict[str, Any]:
+    """DATA/sft: the kernel-doc pairs of the code corpus (comment -> function), packed into rows of the suite's
+    sequence length with the loss on the functions only; 5% of the pairs held out. Kept when it exists already."""
+    out = ctx.data / "sft"
+    if (out / "meta.json").is_file():
+        meta = json.loads((out / "meta.json").read_text())
+        if meta.get("tokenizer_sha256") == sha256_file(tokenizer) and meta["seq_len"] == ctx.shape.sft_seq_len:
+            print(f"prepare-data: {out} is ready ({meta['train']['sequences']:,} train rows)")
+            return {k: meta[k] for k in ("train", "val", "examples_file")}
+        shutil.rmtree(out)
+    pairs = ctx.data / "kernel_doc.jsonl"
+    counts = write_kernel_doc_jsonl(str(code), pairs, progress=False)
+    meta = prepare_sft(pairs, tokenizer, out, seq_len=ctx.shape.sft_seq_len, val_fraction=0.05)
+    meta["tokenizer_sha256"], meta["examples_file"] = sha256_file(tokenizer), counts
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"prepare-data: {out}: {counts['examples']:,} kernel-doc pairs -> {meta['train']['sequences']:,} train, "
+          f"{meta['val']['sequences']:,} val rows")
+    return {k: meta[k] for k in ("train", "val", "examples_file")}
 
 
 def corpus_dir(ctx: Context, corpus: str) -> Path:
@@ -207,6 +239,14 @@ def corpus_dir(ctx: Context, corpus: str) -> Path:
     if meta["val_tokens"] < ctx.shape.eval_tokens + 1:
         raise UserError(f"{d} has {meta['val_tokens']:,} held-out tokens, fewer than the {ctx.shape.eval_tokens:,} "
                         f"every contender is evaluated on; delete {d} and {hint}")
+    return d
+
+
+def sft_dir(ctx: Context) -> Path:
+    d = ctx.data / "sft"
+    if not (d / "meta.json").is_file():
+        raise UserError(f"{d} holds no prepared SFT data; run `sparsetrain bench --suite prepare-data "
+                        f"--data-dir {ctx.data}` first")
     return d
 
 
@@ -291,8 +331,9 @@ def run_config(ctx: Context, *, corpus: str, steps: int, method: dict | None = N
     s = ctx.shape
     return {
         "model": {"preset": s.preset, **(model or {})},
-        "data": {"dir": str(corpus_dir(ctx, corpus))},
-        "train": {"steps": steps, "batch_size": s.batch_size, "seq_len": s.seq_len, "lr": lr,
+        "data": {"dir": str(sft_dir(ctx) if corpus == "sft" else corpus_dir(ctx, corpus))},
+        "train": {"steps": steps, "batch_size": s.batch_size, "seq_len": s.sft_seq_len if corpus == "sft" else s.seq_len,
+                  "lr": lr,
                   "warmup_steps": max(1, steps // 20), "eval_every": steps // evals if evals else 0,
                   "eval_tokens": s.eval_tokens, "checkpoint_every": 0, "keep_checkpoints": 1,
                   "log_every": s.log_every, "seed": seed, "device": ctx.device, "progress": False,
@@ -344,12 +385,17 @@ def compare(ctx: Context, contenders: list[dict[str, Any]], baseline: str = "den
         c["flops_ratio"] = base["flops"] / c["flops"]
 
 
-def eval_run(ctx: Context, run_dir: str, corpus: str) -> float:
-    """Validation loss of a trained run on another corpus's held-out set (the same tokens the contenders see)."""
+def eval_run(ctx: Context, run_dir: str, corpus: str | Path) -> float:
+    """Validation loss of a trained run on another corpus's held-out set (the same tokens the contenders see);
+    `corpus`: a name under DATA, or a prepared folder."""
     model, method, cfg = load_model(run_dir)
     rt = setup_runtime(cfg.train)
     model.to(rt.device)
-    loss = evaluate(model, TrainingData(corpus_dir(ctx, corpus), cfg.train), cfg.train, rt, method)
+    data = corpus if isinstance(corpus, Path) else corpus_dir(ctx, corpus)
+    meta = json.loads((data / "meta.json").read_text())
+    if meta.get("kind") == "sft":
+        cfg.train.seq_len = meta["seq_len"]  # fine-tuning rows have their own length
+    loss = evaluate(model, TrainingData(data, cfg.train), cfg.train, rt, method)
     del model
     release_memory()
     return loss
@@ -406,6 +452,29 @@ def run_sat_cpt(ctx: Context) -> dict[str, Any]:
         start_point(c, start)
     note = (f"The base model (code, {base['steps']} steps) has English validation loss {start:.4f} before "
             "continuing: the first point of both curves.")
+    return {"contenders": [base, dense, sat], "start_val_loss": start, "notes": [note]}
+
+
+def run_sat_sft(ctx: Context) -> dict[str, Any]:
+    """Dense base on code, then fine-tuning on kernel-doc pairs (comment -> function, loss on the function):
+    dense vs SAT (LORS), the same rows; validation loss on the held-out pairs' functions."""
+    sft = sft_dir(ctx)
+    same_tokenizer(corpus_dir(ctx, "code"), sft)
+    base = train_run(ctx, "base", run_config(ctx, corpus="code", steps=ctx.steps(1500, 24), evals=0), role="base")
+    start = eval_run(ctx, base["run_dir"], sft)
+    print(f"sat-sft: base model's validation loss on the held-out functions before fine-tuning: {start:.4f}")
+    steps = ctx.steps(300, 16)
+    common = dict(corpus="sft", steps=steps, init_from=base["run_dir"], seed=SEED + 1, lr=1e-4)
+    dense = train_run(ctx, "dense", run_config(ctx, **common))
+    sat = train_run(ctx, "sat", run_config(ctx, method=SAT_CPT, **common))
+    for c in (dense, sat):
+        start_point(c, start)
+    meta = json.loads((sft / "meta.json").read_text())
+    note = (f"Fine-tuning data: {meta['examples_file']['examples']:,} kernel-doc pairs of the code corpus in "
+            f"{meta['train']['sequences']:,} train rows ({steps} steps of {ctx.shape.batch_size} rows: "
+            f"{steps * ctx.shape.batch_size / meta['train']['sequences']:.1f} epochs); the base (code, "
+            f"{base['steps']} steps) starts at validation loss {start:.4f} on the held-out functions. The base "
+            "may have seen some of these functions in pre-training, dense and SAT alike.")
     return {"contenders": [base, dense, sat], "start_val_loss": start, "notes": [note]}
 
 
@@ -545,6 +614,8 @@ PARTS: dict[str, Part] = {
                      functools.partial(run_steps, methods=[SSD_STEP], presets=("gpt2-medium",),
                                        model={"activation": "relu2"}), ("ssd",), trains=False),
     "sat-cpt": Part("continual pre-training code -> English, dense vs SAT (LORS)", run_sat_cpt, ("sat",)),
+    "sat-sft": Part("fine-tuning on kernel-doc pairs (comment -> function), dense vs SAT (LORS)", run_sat_sft,
+                    ("sat",)),
     "upcycle": Part("dense vs upcycled continuation at equal wall-clock", run_upcycle, ("upcycle",)),
     "ssd-pretrain": Part("pre-training dense vs SSD (relu2), both then run as MoEs", run_ssd_pretrain, ("ssd",)),
     "mst-pretrain": Part("pre-training dense vs MST (weight and neuron level)",
