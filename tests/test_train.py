@@ -221,6 +221,26 @@ def test_two_processes_match_one(make_config, tiny_data, tmp_path, parallel):
     assert all(torch.equal(w[k], wa[k]) for k in w)
 
 
+@pytest.mark.parametrize("method, parallel", [("sat", "ddp"), ("upcycle", "ddp"), ("upcycle", "fsdp"), ("ssd", "ddp"),
+                                              ("mst", "ddp"), ("mst-neuron", "ddp")])
+def test_every_method_on_two_processes_matches_one(make_config, tmp_path, method, parallel):
+    """Each method under torchrun with 2 gloo processes at the same global batch: the same losses as one process
+    (its random choices, selections, clusterings and masks agree across ranks)."""
+    from sparsetrain import config
+
+    make = lambda **kw: make_config(method=METHODS[method], steps=8, eval_every=0, checkpoint_every=0, **kw)  # noqa: E731
+    one = tmp_path / "one"
+    train(make(), one)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(config.dumps(config.to_dict(make(parallel=parallel))))
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "sparsetrain.cli", "train", "--config", str(cfg), "--out", str(two)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["loss"] for r in metrics(one)] == pytest.approx([r["loss"] for r in metrics(two)], rel=1e-4)
+
+
 def test_compiled_training_really_compiles_and_matches_eager(make_config, tmp_path):
     """train.compile=true must compile (some torch releases make `module.compile()` a no-op) and train the same."""
     from torch._dynamo.utils import counters

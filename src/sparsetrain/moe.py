@@ -24,7 +24,8 @@ Losses, kept on the layer for the step (`aux_loss`; the method sums them over la
     load balancing (Switch): E * sum_e f_e * P_e, f_e = share of the N*k assignments the router gave expert e
                              (before capacity drops), P_e = mean router probability of e; 1 when balanced.
     router z-loss:           mean over tokens of logsumexp(logits)^2.
-Expert choice is balanced by construction: it gets the z-loss only.
+Expert choice is balanced by construction: it gets the z-loss only. The layer sees one device's tokens; with
+several ranks, `Upcycle.aux_loss` counts f_e over all of them (from the layer's `balance`).
 """
 from __future__ import annotations
 
@@ -86,8 +87,12 @@ def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Switch Transformer's auxiliary loss E * sum_e f_e * P_e (f_e from `counts`, no gradient; P_e with)."""
-    E = probs.shape[-1]
-    return E * torch.dot(counts / counts.sum(), probs.mean(dim=0))
+    return balance_loss(probs.mean(dim=0), counts)
+
+
+def balance_loss(mean_probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """E * sum_e f_e * P_e from P [E] (mean router probabilities) and the assignment counts [E]."""
+    return mean_probs.shape[-1] * torch.dot(counts / counts.sum(), mean_probs)
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -194,8 +199,12 @@ class MoEFFN(nn.Module):
         self.out_bias = nn.Parameter(torch.empty(experts * d_model)) if bias else None
         self.reset_parameters(init_std, out_std)
 
-        # Set by every forward: the weighted loss of the step (with gradient) and the routing, for `stats`.
+        # Set by every forward: the weighted loss of the step (with gradient), its parts, and the routing, for
+        # `stats`. `balance` = (assignment counts [E], mean router probabilities [E] with gradient), so that a
+        # caller that sees several ranks can count f_e over all of them (upcycle.Upcycle.aux_loss).
         self.aux_loss: torch.Tensor | None = None
+        self.z_part: torch.Tensor | None = None
+        self.balance: tuple[torch.Tensor, torch.Tensor] | None = None
         self.routing: dict[str, torch.Tensor | None] | None = None
 
     @torch.no_grad()
@@ -293,11 +302,11 @@ class MoEFFN(nn.Module):
     def _record(self, logits, probs, expert_ids=None, token_ids=None, keep=None):
         """Set the step's weighted loss (with gradient) and keep, detached, what `stats` needs: the statistics
         are computed only when asked for (log steps), not every step."""
-        aux = logits.new_zeros(())
+        self.z_part = self.z_loss_coef * router_z_loss(logits) if self.z_loss_coef > 0 else logits.new_zeros(())
+        aux, self.balance = self.z_part, None
         if self.aux_loss_coef > 0 and expert_ids is not None:
-            aux = aux + self.aux_loss_coef * load_balancing_loss(probs, expert_counts(expert_ids, self.num_experts))
-        if self.z_loss_coef > 0:
-            aux = aux + self.z_loss_coef * router_z_loss(logits)
+            self.balance = (expert_counts(expert_ids, self.num_experts), probs.mean(dim=0))
+            aux = aux + self.aux_loss_coef * balance_loss(self.balance[1], self.balance[0])
         self.aux_loss = aux
         self.routing = {"logits": logits.detach(), "expert_ids": expert_ids, "token_ids": token_ids, "keep": keep}
 

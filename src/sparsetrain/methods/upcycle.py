@@ -27,11 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from ..checkpoint import load_weights
 from ..errors import UserError
 from ..model import ModelArgs, Transformer, flops_per_token
-from ..moe import ROUTERS, MoEFFN
+from ..moe import ROUTERS, MoEFFN, balance_loss
 from .base import Method
 
 
@@ -246,8 +247,22 @@ class Upcycle(Method):
         self.model = model
 
     def aux_loss(self, model: Transformer) -> torch.Tensor | None:
-        losses = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
-        return torch.stack(losses).sum() if losses else None
+        """The layers' losses summed. On several ranks, f_e of the load-balancing loss counts the assignments of
+        every rank (one all-reduce of the counts): each rank's loss is then E * sum_e f_e(global) * P_e(local), and
+        the averaged gradients are those of one process with the whole batch (the z-loss is a mean: it averages
+        the same way by itself)."""
+        layers = [m for m in moe_layers(model) if m.aux_loss is not None]
+        if not layers:
+            return None
+        balanced = [m for m in layers if m.balance is not None]
+        if not (balanced and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return torch.stack([m.aux_loss for m in layers]).sum()
+        counts = torch.stack([m.balance[0] for m in balanced])
+        dist.all_reduce(counts)
+        total = torch.stack([m.z_part for m in layers]).sum()
+        for m, c in zip(balanced, counts):
+            total = total + m.aux_loss_coef * balance_loss(m.balance[1], c)
+        return total
 
     def flops_per_token(self, step: int) -> float:
         """Active FLOPs: in an MoE layer, the experts a token visits (k of width f/G; capacity_factor*k on average
