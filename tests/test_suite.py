@@ -339,3 +339,13 @@ def test_cli_suite_all_runs_every_part_and_writes_the_report(env, tmp_path):
                  "--work-dir", str(tmp_path / "work"), "--carry", str(env["carry"]), "--device", "cpu"]) == 0
     assert sorted(p.stem for p in out.glob("*.json")) == sorted(PARTS)
     assert (out / "report" / "report.md").is_file()
+
+
+def test_two_gpu_part_compares_one_process_with_two_under_torchrun(results):
+    part = results["two-gpu"]
+    rows = {(r["method"], r["parallel"]): r for r in part["scaling"]}
+    assert set(rows) == {("dense", "ddp"), ("dense", "fsdp"), ("upcycle", "ddp"), ("upcycle", "fsdp")}
+    for r in rows.values():
+        assert len(r["losses_1"]) == len(r["losses_2"]) > 1
+        assert r["loss_match"] and r["max_loss_gap"] < 1e-3  # fp32 on gloo: the same training
+        assert r["scaling"] == pytest.approx(r["tokens_per_s_2"] / r["tokens_per_s_1"])

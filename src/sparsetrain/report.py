@@ -40,6 +40,13 @@ STEP_COLUMNS = [
     ("flops_ratio", "FLOP reduction", ".2f"), ("mfu", "MFU (dense FLOPs)", ".1%"), ("memory_gb", "mem GB", ".1f"),
 ]
 
+TWO_GPU_COLUMNS = [
+    ("method", "method", ""), ("parallel", "parallel", ""), ("steps", "steps", "d"),
+    ("max_loss_gap", "largest loss gap", ".2%"), ("loss_match", "losses match", ""),
+    ("tokens_per_s_1", "tokens/s 1 GPU", ",.0f"), ("tokens_per_s_2", "tokens/s 2 GPUs", ",.0f"),
+    ("scaling", "scaling", ".2f"),
+]
+
 CORPUS_COLUMNS = [
     ("corpus", "corpus", ""), ("text_bytes", "text bytes", ",d"), ("train_tokens", "train tokens", ",d"),
     ("val_tokens", "held-out tokens", ",d"), ("val_fraction", "held-out fraction", ".3f"),
@@ -127,6 +134,15 @@ def _check_moe_inference(part: dict) -> tuple[str, bool | None]:
     return text, r["ffn_speedup"] >= 2.0 and r["val_gap"] <= 0.02
 
 
+def _check_two_gpus(part: dict) -> tuple[str, bool | None]:
+    rows = part.get("scaling", [])
+    if not rows:
+        return "no runs", None
+    text = ", ".join(f"{r['method']} {r['parallel']} {r['scaling']:.2f}x" + ("" if r["loss_match"] else " (losses differ)")
+                     for r in rows)
+    return text, all(r["scaling"] >= 1.8 and r["loss_match"] for r in rows)
+
+
 @dataclass(frozen=True)
 class Target:
     what: str
@@ -154,8 +170,7 @@ TARGETS = [
            _check_quality("mst-weight", "flops_ratio", 4.0, 0.02)),
     Target("MST neuron-level: wall-clock at val loss within 2%", ">= 1.3x", "mst-pretrain",
            _check_quality("mst-neuron", "speedup", 1.3, 0.02)),
-    Target("Two GPUs (2 x H200, torchrun) vs one, every method", ">= 1.8x tokens/s", None,
-           elsewhere="needs two GPUs; no suite part yet"),
+    Target("Two GPUs (2 x H200, torchrun) vs one, every method", ">= 1.8x tokens/s", "two-gpu", _check_two_gpus),
 ]
 
 
@@ -361,6 +376,8 @@ def write_report(paths: list[Path], out_dir: Path) -> Path:
             lines += [markdown_table(part["contenders"], CONTENDER_COLUMNS), ""]
         if part.get("rows"):
             lines += [markdown_table(part["rows"], STEP_COLUMNS), ""]
+        if part.get("scaling"):
+            lines += [markdown_table(part["scaling"], TWO_GPU_COLUMNS), ""]
         if part.get("corpora"):
             rows = [{"corpus": k, **v} for k, v in part["corpora"].items()]
             lines += [markdown_table(rows, CORPUS_COLUMNS), ""]

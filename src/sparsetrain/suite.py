@@ -39,6 +39,10 @@ linear warm-up over 5% of the steps and cosine decay to 10%; every validation lo
                   (seen: 162 s at --scale 0.5; ~4 min in full)
     mst-pretrain  dense vs MST weight-level vs MST neuron-level from scratch on code, 1,200 steps (19.7M tokens).
                   (seen: 127 s at --scale 0.4; ~4 min in full)
+    two-gpu       every method, 50 steps on code, one process and then `torchrun --nproc_per_node=2` (DDP; dense
+                  and upcycle also FSDP2), the same global batch: each logged loss compared (a match: within 1%,
+                  bf16) and the tokens/s of 2 GPUs over 1. Needs a 2-GPU machine (skipped otherwise); on the CPU
+                  (--quick) dense and upcycle run on 2 gloo processes.                    (~10 min: 14 launches)
 Each part prints and stores its `elapsed_s`: re-budget from those once seen.
 `--scale X` multiplies every training step count of a part (for example 0.5 if a part overruns its call);
 `--quick` runs the tiny preset for a few steps, on the CPU in seconds: a smoke test, not a measurement.
@@ -64,7 +68,8 @@ brings back at most 8 files):
     3. as 2, with --suite sat-sft, then --suite dense-step
     4. as 2, with --suite upcycle, then --suite mst-pretrain
     5. as 2, with --suite ssd-pretrain
-    (about 35 minutes of calls in all: more than one session's 30 minutes of device time, so split them across
+    6. on the 2-GPU kind: as 2, with --suite two-gpu
+    (about 45 minutes of calls in all: more than one session's 30 minutes of device time, so split them across
     sessions, or pass --scale to the training parts)
     then here: sparsetrain report FILES_AT/*.json --out bench_out/report (FILES_AT of each call; the PART/ folders
     beside the JSONs hold each run's metrics.jsonl)
@@ -89,7 +94,7 @@ from . import config as config_mod
 from .bench import bench_config, environment, measure_steps, print_table
 from .data import TokenData, load_tokenizer, prepare
 from .errors import UserError
-from .report import CONTENDER_COLUMNS, SCHEDULE_KEYS, STEP_COLUMNS, read_metrics
+from .report import CONTENDER_COLUMNS, SCHEDULE_KEYS, STEP_COLUMNS, TWO_GPU_COLUMNS, read_metrics
 from .sft import prepare_sft, write_kernel_doc_jsonl
 from .sources import sha256_file
 from .train import TrainingData, evaluate, load_model, peak_flops, setup_runtime, train
@@ -332,8 +337,8 @@ def run_config(ctx: Context, *, corpus: str, steps: int, method: dict | None = N
     return {
         "model": {"preset": s.preset, **(model or {})},
         "data": {"dir": str(sft_dir(ctx) if corpus == "sft" else corpus_dir(ctx, corpus))},
-        "train": {"steps": steps, "batch_size": s.batch_size, "seq_len": s.sft_seq_len if corpus == "sft" else s.seq_len,
-                  "lr": lr,
+        "train": {"steps": steps, "batch_size": s.batch_size, "lr": lr,
+                  "seq_len": s.sft_seq_len if corpus == "sft" else s.seq_len,
                   "warmup_steps": max(1, steps // 20), "eval_every": steps // evals if evals else 0,
                   "eval_tokens": s.eval_tokens, "checkpoint_every": 0, "keep_checkpoints": 1,
                   "log_every": s.log_every, "seed": seed, "device": ctx.device, "progress": False,
@@ -597,6 +602,71 @@ def run_ssd_pretrain(ctx: Context) -> dict[str, Any]:
     return result
 
 
+# Two GPUs: each method at the step shape of the quality parts, one process and then torchrun (DDP, and FSDP2 where
+# the method supports it), the same global batch; (name, method, model options, parallel modes).
+TWO_GPU_RUNS = [
+    ("dense", {"name": "dense"}, {}, ("ddp", "fsdp")),
+    ("sat", {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "constant", "dense_final": 0.0}, {},
+     ("ddp",)),
+    ("upcycle", {"name": "upcycle", "experts": 8, "top_k": 2, "layers": "every-other"}, {}, ("ddp", "fsdp")),
+    ("ssd", {"name": "ssd", "schedule": "fixed", "sparse_windows": [[0.2, 1.0]], "monitor_every": 0},
+     {"activation": "relu2"}, ("ddp",)),
+    ("mst-weight", {"name": "mst", "granularity": "weight", "update_every": 10}, {}, ("ddp",)),
+    ("mst-neuron", {"name": "mst", "granularity": "neuron", "update_every": 10}, {}, ("ddp",)),
+]
+LOSS_MATCH = 0.01  # bf16: largest relative difference of a logged loss between 1 and 2 GPUs counted as a match
+
+
+def launch(ctx: Context, raw: dict[str, Any], run_dir: Path, processes: int) -> list[dict[str, Any]]:
+    """`sparsetrain train` in a fresh process (`processes` > 1: under torchrun); its metrics records."""
+    import subprocess
+    import sys
+
+    config_path = run_dir.with_suffix(".toml")
+    config_path.write_text(config_mod.dumps(raw))
+    train_cmd = ["-m", "sparsetrain.cli", "train", "--config", str(config_path), "--out", str(run_dir)]
+    if processes == 1:
+        cmd = [sys.executable, *train_cmd]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               *train_cmd]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise UserError(f"{' '.join(cmd)} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    return read_metrics(run_dir)
+
+
+def run_two_gpus(ctx: Context) -> dict[str, Any]:
+    """Every method on one GPU and on two (torchrun), the same global batch: losses step by step and tokens/s."""
+    if not ctx.quick and (not ctx.cuda or torch.cuda.device_count() < 2):
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        message = f"two-gpu needs a machine with 2 GPUs (this one has {gpus})"
+        print(f"two-gpu: skipped: {message}")
+        return {"status": "skipped", "message": message}
+    steps = ctx.steps(50, 8)
+    runs = TWO_GPU_RUNS if not ctx.quick else [r for r in TWO_GPU_RUNS if r[0] in ("dense", "upcycle")]
+    rows = []
+    for name, method, model, modes in runs:
+        raw = run_config(ctx, corpus="code", steps=steps, method=method, model=model, evals=0)
+        raw["train"].update(log_every=ctx.shape.log_every // 2 or 1, warmup_steps=max(1, steps // 10))
+        one = launch(ctx, raw, ctx.work / ctx.part / f"{name}-1", 1)
+        for mode in modes:
+            print(f"two-gpu: {name}, 1 vs 2 processes ({mode})", flush=True)
+            two = launch(ctx, {**raw, "train": {**raw["train"], "parallel": mode}},
+                         ctx.work / ctx.part / f"{name}-2-{mode}", 2)
+            gaps = [abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(one, two)]
+            # Throughput: the median logging window after the first two (compilation).
+            tps = [statistics.median([r["tokens_per_s"] for r in rs[2:]] or [rs[-1]["tokens_per_s"]])
+                   for rs in (one, two)]
+            rows.append({"method": name, "parallel": mode, "steps": steps, "max_loss_gap": max(gaps),
+                         "loss_match": max(gaps) <= LOSS_MATCH, "tokens_per_s_1": tps[0], "tokens_per_s_2": tps[1],
+                         "scaling": tps[1] / tps[0], "losses_1": [r["loss"] for r in one],
+                         "losses_2": [r["loss"] for r in two]})
+            print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("losses")}), flush=True)
+    print_table(rows, TWO_GPU_COLUMNS)
+    return {"scaling": rows, "loss_match_tolerance": LOSS_MATCH}
+
+
 SAT_STEP = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "constant", "dense_final": 0.0}
 SSD_STEP = {"name": "ssd", "experts": 16, "top_k": 4, "schedule": "fixed", "sparse_windows": [[0.0, 1.0]],
             "monitor_every": 0}  # the sparse phase alone
@@ -614,6 +684,8 @@ PARTS: dict[str, Part] = {
                      functools.partial(run_steps, methods=[SSD_STEP], presets=("gpt2-medium",),
                                        model={"activation": "relu2"}), ("ssd",), trains=False),
     "sat-cpt": Part("continual pre-training code -> English, dense vs SAT (LORS)", run_sat_cpt, ("sat",)),
+    "two-gpu": Part("every method on one GPU vs two (torchrun DDP / FSDP2), same global batch", run_two_gpus,
+                    ("sat", "upcycle", "ssd", "mst")),
     "sat-sft": Part("fine-tuning on kernel-doc pairs (comment -> function), dense vs SAT (LORS)", run_sat_sft,
                     ("sat",)),
     "upcycle": Part("dense vs upcycled continuation at equal wall-clock", run_upcycle, ("upcycle",)),
