@@ -214,7 +214,8 @@ def test_kernel_doc_pairs_take_documented_function_definitions_only():
     pairs = kernel_doc_pairs(text, max_response_chars=500)
     assert len(pairs) == 1
     prompt, response = pairs[0]
-    assert prompt == KERNEL_DOC_PROMPT + "foo_add() - add two numbers\n@a: the first\n@b: the second\n\nReturn: their sum"
+    doc = "foo_add() - add two numbers\n@a: the first\n@b: the second\n\nReturn: their sum"
+    assert prompt == KERNEL_DOC_PROMPT + doc
     assert response == "static int foo_add(int a,\n\t\t   int b)\n{\n\treturn a + b;\n}"
     assert [r.split("(")[0] for _, r in kernel_doc_pairs(text, max_response_chars=5000)] == ["static int foo_add",
                                                                                           "void foo_long"]

@@ -12,7 +12,8 @@ from sparsetrain.config import ModelConfig
 from sparsetrain.errors import UserError
 from sparsetrain.methods import REGISTRY
 from sparsetrain.methods.ssd import (SSD, Check, Monitor, adjusted_rand_index, balanced_assign, balanced_kmeans,
-                                     cluster_neurons, densify_checkpoint, generate, generate_both, moefy_, moefy_checkpoint,
+                                     cluster_neurons, densify_checkpoint, generate, generate_both, moefy_,
+                                     moefy_checkpoint,
                                      neuron_rows, permute_ffn_, prepare_moe, run_as_moe, run_dense, ssd_layers,
                                      stored_order)
 from sparsetrain.model import build

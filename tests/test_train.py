@@ -228,7 +228,9 @@ def test_every_method_on_two_processes_matches_one(make_config, tmp_path, method
     (its random choices, selections, clusterings and masks agree across ranks)."""
     from sparsetrain import config
 
-    make = lambda **kw: make_config(method=METHODS[method], steps=8, eval_every=0, checkpoint_every=0, **kw)  # noqa: E731
+    def make(**kw):
+        return make_config(method=METHODS[method], steps=8, eval_every=0, checkpoint_every=0, **kw)
+
     one = tmp_path / "one"
     train(make(), one)
     cfg = tmp_path / "c.toml"

@@ -138,8 +138,8 @@ def _check_two_gpus(part: dict) -> tuple[str, bool | None]:
     rows = part.get("scaling", [])
     if not rows:
         return "no runs", None
-    text = ", ".join(f"{r['method']} {r['parallel']} {r['scaling']:.2f}x" + ("" if r["loss_match"] else " (losses differ)")
-                     for r in rows)
+    text = ", ".join(f"{r['method']} {r['parallel']} {r['scaling']:.2f}x"
+                     + ("" if r["loss_match"] else " (losses differ)") for r in rows)
     return text, all(r["scaling"] >= 1.8 and r["loss_match"] for r in rows)
 
 

@@ -19,7 +19,9 @@ linear warm-up over 5% of the steps and cosine decay to 10%; every validation lo
                   sft; extracting the pairs takes ~4 s on a CPU core)
     dense-step    dense step time, gpt2-small and gpt2-medium, batch 16 x 1024, vocabulary 50304, 30 timed steps
                   after 10 of warm-up.                                                                (~2 min)
-    sat-step      dense vs SAT at omission 0.5 (FFN and heads, constant, no dense end), the same shapes. (seen: 213 s)
+    sat-step      dense vs SAT at omission 0.5 (FFN and heads, constant, no dense end), the same shapes, and the
+                  ~1B llama preset too (grouped-query attention: whole kv-head groups are omitted).
+                  (seen: 213 s without llama-1b; ~5-6 min with it)
     ssd-step      dense vs SSD's sparse phase (16 experts, top-4, relu2), gpt2-medium, the same shape. (> 110 s:
                   a 110 s limit cut it before its table; give it 300 s)
     sat-cpt       dense base on code, 2,500 steps (41.0M tokens, lr 6e-4); continual pre-training on English,
@@ -61,8 +63,8 @@ again in the same command; each command is one line, wrapped here; a part writes
 each in `timeout` below the call's limit, write to a folder outside $OUT and tar it into $OUT at the end: a call
 brings back at most 8 files):
 
-    1. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite sat-step --out R &&
-       PYTHONPATH=src python3 -m sparsetrain.cli bench --suite ssd-step --out R
+    1. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite sat-step --out R
+    1b. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite ssd-step --out R
     2. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite prepare-data --data-dir data/suite --out R &&
        PYTHONPATH=src python3 -m sparsetrain.cli bench --suite sat-cpt --data-dir data/suite --out R
     3. as 2, with --suite sat-sft, then --suite dense-step
@@ -678,8 +680,9 @@ PARTS: dict[str, Part] = {
                          trains=False),
     "dense-step": Part("dense training step, gpt2-small and gpt2-medium", functools.partial(run_steps, methods=[]),
                        trains=False),
-    "sat-step": Part("SAT step at omission 0.5 vs dense", functools.partial(run_steps, methods=[SAT_STEP]),
-                     ("sat",), trains=False),
+    "sat-step": Part("SAT step at omission 0.5 vs dense, gpt2-small, gpt2-medium and llama-1b",
+                     functools.partial(run_steps, methods=[SAT_STEP],
+                                       presets=("gpt2-small", "gpt2-medium", "llama-1b")), ("sat",), trains=False),
     "ssd-step": Part("SSD sparse-phase step (relu2, 16 experts, top-4) vs dense, gpt2-medium",
                      functools.partial(run_steps, methods=[SSD_STEP], presets=("gpt2-medium",),
                                        model={"activation": "relu2"}), ("ssd",), trains=False),

@@ -22,9 +22,10 @@ Pieces, all in this module:
   to their neurons), and g = 1 + s - s.detach(), s the softmax over the top-k scores, carries a gradient into the
   router's input (`router_grad`; the router has no parameters of its own to train).
 - Monitor: every `monitor_every` steps (a light re-clustering: `monitor_iters` k-means iterations from the last
-  check's centroids; the full one runs at each switch), on a fixed probe batch (the first sequences of the first training batch),
-  per layer: activation sparsity (exact zeros for relu / relu2, |a| <= activation_threshold for gelu / swiglu), the
-  adjusted Rand index between this clustering and the previous check's (neurons tracked through permutations), and
+  check's centroids; the full one runs at each switch), on a fixed probe batch (the first sequences of the first
+  training batch), per layer: activation sparsity (exact zeros for relu / relu2, |a| <= activation_threshold for
+  gelu / swiglu), the adjusted Rand index between this clustering and the previous check's (neurons tracked through
+  permutations), and
   the share of activation mass (sum of |a|) that the top-k experts hold, for the best k experts of each token
   (`mass`: how well the clustering can do) and for the router's choice (`router_mass`: what the sparse phase keeps).
 - Policy: `adaptive` stays dense until the monitor sees a stable pattern (mean ARI >= stable_ari and mean router
