@@ -1,7 +1,6 @@
 """MoEFFN: grouped GEMMs against the per-expert loop and a dense reference, routers, capacity, losses."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sparsetrain.model import activate
 from sparsetrain.moe import MoEFFN, capacity_keep, load_balancing_loss, router_z_loss, token_choice

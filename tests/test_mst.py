@@ -10,13 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import make_optimizer, random_batches, seeded_model
 from sparsetrain import attention_masks, config
 from sparsetrain.checkpoint import join_state, list_checkpoints, split_state
-from sparsetrain.config import ModelConfig
 from sparsetrain.errors import UserError
-from sparsetrain.methods import REGISTRY
 from sparsetrain.methods.mst import MST, MSTOptions, erk_densities, next_active, sparse_weights
-from sparsetrain.model import build, flops_per_token
+from sparsetrain.model import flops_per_token
 from sparsetrain.train import train as run_training
 
 VOCAB, T, B = 61, 16, 4
@@ -26,8 +25,7 @@ SCHEDULE = dict(update_every=2, warmup_end=0.25, restore_start=0.5, restore_end=
 
 
 def make_model(preset="tiny", seed=0):
-    torch.manual_seed(seed)
-    return build(ModelConfig(preset=preset, vocab_size=VOCAB))
+    return seeded_model(preset, VOCAB, seed)
 
 
 def make_mst(model, total_steps=24, **options):
@@ -36,16 +34,8 @@ def make_mst(model, total_steps=24, **options):
     return method
 
 
-def make_optimizer(model):
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=1e-2)
-
-
 def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    tokens = [torch.randint(0, VOCAB, (B, T + 1), generator=g) for _ in range(n)]
-    return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+    return random_batches(n, VOCAB, B, T, seed)
 
 
 def train(model, method, data, optimizer=None, first_step=0, check=None):
@@ -413,12 +403,7 @@ def test_bad_options_raise_user_error(options, message):
         MST.from_config({"name": "mst", **options}, model.args, T)
 
 
-@pytest.fixture
-def registered(monkeypatch):
-    monkeypatch.setitem(REGISTRY, "mst", MST)  # a no-op once methods/__init__.py registers it
-
-
-def test_trainer_runs_mst_and_resumes_exactly(make_config, tmp_path, interrupt_after_checkpoint, registered):
+def test_trainer_runs_mst_and_resumes_exactly(make_config, tmp_path, interrupt_after_checkpoint):
     method = {"name": "mst", "update_every": 2, "warmup_end": 0.25, "restore_start": 0.5, "restore_end": 0.75,
               "sparsity": 0.8, "final_sparsity": 0.4, "sparsify_embeddings": True}
     full = tmp_path / "full"
@@ -443,7 +428,7 @@ def test_trainer_runs_mst_and_resumes_exactly(make_config, tmp_path, interrupt_a
     assert masks["masks/wte.weight"].dtype == torch.bool
 
 
-def test_trainer_runs_neuron_granularity(make_config, tmp_path, registered):
+def test_trainer_runs_neuron_granularity(make_config, tmp_path):
     method = {"name": "mst", "granularity": "neuron", "update_every": 3, "warmup_end": 0.25, "restore_start": 0.75,
               "restore_end": 1.0, "sparsity": 0.5, "neuron_multiple": 32}
     run_training(make_config(method=method), tmp_path / "run")
@@ -452,7 +437,7 @@ def test_trainer_runs_neuron_granularity(make_config, tmp_path, registered):
     assert max(r["mst_flops_saved"] for r in rows) > 0.2
 
 
-def test_two_processes_match_one(make_config, tmp_path, registered):
+def test_two_processes_match_one(make_config, tmp_path):
     """DDP over 2 gloo processes: the gradient hooks see each rank's half, the dense gradients are all-reduced, so
     both ranks build the topology one process builds, and the runs match."""
     method = {"name": "mst", "update_every": 2, "warmup_end": 0.0, "restore_start": 1.0, "restore_end": 1.0,
@@ -461,15 +446,9 @@ def test_two_processes_match_one(make_config, tmp_path, registered):
     one = tmp_path / "one"
     run_training(cfg, one)
     (tmp_path / "c.toml").write_text(config.dumps(config.to_dict(cfg)))
-    script = tmp_path / "run.py"
-    script.write_text(
-        "import sys\n"
-        "from sparsetrain import config\nfrom sparsetrain.methods import REGISTRY\n"
-        "from sparsetrain.methods.mst import MST\nfrom sparsetrain.train import train\n"
-        "REGISTRY['mst'] = MST\ntrain(config.load(sys.argv[1]), sys.argv[2])\n")
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path / "c.toml"), str(two)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "sparsetrain.cli", "train", "--config", str(tmp_path / "c.toml"), "--out", str(two)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]

@@ -6,17 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsetrain.config import ModelConfig
+from helpers import make_optimizer, random_batches, seeded_model
 from sparsetrain.errors import UserError
 from sparsetrain.methods.sat import SAT, keep_count
-from sparsetrain.model import build
 
 VOCAB, T, B = 61, 16, 4
 
 
 def make_model(preset, seed=0):
-    torch.manual_seed(seed)
-    return build(ModelConfig(preset=preset, vocab_size=VOCAB))
+    return seeded_model(preset, VOCAB, seed)
 
 
 def make_sat(model, total_steps=10, **options):
@@ -25,16 +23,8 @@ def make_sat(model, total_steps=10, **options):
     return method
 
 
-def make_optimizer(model):
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=1e-2)
-
-
 def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    tokens = [torch.randint(0, VOCAB, (B, T + 1), generator=g) for _ in range(n)]
-    return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+    return random_batches(n, VOCAB, B, T, seed)
 
 
 def train(model, method, data, optimizer=None, first_step=0):

@@ -8,41 +8,25 @@ import torch
 
 from sparsetrain import checkpoint as ckpt_mod
 from sparsetrain import train as train_mod
-from sparsetrain.config import ModelConfig
 from sparsetrain.errors import UserError
-from sparsetrain.methods import REGISTRY
+from helpers import make_optimizer, random_batch, seeded_model
 from sparsetrain.methods.ssd import (SSD, Check, Monitor, adjusted_rand_index, balanced_assign, balanced_kmeans,
                                      cluster_neurons, densify_checkpoint, generate, generate_both, moefy_,
-                                     moefy_checkpoint,
-                                     neuron_rows, permute_ffn_, prepare_moe, run_as_moe, run_dense, ssd_layers,
-                                     stored_order)
-from sparsetrain.model import build
+                                     moefy_checkpoint, neuron_rows, permute_ffn_, prepare_moe, run_as_moe, run_dense,
+                                     ssd_layers, stored_order)
 from sparsetrain.train import load_model, train
 
 VOCAB, T, B = 64, 16, 4
 PRESETS = [("tiny", "relu2"), ("tiny", "relu"), ("tiny-llama", "swiglu")]
 
 
-@pytest.fixture(autouse=True)
-def registered(monkeypatch):
-    """Until methods/__init__.py lists it, the trainer finds SSD through this (harmless afterwards)."""
-    monkeypatch.setitem(REGISTRY, "ssd", SSD)
-
-
 def make_model(preset="tiny", activation="relu2", seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = build(ModelConfig(preset=preset, vocab_size=VOCAB, activation=activation, **overrides))
+    model = seeded_model(preset, VOCAB, seed, activation=activation, **overrides)
     with torch.no_grad():  # trained-looking biases, so that they are tested too
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0.0, 0.1)
     return model
-
-
-def make_optimizer(model):
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=1e-2)
 
 
 def make_ssd(model, total_steps=20, **options):
@@ -52,9 +36,7 @@ def make_ssd(model, total_steps=20, **options):
 
 
 def tokens(n=B, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, VOCAB, (n, T + 1), generator=g)
-    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+    return random_batch(VOCAB, n, T, torch.Generator().manual_seed(seed))
 
 
 def grads(model, x, y):

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from sparsetrain import config
 from sparsetrain.cli import main
 from sparsetrain.moe import MoEFFN
 from sparsetrain.train import load_model, train

@@ -1,0 +1,29 @@
+"""Builders shared by the method tests (SAT, MST, SSD): a seeded tiny model, the trainer's AdamW groups, and
+random token batches."""
+import torch
+
+from sparsetrain.config import ModelConfig
+from sparsetrain.model import build
+
+
+def seeded_model(preset: str, vocab_size: int, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return build(ModelConfig(preset=preset, vocab_size=vocab_size, **overrides))
+
+
+def make_optimizer(model, lr: float = 1e-2):
+    """AdamW with the trainer's two groups: weight decay on matrices only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+
+
+def random_batch(vocab_size: int, rows: int, seq_len: int, generator: torch.Generator):
+    """(inputs, targets) [rows, seq_len] of uniform random tokens."""
+    t = torch.randint(0, vocab_size, (rows, seq_len + 1), generator=generator)
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+def random_batches(n: int, vocab_size: int, rows: int, seq_len: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [random_batch(vocab_size, rows, seq_len, g) for _ in range(n)]
