@@ -308,6 +308,8 @@ def test_report_has_every_target_and_the_plots(env, results, tmp_path):
     for png in ("loss.png", "steps.png", "schedules.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert "![validation loss](loss.png)" in report
+    assert "| trained as | val loss dense | val loss as MoE |" in report  # ssd-pretrain's MoE inference table
+    assert "| method | parallel | steps | largest loss gap |" in report  # two-gpu
 
 
 def test_report_judges_quality_targets_by_ratio_and_validation_gap(results, tmp_path):

@@ -47,6 +47,13 @@ TWO_GPU_COLUMNS = [
     ("scaling", "scaling", ".2f"),
 ]
 
+MOE_INFERENCE_COLUMNS = [
+    ("model", "trained as", ""), ("val_loss_dense", "val loss dense", ".4f"), ("val_loss_moe", "val loss as MoE", ".4f"),
+    ("val_gap", "gap", "+.2%"), ("ffn_ms_dense", "FFN ms dense", ".2f"), ("ffn_ms_moe", "FFN ms MoE", ".2f"),
+    ("ffn_speedup", "FFN speed-up", ".2f"), ("prefill_ms_dense", "prefill ms dense", ".2f"),
+    ("prefill_ms_moe", "prefill ms MoE", ".2f"), ("prefill_speedup", "prefill speed-up", ".2f"),
+]
+
 CORPUS_COLUMNS = [
     ("corpus", "corpus", ""), ("text_bytes", "text bytes", ",d"), ("train_tokens", "train tokens", ",d"),
     ("val_tokens", "held-out tokens", ",d"), ("val_fraction", "held-out fraction", ".3f"),
@@ -378,6 +385,11 @@ def write_report(paths: list[Path], out_dir: Path) -> Path:
             lines += [markdown_table(part["rows"], STEP_COLUMNS), ""]
         if part.get("scaling"):
             lines += [markdown_table(part["scaling"], TWO_GPU_COLUMNS), ""]
+        if part.get("moe_inference"):
+            rows = [{"model": name, **r} for name, r in part["moe_inference"].items()]
+            k = rows[0]
+            lines += [f"Each trained model run as an MoE (top-{k['top_k']} of {k['experts']} experts) against itself "
+                      "dense:", "", markdown_table(rows, MOE_INFERENCE_COLUMNS), ""]
         if part.get("corpora"):
             rows = [{"corpus": k, **v} for k, v in part["corpora"].items()]
             lines += [markdown_table(rows, CORPUS_COLUMNS), ""]
