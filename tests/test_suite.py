@@ -351,3 +351,19 @@ def test_two_gpu_part_compares_one_process_with_two_under_torchrun(results):
         assert len(r["losses_1"]) == len(r["losses_2"]) > 1
         assert r["loss_match"] and r["max_loss_gap"] < 1e-3  # fp32 on gloo: the same training
         assert r["scaling"] == pytest.approx(r["tokens_per_s_2"] / r["tokens_per_s_1"])
+
+
+def test_hsa_part_compares_each_pattern_with_dense_at_its_sequence_length(results):
+    part = results["hsa-attention"]
+    cs = {c["name"]: c for c in part["contenders"]}
+    assert set(cs) == {f"{n}-{t}" for n in ("dense", "local", "hybrid") for t in (64, 128)}
+    for t in (64, 128):
+        dense = cs[f"dense-{t}"]
+        assert dense["config"]["train"]["seq_len"] == t and dense["speedup"] == 1.0
+        for n in ("local", "hybrid"):
+            c = cs[f"{n}-{t}"]
+            assert c["tokens"] == dense["tokens"] and c["config"]["method"]["sparsity"] == 0.0
+            assert c["speedup"] == pytest.approx(dense["wallclock"] / c["wallclock"])
+            assert c["val_loss"] != dense["val_loss"]  # the pattern hides keys: a different model
+            # Attention FLOPs count the 128 x 128 blocks computed: at these lengths one block, nothing skipped.
+            assert c["flops"] == dense["flops"]

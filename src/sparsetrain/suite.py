@@ -41,6 +41,10 @@ linear warm-up over 5% of the steps and cosine decay to 10%; every validation lo
                   (seen: 162 s at --scale 0.5; ~4 min in full)
     mst-pretrain  dense vs MST weight-level vs MST neuron-level from scratch on code, 1,200 steps (19.7M tokens).
                   (seen: 127 s at --scale 0.4; ~4 min in full)
+    hsa-attention dense (causal SDPA) vs MST's sparse attention alone (no weight sparsity, every layer, the whole
+                  run: local band of 128, and hybrid = local 128 | stride 256) at sequence 1024 x 16, 4096 x 4 and
+                  8192 x 2 rows (the same tokens a step), 300 steps each: validation loss and wall-clock, ratios to
+                  the dense run of each length. The kernel-level grid is bench/hsa_attention.py.      (~6-7 min)
     two-gpu       every method, 50 steps on code, one process and then `torchrun --nproc_per_node=2` (DDP; dense
                   and upcycle also FSDP2), the same global batch: each logged loss compared (a match: within 1%,
                   bf16) and the tokens/s of 2 GPUs over 1. Needs a 2-GPU machine (skipped otherwise); on the CPU
@@ -70,8 +74,9 @@ brings back at most 8 files):
     3. as 2, with --suite sat-sft, then --suite dense-step
     4. as 2, with --suite upcycle, then --suite mst-pretrain
     5. as 2, with --suite ssd-pretrain
-    6. on the 2-GPU kind: as 2, with --suite two-gpu
-    (about 45 minutes of calls in all: more than one session's 30 minutes of device time, so split them across
+    6. as 2, with --suite hsa-attention
+    7. on the 2-GPU kind: as 2, with --suite two-gpu
+    (about 50 minutes of calls in all: more than one session's 30 minutes of device time, so split them across
     sessions, or pass --scale to the training parts)
     then here: sparsetrain report FILES_AT/*.json --out bench_out/report (FILES_AT of each call; the PART/ folders
     beside the JSONs hold each run's metrics.jsonl)
@@ -334,13 +339,14 @@ def release_memory() -> None:
 
 
 def run_config(ctx: Context, *, corpus: str, steps: int, method: dict | None = None, model: dict | None = None,
-               init_from: str = "", seed: int = SEED, lr: float = 6e-4, evals: int = 4) -> dict[str, Any]:
+               init_from: str = "", seed: int = SEED, lr: float = 6e-4, evals: int = 4,
+               seq_len: int | None = None, batch_size: int | None = None) -> dict[str, Any]:
     s = ctx.shape
     return {
         "model": {"preset": s.preset, **(model or {})},
         "data": {"dir": str(sft_dir(ctx) if corpus == "sft" else corpus_dir(ctx, corpus))},
-        "train": {"steps": steps, "batch_size": s.batch_size, "lr": lr,
-                  "seq_len": s.sft_seq_len if corpus == "sft" else s.seq_len,
+        "train": {"steps": steps, "batch_size": batch_size or s.batch_size, "lr": lr,
+                  "seq_len": seq_len or (s.sft_seq_len if corpus == "sft" else s.seq_len),
                   "warmup_steps": max(1, steps // 20), "eval_every": steps // evals if evals else 0,
                   "eval_tokens": s.eval_tokens, "checkpoint_every": 0, "keep_checkpoints": 1,
                   "log_every": s.log_every, "seed": seed, "device": ctx.device, "progress": False,
@@ -669,6 +675,34 @@ def run_two_gpus(ctx: Context) -> dict[str, Any]:
     return {"scaling": rows, "loss_match_tolerance": LOSS_MATCH}
 
 
+# Hybrid sparse attention alone (MST with no weight sparsity): (name, pattern options) per sequence length, at the
+# same tokens per step; `hybrid` is the union of a local band and a strided pattern (a stride of 128, the authors',
+# hits every 128-key block, so it computes all of them: 256 skips some).
+HSA_PATTERNS = [("local", {"attention": "local", "window": 128}),
+                ("hybrid", {"attention": "hybrid", "window": 128, "stride": 256})]
+HSA_SHAPES = {"full": ((1024, 16), (4096, 4), (8192, 2)), "quick": ((64, 8), (128, 4))}
+
+
+def run_hsa(ctx: Context) -> dict[str, Any]:
+    """Dense (causal SDPA) vs sparse attention patterns (FlexAttention block masks, every layer, the whole run) at
+    each sequence length, the same tokens: validation loss and wall-clock, ratios to the dense run of that length."""
+    steps = ctx.steps(300, 12)
+    contenders = []
+    for seq, batch in HSA_SHAPES["quick" if ctx.quick else "full"]:
+        common = dict(corpus="code", steps=steps, seq_len=seq, batch_size=batch, model={"max_seq_len": seq})
+        group = [train_run(ctx, f"dense-{seq}", run_config(ctx, **common))]
+        for name, pattern in HSA_PATTERNS:
+            method = {"name": "mst", "sparsity": 0.0, "final_sparsity": 0.0, "update_every": steps,
+                      "attention_start": 0.0, "attention_end": 1.0, **pattern}
+            if ctx.quick:
+                method.update(window=16, stride=32)
+            group.append(train_run(ctx, f"{name}-{seq}", run_config(ctx, method=method, **common)))
+        compare(ctx, group, baseline=f"dense-{seq}")
+        contenders += group
+    return {"contenders": contenders, "compared": True,
+            "notes": ["Each pattern's ratios are to the dense run of the same sequence length (same tokens a step)."]}
+
+
 SAT_STEP = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "constant", "dense_final": 0.0}
 SSD_STEP = {"name": "ssd", "experts": 16, "top_k": 4, "schedule": "fixed", "sparse_windows": [[0.0, 1.0]],
             "monitor_every": 0}  # the sparse phase alone
@@ -689,6 +723,8 @@ PARTS: dict[str, Part] = {
     "sat-cpt": Part("continual pre-training code -> English, dense vs SAT (LORS)", run_sat_cpt, ("sat",)),
     "two-gpu": Part("every method on one GPU vs two (torchrun DDP / FSDP2), same global batch", run_two_gpus,
                     ("sat", "upcycle", "ssd", "mst")),
+    "hsa-attention": Part("hybrid sparse attention alone (MST, no weight sparsity) vs dense at 1024, 4096, 8192",
+                          run_hsa, ("mst",)),
     "sat-sft": Part("fine-tuning on kernel-doc pairs (comment -> function), dense vs SAT (LORS)", run_sat_sft,
                     ("sat",)),
     "upcycle": Part("dense vs upcycled continuation at equal wall-clock", run_upcycle, ("upcycle",)),
@@ -774,7 +810,8 @@ def run_part(part: str, *, out: str | Path = "bench_out", data_dir: str | Path =
         result.update(spec.run(ctx))
         result["elapsed_s"] = time.perf_counter() - t0
         if result.get("contenders"):
-            compare(ctx, result["contenders"])
+            if not result.get("compared"):  # a part with several baselines compares its groups itself
+                compare(ctx, result["contenders"])
             print_table(result["contenders"], CONTENDER_COLUMNS)
         print(f"{part}: done in {result['elapsed_s']:.0f} s")
     path = out / f"{part}.json"
