@@ -413,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-compile", action="store_true")
     be.add_argument("--out", help="a JSON file (default bench_out/dense.json); with --suite a folder (default bench_out)")
     be.add_argument("--suite", metavar="PART", help="one part of the benchmark suite: prepare-data, dense-step, "
-                    "sat-step, ssd-step, sat-cpt, sat-sft, upcycle, ssd-pretrain, mst-pretrain, hsa-attention, two-gpu, or all "
-                    "(see sparsetrain/suite.py)")
+                    "sat-step, ssd-step, sat-cpt, sat-sft, upcycle, ssd-pretrain, mst-pretrain, hsa-attention, "
+                    "two-gpu, or all (see sparsetrain/suite.py)")
     be.add_argument("--quick", action="store_true", help="with --suite: tiny model, few steps (a CPU smoke test)")
     be.add_argument("--data-dir", default="data/suite", help="with --suite: prepared corpora DIR/code, DIR/english")
     be.add_argument("--work-dir", default="runs/suite", help="with --suite: scratch run folders (checkpoints)")
