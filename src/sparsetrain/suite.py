@@ -62,24 +62,22 @@ they were spent (`steady_times`). A method's own one-off work (statistics, re-cl
 in its time. Both numbers are in the JSON and the table ("wall-clock s" and "with compile s"); targets are judged on
 the first, and the report shows the second beside it.
 
-GPU calls (run tool, carry [".carry"]; DATA persists while the machine is warm, and a fresh machine prepares it
-again in the same command; each command is one line, wrapped here; a part writes its JSON only at its end, so wrap
-each in `timeout` below the call's limit, write to a folder outside $OUT and tar it into $OUT at the end: a call
-brings back at most 8 files):
+GPU calls (run tool, carry [".carry"]): `bash bench/run_parts.sh PART[:SECONDS[:SCALE]] ...` runs parts one after
+the other, each under its own time limit, and packs every JSON, the runs' metrics, a log and the metrics of runs a
+limit cut short into $OUT/results.tgz (a call brings back at most 8 files). DATA persists while the machine is warm;
+a fresh machine needs prepare-data again (24 s), so start every call with it:
 
-    1. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite sat-step --out R
-    1b. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite ssd-step --out R
-    2. PYTHONPATH=src python3 -m sparsetrain.cli bench --suite prepare-data --data-dir data/suite --out R &&
-       PYTHONPATH=src python3 -m sparsetrain.cli bench --suite sat-cpt --data-dir data/suite --out R
-    3. as 2, with --suite sat-sft, then --suite dense-step
-    4. as 2, with --suite upcycle, then --suite mst-pretrain
-    5. as 2, with --suite ssd-pretrain
-    6. as 2, with --suite hsa-attention
-    7. on the 2-GPU kind: as 2, with --suite two-gpu
-    (about 50 minutes of calls in all: more than one session's 30 minutes of device time, so split them across
-    sessions, or pass --scale to the training parts)
-    then here: sparsetrain report FILES_AT/*.json --out bench_out/report (FILES_AT of each call; the PART/ folders
-    beside the JSONs hold each run's metrics.jsonl)
+    1. bash bench/run_parts.sh prepare-data:120 sat-step:420 dense-step:150
+    2. bash bench/run_parts.sh prepare-data:120 ssd-step:300 ssd-pretrain:270
+    3. bash bench/run_parts.sh prepare-data:120 sat-cpt:450
+    4. bash bench/run_parts.sh prepare-data:120 sat-sft:450
+    5. bash bench/run_parts.sh prepare-data:120 upcycle:300 mst-pretrain:270
+    6. bash bench/run_parts.sh prepare-data:120 hsa-attention:450
+    7. on the 2-GPU kind: bash bench/run_parts.sh prepare-data:120 two-gpu:560
+    (about 55 minutes of calls in all: more than one session's 30 minutes of device time, so split them across
+    sessions, or give the training parts a scale, e.g. upcycle:300:0.5)
+    then here: tar xzf FILES_AT/results.tgz -C bench_out/NAME for each call, and
+    sparsetrain report bench_out/*/*.json --out bench_out/report
 """
 from __future__ import annotations
 
