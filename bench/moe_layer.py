@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
-import time
 
 import torch
 
+from sparsetrain.bench import median_ms
 from sparsetrain.model import FFN, ModelArgs
 from sparsetrain.moe import MoEFFN
 
@@ -31,25 +30,6 @@ def dense_ffn(d: int, width: int, activation: str) -> FFN:
                      max_seq_len=1, activation=activation, norm_eps=1e-5, rope_theta=1e4, tie_embeddings=False,
                      bias=False)
     return FFN(args)
-
-
-def median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def train_step(module: torch.nn.Module, layer, x: torch.Tensor, gy: torch.Tensor):
@@ -141,7 +121,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             torch._dynamo.reset()
             layer = dense if kw is None else torch.compile(dense, **kw)
             step = train_step(dense, layer, x, gy)
-            dense_ms = median_ms(step, device, a.warmup, a.iters)
+            dense_ms = median_ms(step, warmup=a.warmup, iters=a.iters, cuda=device.type == "cuda")
             dense_kernel_ms = kernel_ms(step) if timed_kernels and mode != "cudagraphs" else None
             for E in a.experts:
                 for k in a.top_k:
@@ -151,11 +131,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     torch._dynamo.reset()
                     layer = moe if kw is None else torch.compile(moe, **kw)
                     step = train_step(moe, layer, x, gy)
-                    moe_ms = median_ms(step, device, a.warmup, a.iters)
+                    moe_ms = median_ms(step, warmup=a.warmup, iters=a.iters, cuda=device.type == "cuda")
+                    gemm_ms = median_ms(gemm_only_step(moe, x), warmup=a.warmup, iters=a.iters,
+                                        cuda=device.type == "cuda")
                     row = dict(d=d, experts=E, top_k=k, expert_width=width // k, dense_width=width, mode=mode,
                                grouped_mm=moe.use_grouped_mm(dtype, device), dense_ms=dense_ms, moe_ms=moe_ms,
-                               ratio=moe_ms / dense_ms, gemm_ms=median_ms(gemm_only_step(moe, x), device, a.warmup,
-                                                                          a.iters))
+                               ratio=moe_ms / dense_ms, gemm_ms=gemm_ms)
                     if dense_kernel_ms is not None:
                         row.update(dense_kernel_ms=dense_kernel_ms, moe_kernel_ms=kernel_ms(step))
                         row["kernel_ratio"] = row["moe_kernel_ms"] / dense_kernel_ms

@@ -96,6 +96,28 @@ def measure_steps(cfg: config_mod.RunConfig, *, steps: int = 30, warmup: int = 1
     return out
 
 
+def median_ms(fn, *, warmup: int = 3, iters: int = 20, cuda: bool | None = None) -> float:
+    """Median milliseconds of `fn()` over `iters` calls after `warmup`: CUDA events around each call on a GPU
+    (`cuda` defaults to whether one is present), perf_counter on the CPU."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def bench_config(preset: str, *, batch_size: int, seq_len: int, vocab_size: int, micro_batch_size: int = 0,
                  method: dict | None = None, model_overrides: dict | None = None) -> config_mod.RunConfig:
     raw = {

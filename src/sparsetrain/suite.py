@@ -96,7 +96,7 @@ from typing import Any, Callable
 import torch
 
 from . import config as config_mod
-from .bench import bench_config, environment, measure_steps, print_table
+from .bench import bench_config, environment, measure_steps, median_ms, print_table
 from .data import TokenData, load_tokenizer, prepare
 from .errors import UserError
 from .report import CONTENDER_COLUMNS, SCHEDULE_KEYS, STEP_COLUMNS, TWO_GPU_COLUMNS, read_metrics
@@ -396,13 +396,11 @@ def compare(ctx: Context, contenders: list[dict[str, Any]], baseline: str = "den
         c["flops_ratio"] = base["flops"] / c["flops"]
 
 
-def eval_run(ctx: Context, run_dir: str, corpus: str | Path) -> float:
-    """Validation loss of a trained run on another corpus's held-out set (the same tokens the contenders see);
-    `corpus`: a name under DATA, or a prepared folder."""
+def eval_run(ctx: Context, run_dir: str, data: Path) -> float:
+    """Validation loss of a trained run on a prepared folder's held-out set (the same tokens the contenders see)."""
     model, method, cfg = load_model(run_dir)
     rt = setup_runtime(cfg.train)
     model.to(rt.device)
-    data = corpus if isinstance(corpus, Path) else corpus_dir(ctx, corpus)
     meta = json.loads((data / "meta.json").read_text())
     if meta.get("kind") == "sft":
         cfg.train.seq_len = meta["seq_len"]  # fine-tuning rows have their own length
@@ -449,21 +447,31 @@ def run_steps(ctx: Context, methods: list[dict[str, Any]], presets: tuple[str, .
     return {"rows": rows, "shape": dataclasses.asdict(s) | {"model": model or {}}}
 
 
-def run_sat_cpt(ctx: Context) -> dict[str, Any]:
-    """Dense base on code, then continual pre-training on English: dense vs SAT (LORS), same tokens."""
-    same_tokenizer(corpus_dir(ctx, "code"), corpus_dir(ctx, "english"))
-    base = train_run(ctx, "base", run_config(ctx, corpus="code", steps=ctx.steps(2500, 24), evals=0), role="base")
-    start = eval_run(ctx, base["run_dir"], "english")
-    print(f"sat-cpt: base model's English validation loss before continuing: {start:.4f}")
-    steps = ctx.steps(400, 16)
-    common = dict(corpus="english", steps=steps, init_from=base["run_dir"], seed=SEED + 1, lr=3e-4)
+def dense_vs_sat_from_a_base(ctx: Context, *, base_steps: int, corpus: str, data: Path, steps: int,
+                             lr: float) -> tuple[list[dict[str, Any]], float]:
+    """A dense base trained on code, its validation loss on `data` (the continuation's held-out set), then dense and
+    SAT (LORS) continued from it on `corpus` for the same steps: the contenders, with that loss at the head of
+    both curves, and the loss."""
+    base = train_run(ctx, "base", run_config(ctx, corpus="code", steps=base_steps, evals=0), role="base")
+    start = eval_run(ctx, base["run_dir"], data)
+    print(f"{ctx.part}: the base model's validation loss on {data.name} before continuing: {start:.4f}")
+    common = dict(corpus=corpus, steps=steps, init_from=base["run_dir"], seed=SEED + 1, lr=lr)
     dense = train_run(ctx, "dense", run_config(ctx, **common))
     sat = train_run(ctx, "sat", run_config(ctx, method=SAT_CPT, **common))
     for c in (dense, sat):
         start_point(c, start)
-    note = (f"The base model (code, {base['steps']} steps) has English validation loss {start:.4f} before "
+    return [base, dense, sat], start
+
+
+def run_sat_cpt(ctx: Context) -> dict[str, Any]:
+    """Dense base on code, then continual pre-training on English: dense vs SAT (LORS), same tokens."""
+    english = corpus_dir(ctx, "english")
+    same_tokenizer(corpus_dir(ctx, "code"), english)
+    contenders, start = dense_vs_sat_from_a_base(ctx, base_steps=ctx.steps(2500, 24), corpus="english", data=english,
+                                                 steps=ctx.steps(400, 16), lr=3e-4)
+    note = (f"The base model (code, {contenders[0]['steps']} steps) has English validation loss {start:.4f} before "
             "continuing: the first point of both curves.")
-    return {"contenders": [base, dense, sat], "start_val_loss": start, "notes": [note]}
+    return {"contenders": contenders, "start_val_loss": start, "notes": [note]}
 
 
 def run_sat_sft(ctx: Context) -> dict[str, Any]:
@@ -471,22 +479,16 @@ def run_sat_sft(ctx: Context) -> dict[str, Any]:
     dense vs SAT (LORS), the same rows; validation loss on the held-out pairs' functions."""
     sft = sft_dir(ctx)
     same_tokenizer(corpus_dir(ctx, "code"), sft)
-    base = train_run(ctx, "base", run_config(ctx, corpus="code", steps=ctx.steps(1500, 24), evals=0), role="base")
-    start = eval_run(ctx, base["run_dir"], sft)
-    print(f"sat-sft: base model's validation loss on the held-out functions before fine-tuning: {start:.4f}")
     steps = ctx.steps(300, 16)
-    common = dict(corpus="sft", steps=steps, init_from=base["run_dir"], seed=SEED + 1, lr=1e-4)
-    dense = train_run(ctx, "dense", run_config(ctx, **common))
-    sat = train_run(ctx, "sat", run_config(ctx, method=SAT_CPT, **common))
-    for c in (dense, sat):
-        start_point(c, start)
+    contenders, start = dense_vs_sat_from_a_base(ctx, base_steps=ctx.steps(1500, 24), corpus="sft", data=sft,
+                                                 steps=steps, lr=1e-4)
     meta = json.loads((sft / "meta.json").read_text())
     note = (f"Fine-tuning data: {meta['examples_file']['examples']:,} kernel-doc pairs of the code corpus in "
             f"{meta['train']['sequences']:,} train rows ({steps} steps of {ctx.shape.batch_size} rows: "
             f"{steps * ctx.shape.batch_size / meta['train']['sequences']:.1f} epochs); the base (code, "
-            f"{base['steps']} steps) starts at validation loss {start:.4f} on the held-out functions. The base "
-            "may have seen some of these functions in pre-training, dense and SAT alike.")
-    return {"contenders": [base, dense, sat], "start_val_loss": start, "notes": [note]}
+            f"{contenders[0]['steps']} steps) starts at validation loss {start:.4f} on the held-out functions. The "
+            "base may have seen some of these functions in pre-training, dense and SAT alike.")
+    return {"contenders": contenders, "start_val_loss": start, "notes": [note]}
 
 
 def run_upcycle(ctx: Context) -> dict[str, Any]:
@@ -527,26 +529,6 @@ def run_pretrain(ctx: Context, contenders: list[tuple[str, dict[str, Any]]], mod
     return {"contenders": runs}
 
 
-def cuda_ms(fn, repeat: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of `fn()` (CUDA events on a GPU, perf_counter on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def moe_inference(ctx: Context, run_dir: str, top_k: int = 4, experts: int = 16) -> dict[str, Any]:
     """A trained model run dense and as an MoE (SSD's sparse inference, top-`top_k` of `experts`): validation loss,
@@ -582,8 +564,8 @@ def moe_inference(ctx: Context, run_dir: str, top_k: int = 4, experts: int = 16)
                 for b, h in zip(model.blocks, inputs):
                     b.mlp(h)
 
-        result[f"prefill_ms_{mode}"] = cuda_ms(prefill)
-        result[f"ffn_ms_{mode}"] = cuda_ms(ffns)
+        result[f"prefill_ms_{mode}"] = median_ms(prefill)
+        result[f"ffn_ms_{mode}"] = median_ms(ffns)
     run_dense(model)
     result["val_gap"] = (result["val_loss_moe"] - result["val_loss_dense"]) / result["val_loss_dense"]
     result["prefill_speedup"] = result["prefill_ms_dense"] / result["prefill_ms_moe"]
