@@ -396,7 +396,7 @@ def compare(ctx: Context, contenders: list[dict[str, Any]], baseline: str = "den
         c["flops_ratio"] = base["flops"] / c["flops"]
 
 
-def eval_run(ctx: Context, run_dir: str, data: Path) -> float:
+def eval_run(run_dir: str, data: Path) -> float:
     """Validation loss of a trained run on a prepared folder's held-out set (the same tokens the contenders see)."""
     model, method, cfg = load_model(run_dir)
     rt = setup_runtime(cfg.train)
@@ -453,7 +453,7 @@ def dense_vs_sat_from_a_base(ctx: Context, *, base_steps: int, corpus: str, data
     SAT (LORS) continued from it on `corpus` for the same steps: the contenders, with that loss at the head of
     both curves, and the loss."""
     base = train_run(ctx, "base", run_config(ctx, corpus="code", steps=base_steps, evals=0), role="base")
-    start = eval_run(ctx, base["run_dir"], data)
+    start = eval_run(base["run_dir"], data)
     print(f"{ctx.part}: the base model's validation loss on {data.name} before continuing: {start:.4f}")
     common = dict(corpus=corpus, steps=steps, init_from=base["run_dir"], seed=SEED + 1, lr=lr)
     dense = train_run(ctx, "dense", run_config(ctx, **common))
