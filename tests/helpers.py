@@ -1,5 +1,5 @@
-"""Builders shared by the method tests (SAT, MST, SSD): a seeded tiny model, the trainer's AdamW groups, and
-random token batches."""
+"""Builders shared by tests: a seeded tiny model, the trainer's AdamW groups, random token batches, and parameter
+noise for the interop tests."""
 import torch
 
 from sparsetrain.config import ModelConfig
@@ -27,3 +27,13 @@ def random_batch(vocab_size: int, rows: int, seq_len: int, generator: torch.Gene
 def random_batches(n: int, vocab_size: int, rows: int, seq_len: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return [random_batch(vocab_size, rows, seq_len, g) for _ in range(n)]
+
+
+@torch.no_grad()
+def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Noise on every parameter (in eval mode), so that norm gains and biases differ from 1 and 0, experts stop
+    being copies and routers route: a swapped mapping shows in the outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return module.eval()

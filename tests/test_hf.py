@@ -7,20 +7,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from sparsetrain.config import ModelConfig
+from helpers import perturb
 from sparsetrain.errors import UserError
 from sparsetrain.hf import copy_tokenizer, export_hf, import_hf
 from sparsetrain.model import FAMILY_DEFAULTS, PRESETS, ModelArgs, Transformer, resolve
 
 VOCAB, SEQ = 97, 64
-
-
-@torch.no_grad()
-def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Noise on every parameter, so norm gains and biases differ from 1 and 0 and a swapped mapping shows."""
-    gen = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return module.eval()
 
 
 def tokens(seed: int = 1) -> torch.Tensor:

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from sparsetrain import config
 from sparsetrain.config import ModelConfig
+from helpers import perturb
 from sparsetrain.errors import UserError
 from sparsetrain.hf import export_hf, import_hf, import_hf_full
 from sparsetrain.methods import build_method
@@ -16,15 +17,6 @@ from sparsetrain.model import FAMILY_DEFAULTS, PRESETS, ModelArgs, Transformer, 
 from sparsetrain.moe import MoEFFN
 
 VOCAB, SEQ = 97, 64
-
-
-@torch.no_grad()
-def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Noise on every parameter: experts stop being copies, routers route, a swapped gate/up or expert shows."""
-    gen = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return module.eval()
 
 
 def tokens(seed: int = 1) -> torch.Tensor:
