@@ -11,6 +11,13 @@ def seeded_model(preset: str, vocab_size: int, seed: int = 0, **overrides):
     return build(ModelConfig(preset=preset, vocab_size=vocab_size, **overrides))
 
 
+def make_method(cls, model, seq_len: int, total_steps: int, **options):
+    """A method of class `cls` for `model` with `options`, told the run's length (as the trainer tells it)."""
+    method = cls.from_config({"name": cls.name, **options}, model.args, seq_len)
+    method.total_steps = total_steps
+    return method
+
+
 def make_optimizer(model, lr: float = 1e-2):
     """AdamW with the trainer's two groups: weight decay on matrices only."""
     decay = [p for p in model.parameters() if p.dim() >= 2]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import make_optimizer, random_batches, seeded_model
+from helpers import make_method, make_optimizer, random_batches, seeded_model
 from sparsetrain import attention_masks, config
 from sparsetrain.checkpoint import join_state, list_checkpoints, split_state
 from sparsetrain.errors import UserError
@@ -29,9 +29,7 @@ def make_model(preset="tiny", seed=0):
 
 
 def make_mst(model, total_steps=24, **options):
-    method = MST.from_config({"name": "mst", **options}, model.args, T)
-    method.total_steps = total_steps
-    return method
+    return make_method(MST, model, T, total_steps, **options)
 
 
 def batches(n, seed=1):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import make_optimizer, random_batches, seeded_model
+from helpers import make_method, make_optimizer, random_batches, seeded_model
 from sparsetrain.errors import UserError
 from sparsetrain.methods.sat import SAT, keep_count
 
@@ -18,9 +18,7 @@ def make_model(preset, seed=0):
 
 
 def make_sat(model, total_steps=10, **options):
-    method = SAT.from_config({"name": "sat", **options}, model.args, T)
-    method.total_steps = total_steps
-    return method
+    return make_method(SAT, model, T, total_steps, **options)
 
 
 def batches(n, seed=1):

@@ -9,7 +9,7 @@ import torch
 from sparsetrain import checkpoint as ckpt_mod
 from sparsetrain import train as train_mod
 from sparsetrain.errors import UserError
-from helpers import make_optimizer, random_batch, seeded_model
+from helpers import make_method, make_optimizer, random_batch, seeded_model
 from sparsetrain.methods.ssd import (SSD, Check, Monitor, adjusted_rand_index, balanced_assign, balanced_kmeans,
                                      cluster_neurons, densify_checkpoint, generate, generate_both, moefy_,
                                      moefy_checkpoint, neuron_rows, permute_ffn_, prepare_moe, run_as_moe, run_dense,
@@ -30,9 +30,7 @@ def make_model(preset="tiny", activation="relu2", seed=0, **overrides):
 
 
 def make_ssd(model, total_steps=20, **options):
-    method = SSD.from_config({"name": "ssd", "experts": 4, "top_k": 2, **options}, model.args, T)
-    method.total_steps = total_steps
-    return method
+    return make_method(SSD, model, T, total_steps, **{"experts": 4, "top_k": 2, **options})
 
 
 def tokens(n=B, seed=1):
