@@ -7,7 +7,8 @@
 # read DATA (default data/suite, prepared by the prepare-data part from CARRY, default .carry), and everything the
 # parts wrote goes into $OUT/results.tgz: each PART.json, the runs' metrics, a log, and the metrics.jsonl of runs a
 # time limit cut short (partial/, from the scratch run folders). A device call returns at most 8 files, hence the tar.
-# QUICK=1 adds --quick (a CPU smoke test). Example (one device call, carry [".carry"]):
+# QUICK=1 adds --quick (a CPU smoke test); PYTHON names the interpreter (default python3).
+# Example (one device call, carry [".carry"]):
 #
 #   bash bench/run_parts.sh prepare-data:120 sat-cpt:420 upcycle:300:0.5
 set -u
@@ -15,6 +16,7 @@ set -u
 DATA=${DATA:-data/suite}
 CARRY=${CARRY:-.carry}
 WORK=${WORK:-runs/suite}
+PYTHON=${PYTHON:-python3}
 RESULTS=$(mktemp -d)
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 quick=()
@@ -29,7 +31,7 @@ for spec in "$@"; do
         *) args+=(--data-dir "$DATA" --work-dir "$WORK" ${scale:+--scale "$scale"}) ;;
     esac
     echo "== $part (limit ${limit:-540} s): sparsetrain ${args[*]}" | tee -a "$RESULTS/log.txt"
-    timeout "${limit:-540}" python3 -m sparsetrain.cli "${args[@]}" 2>&1 | grep -v '^{' | tee -a "$RESULTS/log.txt"
+    timeout "${limit:-540}" "$PYTHON" -m sparsetrain.cli "${args[@]}" 2>&1 | grep -v '^{' | tee -a "$RESULTS/log.txt"
     echo "== $part: exit ${PIPESTATUS[0]}" | tee -a "$RESULTS/log.txt"
     if [ ! -f "$RESULTS/$part.json" ]; then  # cut short: keep what its runs logged
         mkdir -p "$RESULTS/partial"

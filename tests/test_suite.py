@@ -372,13 +372,14 @@ def test_hsa_part_compares_each_pattern_with_dense_at_its_sequence_length(result
 def test_run_parts_script_packs_every_part_and_keeps_what_a_cut_part_logged(env, tmp_path):
     """bench/run_parts.sh, as a GPU call runs it: each part under its own limit, everything in one tar."""
     import subprocess
+    import sys
     import tarfile
 
     repo = Path(__file__).resolve().parents[1]
     out, work = tmp_path / "out", tmp_path / "work"
     out.mkdir()
     run_env = {**os.environ, "OUT": str(out), "DATA": str(env["data_dir"]), "CARRY": str(env["carry"]),
-               "WORK": str(work), "QUICK": "1"}
+               "WORK": str(work), "QUICK": "1", "PYTHON": sys.executable}
     # sat-cpt gets 1 s: cut short before its JSON (the interpreter alone takes longer to start).
     res = subprocess.run(["bash", "bench/run_parts.sh", "prepare-data", "dense-step:120", "sat-cpt:1"], cwd=repo,
                          env=run_env, capture_output=True, text=True, timeout=600)
