@@ -335,3 +335,21 @@ def test_freeze_omitted_off_lets_adamw_move_omitted_weights():
     optimizer.step()
     method.after_optimizer(2)
     assert not torch.equal(before[omitted], mlp.fc.weight.detach()[omitted])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_compiled_stash_freezes_exactly_what_the_eager_one_does(preset):
+    """The compiled stash (two compiled calls) leaves the same weights and AdamW moments as the eager one, step for
+    step, from the first step (moments created by the step) through a rate change (other slice shapes)."""
+    runs = []
+    for compiled in (False, True):
+        model = make_model(preset)
+        method = make_sat(model, total_steps=6, ladder_start=0.3, ladder_steps=1, dense_final=0.0, ffn_multiple=1,
+                          compiled_stash=compiled)
+        _, optimizer = train(model, method, batches(6))
+        runs.append((model, optimizer))
+    (a, opt_a), (b, opt_b) = runs
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_a.state[pa][key], opt_b.state[pb][key]), (name, key)

@@ -65,6 +65,9 @@ class SATOptions:
     # Leave omitted weights and their AdamW moments exactly as they were (the design). False lets AdamW move them
     # with their zero gradient (momentum, weight decay): an ablation that prices the stash/restore.
     freeze_omitted: bool = True
+    # Freeze with two compiled calls (gather, scatter) instead of a gather and a scatter per tensor: the same values,
+    # fewer kernel launches. Off until measured on a GPU (bench/sat_phases.py has the variant).
+    compiled_stash: bool = False
 
 
 def keep_count(n: int, rate: float, multiple: int) -> int:
@@ -372,7 +375,7 @@ class SAT(Method):
         """Stash the omitted slices of every sliced parameter and of its optimizer moments."""
         if not self.options.freeze_omitted:
             return
-        self._stash = SliceStash(self.optimizer)
+        self._stash = SliceStash(self.optimizer, compiled=self.options.compiled_stash)
         with torch.no_grad():
             for kind in ("ffn", "head"):
                 if self.kept[kind] is None:
@@ -385,6 +388,7 @@ class SAT(Method):
                     if fc.bias is not None:
                         self._stash.save(fc.bias, 0, rows[j])
                     self._stash.save(module.proj.weight, 1, cols[j])
+            self._stash.take()
 
     def _omitted_slices(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of `fc` / `qkv` and columns of `proj` of this step's omitted neurons / groups, [len(layers), *] each,
