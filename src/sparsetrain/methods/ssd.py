@@ -25,9 +25,9 @@ Pieces, all in this module:
   check's centroids; the full one runs at each switch), on a fixed probe batch (the first sequences of the first
   training batch), per layer: activation sparsity (exact zeros for relu / relu2, |a| <= activation_threshold for
   gelu / swiglu), the adjusted Rand index between this clustering and the previous check's (neurons tracked through
-  permutations), and
-  the share of activation mass (sum of |a|) that the top-k experts hold, for the best k experts of each token
-  (`mass`: how well the clustering can do) and for the router's choice (`router_mass`: what the sparse phase keeps).
+  permutations), and the share of activation mass (sum of |a|) that the top-k experts hold, for the best k experts
+  of each token (`mass`: how well the clustering can do) and for the router's choice (`router_mass`: what the
+  sparse phase keeps).
 - Policy: `adaptive` stays dense until the monitor sees a stable pattern (mean ARI >= stable_ari and mean router
   mass >= stable_mass) after at least `dense_span` dense steps, then trains sparse for `sparse_span` steps, and
   repeats; the last `final_fraction` of training runs in `final_phase`. `fixed` runs sparse in given [start, end)
