@@ -401,6 +401,25 @@ def test_bad_options_raise_user_error(options, message):
         MST.from_config({"name": "mst", **options}, model.args, T)
 
 
+def test_phase_ends_are_updates_whatever_dt_is(make_config, tmp_path):
+    """dT longer than the ramps: the ends of warm-up and restoration are updates too, so the run holds `sparsity`
+    from the end of warm-up and ends at `final_sparsity` (on the dT grid alone it would end at the last grid
+    update's target)."""
+    method = make_mst(make_model(), total_steps=480)  # defaults: dT 100, warm-up to 48, restoration to 432
+    assert [s for s in range(480) if method.is_update(s)] == [48, 100, 200, 300, 400, 432]
+    assert method.topology_step(48) == 0 and method.topology_step(49) == 48 and method.topology_step(479) == 432
+    assert method.target(method.topology_step(479)) == 0.0 and method.target(method.topology_step(60)) == 0.9
+    # End to end: 12 steps, dT 5, warm-up to step 2, restoration to step 11 (on the grid alone the last update, at
+    # step 10, would leave sparsity 0.38 for the end).
+    options = {"name": "mst", "update_every": 5, "warmup_end": 0.125, "restore_start": 0.5, "restore_end": 0.9,
+               "sparsity": 0.8, "final_sparsity": 0.3}
+    run_dir = tmp_path / "run"
+    run_training(make_config(method=options), run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    sparsity = [round(r["mst_sparsity"], 2) for r in rows]
+    assert sparsity[2] == 0.8 and sparsity[-1] == 0.3  # the level after step 2's update, and the final one
+
+
 def test_trainer_runs_mst_and_resumes_exactly(make_config, tmp_path, interrupt_after_checkpoint):
     method = {"name": "mst", "update_every": 2, "warmup_end": 0.25, "restore_start": 0.5, "restore_end": 0.75,
               "sparsity": 0.8, "final_sparsity": 0.4, "sparsify_embeddings": True}

@@ -5,8 +5,9 @@ Schedule (fractions p of training; `sparsity` s, `final_sparsity` f):
     warm-up          p < warmup_end                  target ramps linearly from 0 (dense) to s
     ultra-sparse     warmup_end <= p < restore_start  target s
     restoration      p >= restore_start               target ramps linearly from s to f, reached at restore_end
-The topology changes only at updates, every `update_every` (dT) steps: the update after step u builds the topology
-for target(u), which then holds until the next update (the first topology, before step 0, is target(0)). An update
+The topology changes only at updates, every `update_every` (dT) steps and at the end of warm-up and of restoration
+(so that the held levels are reached whatever dT is): the update after step u builds the topology for target(u),
+which then holds until the next update (the first topology, before step 0, is target(0)). An update
 prunes the smallest-magnitude active weights, a share zeta(u) = zeta/2 (1 + cos(pi u / (update_end T))) of them,
 and grows as many by the largest dense-gradient magnitude (`rigl`), at random (`set`) or 3 parts gradient to 1 random
 (`mixed`, the authors'). When the target rises it prunes more than it grows, when it falls it grows more, so that
@@ -276,16 +277,27 @@ class MST(Method):
             return 0.0
         return self.options.zeta / 2 * (1 + math.cos(math.pi * step / end))
 
+    def _phase_ends(self) -> list[int]:
+        """The first steps of the held levels (the end of warm-up and of restoration): update steps whatever dT is,
+        so that a dT longer than a ramp still reaches `sparsity` and `final_sparsity` where the schedule says."""
+        T, o = self._steps(), self.options
+        return sorted({s for s in (math.ceil(o.warmup_end * T), math.ceil(o.restore_end * T)) if 0 < s < T})
+
+    def _on_grid(self, step: int) -> bool:
+        return 0 < step < self._steps() and (step % self.options.update_every == 0 or step in self._phase_ends())
+
     def is_update(self, step: int) -> bool:
-        """A topology update follows this step: on the dT grid, and there is something to exchange or to reach."""
-        dT = self.options.update_every
-        if step <= 0 or step % dT or step >= self._steps():
+        """A topology update follows this step: on the dT grid (or at a phase end), and there is something to
+        exchange or to reach."""
+        if not self._on_grid(step):
             return False
-        return self.drop_fraction(step) > 0 or self.target(step) != self.target(step - dT)
+        return self.drop_fraction(step) > 0 or self.target(step) != self.target(self.topology_step(step))
 
     def topology_step(self, step: int) -> int:
-        """The step whose target built the topology that `step` computes with (0: the first topology)."""
-        return 0 if step <= 0 else (step - 1) // self.options.update_every * self.options.update_every
+        """The step whose target built the topology that `step` computes with (0: the first topology): the last
+        grid step before it (an update there that changed nothing leaves that target in force all the same)."""
+        last = 0 if step <= 0 else (step - 1) // self.options.update_every * self.options.update_every
+        return max([last] + [s for s in self._phase_ends() if s < step])
 
     def dense_gradient_step(self, step: int) -> bool:
         """This step needs the gradient of inactive weights (units): its update grows by gradient."""
