@@ -11,9 +11,9 @@ from sparsetrain import train as train_mod
 from sparsetrain.errors import UserError
 from helpers import make_method, make_optimizer, random_batch, seeded_model
 from sparsetrain.methods.ssd import (SSD, Check, Monitor, adjusted_rand_index, balanced_assign, balanced_kmeans,
-                                     cluster_neurons, densify_checkpoint, generate, generate_both, moefy_,
-                                     moefy_checkpoint, neuron_rows, permute_ffn_, prepare_moe, run_as_moe, run_dense,
-                                     ssd_layers, stored_order)
+                                     cluster_neurons, contiguous_labels, densify_checkpoint, fit_router, generate,
+                                     generate_both, moefy_, moefy_checkpoint, neuron_rows, permute_ffn_, prepare_moe,
+                                     router_centroids, run_as_moe, run_dense, ssd_layers, stored_order)
 from sparsetrain.train import load_model, train
 
 VOCAB, T, B = 64, 16, 4
@@ -471,3 +471,41 @@ def test_generate_dense_and_moe(make_config, tmp_path):
     sampled = generate_both(run, "import os", moe=1, experts=4, max_new_tokens=5, seed=3)
     assert set(sampled) == {"dense", "moe_top1"}
     assert generate_both(run, "import os", max_new_tokens=5, seed=3)["dense"] == sampled["dense"]
+
+
+def test_fitted_router_catches_more_activation_mass_than_the_centroids():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 16, generator=g)
+    truth = torch.randn(4, 16, generator=g)
+    mass = torch.softmax(3 * x @ truth.t(), dim=1)  # where each token's activation mass is
+    init = torch.randn(4, 16, generator=g)
+    fitted = fit_router(x, mass, init, steps=200, lr=0.05)
+
+    def caught(w):
+        return mass.gather(1, (x @ w.t()).topk(1, dim=1).indices).sum() / mass.sum()
+
+    assert caught(fitted) > caught(init) + 0.2 and caught(fitted) > 0.8
+
+
+def test_trained_router_option_routes_with_the_fitted_routers():
+    model = make_model("tiny", "relu2")
+    method = make_ssd(model, total_steps=8, schedule="fixed", sparse_windows=[[0.25, 1.0]], monitor_every=0,
+                      router="trained", router_steps=20)
+    optimizer = make_optimizer(model)
+    method.setup(model)
+    method.start(model, optimizer)
+    x, y = tokens()
+    for step in range(4):
+        method.before_step(step)
+        model(x, y).backward()
+        method.before_optimizer(step)
+        optimizer.step()
+        method.after_optimizer(step)
+        optimizer.zero_grad(set_to_none=True)
+    assert method.phase == "sparse" and method.switches == 1
+    for i, m in enumerate(method.layers):
+        fitted = method.monitor.routers[i]
+        centroids = router_centroids(m, contiguous_labels(m.d_ff, 4), 4)
+        assert torch.equal(m.centroids, fitted) and not torch.allclose(fitted, centroids)
+    with pytest.raises(UserError, match="method.router"):
+        make_ssd(model, router="mlp")

@@ -16,8 +16,10 @@ Pieces, all in this module:
   over the probe tokens (co-activation: the cosine of two patterns is their co-firing count over the geometric
   mean of their firing counts). Re-clustering runs from the previous centroids and from a fresh seeded start and
   keeps the one with the higher mean within-cluster similarity.
-- Router: centroid-based, not trained. Expert e's router vector is the mean of its neurons' normalised input rows,
-  fixed from the switch until the next one; score = x . centroid; each token takes its top-k experts. Gating is
+- Router: centroid-based by default. Expert e's router vector is the mean of its neurons' normalised input rows,
+  fixed from the switch until the next one; score = x . centroid; each token takes its top-k experts. `router =
+  "trained"`: at each switch a linear router per layer is fitted (from the centroids, `router_steps` Adam steps) to
+  where the probe tokens' activation mass is, and used instead (no gradient from the training loss). Gating is
   straight-through: the selected experts' outputs are summed unweighted (the sparse FFN is the dense FFN restricted
   to their neurons), and g = 1 + s - s.detach(), s the softmax over the top-k scores, carries a gradient into the
   router's input (`router_grad`; the router has no parameters of its own to train).
@@ -69,6 +71,7 @@ from .frozen import SliceStash, moments
 SCHEDULES = ("adaptive", "fixed")
 PHASES = ("dense", "sparse")
 CLUSTERINGS = ("weights", "coactivation")
+ROUTERS = ("centroid", "trained")
 EXACT_ZERO = ("relu", "relu2")  # activations whose inactive neurons output exactly 0
 
 
@@ -94,6 +97,10 @@ class SSDOptions:
     cluster_iters: int = 10  # k-means iterations per start at a switch (and at the first check)
     monitor_iters: int = 3  # k-means iterations of a periodic check: from the last check's centroids only
     router_grad: bool = True  # the straight-through gate's gradient reaches the router's input
+    # centroid: expert e's router vector is its neurons' mean input row | trained: a linear router fitted at every
+    # switch, from the centroids, to where each probe token's activation mass is (router_steps Adam steps)
+    router: str = "centroid"
+    router_steps: int = 100
     freeze_unrouted: bool = True  # experts that no token chose on a step keep their weights and moments
     seed: int = 0  # fresh k-means starts
 
@@ -110,7 +117,8 @@ def check_options(o: SSDOptions, args: ModelArgs) -> None:
     k = resolve_top_k(o)
     if not 1 <= k <= o.experts:
         raise UserError(f"method.top_k={k} must be in [1, method.experts={o.experts}]")
-    for key, allowed in [("schedule", SCHEDULES), ("final_phase", PHASES), ("cluster", CLUSTERINGS)]:
+    for key, allowed in [("schedule", SCHEDULES), ("final_phase", PHASES), ("cluster", CLUSTERINGS),
+                         ("router", ROUTERS)]:
         if getattr(o, key) not in allowed:
             raise UserError(f"unknown method.{key} '{getattr(o, key)}'; choose one of {', '.join(allowed)}")
     if o.schedule == "fixed":
@@ -125,7 +133,7 @@ def check_options(o: SSDOptions, args: ModelArgs) -> None:
             raise UserError(f"method.{key} must be >= 0, got {getattr(o, key)}")
     if o.sparse_span < 1:
         raise UserError(f"method.sparse_span must be at least 1 step, got {o.sparse_span}")
-    for key in ["probe_sequences", "cluster_iters", "monitor_iters"]:
+    for key in ["probe_sequences", "cluster_iters", "monitor_iters", "router_steps"]:
         if getattr(o, key) < 1:
             raise UserError(f"method.{key} must be at least 1, got {getattr(o, key)}")
     if not -1 <= o.stable_ari <= 1:
@@ -250,6 +258,21 @@ def router_centroids(ffn: FFN, labels: torch.Tensor, experts: int) -> torch.Tens
     """The centroid router [E, d]: expert e's vector is the mean of its neurons' unit input rows (not renormalised:
     its norm says how aligned the expert's neurons are)."""
     return cluster_means(neuron_rows(ffn), labels, experts)
+
+
+def fit_router(x: torch.Tensor, mass: torch.Tensor, init: torch.Tensor, steps: int, lr: float = 1e-2) -> torch.Tensor:
+    """A linear router [E, d] fitted on tokens `x` [N, d] to where their activation mass [N, E] is: softmax(x W^T)
+    against each token's mass share over the experts (cross-entropy), from `init` (the centroids), `steps` of Adam."""
+    target = mass / mass.sum(dim=1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
+    with torch.enable_grad():
+        w = init.detach().float().clone().requires_grad_(True)
+        opt = torch.optim.Adam([w], lr=lr)
+        for _ in range(steps):
+            loss = -(target * F.log_softmax(x @ w.t(), dim=1)).sum(dim=1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return w.detach()
 
 
 @torch.no_grad()
@@ -394,11 +417,13 @@ class Monitor:
     (the warm start of the next clustering)."""
 
     def __init__(self, experts: int, top_k: int, *, threshold: float = 0.01, cluster: str = "weights",
-                 iters: int = 10, light_iters: int = 3, seed: int = 0):
+                 iters: int = 10, light_iters: int = 3, router_steps: int = 0, seed: int = 0):
         self.experts, self.top_k, self.threshold = experts, top_k, threshold
         self.cluster, self.iters, self.light_iters, self.seed = cluster, iters, light_iters, seed
+        self.router_steps = router_steps  # > 0: full checks with a probe also fit a linear router per layer
         self.labels: list[torch.Tensor | None] = []
         self.centroids: list[torch.Tensor | None] = []
+        self.routers: list[torch.Tensor | None] = []  # [E, d] per layer, in the last clustering's expert order
         self.count = 0  # clusterings so far: part of the fresh starts' seeds
 
     def seed_for(self, layer: int) -> int:
@@ -425,6 +450,7 @@ class Monitor:
             order = torch.arange(ffns[0].d_ff, device=ffns[0].fc.weight.device).expand(L, -1)
         self.labels += [None] * (L - len(self.labels))
         self.centroids += [None] * (L - len(self.centroids))
+        self.routers = [None] * L
         stats: dict[str, list] = {k: [None] * L for k in Check.KEYS}
         flops = 0.0
         if probe is None:
@@ -496,9 +522,13 @@ class Monitor:
             mass = h.new_zeros(h.shape[0], E).index_add_(1, labels, h.abs())  # [N, E]
             total = mass.sum().clamp_min(torch.finfo(mass.dtype).tiny)
             stats["mass"][i] = mass.topk(k, dim=1).values.sum() / total
-            chosen = (x @ cluster_means(rows, result.labels, E).t()).topk(k, dim=1).indices  # the centroid router
+            router = cluster_means(rows, result.labels, E)  # the centroid router
+            chosen = (x @ router.t()).topk(k, dim=1).indices
             stats["router_mass"][i] = mass.gather(1, chosen).sum() / total
             flops += 2.0 * h.shape[0] * E * (d_ff + x.shape[1])
+            if self.router_steps and not light:
+                self.routers[i] = fit_router(x, mass, router, self.router_steps)
+                flops += self.router_steps * 3 * 2.0 * h.shape[0] * E * x.shape[1]
         return flops
 
     def positions(self, i: int, order: torch.Tensor) -> torch.Tensor:
@@ -533,7 +563,8 @@ class SSD(Method):
         o = options
         self.top_k = resolve_top_k(o)
         self.monitor = Monitor(o.experts, self.top_k, threshold=o.activation_threshold, cluster=o.cluster,
-                               iters=o.cluster_iters, light_iters=o.monitor_iters, seed=o.seed)
+                               iters=o.cluster_iters, light_iters=o.monitor_iters,
+                               router_steps=o.router_steps if o.router == "trained" else 0, seed=o.seed)
         # Training tokens per optimizer step: when the trainer sets it, the monitor's and the clustering's FLOPs are
         # folded into flops_per_token; they are always in the metric ssd_overhead_flops.
         self.tokens_per_step = 0
@@ -618,15 +649,18 @@ class SSD(Method):
 
     def switch_to_sparse(self, step: int, window: int = -1) -> None:
         """Re-cluster in full (warm and fresh starts), lay every FFN out expert by expert (weights and moments),
-        and route with the new centroids."""
+        and route with the new centroids (or the routers the check fitted: `router = "trained"`, when there was a
+        probe to fit them on)."""
         self.run_check(step)
         E = self.options.experts
         for i, m in enumerate(self.layers):
             order = self.monitor.positions(i, self.order[i]).argsort(stable=True)
             permute_ffn_(m, order, self.optimizer)
             self.order[i] = self.order[i][order]
-            m.set_sparse(E, self.top_k, router_centroids(m, contiguous_labels(m.d_ff, E, order.device), E),
-                         self.options.router_grad)
+            router = self.monitor.routers[i]  # expert e is label e, before and after the permutation
+            if router is None:
+                router = router_centroids(m, contiguous_labels(m.d_ff, E, order.device), E)
+            m.set_sparse(E, self.top_k, router, self.options.router_grad)
         self.phase, self.phase_start, self.window = "sparse", step, window
         self.switches += 1
 
@@ -647,7 +681,7 @@ class SSD(Method):
 
     def _same_on_all_ranks(self, check: Check) -> Check:
         """Rank 0's clustering and numbers, so that every rank permutes and switches alike."""
-        for t in self.monitor.labels + self.monitor.centroids:
+        for t in self.monitor.labels + self.monitor.centroids + [r for r in self.monitor.routers if r is not None]:
             dist.broadcast(t, 0)
         packed = torch.tensor([[math.nan if v is None else v for v in getattr(check, k)] for k in Check.KEYS],
                               device=self.order.device)
