@@ -91,6 +91,7 @@ def cmd_train(a) -> None:
 
     if dist.is_initialized():
         rank = dist.get_rank()
+        dist.barrier()  # every rank done with its collectives before the group goes (a gloo teardown race)
         dist.destroy_process_group()
         if rank != 0:
             return
