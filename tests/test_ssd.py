@@ -11,7 +11,8 @@ from sparsetrain import train as train_mod
 from sparsetrain.errors import UserError
 from helpers import make_method, make_optimizer, random_batch, seeded_model
 from sparsetrain.methods.ssd import (SSD, Check, Monitor, adjusted_rand_index, balanced_assign, balanced_kmeans,
-                                     cluster_neurons, contiguous_labels, densify_checkpoint, fit_router, generate,
+                                     cluster_neurons, contiguous_labels, densify_checkpoint, fit_router, fit_routers,
+                                     generate,
                                      generate_both, moefy_, moefy_checkpoint, neuron_rows, permute_ffn_, prepare_moe,
                                      router_centroids, run_as_moe, run_dense, ssd_layers, stored_order)
 from sparsetrain.train import load_model, train
@@ -509,3 +510,36 @@ def test_trained_router_option_routes_with_the_fitted_routers():
         assert torch.equal(m.centroids, fitted) and not torch.allclose(fitted, centroids)
     with pytest.raises(UserError, match="method.router"):
         make_ssd(model, router="mlp")
+
+
+def test_fit_routers_of_a_model_run_as_moe_fit_the_probes_activation_mass():
+    """fit_routers: every layer's router moves from the centroids to a lower cross-entropy against where the probe
+    tokens' activation mass is (the objective is convex in the router), and the model stays an MoE."""
+    model = make_model("tiny", "relu2")
+    run_as_moe(model, top_k=1, experts=4)
+    x, _ = tokens(8)
+    layers = [b.mlp for b in model.blocks]
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: inputs.append(a[0].reshape(-1, a[0].shape[-1]))) for m in layers]
+    run_dense(model)
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+
+    def cross_entropy(m, xi):
+        h = torch.relu(m.fc(xi)).square()
+        mass = h.new_zeros(h.shape[0], 4).index_add_(1, contiguous_labels(m.d_ff, 4), h)
+        q = mass / mass.sum(1, keepdim=True)
+        return -(q * torch.log_softmax(xi @ m.centroids.t(), dim=1)).sum(1).mean().item()
+
+    for m in layers:
+        m.sparse = True
+    with torch.no_grad():
+        before = [cross_entropy(m, xi) for m, xi in zip(layers, inputs)]
+        centroids = [m.centroids.clone() for m in layers]
+        fit_routers(model, x, steps=100)
+        after = [cross_entropy(m, xi) for m, xi in zip(layers, inputs)]
+    assert all(m.sparse for m in layers)
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+    assert all(not torch.equal(c, m.centroids) for c, m in zip(centroids, layers))

@@ -271,6 +271,7 @@ def test_pretrain_parts_train_every_contender_on_the_same_tokens(env, results, m
             assert mi["val_loss_dense"] == pytest.approx(cs[c]["val_loss"], abs=1e-4)
             assert mi["val_loss_moe"] != mi["val_loss_dense"]  # top-4 of 16 drops neurons
             assert mi["ffn_ms_moe"] > 0 and mi["prefill_ms_dense"] > 0
+            assert math.isfinite(mi["val_loss_moe_trained"]) and mi["val_loss_moe_trained"] != mi["val_loss_moe"]
     else:
         assert cs["mst-weight"]["config"]["method"]["update_every"] == 4
 

@@ -48,10 +48,12 @@ TWO_GPU_COLUMNS = [
 ]
 
 MOE_INFERENCE_COLUMNS = [
-    ("model", "trained as", ""), ("val_loss_dense", "val loss dense", ".4f"), ("val_loss_moe", "val loss as MoE", ".4f"),
-    ("val_gap", "gap", "+.2%"), ("ffn_ms_dense", "FFN ms dense", ".2f"), ("ffn_ms_moe", "FFN ms MoE", ".2f"),
-    ("ffn_speedup", "FFN speed-up", ".2f"), ("prefill_ms_dense", "prefill ms dense", ".2f"),
-    ("prefill_ms_moe", "prefill ms MoE", ".2f"), ("prefill_speedup", "prefill speed-up", ".2f"),
+    ("model", "trained as", ""), ("val_loss_dense", "val loss dense", ".4f"),
+    ("val_loss_moe", "val loss as MoE", ".4f"), ("val_gap", "gap", "+.2%"),
+    ("val_loss_moe_trained", "val loss as MoE, fitted routers", ".4f"), ("val_gap_trained", "gap, fitted routers", "+.2%"),
+    ("ffn_ms_dense", "FFN ms dense", ".2f"), ("ffn_ms_moe", "FFN ms MoE", ".2f"), ("ffn_speedup", "FFN speed-up", ".2f"),
+    ("prefill_ms_dense", "prefill ms dense", ".2f"), ("prefill_ms_moe", "prefill ms MoE", ".2f"),
+    ("prefill_speedup", "prefill speed-up", ".2f"),
 ]
 
 CORPUS_COLUMNS = [

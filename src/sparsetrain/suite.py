@@ -533,7 +533,7 @@ def run_pretrain(ctx: Context, contenders: list[tuple[str, dict[str, Any]]], mod
 def moe_inference(ctx: Context, run_dir: str, top_k: int = 4, experts: int = 16) -> dict[str, Any]:
     """A trained model run dense and as an MoE (SSD's sparse inference, top-`top_k` of `experts`): validation loss,
     prefill time of one batch (whole model), and the FFNs' time alone on the hidden states of that batch."""
-    from .methods.ssd import SSDFFN, prepare_moe, run_dense
+    from .methods.ssd import SSDFFN, fit_routers, prepare_moe, run_dense
 
     model, _, cfg = load_model(run_dir)
     rt = setup_runtime(cfg.train)
@@ -566,8 +566,14 @@ def moe_inference(ctx: Context, run_dir: str, top_k: int = 4, experts: int = 16)
 
         result[f"prefill_ms_{mode}"] = median_ms(prefill)
         result[f"ffn_ms_{mode}"] = median_ms(ffns)
+    # The same MoE with linear routers fitted on training tokens (SSD's router = "trained"): the routing's share of
+    # the gap. Only the routers change: the FFN time is the centroid MoE's.
+    probe, _ = data.loader.next_batch()
+    fit_routers(model, probe[:8].to(rt.device))
+    result["val_loss_moe_trained"] = evaluate(model, data, cfg.train, rt, None)
     run_dense(model)
     result["val_gap"] = (result["val_loss_moe"] - result["val_loss_dense"]) / result["val_loss_dense"]
+    result["val_gap_trained"] = (result["val_loss_moe_trained"] - result["val_loss_dense"]) / result["val_loss_dense"]
     result["prefill_speedup"] = result["prefill_ms_dense"] / result["prefill_ms_moe"]
     result["ffn_speedup"] = result["ffn_ms_dense"] / result["ffn_ms_moe"]
     del model

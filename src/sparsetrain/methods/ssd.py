@@ -851,6 +851,32 @@ def run_as_moe(model: Transformer, top_k: int, experts: int = 16, clustering: li
     return model
 
 
+@torch.no_grad()
+def fit_routers(model: Transformer, probe: torch.Tensor, steps: int = 100) -> Transformer:
+    """Replace the centroid routers of a model run as an MoE (`run_as_moe`) with linear routers fitted, layer by
+    layer, to where the activation mass of the probe tokens [B, T] is (`fit_router`); the probe runs dense."""
+    layers = ssd_layers(model)
+    inputs: list[torch.Tensor] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, a: inputs.append(a[0].detach())) for m in layers]
+    for m in layers:
+        m.sparse = False
+    try:
+        model(probe)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in layers:
+            m.sparse = True
+    for m, x in zip(layers, inputs):
+        x = x.reshape(-1, x.shape[-1]).float()
+        h = activate(F.linear(x, m.fc.weight.float(), None if m.fc.bias is None else m.fc.bias.float()),
+                     m.activation)
+        labels = contiguous_labels(m.d_ff, m.num_experts, x.device)
+        mass = h.new_zeros(h.shape[0], m.num_experts).index_add_(1, labels, h.abs())
+        m.centroids = fit_router(x, mass, m.centroids, steps)
+    return model
+
+
 def run_dense(model: Transformer) -> Transformer:
     """Back to the dense FFN (the neurons stay in their expert order: the same function)."""
     for block in model.blocks:
