@@ -1,5 +1,5 @@
-"""Builders shared by tests: a seeded tiny model, the trainer's AdamW groups, random token batches, and parameter
-noise for the interop tests."""
+"""Builders shared by tests: a seeded tiny model, a method, the trainer's AdamW groups, random token batches, the
+trainer's call order by hand, and parameter noise for the interop tests."""
 import torch
 
 from sparsetrain.config import ModelConfig
@@ -44,3 +44,35 @@ def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     for p in module.parameters():
         p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     return module.eval()
+
+
+def train_by_hand(model, method, data, optimizer=None, *, first_step: int = 0, start: bool = True,
+                  micro_batches: int = 1, check=None):
+    """The trainer's call order, by hand: (losses, optimizer). `start`: set the method up and start it first;
+    `micro_batches` > 1 splits every batch (hooks see an accumulation); `check(step, phase)` runs after backward
+    ('grad') and after the step ('after')."""
+    optimizer = optimizer or make_optimizer(model)
+    if method is not None and start:
+        method.setup(model)
+        method.start(model, optimizer)
+    losses = []
+    for step, (x, y) in enumerate(data, start=first_step):
+        if method:
+            method.before_step(step)
+        loss = 0.0
+        for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+            part = model(xs, ys) / micro_batches
+            part.backward()
+            loss += part.item()
+        if check:
+            check(step, "grad")
+        if method:
+            method.before_optimizer(step)
+        optimizer.step()
+        if method:
+            method.after_optimizer(step)
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss)
+        if check:
+            check(step, "after")
+    return losses, optimizer

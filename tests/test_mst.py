@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import make_method, make_optimizer, random_batches, seeded_model
+from helpers import make_method, make_optimizer, random_batches, seeded_model, train_by_hand
 from sparsetrain import attention_masks, config
 from sparsetrain.checkpoint import join_state, list_checkpoints, split_state
 from sparsetrain.errors import UserError
@@ -37,33 +37,9 @@ def batches(n, seed=1):
 
 
 def train(model, method, data, optimizer=None, first_step=0, check=None):
-    """The trainer's call order, by hand (two micro-batches per step, so hooks see an accumulation);
-    `check(step, phase)` runs after backward ('grad') and after the step ('after')."""
-    optimizer = optimizer or make_optimizer(model)
-    if method is not None and first_step == 0:
-        method.setup(model)
-        method.start(model, optimizer)
-    losses = []
-    for step, (x, y) in enumerate(data, start=first_step):
-        if method:
-            method.before_step(step)
-        loss = 0.0
-        for xs, ys in zip(x.split(B // 2), y.split(B // 2)):
-            part = model(xs, ys) / 2
-            part.backward()
-            loss += part.item()
-        if check:
-            check(step, "grad")
-        if method:
-            method.before_optimizer(step)
-        optimizer.step()
-        if method:
-            method.after_optimizer(step)
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss)
-        if check:
-            check(step, "after")
-    return losses, optimizer
+    """Two micro-batches per step, so hooks see an accumulation; the method is started on step 0 only."""
+    return train_by_hand(model, method, data, optimizer, first_step=first_step, start=first_step == 0,
+                         micro_batches=2, check=check)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import make_method, make_optimizer, random_batches, seeded_model
+from helpers import make_method, make_optimizer, random_batches, seeded_model, train_by_hand
 from sparsetrain.errors import UserError
 from sparsetrain.methods.sat import SAT, keep_count
 
@@ -26,25 +26,7 @@ def batches(n, seed=1):
 
 
 def train(model, method, data, optimizer=None, first_step=0):
-    """The trainer's call order, by hand."""
-    optimizer = optimizer or make_optimizer(model)
-    if method is not None:
-        method.setup(model)
-        method.start(model, optimizer)
-    losses = []
-    for step, batch in enumerate(data, start=first_step):
-        if method:
-            method.before_step(step)
-        loss = model(*batch)
-        loss.backward()
-        if method:
-            method.before_optimizer(step)
-        optimizer.step()
-        if method:
-            method.after_optimizer(step)
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses, optimizer
+    return train_by_hand(model, method, data, optimizer, first_step=first_step)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
