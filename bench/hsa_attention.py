@@ -13,8 +13,6 @@ of the query gradient from SDPA applied with the same mask as a dense boolean `a
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import warnings
 
@@ -24,6 +22,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from torch.utils.benchmark import Timer
 
 from sparsetrain import attention_masks as am
+from sparsetrain.bench import write_rows
 
 
 def timed_ms(fn, min_run_time: float) -> float:
@@ -119,12 +118,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for i, r in enumerate(rows):
         print_row(r, header=i == 0)
     if a.out:
-        meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    torch=torch.__version__, date=datetime.date.today().isoformat(), dtype=str(dtype),
-                    backward=backward, tokens=a.tokens, heads=a.heads, head_dim=a.head_dim,
-                    argv=sys.argv[1:] if argv is None else argv)
-        with open(a.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        write_rows(rows, a.out, dict(ran_on=device.type, dtype=str(dtype), backward=backward, tokens=a.tokens,
+                                     heads=a.heads, head_dim=a.head_dim, argv=sys.argv[1:] if argv is None else argv))
     return rows
 
 

@@ -14,13 +14,11 @@ dispatch cost. Modes: eager, torch.compile, and torch.compile with CUDA graphs (
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 
 import torch
 
-from sparsetrain.bench import median_ms
+from sparsetrain.bench import median_ms, write_rows
 from sparsetrain.model import FFN, ModelArgs
 from sparsetrain.moe import MoEFFN
 
@@ -148,11 +146,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for i, r in enumerate(rows):
         print_row(r, header=i == 0)
     if a.out:
-        meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    torch=torch.__version__, date=datetime.date.today().isoformat(), tokens=a.tokens,
-                    dtype="bf16", activation=a.activation, argv=sys.argv[1:] if argv is None else argv)
-        with open(a.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        write_rows(rows, a.out, dict(ran_on=device.type, tokens=a.tokens, dtype="bf16", activation=a.activation,
+                                     argv=sys.argv[1:] if argv is None else argv))
     return rows
 
 

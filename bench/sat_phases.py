@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from sparsetrain.bench import environment, print_table
+from sparsetrain.bench import print_table, write_rows
 from sparsetrain.config import ModelConfig
 from sparsetrain.methods.sat import SAT
 from sparsetrain.model import build
@@ -118,8 +118,7 @@ def main() -> None:
     print_table(rows, [("variant", "SAT variant (rates 0.5)", ""), ("before_ms", "select ms", ".2f"),
                        ("fwd_bwd_ms", "fwd+bwd ms", ".2f"), ("optimizer_ms", "optimizer ms", ".2f"),
                        ("step_ms", "step ms", ".2f"), ("speedup", "speed-up", ".2f")])
-    with open(a.out, "w") as f:
-        json.dump({"env": environment(), "args": vars(a), "rows": rows}, f, indent=2)
+    write_rows(rows, a.out, vars(a))
 
 
 if __name__ == "__main__":
