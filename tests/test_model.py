@@ -89,6 +89,25 @@ def test_attention_subset_equals_zeroed_heads(preset):
     assert torch.allclose(sliced, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_sliced_attention_compiles_without_graph_breaks_when_the_kept_count_varies(preset):
+    # SAT's ladder changes how many heads are kept; torch.compile then makes that count symbolic. A graph break
+    # there (once: a symbolic enable_gqa flag) sent the whole model forward back to eager on the GPU.
+    args = resolve(ModelConfig(preset=preset), 97)
+    torch.manual_seed(0)
+    attn = Attention(args)
+    rope = None
+    if args.family == "llama":
+        from sparsetrain.model import rope_tables
+
+        rope = rope_tables(args.head_dim, 16, args.rope_theta)
+    compiled = torch.compile(attn, fullgraph=True, dynamic=True, backend="aot_eager")
+    x = torch.randn(2, 6, args.d_model)
+    for groups in ([1], [0, 1]):
+        attn.active = torch.tensor(groups)
+        assert torch.allclose(compiled(x, rope), attn(x, rope), atol=1e-5)
+
+
 def test_flops_match_6n_formula():
     args = resolve(ModelConfig(preset="gpt2-small"), 50304)
     with torch.device("meta"):

@@ -175,6 +175,9 @@ class Attention(nn.Module):
             bias = self.qkv.bias.index_select(0, rows) if self.qkv.bias is not None else None
             qkv = F.linear(x, self.qkv.weight.index_select(0, rows), bias)
         q, k, v = qkv.split([n_head * d, n_kv * d, n_kv * d], dim=-1)
+        # Heads go in whole kv groups, so the group size never changes; a plain bool (n_head != n_kv would be a
+        # symbolic one once torch.compile makes the kept count dynamic, which SDPA refuses: a graph break).
+        gqa = self.n_head != self.n_kv_head
         q = q.view(B, T, n_head, d).transpose(1, 2)
         k = k.view(B, T, n_kv, d).transpose(1, 2)
         v = v.view(B, T, n_kv, d).transpose(1, 2)
@@ -183,12 +186,12 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(self.block_mask, torch.Tensor):  # a boolean [T, T] mask: the CPU stand-in for a BlockMask
             return F.scaled_dot_product_attention(q, k, v, attn_mask=self.block_mask[:T, :T],
-                                                  enable_gqa=n_head != n_kv)
+                                                  enable_gqa=gqa)
         if self.block_mask is not None:
             from torch.nn.attention.flex_attention import flex_attention
 
-            return flex_attention(q, k, v, block_mask=self.block_mask, enable_gqa=n_head != n_kv)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_head != n_kv)
+            return flex_attention(q, k, v, block_mask=self.block_mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, T, _ = x.shape
