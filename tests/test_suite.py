@@ -15,7 +15,7 @@ from sparsetrain.errors import UserError
 from sparsetrain.methods import REGISTRY
 from sparsetrain.methods.base import Dense, DenseOptions
 from sparsetrain.report import TARGETS, evaluate_targets, load_results, write_report
-from sparsetrain.suite import PARTS, CompileClock, prepare_corpus, run_part, steady_times
+from sparsetrain.suite import PARTS, CompileClock, Context, code_base, prepare_corpus, run_part, steady_times
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -238,6 +238,28 @@ def test_upcycle_gives_the_moe_the_steps_that_fit_dense_time(results):
     # Both continuations start from the base model: exact upcycling computes what the base did.
     for name in ("dense", "upcycle"):
         assert cs[name]["curve"][0]["val_loss"] == cs["base"]["val_loss"]
+
+
+def test_the_continuation_parts_share_one_code_base(env, results):
+    parts = ("sat-cpt", "sat-sft", "upcycle")
+    bases = [next(c for c in results[p]["contenders"] if c["role"] == "base") for p in parts]
+    assert not bases[0].get("reused") and bases[1]["reused"] and bases[2]["reused"]
+    assert len({b["run_dir"] for b in bases}) == 1 and len({b["val_loss"] for b in bases}) == 1
+    for part in ("sat-sft", "upcycle"):
+        assert (env["out"] / part / "base" / "metrics.jsonl").is_file()
+
+
+def test_a_base_of_another_config_is_trained_again(env, results, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(env["work_dir"] / "base-code", work / "base-code")
+    ctx = Context("upcycle", tmp_path / "out", env["data_dir"], work, env["carry"], True, "auto", 1.0)
+    assert code_base(ctx)["reused"]
+    saved = work / "base-code" / "result.json"
+    result = json.loads(saved.read_text())
+    result["asked"]["train"]["seed"] += 1  # a base trained otherwise than this part would
+    saved.write_text(json.dumps(result))
+    again = code_base(ctx)
+    assert not again.get("reused") and again["run_dir"] == str(work / "base-code" / "run")
 
 
 class StandIn(Dense):

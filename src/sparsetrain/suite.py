@@ -19,20 +19,21 @@ linear warm-up over 5% of the steps and cosine decay to 10%; every validation lo
                   sft; extracting the pairs takes ~4 s on a CPU core)
     dense-step    dense step time, gpt2-small and gpt2-medium, batch 16 x 1024, vocabulary 50304, 30 timed steps
                   after 10 of warm-up.                                                                (~2 min)
-    sat-step      dense vs SAT at omission 0.5 (FFN and heads, constant, no dense end), the same shapes, and the
-                  ~1B llama preset too (grouped-query attention: whole kv-head groups are omitted).
-                  (seen: 213 s without llama-1b; ~5-6 min with it)
+    sat-step      dense vs SAT at omission 0.5 (FFN and heads, constant, no dense end), the same shape, on the issue's
+                  two models: gpt2-medium and the ~1B llama preset (grouped-query attention: whole kv-head groups are
+                  omitted). (seen: 213 s for gpt2-small + gpt2-medium; ~5 min with llama-1b for gpt2-small)
     ssd-step      dense vs SSD's sparse phase (16 experts, top-4, relu2), gpt2-medium, the same shape. (> 110 s:
                   a 110 s limit cut it before its table; give it 300 s)
-    sat-cpt       dense base on code, 2,500 steps (41.0M tokens, lr 6e-4); continual pre-training on English,
+    sat-cpt       the code base (dense on code, 2,000 steps, 32.8M tokens, lr 6e-4: trained by the first of sat-cpt,
+                  sat-sft and upcycle in a call and reused by the others); continual pre-training on English,
                   400 steps (6.6M tokens, lr 3e-4, seed + 1): dense vs SAT with the LORS ladder (rate 0.5), both
                   from the base. With ~3.9M English training tokens the continuation sees them ~1.7 times.
-                  (> 220 s at --scale 0.6: SAT compiles for 38 s and again at each rung; give it the whole call)
-    sat-sft       dense base on code, 1,500 steps; fine-tuning on DATA/sft, 300 steps of 16 rows (about 1.5 epochs of
+                  (> 220 s at --scale 0.6 when a graph break made SAT recompile at each rung; ~4-5 min)
+    sat-sft       the code base; fine-tuning on DATA/sft, 300 steps of 16 rows (about 1.5 epochs of
                   the ~3,200 train rows, lr 1e-4, seed + 1): dense vs SAT with the LORS ladder, both from the base;
-                  validation loss on the held-out pairs' functions.                                  (~4-5 min)
-    upcycle       dense base on code, 1,600 steps (26.2M tokens); continuation on code (lr 3e-4, seed + 1): dense for
-                  800 steps (13.1M tokens, +50% of the base), and the upcycled MoE (8 experts, top-2, every other
+                  validation loss on the held-out pairs' functions.       (~3 min with the base reused, ~5 without)
+    upcycle       the code base; continuation on code (lr 3e-4, seed + 1): dense for
+                  800 steps (13.1M tokens, +40% of the base), and the upcycled MoE (8 experts, top-2, every other
                   layer) for the same wall-clock: its steps = 800 x dense step time / MoE step time, both timed by
                   `measure_steps` in this process, so its cosine schedule ends where its budget does.
                   (seen: 151 s at --scale 0.35; ~4-5 min in full)
@@ -67,14 +68,13 @@ the other, each under its own time limit, and packs every JSON, the runs' metric
 limit cut short into $OUT/results.tgz (a call brings back at most 8 files). DATA persists while the machine is warm;
 a fresh machine needs prepare-data again (24 s), so start every call with it:
 
-    1. bash bench/run_parts.sh prepare-data:120 sat-step:420 dense-step:150
-    2. bash bench/run_parts.sh prepare-data:120 ssd-step:300 ssd-pretrain:270
-    3. bash bench/run_parts.sh prepare-data:120 sat-cpt:450
-    4. bash bench/run_parts.sh prepare-data:120 sat-sft:450
-    5. bash bench/run_parts.sh prepare-data:120 upcycle:300 mst-pretrain:270
-    6. bash bench/run_parts.sh prepare-data:120 hsa-attention:450
-    7. on the 2-GPU kind: bash bench/run_parts.sh prepare-data:120 two-gpu:560
-    (about 55 minutes of calls in all: more than one session's 30 minutes of device time, so split them across
+    1. bash bench/run_parts.sh prepare-data:50 sat-step:320 ssd-step:210
+    2. bash bench/run_parts.sh prepare-data:50 sat-cpt:330 sat-sft:210
+    3. bash bench/run_parts.sh prepare-data:50 ssd-pretrain:270 mst-pretrain:270
+    4. bash bench/run_parts.sh prepare-data:50 upcycle:300 dense-step:150
+    5. bash bench/run_parts.sh prepare-data:50 hsa-attention:540
+    6. on the 2-GPU kind: bash bench/run_parts.sh prepare-data:50 two-gpu:540
+    (about 50 minutes of calls in all: more than one session's 30 minutes of device time, so split them across
     sessions, or give the training parts a scale, e.g. upcycle:300:0.5)
     then here: tar xzf FILES_AT/results.tgz -C bench_out/NAME for each call, and
     sparsetrain report bench_out/*/*.json --out bench_out/report
@@ -105,6 +105,7 @@ from .sources import sha256_file
 from .train import TrainingData, evaluate, load_model, peak_flops, setup_runtime, train
 
 SEED = 1337
+BASE_STEPS = 2000  # the code base of the continuation parts: 32.8M tokens
 MARKER = ".sparsetrain-suite"  # marks the suite's own scratch folders, the only ones it deletes
 CURVE_KEYS = ("step", "tokens", "flops", "train_time", "wallclock", "loss", "val_loss", "mfu", *SCHEDULE_KEYS)
 
@@ -353,9 +354,10 @@ def run_config(ctx: Context, *, corpus: str, steps: int, method: dict | None = N
     }
 
 
-def train_run(ctx: Context, name: str, raw: dict[str, Any], role: str = "contender") -> dict[str, Any]:
-    """Train one contender in the part's scratch folder; its result with the curve for the report."""
-    run_dir = ctx.work / ctx.part / name
+def train_run(ctx: Context, name: str, raw: dict[str, Any], role: str = "contender",
+              run_dir: Path | None = None) -> dict[str, Any]:
+    """Train one contender in the part's scratch folder (or `run_dir`); its result with the curve for the report."""
+    run_dir = run_dir or ctx.work / ctx.part / name
     cfg = config_mod.from_dict(raw)
     print(f"{ctx.part}: training {name} ({cfg.method['name']}, {cfg.train.steps} steps)", flush=True)
     with CompileClock() as clock:
@@ -363,10 +365,7 @@ def train_run(ctx: Context, name: str, raw: dict[str, Any], role: str = "contend
     records = read_metrics(run_dir)
     for r, t in zip(records, steady_times(records, clock.seconds)):
         r["wallclock"] = t
-    kept = ctx.out / ctx.part / name
-    kept.mkdir(parents=True, exist_ok=True)
-    for f in ("metrics.jsonl", "summary.json", "config.toml"):
-        shutil.copy2(run_dir / f, kept / f)
+    kept = keep_metrics(ctx, name, run_dir)
     release_memory()
     result = {
         "name": name, "role": role, "corpus": Path(raw["data"]["dir"]).name, "method": cfg.method["name"],
@@ -379,6 +378,35 @@ def train_run(ctx: Context, name: str, raw: dict[str, Any], role: str = "contend
     }
     print(f"{ctx.part}: {name}: val loss {result['val_loss']:.4f}, {result['wallclock']:.1f} s "
           f"({result['train_time']:.1f} s with compilation)", flush=True)
+    return result
+
+
+def keep_metrics(ctx: Context, name: str, run_dir: Path) -> Path:
+    """Copy a run's metrics, summary and config beside the part's JSON (OUT/PART/NAME/)."""
+    kept = ctx.out / ctx.part / name
+    kept.mkdir(parents=True, exist_ok=True)
+    for f in ("metrics.jsonl", "summary.json", "config.toml"):
+        shutil.copy2(run_dir / f, kept / f)
+    return kept
+
+
+def code_base(ctx: Context) -> dict[str, Any]:
+    """The dense model on code that sat-cpt, sat-sft and upcycle continue from, trained once per work folder: the
+    next of those parts in the same call (same config, seed, data and scale) reuses it instead of training it again
+    (WORK/base-code/, outside the parts' own scratch folders)."""
+    raw = run_config(ctx, corpus="code", steps=ctx.steps(BASE_STEPS, 24), evals=0)
+    folder = ctx.work / "base-code"
+    saved = folder / "result.json"
+    if saved.is_file():
+        result, asked = json.loads(saved.read_text()), json.loads(json.dumps(raw))
+        if result["asked"] == asked and Path(result["run_dir"]).is_dir():
+            print(f"{ctx.part}: reusing the code base of {result['part']} ({result['run_dir']})", flush=True)
+            result["metrics"] = str((keep_metrics(ctx, "base", Path(result["run_dir"])) / "metrics.jsonl")
+                                    .relative_to(ctx.out))
+            return result | {"reused": True}
+    scratch_dir(folder)
+    result = train_run(ctx, "base", raw, role="base", run_dir=folder / "run") | {"part": ctx.part, "asked": raw}
+    saved.write_text(json.dumps(result))
     return result
 
 
@@ -447,12 +475,12 @@ def run_steps(ctx: Context, methods: list[dict[str, Any]], presets: tuple[str, .
     return {"rows": rows, "shape": dataclasses.asdict(s) | {"model": model or {}}}
 
 
-def dense_vs_sat_from_a_base(ctx: Context, *, base_steps: int, corpus: str, data: Path, steps: int,
+def dense_vs_sat_from_a_base(ctx: Context, *, corpus: str, data: Path, steps: int,
                              lr: float) -> tuple[list[dict[str, Any]], float]:
     """A dense base trained on code, its validation loss on `data` (the continuation's held-out set), then dense and
     SAT (LORS) continued from it on `corpus` for the same steps: the contenders, with that loss at the head of
     both curves, and the loss."""
-    base = train_run(ctx, "base", run_config(ctx, corpus="code", steps=base_steps, evals=0), role="base")
+    base = code_base(ctx)
     start = eval_run(base["run_dir"], data)
     print(f"{ctx.part}: the base model's validation loss on {data.name} before continuing: {start:.4f}")
     common = dict(corpus=corpus, steps=steps, init_from=base["run_dir"], seed=SEED + 1, lr=lr)
@@ -467,8 +495,8 @@ def run_sat_cpt(ctx: Context) -> dict[str, Any]:
     """Dense base on code, then continual pre-training on English: dense vs SAT (LORS), same tokens."""
     english = corpus_dir(ctx, "english")
     same_tokenizer(corpus_dir(ctx, "code"), english)
-    contenders, start = dense_vs_sat_from_a_base(ctx, base_steps=ctx.steps(2500, 24), corpus="english", data=english,
-                                                 steps=ctx.steps(400, 16), lr=3e-4)
+    contenders, start = dense_vs_sat_from_a_base(ctx, corpus="english", data=english, steps=ctx.steps(400, 16),
+                                                 lr=3e-4)
     note = (f"The base model (code, {contenders[0]['steps']} steps) has English validation loss {start:.4f} before "
             "continuing: the first point of both curves.")
     return {"contenders": contenders, "start_val_loss": start, "notes": [note]}
@@ -480,8 +508,7 @@ def run_sat_sft(ctx: Context) -> dict[str, Any]:
     sft = sft_dir(ctx)
     same_tokenizer(corpus_dir(ctx, "code"), sft)
     steps = ctx.steps(300, 16)
-    contenders, start = dense_vs_sat_from_a_base(ctx, base_steps=ctx.steps(1500, 24), corpus="sft", data=sft,
-                                                 steps=steps, lr=1e-4)
+    contenders, start = dense_vs_sat_from_a_base(ctx, corpus="sft", data=sft, steps=steps, lr=1e-4)
     meta = json.loads((sft / "meta.json").read_text())
     note = (f"Fine-tuning data: {meta['examples_file']['examples']:,} kernel-doc pairs of the code corpus in "
             f"{meta['train']['sequences']:,} train rows ({steps} steps of {ctx.shape.batch_size} rows: "
@@ -493,7 +520,7 @@ def run_sat_sft(ctx: Context) -> dict[str, Any]:
 
 def run_upcycle(ctx: Context) -> dict[str, Any]:
     """Dense base, then dense vs upcycled continuation for the same wall-clock."""
-    base = train_run(ctx, "base", run_config(ctx, corpus="code", steps=ctx.steps(1600, 24), evals=0), role="base")
+    base = code_base(ctx)
     steps = ctx.steps(800, 16)
     common = dict(corpus="code", init_from=base["run_dir"], seed=SEED + 1, lr=3e-4)
     dense = train_run(ctx, "dense", run_config(ctx, steps=steps, **common))
@@ -700,9 +727,9 @@ PARTS: dict[str, Part] = {
                          trains=False),
     "dense-step": Part("dense training step, gpt2-small and gpt2-medium", functools.partial(run_steps, methods=[]),
                        trains=False),
-    "sat-step": Part("SAT step at omission 0.5 vs dense, gpt2-small, gpt2-medium and llama-1b",
-                     functools.partial(run_steps, methods=[SAT_STEP],
-                                       presets=("gpt2-small", "gpt2-medium", "llama-1b")), ("sat",), trains=False),
+    "sat-step": Part("SAT step at omission 0.5 vs dense, gpt2-medium and llama-1b",
+                     functools.partial(run_steps, methods=[SAT_STEP], presets=("gpt2-medium", "llama-1b")),
+                     ("sat",), trains=False),
     "ssd-step": Part("SSD sparse-phase step (relu2, 16 experts, top-4) vs dense, gpt2-medium",
                      functools.partial(run_steps, methods=[SSD_STEP], presets=("gpt2-medium",),
                                        model={"activation": "relu2"}), ("ssd",), trains=False),
