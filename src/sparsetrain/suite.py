@@ -15,33 +15,32 @@ linear warm-up over 5% of the steps and cosine decay to 10%; every validation lo
                   the validation fraction is raised until each held-out set has >= 2^21 + 1 tokens (English: about
                   25 MB of text, ~6M tokens, so ~40% is held out); DATA/sft: the code corpus's kernel-doc pairs
                   (comment -> function, ~10,000 in the carried 200 MB) packed into rows of 1,024 tokens with the loss
-                  on the functions, 5% of the pairs held out. A no-op when DATA holds all three. (seen: 24 s without
-                  sft; extracting the pairs takes ~4 s on a CPU core)
+                  on the functions, 5% of the pairs held out. A no-op when DATA holds all three. (seen: code and
+                  English took > 50 s on a fresh machine, sft 8 s after them: give it 90 s)
     dense-step    dense step time, gpt2-small and gpt2-medium, batch 16 x 1024, vocabulary 50304, 30 timed steps
                   after 10 of warm-up.                                                                (~2 min)
     sat-step      dense vs SAT at omission 0.5 (FFN and heads, constant, no dense end), the same shape, on the issue's
                   two models: gpt2-medium and the ~1B llama preset (grouped-query attention: whole kv-head groups are
-                  omitted). (seen: 213 s for gpt2-small + gpt2-medium; ~5 min with llama-1b for gpt2-small)
-    ssd-step      dense vs SSD's sparse phase (16 experts, top-4, relu2), gpt2-medium, the same shape. (> 110 s:
-                  a 110 s limit cut it before its table; give it 300 s)
+                  omitted). (seen: 276 s)
+    ssd-step      dense vs SSD's sparse phase (16 experts, top-4, relu2), gpt2-medium, the same shape. (seen: 122 s)
     sat-cpt       the code base (dense on code, 2,000 steps, 32.8M tokens, lr 6e-4: trained by the first of sat-cpt,
                   sat-sft and upcycle in a call and reused by the others); continual pre-training on English,
                   400 steps (6.6M tokens, lr 3e-4, seed + 1): dense vs SAT with the LORS ladder (rate 0.5), both
                   from the base. With ~3.9M English training tokens the continuation sees them ~1.7 times.
-                  (> 220 s at --scale 0.6 when a graph break made SAT recompile at each rung; ~4-5 min)
+                  (seen: 255 s, the base's 84 s included)
     sat-sft       the code base; fine-tuning on DATA/sft, 300 steps of 16 rows (about 1.5 epochs of
                   the ~3,200 train rows, lr 1e-4, seed + 1): dense vs SAT with the LORS ladder, both from the base;
-                  validation loss on the held-out pairs' functions.       (~3 min with the base reused, ~5 without)
+                  validation loss on the held-out pairs' functions.  (seen: 170 s with the base reused; ~4 min without)
     upcycle       the code base; continuation on code (lr 3e-4, seed + 1): dense for
                   800 steps (13.1M tokens, +40% of the base), and the upcycled MoE (8 experts, top-2, every other
                   layer) for the same wall-clock: its steps = 800 x dense step time / MoE step time, both timed by
                   `measure_steps` in this process, so its cosine schedule ends where its budget does.
-                  (seen: 151 s at --scale 0.35; ~4-5 min in full)
+                  (seen: 206 s with the base reused; ~5 min without)
     ssd-pretrain  dense vs SSD from scratch on code, 2,000 steps (32.8M tokens), relu2 activation for both; then both
                   trained models run as MoEs (top-4 of 16): validation loss, FFN and prefill time, dense vs MoE.
-                  (seen: 162 s at --scale 0.5; ~4 min in full)
+                  (seen: 184 s at --scale 0.5; ~6 min in full)
     mst-pretrain  dense vs MST weight-level vs MST neuron-level from scratch on code, 1,200 steps (19.7M tokens).
-                  (seen: 127 s at --scale 0.4; ~4 min in full)
+                  (seen: 162 s at --scale 0.4; ~6-7 min in full)
     hsa-attention dense (causal SDPA) vs MST's sparse attention alone (no weight sparsity, every layer, the whole
                   run: local band of 128, and hybrid = local 128 | stride 256) at sequence 1024 x 16, 4096 x 4 and
                   8192 x 2 rows (the same tokens a step), 300 steps each: validation loss and wall-clock, ratios to
@@ -68,14 +67,14 @@ the other, each under its own time limit, and packs every JSON, the runs' metric
 limit cut short into $OUT/results.tgz (a call brings back at most 8 files). DATA persists while the machine is warm;
 a fresh machine needs prepare-data again (24 s), so start every call with it:
 
-    1. bash bench/run_parts.sh prepare-data:50 sat-step:320 ssd-step:210
-    2. bash bench/run_parts.sh prepare-data:50 sat-cpt:330 sat-sft:210
-    3. bash bench/run_parts.sh prepare-data:50 ssd-pretrain:270 mst-pretrain:270
-    4. bash bench/run_parts.sh prepare-data:50 upcycle:300 dense-step:150
-    5. bash bench/run_parts.sh prepare-data:50 hsa-attention:540
-    6. on the 2-GPU kind: bash bench/run_parts.sh prepare-data:50 two-gpu:540
-    (about 50 minutes of calls in all: more than one session's 30 minutes of device time, so split them across
-    sessions, or give the training parts a scale, e.g. upcycle:300:0.5)
+    1. bash bench/run_parts.sh prepare-data:90 sat-step:320 ssd-step:180
+    2. bash bench/run_parts.sh prepare-data:30 sat-cpt:300 sat-sft:240
+    3. bash bench/run_parts.sh prepare-data:30 ssd-pretrain:290:0.5 mst-pretrain:230:0.4
+    4. bash bench/run_parts.sh prepare-data:30 upcycle:300 dense-step:150
+    5. bash bench/run_parts.sh prepare-data:90 hsa-attention:500
+    6. on the 2-GPU kind: bash bench/run_parts.sh prepare-data:90 two-gpu:500
+    (calls 1-4 ran in one session's 30 minutes on 2026-11-23, machine start included, fired back to back: the
+    machine stays warm only 30 s after a call, and DATA and the shared code base persist only while it is warm)
     then here: tar xzf FILES_AT/results.tgz -C bench_out/NAME for each call, and
     sparsetrain report bench_out/*/*.json --out bench_out/report
 """
