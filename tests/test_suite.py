@@ -202,8 +202,11 @@ def check_contenders(part, baseline="dense"):
 def test_sat_cpt_continues_the_code_base_on_english_with_the_same_tokens(env, results):
     cs = check_contenders(results["sat-cpt"])
     assert cs["base"]["corpus"] == "code" and cs["dense"]["corpus"] == "english"
-    assert cs["dense"]["tokens"] == cs["sat"]["tokens"]
-    for name in ("dense", "sat"):
+    assert list(cs) == ["base", "dense", "sat", "sat-topk"]
+    assert cs["dense"]["tokens"] == cs["sat"]["tokens"] == cs["sat-topk"]["tokens"]
+    assert cs["sat"]["config"]["method"].get("select", "sample") == "sample"  # the default
+    assert cs["sat-topk"]["config"]["method"]["select"] == "topk"
+    for name in ("dense", "sat", "sat-topk"):
         train_cfg = cs[name]["config"]["train"]
         assert train_cfg["init_from"] == cs["base"]["run_dir"]
         assert train_cfg["seed"] == cs["dense"]["config"]["train"]["seed"] != cs["base"]["config"]["train"]["seed"]
@@ -218,9 +221,9 @@ def test_sat_sft_fine_tunes_the_code_base_on_kernel_doc_pairs(env, results):
     part = results["sat-sft"]
     cs = check_contenders(part)
     assert cs["base"]["corpus"] == "code" and cs["dense"]["corpus"] == cs["sat"]["corpus"] == "sft"
-    assert cs["dense"]["tokens"] == cs["sat"]["tokens"]
-    assert cs["sat"]["config"]["method"]["name"] == "sat"
-    for name in ("dense", "sat"):
+    assert cs["dense"]["tokens"] == cs["sat"]["tokens"] == cs["sat-topk"]["tokens"]
+    assert cs["sat"]["config"]["method"]["name"] == cs["sat-topk"]["config"]["method"]["name"] == "sat"
+    for name in ("dense", "sat", "sat-topk"):
         assert cs[name]["config"]["train"]["init_from"] == cs["base"]["run_dir"]
         assert cs[name]["curve"][0]["val_loss"] == pytest.approx(part["start_val_loss"])
         assert cs[name]["val_loss"] < part["start_val_loss"]  # the format is learnt: loss on the functions falls

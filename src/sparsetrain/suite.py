@@ -25,12 +25,14 @@ linear warm-up over 5% of the steps and cosine decay to 10%; every validation lo
     ssd-step      dense vs SSD's sparse phase (16 experts, top-4, relu2), gpt2-medium, the same shape. (seen: 122 s)
     sat-cpt       the code base (dense on code, 2,000 steps, 32.8M tokens, lr 6e-4: trained by the first of sat-cpt,
                   sat-sft and upcycle in a call and reused by the others); continual pre-training on English,
-                  400 steps (6.6M tokens, lr 3e-4, seed + 1): dense vs SAT with the LORS ladder (rate 0.5), both
-                  from the base. With ~3.9M English training tokens the continuation sees them ~1.7 times.
-                  (seen: 255 s, the base's 84 s included)
+                  400 steps (6.6M tokens, lr 3e-4, seed + 1): dense vs SAT with the LORS ladder (rate 0.5), SAT
+                  twice (`sat`: sampled selection, the default; `sat-topk`), all from the base. With ~3.9M English
+                  training tokens the continuation sees them ~1.7 times. (seen: 255 s without sat-topk, the base's
+                  84 s included; ~6 min with it)
     sat-sft       the code base; fine-tuning on DATA/sft, 300 steps of 16 rows (about 1.5 epochs of
-                  the ~3,200 train rows, lr 1e-4, seed + 1): dense vs SAT with the LORS ladder, both from the base;
-                  validation loss on the held-out pairs' functions.  (seen: 170 s with the base reused; ~4 min without)
+                  the ~3,700 train rows, lr 1e-4, seed + 1): dense vs SAT with the LORS ladder (`sat`, `sat-topk`),
+                  all from the base; validation loss on the held-out pairs' functions. (seen: 170 s without sat-topk,
+                  with the base reused; ~4.5 min with it)
     upcycle       the code base; continuation on code (lr 3e-4, seed + 1): dense for
                   800 steps (13.1M tokens, +40% of the base), and the upcycled MoE (8 experts, top-2, every other
                   layer) for the same wall-clock: its steps = 800 x dense step time / MoE step time, both timed by
@@ -68,13 +70,14 @@ limit cut short into $OUT/results.tgz (a call brings back at most 8 files). DATA
 a fresh machine needs prepare-data again (24 s), so start every call with it:
 
     1. bash bench/run_parts.sh prepare-data:90 sat-step:320 ssd-step:180
-    2. bash bench/run_parts.sh prepare-data:30 sat-cpt:300 sat-sft:240
-    3. bash bench/run_parts.sh prepare-data:30 ssd-pretrain:290:0.5 mst-pretrain:230:0.4
-    4. bash bench/run_parts.sh prepare-data:30 upcycle:300 dense-step:150
+    2. bash bench/run_parts.sh prepare-data:30 sat-cpt:400 dense-step:150
+    3. bash bench/run_parts.sh prepare-data:30 sat-sft:290 upcycle:270
+    4. bash bench/run_parts.sh prepare-data:30 ssd-pretrain:290:0.5 mst-pretrain:230:0.4
     5. bash bench/run_parts.sh prepare-data:90 hsa-attention:500
     6. on the 2-GPU kind: bash bench/run_parts.sh prepare-data:90 two-gpu:500
-    (calls 1-4 ran in one session's 30 minutes on 2026-11-23, machine start included, fired back to back: the
-    machine stays warm only 30 s after a call, and DATA and the shared code base persist only while it is warm)
+    (four calls of this kind - before sat-topk was added - ran in one session's 30 minutes on 2026-11-23, machine
+    start included, fired back to back: the machine stays warm only 30 s after a call, and DATA and the shared
+    code base persist only while it is warm, so call 3 must follow call 2 on the same machine)
     then here: tar xzf FILES_AT/results.tgz -C bench_out/NAME for each call, and
     sparsetrain report bench_out/*/*.json --out bench_out/report
 """
@@ -478,16 +481,19 @@ def dense_vs_sat_from_a_base(ctx: Context, *, corpus: str, data: Path, steps: in
                              lr: float) -> tuple[list[dict[str, Any]], float]:
     """A dense base trained on code, its validation loss on `data` (the continuation's held-out set), then dense and
     SAT (LORS) continued from it on `corpus` for the same steps: the contenders, with that loss at the head of
-    both curves, and the loss."""
+    every curve, and the loss. SAT runs twice: with its default selection (sampling in proportion to the score)
+    and with top-k, which lost less validation loss in CPU runs of the tiny preset (+1.8% vs +3.1% after 100 steps
+    of the demo's continuation, three seeds of sampling within 0.002)."""
     base = code_base(ctx)
     start = eval_run(base["run_dir"], data)
     print(f"{ctx.part}: the base model's validation loss on {data.name} before continuing: {start:.4f}")
     common = dict(corpus=corpus, steps=steps, init_from=base["run_dir"], seed=SEED + 1, lr=lr)
     dense = train_run(ctx, "dense", run_config(ctx, **common))
-    sat = train_run(ctx, "sat", run_config(ctx, method=SAT_CPT, **common))
-    for c in (dense, sat):
+    sats = [train_run(ctx, name, run_config(ctx, method=method, **common))
+            for name, method in (("sat", SAT_CPT), ("sat-topk", {**SAT_CPT, "select": "topk"}))]
+    for c in (dense, *sats):
         start_point(c, start)
-    return [base, dense, sat], start
+    return [base, dense, *sats], start
 
 
 def run_sat_cpt(ctx: Context) -> dict[str, Any]:
@@ -732,13 +738,14 @@ PARTS: dict[str, Part] = {
     "ssd-step": Part("SSD sparse-phase step (relu2, 16 experts, top-4) vs dense, gpt2-medium",
                      functools.partial(run_steps, methods=[SSD_STEP], presets=("gpt2-medium",),
                                        model={"activation": "relu2"}), ("ssd",), trains=False),
-    "sat-cpt": Part("continual pre-training code -> English, dense vs SAT (LORS)", run_sat_cpt, ("sat",)),
+    "sat-cpt": Part("continual pre-training code -> English, dense vs SAT (LORS; sampled and top-k selection)",
+                    run_sat_cpt, ("sat",)),
     "two-gpu": Part("every method on one GPU vs two (torchrun DDP / FSDP2), same global batch", run_two_gpus,
                     ("sat", "upcycle", "ssd", "mst")),
     "hsa-attention": Part("hybrid sparse attention alone (MST, no weight sparsity) vs dense at 1024, 4096, 8192",
                           run_hsa, ("mst",)),
-    "sat-sft": Part("fine-tuning on kernel-doc pairs (comment -> function), dense vs SAT (LORS)", run_sat_sft,
-                    ("sat",)),
+    "sat-sft": Part("fine-tuning on kernel-doc pairs (comment -> function), dense vs SAT (LORS; sampled and top-k "
+                    "selection)", run_sat_sft, ("sat",)),
     "upcycle": Part("dense vs upcycled continuation at equal wall-clock", run_upcycle, ("upcycle",)),
     "ssd-pretrain": Part("pre-training dense vs SSD (relu2), both then run as MoEs", run_ssd_pretrain, ("ssd",)),
     "mst-pretrain": Part("pre-training dense vs MST (weight and neuron level)",
