@@ -338,6 +338,13 @@ def test_report_has_every_target_and_the_plots(env, results, tmp_path):
     assert "| method | parallel | steps | largest loss gap |" in report  # two-gpu
 
 
+def test_report_gives_the_fine_tuning_rows_in_words(env, results, tmp_path):
+    report = write_report([env["out"] / "prepare-data.json"], tmp_path).read_text()
+    meta = json.loads((env["data_dir"] / "sft" / "meta.json").read_text())
+    assert f"sft: {meta['examples_file']['examples']:,} kernel-doc pairs in {meta['train']['sequences']:,} train" in report
+    assert "| code |" in report and "| english |" in report and "| sft |" not in report
+
+
 def test_report_judges_quality_targets_by_ratio_and_validation_gap(results, tmp_path):
     part = json.loads(json.dumps(results["sat-cpt"]))
     part["quick"] = False

@@ -393,8 +393,13 @@ def write_report(paths: list[Path], out_dir: Path) -> Path:
             lines += [f"Each trained model run as an MoE (top-{k['top_k']} of {k['experts']} experts) against itself "
                       "dense:", "", markdown_table(rows, MOE_INFERENCE_COLUMNS), ""]
         if part.get("corpora"):
-            rows = [{"corpus": k, **v} for k, v in part["corpora"].items()]
-            lines += [markdown_table(rows, CORPUS_COLUMNS), ""]
+            corpora = dict(part["corpora"])
+            sft = corpora.pop("sft", None)
+            lines += [markdown_table([{"corpus": k, **v} for k, v in corpora.items()], CORPUS_COLUMNS), ""]
+            if sft:  # rows of prompt + response, not a token stream: its own sentence
+                lines += [f"sft: {sft['examples_file']['examples']:,} kernel-doc pairs in {sft['train']['sequences']:,} "
+                          f"train and {sft['val']['sequences']:,} held-out rows ({sft['train']['loss_tokens']:,} / "
+                          f"{sft['val']['loss_tokens']:,} response tokens).", ""]
         for note in part.get("notes", []):
             lines += [note, ""]
     path = out_dir / "report.md"
