@@ -163,9 +163,30 @@ def test_step_parts_time_dense_first_and_give_ratios_to_it(results):
             assert r["speedup"] == pytest.approx(rows[0]["step_s"] / r["step_s"])
     sat = results["sat-step"]["rows"][1]
     assert sat["method"] == "sat" and sat["flops_ratio"] > 1.2  # half the FFN and heads omitted every step
+    stash = results["sat-step"]["rows"][2]
+    assert stash["method"] == "sat-compiled-stash" and stash["method_options"]["compiled_stash"] is True
+    assert stash["flops_ratio"] == sat["flops_ratio"]  # the same omission, frozen another way
     ssd = results["ssd-step"]["rows"][1]
     assert ssd["method"] == "ssd" and ssd["flops_ratio"] > 1.2  # 4 of 16 experts: a quarter of the FFN
     assert results["ssd-step"]["shape"]["model"] == {"activation": "relu2"}
+
+
+def test_report_judges_the_step_target_by_any_variant_on_every_model(results, tmp_path):
+    part = json.loads(json.dumps(results["sat-step"]))
+    part["quick"] = False
+    # two models: each variant's speed-ups in row order -> met when one variant is >= 1.6x on both
+    rows = [("gpt2-medium", "dense"), ("gpt2-medium", "sat"), ("gpt2-medium", "sat-compiled-stash"),
+            ("llama-1b", "dense"), ("llama-1b", "sat"), ("llama-1b", "sat-compiled-stash")]
+    for sat, stash, met in [((1.7, 1.6), (1.0, 1.0), "yes"), ((1.7, 1.5), (1.5, 1.7), "**no**"),
+                            ((1.2, 1.4), (1.6, 1.9), "yes")]:
+        speedups = {"sat": list(sat), "sat-compiled-stash": list(stash)}
+        part["rows"] = [{"preset": p, "method": m, "speedup": 1.0 if m == "dense" else speedups[m].pop(0)}
+                        for p, m in rows]
+        path = tmp_path / "sat-step.json"
+        path.write_text(json.dumps(part))
+        row = next(r for r in evaluate_targets(load_results([path])) if r["what"] == "SAT step at omission 0.5")
+        assert row["met"] == met, (sat, stash)
+        assert f"sat: gpt2-medium {sat[0]:.2f}x, llama-1b {sat[1]:.2f}x" in row["measured"]
 
 
 def test_report_judges_ssd_moe_inference_by_ffn_speed_and_validation_gap(results, tmp_path):

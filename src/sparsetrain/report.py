@@ -95,13 +95,16 @@ def _check_mfu(part: dict) -> tuple[str, bool | None]:
     return text, all(got[p] >= v for p, v in need.items())
 
 
-def _check_step_speedup(method: str, minimum: float) -> Callable[[dict], tuple[str, bool | None]]:
+def _check_step_speedup(*methods: str, minimum: float) -> Callable[[dict], tuple[str, bool | None]]:
+    """Each named method's step speed-up on each model; met when one method meets it on every model. Names after
+    the first are variants a part may hold (e.g. `sat-compiled-stash`)."""
     def check(part: dict) -> tuple[str, bool | None]:
-        rows = [r for r in part.get("rows", []) if r["method"] == method]
-        if not rows:
-            return f"no {method} rows", None
-        return (", ".join(f"{r['preset']} {r['speedup']:.2f}x" for r in rows),
-                all(r["speedup"] >= minimum for r in rows))
+        found = {m: rows for m in methods if (rows := [r for r in part.get("rows", []) if r["method"] == m])}
+        if not found:
+            return f"no {methods[0]} rows", None
+        text = "; ".join((f"{m}: " if len(found) > 1 else "")
+                         + ", ".join(f"{r['preset']} {r['speedup']:.2f}x" for r in rows) for m, rows in found.items())
+        return text, any(all(r["speedup"] >= minimum for r in rows) for rows in found.values())
     return check
 
 
@@ -172,10 +175,11 @@ class Target:
 # BENCHMARK.md, "Targets in force", in its order.
 TARGETS = [
     Target("dense step, MFU at 124M / 350M", ">= 45% / >= 50%", "dense-step", _check_mfu),
-    Target("SAT step at omission 0.5", ">= 1.6x", "sat-step", _check_step_speedup("sat", 1.6)),
+    Target("SAT step at omission 0.5", ">= 1.6x", "sat-step",
+           _check_step_speedup("sat", "sat-compiled-stash", minimum=1.6)),
     Target("SAT continual pre-training, wall-clock at val loss within 1%", ">= 1.45x", "sat-cpt",
            _check_quality("sat", "sat-topk", ratio_key="speedup", minimum=1.45, tol=0.01)),
-    Target("SSD sparse-phase step (E=16, top-4)", ">= 1.4x", "ssd-step", _check_step_speedup("ssd", 1.4)),
+    Target("SSD sparse-phase step (E=16, top-4)", ">= 1.4x", "ssd-step", _check_step_speedup("ssd", minimum=1.4)),
     Target("SSD pre-training, wall-clock at val loss within 1%", ">= 1.25x", "ssd-pretrain",
            _check_quality("ssd", ratio_key="speedup", minimum=1.25, tol=0.01)),
     Target("SSD model run as MoE, FFN speed at val loss within 2%", ">= 2x", "ssd-pretrain", _check_moe_inference),

@@ -21,7 +21,8 @@ linear warm-up over 5% of the steps and cosine decay to 10%; every validation lo
                   after 10 of warm-up.                                                                (~2 min)
     sat-step      dense vs SAT at omission 0.5 (FFN and heads, constant, no dense end), the same shape, on the issue's
                   two models: gpt2-medium and the ~1B llama preset (grouped-query attention: whole kv-head groups are
-                  omitted). (seen: 276 s)
+                  omitted); SAT twice: as configured by default and with `compiled_stash` (`sat-compiled-stash`).
+                  (seen: 276 s without the compiled-stash rows; ~7 min with them)
     ssd-step      dense vs SSD's sparse phase (16 experts, top-4, relu2), gpt2-medium, the same shape. (seen: 122 s)
     sat-cpt       the code base (dense on code, 2,000 steps, 32.8M tokens, lr 6e-4: trained by the first of sat-cpt,
                   sat-sft and upcycle in a call and reused by the others); continual pre-training on English,
@@ -69,11 +70,11 @@ the other, each under its own time limit, and packs every JSON, the runs' metric
 limit cut short into $OUT/results.tgz (a call brings back at most 8 files). DATA persists while the machine is warm;
 a fresh machine needs prepare-data again (24 s), so start every call with it:
 
-    1. bash bench/run_parts.sh prepare-data:90 sat-step:320 ssd-step:180
-    2. bash bench/run_parts.sh prepare-data:30 sat-cpt:400 dense-step:150
+    1. bash bench/run_parts.sh prepare-data:90 sat-step:480
+    2. bash bench/run_parts.sh prepare-data:30 sat-cpt:400 ssd-step:150
     3. bash bench/run_parts.sh prepare-data:30 sat-sft:290 upcycle:270
     4. bash bench/run_parts.sh prepare-data:30 ssd-pretrain:290:0.5 mst-pretrain:230:0.4
-    5. bash bench/run_parts.sh prepare-data:90 hsa-attention:500
+    5. bash bench/run_parts.sh prepare-data:90 hsa-attention:500   (dense-step: 150 s where a call has room)
     6. on the 2-GPU kind: bash bench/run_parts.sh prepare-data:90 two-gpu:500
     (four calls of this kind - before sat-topk was added - ran in one session's 30 minutes on 2026-11-23, machine
     start included, fired back to back: the machine stays warm only 30 s after a call, and DATA and the shared
@@ -450,23 +451,23 @@ def start_point(c: dict[str, Any], val_loss: float) -> None:
 # parts
 
 
-def run_steps(ctx: Context, methods: list[dict[str, Any]], presets: tuple[str, ...] | None = None,
+def run_steps(ctx: Context, methods: list[tuple[str, dict[str, Any]]], presets: tuple[str, ...] | None = None,
               model: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Step time of dense and each method, side by side on each preset (random tokens: speed does not depend on
-    them). The trainer's own step, timed by `measure_steps`. `presets` (full runs) and `model` options narrow or
-    change the models of the step shape."""
+    """Step time of dense and each method (label, options), side by side on each preset (random tokens: speed does
+    not depend on them). The trainer's own step, timed by `measure_steps`. `presets` (full runs) and `model` options
+    narrow or change the models of the step shape."""
     s = STEP_QUICK if ctx.quick else STEP_FULL
     if presets and not ctx.quick:
         s = dataclasses.replace(s, presets=presets)
     rows = []
     for preset in s.presets:
         dense = None
-        for method in [{"name": "dense"}, *methods]:
+        for label, method in [("dense", {"name": "dense"}), *methods]:
             cfg = bench_config(preset, batch_size=s.batch_size, seq_len=s.seq_len, vocab_size=s.vocab_size,
                                method=method, model_overrides=model)
             cfg.train.device = ctx.device
             r = measure_steps(cfg, steps=s.steps, warmup=s.warmup, compile_model=ctx.cuda)
-            r["method_options"] = method
+            r["method"], r["method_options"] = label, method
             dense = dense or r
             r["speedup"] = dense["step_s"] / r["step_s"]
             r["flops_ratio"] = r["dense_flops_per_token"] / r["flops_per_token"]
@@ -722,6 +723,8 @@ def run_hsa(ctx: Context) -> dict[str, Any]:
 
 
 SAT_STEP = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "constant", "dense_final": 0.0}
+# The freeze of omitted slices in two compiled calls instead of ~800 small kernels (equal results, tested).
+SAT_STEP_COMPILED_STASH = {**SAT_STEP, "compiled_stash": True}
 SSD_STEP = {"name": "ssd", "experts": 16, "top_k": 4, "schedule": "fixed", "sparse_windows": [[0.0, 1.0]],
             "monitor_every": 0}  # the sparse phase alone
 SAT_CPT = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "ladder"}
@@ -732,11 +735,12 @@ PARTS: dict[str, Part] = {
                          trains=False),
     "dense-step": Part("dense training step, gpt2-small and gpt2-medium", functools.partial(run_steps, methods=[]),
                        trains=False),
-    "sat-step": Part("SAT step at omission 0.5 vs dense, gpt2-medium and llama-1b",
-                     functools.partial(run_steps, methods=[SAT_STEP], presets=("gpt2-medium", "llama-1b")),
+    "sat-step": Part("SAT step at omission 0.5 vs dense (and with the compiled stash), gpt2-medium and llama-1b",
+                     functools.partial(run_steps, methods=[("sat", SAT_STEP), ("sat-compiled-stash", SAT_STEP_COMPILED_STASH)],
+                                       presets=("gpt2-medium", "llama-1b")),
                      ("sat",), trains=False),
     "ssd-step": Part("SSD sparse-phase step (relu2, 16 experts, top-4) vs dense, gpt2-medium",
-                     functools.partial(run_steps, methods=[SSD_STEP], presets=("gpt2-medium",),
+                     functools.partial(run_steps, methods=[("ssd", SSD_STEP)], presets=("gpt2-medium",),
                                        model={"activation": "relu2"}), ("ssd",), trains=False),
     "sat-cpt": Part("continual pre-training code -> English, dense vs SAT (LORS; sampled and top-k selection)",
                     run_sat_cpt, ("sat",)),
