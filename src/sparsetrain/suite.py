@@ -68,13 +68,14 @@ the first, and the report shows the second beside it.
 GPU calls (run tool, carry [".carry"]): `bash bench/run_parts.sh PART[:SECONDS[:SCALE]] ...` runs parts one after
 the other, each under its own time limit, and packs every JSON, the runs' metrics, a log and the metrics of runs a
 limit cut short into $OUT/results.tgz (a call brings back at most 8 files). DATA persists while the machine is warm;
-a fresh machine needs prepare-data again (24 s), so start every call with it:
+a fresh machine needs prepare-data again (more than 50 s: give it 90 s there), so start every call with it:
 
     1. bash bench/run_parts.sh prepare-data:90 sat-step:480
     2. bash bench/run_parts.sh prepare-data:30 sat-cpt:400 ssd-step:150
     3. bash bench/run_parts.sh prepare-data:30 sat-sft:290 upcycle:270
     4. bash bench/run_parts.sh prepare-data:30 ssd-pretrain:290:0.5 mst-pretrain:230:0.4
-    5. bash bench/run_parts.sh prepare-data:90 hsa-attention:500   (dense-step: 150 s where a call has room)
+    5. bash bench/run_parts.sh prepare-data:30 hsa-attention:560:0.8   (9 runs of ~55 s at full size: scaled to fit;
+       dense-step, 150 s, where a call has room; the kernel grid: python3 bench/hsa_attention.py, ~3 min)
     6. on the 2-GPU kind: bash bench/run_parts.sh prepare-data:90 two-gpu:500
     (four calls of this kind - before sat-topk was added - ran in one session's 30 minutes on 2026-11-23, machine
     start included, fired back to back: the machine stays warm only 30 s after a call, and DATA and the shared
