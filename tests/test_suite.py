@@ -280,10 +280,15 @@ def test_a_base_of_another_config_is_trained_again(env, results, tmp_path):
     assert code_base(ctx)["reused"]
     saved = work / "base-code" / "result.json"
     result = json.loads(saved.read_text())
-    result["asked"]["train"]["seed"] += 1  # a base trained otherwise than this part would
+    result["asked"]["config"]["train"]["seed"] += 1  # a base trained otherwise than this part would
     saved.write_text(json.dumps(result))
     again = code_base(ctx)
     assert not again.get("reused") and again["run_dir"] == str(work / "base-code" / "run")
+    assert code_base(ctx)["reused"]
+    result = json.loads(saved.read_text())
+    result["asked"]["data"]["train.bin"] = "0" * 64  # the same config on other tokens (a corpus prepared again)
+    saved.write_text(json.dumps(result))
+    assert not code_base(ctx).get("reused")
 
 
 class StandIn(Dense):

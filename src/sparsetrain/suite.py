@@ -399,17 +399,19 @@ def code_base(ctx: Context) -> dict[str, Any]:
     next of those parts in the same call (same config, seed, data and scale) reuses it instead of training it again
     (WORK/base-code/, outside the parts' own scratch folders)."""
     raw = run_config(ctx, corpus="code", steps=ctx.steps(BASE_STEPS, 24), evals=0)
+    # The same config on the same tokens: a corpus prepared again at the same path is another base.
+    asked = {"config": raw, "data": TokenData(corpus_dir(ctx, "code")).meta.get("sha256")}
     folder = ctx.work / "base-code"
     saved = folder / "result.json"
     if saved.is_file():
-        result, asked = json.loads(saved.read_text()), json.loads(json.dumps(raw))
+        result, asked = json.loads(saved.read_text()), json.loads(json.dumps(asked))
         if result["asked"] == asked and Path(result["run_dir"]).is_dir():
             print(f"{ctx.part}: reusing the code base of {result['part']} ({result['run_dir']})", flush=True)
             result["metrics"] = str((keep_metrics(ctx, "base", Path(result["run_dir"])) / "metrics.jsonl")
                                     .relative_to(ctx.out))
             return result | {"reused": True}
     scratch_dir(folder)
-    result = train_run(ctx, "base", raw, role="base", run_dir=folder / "run") | {"part": ctx.part, "asked": raw}
+    result = train_run(ctx, "base", raw, role="base", run_dir=folder / "run") | {"part": ctx.part, "asked": asked}
     saved.write_text(json.dumps(result))
     return result
 
