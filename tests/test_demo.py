@@ -1,4 +1,6 @@
 """The README's main job, shrunk: every method runs and the report renders."""
+import json
+
 from sparsetrain.data import prepare
 from sparsetrain.demo import CONTENDERS, CONTINUATIONS, run_demo
 
@@ -14,3 +16,11 @@ def test_demo_runs_every_method_and_writes_report(tmp_path):
         assert (out / name / "metrics.jsonl").is_file()
     assert {m["name"] for _, m in CONTENDERS + CONTINUATIONS} == {"dense", "sat", "ssd", "mst", "upcycle"}
     assert (out / "loss.png").stat().st_size > 10_000 and (out / "continuation.png").stat().st_size > 10_000
+    # SSD's activation study over the SSD run's four checkpoints (steps 2, 4, 6, 8), rendered in the report
+    study = json.loads((out / "ssd-analysis" / "analysis.json").read_text())
+    assert study["steps"] == [2, 4, 6, 8] and study["experts"] == 8 and study["top_k"] == 2
+    for step in study["steps"]:
+        assert f"| {step} | " in text
+    for png in ("sparsity.png", "stability.png"):
+        assert (out / "ssd-analysis" / png).stat().st_size > 10_000
+        assert f"(ssd-analysis/{png})" in text

@@ -82,6 +82,14 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def table(r: dict[str, Any]) -> list[str]:
+    """The means over layers at each checkpoint, as markdown table lines."""
+    lines = ["| step | sparsity | ARI | top-k mass | router mass |", "| ---: | ---: | ---: | ---: | ---: |"]
+    for i, step in enumerate(r["steps"]):
+        lines.append(f"| {step} | " + " | ".join(_fmt(r[f"mean_{k}"][i]) for k in Check.KEYS) + " |")
+    return lines
+
+
 def markdown(r: dict[str, Any]) -> str:
     sparsity_rule = "a == 0" if r["activation"] in ("relu", "relu2") else f"|a| <= {r['activation_threshold']}"
     lines = [
@@ -92,11 +100,8 @@ def markdown(r: dict[str, Any]) -> str:
         "ARI: adjusted Rand index between the clusterings of consecutive checkpoints. Mass: share of |activation| "
         "held by each token's best top-k experts; router mass: by the centroid router's top-k.",
         "",
-        "| step | sparsity | ARI | top-k mass | router mass |",
-        "| ---: | ---: | ---: | ---: | ---: |",
+        *table(r),
     ]
-    for i, step in enumerate(r["steps"]):
-        lines.append(f"| {step} | " + " | ".join(_fmt(r[f"mean_{k}"][i]) for k in Check.KEYS) + " |")
     lines += ["", f"Per layer at step {r['steps'][-1]}:", "",
               "| layer | sparsity | ARI | top-k mass | router mass |", "| ---: | ---: | ---: | ---: | ---: |"]
     for layer in range(r["layers"]):

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from . import config as config_mod
+from .analysis import analyze_run
+from .analysis import table as analysis_table
 from .data import TokenData, describe, prepare
 from .report import Panel, plot_panels, read_metrics, run_series
 from .train import train
@@ -24,6 +26,7 @@ CONTENDERS: list[tuple[str, dict[str, Any]]] = [
     ("mst-weight", {"name": "mst", "granularity": "weight", "update_every": 20}),
     ("mst-neuron", {"name": "mst", "granularity": "neuron", "update_every": 20}),
 ]
+CONTENDERS_BY_NAME = dict(CONTENDERS)
 # The continuation of the dense run (SAT's and upcycling's setting): dense again, with SAT, and upcycled.
 CONTINUATIONS: list[tuple[str, dict[str, Any]]] = [
     ("dense-continued", {"name": "dense"}),
@@ -83,8 +86,13 @@ def run_demo(out: Path, data_dir: Path, steps: int = 200, max_bytes: int = 8_000
     runs, summaries = {}, {}
     for name, method in CONTENDERS:
         print(f"demo: pre-training tiny with {name} for {steps} steps")
-        summaries[name] = train(demo_config(data_dir, steps, method), out / name)
+        # The SSD run keeps four checkpoints: the activation study (`sparsetrain analyze`) reads them.
+        study = {"checkpoint_every": max(1, steps // 4), "keep_checkpoints": 4} if name == "ssd" else {}
+        summaries[name] = train(demo_config(data_dir, steps, method, **study), out / name)
         runs[name] = read_metrics(out / name)
+    ssd_experts, ssd_top_k = CONTENDERS_BY_NAME["ssd"]["experts"], CONTENDERS_BY_NAME["ssd"]["top_k"]
+    print("demo: the activation study of the SSD run (sparsetrain analyze)")
+    study = analyze_run(out / "ssd", out / "ssd-analysis", experts=ssd_experts, top_k=ssd_top_k)
     cont_runs, cont = {}, {}
     for name, method in CONTINUATIONS:
         print(f"demo: continuing the dense run as {name} for {continue_steps} steps")
@@ -113,6 +121,18 @@ def run_demo(out: Path, data_dir: Path, steps: int = 200, max_bytes: int = 8_000
         *table(cont, "dense-continued"),
         "",
         "![continuation](continuation.png)",
+        "",
+        f"## SSD's activation study (`sparsetrain analyze {out / 'ssd'}`)",
+        "",
+        f"The SSD run's checkpoints on a probe of {study['probe_tokens']:,} validation tokens, its FFNs split into "
+        f"{ssd_experts} experts (top-{ssd_top_k}): activation sparsity, the adjusted Rand index (ARI) of consecutive "
+        "clusterings, and the share of activation mass the best / the router's top-k experts hold (means over "
+        "layers; per layer in ssd-analysis/).",
+        "",
+        *analysis_table(study),
+        "",
+        "![activation sparsity per layer](ssd-analysis/sparsity.png)",
+        "![clustering stability per layer](ssd-analysis/stability.png)",
         "",
         "MST at weight granularity computes dense matrix products with masked weights: its FLOPs are counted as a",
         "sparse kernel would do them, and its wall-clock does not drop. The other methods compute smaller products.",
