@@ -30,7 +30,7 @@ linear warm-up over 5% of the steps and cosine decay to 10%; every validation lo
                   twice (`sat`: sampled selection, the default; `sat-topk`), all from the base. With ~3.9M English
                   training tokens the continuation sees them ~1.7 times. (seen: 255 s without sat-topk, the base's
                   84 s included; ~6 min with it)
-    sat-sft       the code base; fine-tuning on DATA/sft, 300 steps of 16 rows (about 1.5 epochs of
+    sat-sft       the code base; fine-tuning on DATA/sft, 300 steps of 16 rows (about 1.3 epochs of
                   the ~3,700 train rows, lr 1e-4, seed + 1): dense vs SAT with the LORS ladder (`sat`, `sat-topk`),
                   all from the base; validation loss on the held-out pairs' functions. (seen: 170 s without sat-topk,
                   with the base reused; ~4.5 min with it)
