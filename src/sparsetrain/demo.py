@@ -26,7 +26,6 @@ CONTENDERS: list[tuple[str, dict[str, Any]]] = [
     ("mst-weight", {"name": "mst", "granularity": "weight", "update_every": 20}),
     ("mst-neuron", {"name": "mst", "granularity": "neuron", "update_every": 20}),
 ]
-CONTENDERS_BY_NAME = dict(CONTENDERS)
 # The continuation of the dense run (SAT's and upcycling's setting): dense again, with SAT, and upcycled.
 CONTINUATIONS: list[tuple[str, dict[str, Any]]] = [
     ("dense-continued", {"name": "dense"}),
@@ -90,7 +89,7 @@ def run_demo(out: Path, data_dir: Path, steps: int = 200, max_bytes: int = 8_000
         study = {"checkpoint_every": max(1, steps // 4), "keep_checkpoints": 4} if name == "ssd" else {}
         summaries[name] = train(demo_config(data_dir, steps, method, **study), out / name)
         runs[name] = read_metrics(out / name)
-    ssd_experts, ssd_top_k = CONTENDERS_BY_NAME["ssd"]["experts"], CONTENDERS_BY_NAME["ssd"]["top_k"]
+    ssd_experts, ssd_top_k = dict(CONTENDERS)["ssd"]["experts"], dict(CONTENDERS)["ssd"]["top_k"]
     print("demo: the activation study of the SSD run (sparsetrain analyze)")
     study = analyze_run(out / "ssd", out / "ssd-analysis", experts=ssd_experts, top_k=ssd_top_k)
     cont_runs, cont = {}, {}

@@ -369,7 +369,7 @@ def train_run(ctx: Context, name: str, raw: dict[str, Any], role: str = "contend
     records = read_metrics(run_dir)
     for r, t in zip(records, steady_times(records, clock.seconds)):
         r["wallclock"] = t
-    kept = keep_metrics(ctx, name, run_dir)
+    metrics = keep_metrics(ctx, name, run_dir)
     release_memory()
     result = {
         "name": name, "role": role, "corpus": Path(raw["data"]["dir"]).name, "method": cfg.method["name"],
@@ -378,20 +378,21 @@ def train_run(ctx: Context, name: str, raw: dict[str, Any], role: str = "contend
         "wallclock": records[-1]["wallclock"], "compile_s": clock.seconds, "compilations": clock.count,
         "flops": summary["flops"],
         "curve": [{k: r[k] for k in CURVE_KEYS if k in r} for r in records],
-        "metrics": str((kept / "metrics.jsonl").relative_to(ctx.out)), "run_dir": str(run_dir),
+        "metrics": metrics, "run_dir": str(run_dir),
     }
     print(f"{ctx.part}: {name}: val loss {result['val_loss']:.4f}, {result['wallclock']:.1f} s "
           f"({result['train_time']:.1f} s with compilation)", flush=True)
     return result
 
 
-def keep_metrics(ctx: Context, name: str, run_dir: Path) -> Path:
-    """Copy a run's metrics, summary and config beside the part's JSON (OUT/PART/NAME/)."""
+def keep_metrics(ctx: Context, name: str, run_dir: Path) -> str:
+    """Copy a run's metrics, summary and config beside the part's JSON (OUT/PART/NAME/); the metrics' path there,
+    relative to OUT (what a result's "metrics" holds)."""
     kept = ctx.out / ctx.part / name
     kept.mkdir(parents=True, exist_ok=True)
     for f in ("metrics.jsonl", "summary.json", "config.toml"):
         shutil.copy2(run_dir / f, kept / f)
-    return kept
+    return str((kept / "metrics.jsonl").relative_to(ctx.out))
 
 
 def code_base(ctx: Context) -> dict[str, Any]:
@@ -407,8 +408,7 @@ def code_base(ctx: Context) -> dict[str, Any]:
         result, asked = json.loads(saved.read_text()), json.loads(json.dumps(asked))
         if result["asked"] == asked and Path(result["run_dir"]).is_dir():
             print(f"{ctx.part}: reusing the code base of {result['part']} ({result['run_dir']})", flush=True)
-            result["metrics"] = str((keep_metrics(ctx, "base", Path(result["run_dir"])) / "metrics.jsonl")
-                                    .relative_to(ctx.out))
+            result["metrics"] = keep_metrics(ctx, "base", Path(result["run_dir"]))
             return result | {"reused": True}
     scratch_dir(folder)
     result = train_run(ctx, "base", raw, role="base", run_dir=folder / "run") | {"part": ctx.part, "asked": asked}
