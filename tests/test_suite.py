@@ -417,6 +417,37 @@ def test_two_gpu_part_compares_one_process_with_two_under_torchrun(results):
         assert r["scaling"] == pytest.approx(r["tokens_per_s_2"] / r["tokens_per_s_1"])
 
 
+def test_two_gpu_part_reuses_finished_launches_in_the_same_work_folder(env, results, tmp_path, monkeypatch):
+    """A second call on the same machine (a time limit cut the first) launches nothing that already finished."""
+    import subprocess
+
+    def no_launch(*a, **k):
+        raise AssertionError("launched again")
+
+    monkeypatch.setattr(subprocess, "run", no_launch)
+    again = run_part("two-gpu", quick=True, **{**env, "out": tmp_path})
+    assert again["scaling"] == results["two-gpu"]["scaling"]
+
+
+def test_two_gpu_part_records_a_failed_launch_and_goes_on(env, tmp_path, monkeypatch):
+    import subprocess
+
+    calls = []
+
+    def failing(cmd, **k):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nRuntimeError: NCCL error: unhandled\n")
+
+    monkeypatch.setattr(subprocess, "run", failing)
+    part = run_part("two-gpu", quick=True, **{**env, "out": tmp_path, "work_dir": tmp_path / "work"})
+    assert part["status"] == "done" and len(calls) == len(part["scaling"]) == 4  # every method and mode tried
+    assert all(not r["loss_match"] and "NCCL error" in r["error"] for r in part["scaling"])
+    text, met = next(t for t in TARGETS if t.part == "two-gpu").check(part)
+    assert "dense ddp failed" in text and met is False
+    report = write_report([tmp_path / "two-gpu.json"], tmp_path / "report").read_text()
+    assert "dense (fsdp) failed: `RuntimeError: NCCL error: unhandled`" in report
+
+
 def test_hsa_part_compares_each_pattern_with_dense_at_its_sequence_length(results):
     part = results["hsa-attention"]
     cs = {c["name"]: c for c in part["contenders"]}

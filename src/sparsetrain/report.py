@@ -158,9 +158,9 @@ def _check_two_gpus(part: dict) -> tuple[str, bool | None]:
     rows = part.get("scaling", [])
     if not rows:
         return "no runs", None
-    text = ", ".join(f"{r['method']} {r['parallel']} {r['scaling']:.2f}x"
-                     + ("" if r["loss_match"] else " (losses differ)") for r in rows)
-    return text, all(r["scaling"] >= 1.8 and r["loss_match"] for r in rows)
+    text = ", ".join(f"{r['method']} {r['parallel']} " + ("failed" if r.get("error") else f"{r['scaling']:.2f}x"
+                     + ("" if r["loss_match"] else " (losses differ)")) for r in rows)
+    return text, all(not r.get("error") and r["scaling"] >= 1.8 and r["loss_match"] for r in rows)
 
 
 @dataclass(frozen=True)
@@ -399,6 +399,9 @@ def write_report(paths: list[Path], out_dir: Path) -> Path:
             lines += [markdown_table(part["rows"], STEP_COLUMNS), ""]
         if part.get("scaling"):
             lines += [markdown_table(part["scaling"], TWO_GPU_COLUMNS), ""]
+            failed = [f"{r['method']} ({r['parallel']}) failed: `{r['error'].strip().splitlines()[-1]}`"
+                      for r in part["scaling"] if r.get("error")]
+            lines += [*failed, ""] if failed else []
         if part.get("moe_inference"):
             rows = [{"model": name, **r} for name, r in part["moe_inference"].items()]
             k = rows[0]

@@ -648,11 +648,23 @@ LOSS_MATCH = 0.01  # bf16: largest relative difference of a logged loss between 
 
 
 def launch(ctx: Context, raw: dict[str, Any], run_dir: Path, processes: int) -> list[dict[str, Any]]:
-    """`sparsetrain train` in a fresh process (`processes` > 1: under torchrun); its metrics records."""
+    """`sparsetrain train` in a fresh process (`processes` > 1: under torchrun); its metrics records.
+
+    A finished launch is kept in WORK/two-gpu-launches/ (outside the part's scratch folder), keyed by its config,
+    the corpus's tokens and the process count: 14 launches do not fit one ten-minute call, so a second call on the
+    same warm machine picks up where a time limit cut the first one short."""
+    import hashlib
     import subprocess
     import sys
 
+    asked = {"config": raw, "processes": processes, "data": TokenData(Path(raw["data"]["dir"])).meta.get("sha256")}
+    key = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:16]
+    kept = ctx.work / "two-gpu-launches" / f"{run_dir.name}-{key}.json"
+    if kept.is_file():
+        print(f"two-gpu: reusing {run_dir.name} from an earlier call ({kept})", flush=True)
+        return json.loads(kept.read_text())
     config_path = run_dir.with_suffix(".toml")
+    config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(config_mod.dumps(raw))
     train_cmd = ["-m", "sparsetrain.cli", "train", "--config", str(config_path), "--out", str(run_dir)]
     if processes == 1:
@@ -662,12 +674,20 @@ def launch(ctx: Context, raw: dict[str, Any], run_dir: Path, processes: int) -> 
                *train_cmd]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise UserError(f"{' '.join(cmd)} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
-    return read_metrics(run_dir)
+        raise LaunchFailed(f"{' '.join(cmd)} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    records = read_metrics(run_dir)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps(records))
+    return records
+
+
+class LaunchFailed(Exception):
+    """A training process of the two-gpu part exited with an error (its stderr's end in the message)."""
 
 
 def run_two_gpus(ctx: Context) -> dict[str, Any]:
-    """Every method on one GPU and on two (torchrun), the same global batch: losses step by step and tokens/s."""
+    """Every method on one GPU and on two (torchrun), the same global batch: losses step by step and tokens/s.
+    A method whose launch fails gets a row with the error, and the others still run."""
     if not ctx.quick and (not ctx.cuda or torch.cuda.device_count() < 2):
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         message = f"two-gpu needs a machine with 2 GPUs (this one has {gpus})"
@@ -679,19 +699,24 @@ def run_two_gpus(ctx: Context) -> dict[str, Any]:
     for name, method, model, modes in runs:
         raw = run_config(ctx, corpus="code", steps=steps, method=method, model=model, evals=0)
         raw["train"].update(log_every=ctx.shape.log_every // 2 or 1, warmup_steps=max(1, steps // 10))
-        one = launch(ctx, raw, ctx.work / ctx.part / f"{name}-1", 1)
         for mode in modes:
             print(f"two-gpu: {name}, 1 vs 2 processes ({mode})", flush=True)
-            two = launch(ctx, {**raw, "train": {**raw["train"], "parallel": mode}},
-                         ctx.work / ctx.part / f"{name}-2-{mode}", 2)
+            row = {"method": name, "parallel": mode, "steps": steps}
+            try:
+                one = launch(ctx, raw, ctx.work / ctx.part / f"{name}-1", 1)
+                two = launch(ctx, {**raw, "train": {**raw["train"], "parallel": mode}},
+                             ctx.work / ctx.part / f"{name}-2-{mode}", 2)
+            except LaunchFailed as e:
+                print(f"two-gpu: {name} ({mode}) failed: {e}", flush=True)
+                rows.append(row | {"loss_match": False, "error": str(e)})
+                continue
             gaps = [abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(one, two)]
             # Throughput: the median logging window after the first two (compilation).
             tps = [statistics.median([r["tokens_per_s"] for r in rs[2:]] or [rs[-1]["tokens_per_s"]])
                    for rs in (one, two)]
-            rows.append({"method": name, "parallel": mode, "steps": steps, "max_loss_gap": max(gaps),
-                         "loss_match": max(gaps) <= LOSS_MATCH, "tokens_per_s_1": tps[0], "tokens_per_s_2": tps[1],
-                         "scaling": tps[1] / tps[0], "losses_1": [r["loss"] for r in one],
-                         "losses_2": [r["loss"] for r in two]})
+            rows.append(row | {"max_loss_gap": max(gaps), "loss_match": max(gaps) <= LOSS_MATCH,
+                               "tokens_per_s_1": tps[0], "tokens_per_s_2": tps[1], "scaling": tps[1] / tps[0],
+                               "losses_1": [r["loss"] for r in one], "losses_2": [r["loss"] for r in two]})
             print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("losses")}), flush=True)
     print_table(rows, TWO_GPU_COLUMNS)
     return {"scaling": rows, "loss_match_tolerance": LOSS_MATCH}
