@@ -293,6 +293,7 @@ def test_flops_and_metrics():
     (dict(ffn_multiple=0), "ffn_multiple"),
     (dict(rate=0.5), "unknown config key 'method.rate'"),
     (dict(ffn_rate="half"), "method.ffn_rate must be float"),
+    (dict(compiled_stash="yes"), "method.compiled_stash must be auto, true or false, got 'yes'"),
 ])
 def test_bad_options_raise_user_error(options, message):
     model = make_model("tiny-llama")
@@ -317,6 +318,18 @@ def test_freeze_omitted_off_lets_adamw_move_omitted_weights():
     optimizer.step()
     method.after_optimizer(2)
     assert not torch.equal(before[omitted], mlp.fc.weight.detach()[omitted])
+
+
+@pytest.mark.parametrize("value, compiled", [("auto", False), (True, True), (False, False)])
+def test_compiled_stash_auto_is_eager_on_the_cpu(value, compiled):
+    """`auto` (the default) compiles the stash on a GPU only; true and false force it."""
+    model = make_model("tiny")
+    method = make_sat(model, compiled_stash=value)
+    assert make_sat(model).options.compiled_stash == "auto"
+    method.start(model, make_optimizer(model))
+    method.before_step(0)
+    method.before_optimizer(0)
+    assert method._stash.compiled is compiled
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])

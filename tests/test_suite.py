@@ -164,7 +164,7 @@ def test_step_parts_time_dense_first_and_give_ratios_to_it(results):
     sat = results["sat-step"]["rows"][1]
     assert sat["method"] == "sat" and sat["flops_ratio"] > 1.2  # half the FFN and heads omitted every step
     stash = results["sat-step"]["rows"][2]
-    assert stash["method"] == "sat-compiled-stash" and stash["method_options"]["compiled_stash"] is True
+    assert stash["method"] == "sat-eager-stash" and stash["method_options"]["compiled_stash"] is False
     assert stash["flops_ratio"] == sat["flops_ratio"]  # the same omission, frozen another way
     ssd = results["ssd-step"]["rows"][1]
     assert ssd["method"] == "ssd" and ssd["flops_ratio"] > 1.2  # 4 of 16 experts: a quarter of the FFN
@@ -175,11 +175,11 @@ def test_report_judges_the_step_target_by_any_variant_on_every_model(results, tm
     part = json.loads(json.dumps(results["sat-step"]))
     part["quick"] = False
     # two models: each variant's speed-ups in row order -> met when one variant is >= 1.6x on both
-    rows = [("gpt2-medium", "dense"), ("gpt2-medium", "sat"), ("gpt2-medium", "sat-compiled-stash"),
-            ("llama-1b", "dense"), ("llama-1b", "sat"), ("llama-1b", "sat-compiled-stash")]
+    rows = [("gpt2-medium", "dense"), ("gpt2-medium", "sat"), ("gpt2-medium", "sat-eager-stash"),
+            ("llama-1b", "dense"), ("llama-1b", "sat"), ("llama-1b", "sat-eager-stash")]
     for sat, stash, met in [((1.7, 1.6), (1.0, 1.0), "yes"), ((1.7, 1.5), (1.5, 1.7), "**no**"),
                             ((1.2, 1.4), (1.6, 1.9), "yes")]:
-        speedups = {"sat": list(sat), "sat-compiled-stash": list(stash)}
+        speedups = {"sat": list(sat), "sat-eager-stash": list(stash)}
         part["rows"] = [{"preset": p, "method": m, "speedup": 1.0 if m == "dense" else speedups[m].pop(0)}
                         for p, m in rows]
         path = tmp_path / "sat-step.json"

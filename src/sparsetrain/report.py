@@ -97,7 +97,7 @@ def _check_mfu(part: dict) -> tuple[str, bool | None]:
 
 def _check_step_speedup(*methods: str, minimum: float) -> Callable[[dict], tuple[str, bool | None]]:
     """Each named method's step speed-up on each model; met when one method meets it on every model. Names after
-    the first are variants a part may hold (e.g. `sat-compiled-stash`)."""
+    the first are variants a part may hold (e.g. `sat-eager-stash`)."""
     def check(part: dict) -> tuple[str, bool | None]:
         found = {m: rows for m in methods if (rows := [r for r in part.get("rows", []) if r["method"] == m])}
         if not found:
@@ -176,7 +176,7 @@ class Target:
 TARGETS = [
     Target("dense step, MFU at 124M / 350M", ">= 45% / >= 50%", "dense-step", _check_mfu),
     Target("SAT step at omission 0.5", ">= 1.6x", "sat-step",
-           _check_step_speedup("sat", "sat-compiled-stash", minimum=1.6)),
+           _check_step_speedup("sat", "sat-eager-stash", "sat-compiled-stash", minimum=1.6)),
     Target("SAT continual pre-training, wall-clock at val loss within 1%", ">= 1.45x", "sat-cpt",
            _check_quality("sat", "sat-topk", ratio_key="speedup", minimum=1.45, tol=0.01)),
     Target("SSD sparse-phase step (E=16, top-4)", ">= 1.4x", "ssd-step", _check_step_speedup("ssd", minimum=1.4)),
