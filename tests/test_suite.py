@@ -407,10 +407,19 @@ def test_cli_suite_all_runs_every_part_and_writes_the_report(env, tmp_path):
     assert (out / "report" / "report.md").is_file()
 
 
-def test_two_gpu_part_compares_one_process_with_two_under_torchrun(results):
+def test_two_gpu_part_compares_one_process_with_two_under_torchrun(env, results):
     part = results["two-gpu"]
     rows = {(r["method"], r["parallel"]): r for r in part["scaling"]}
-    assert set(rows) == {("dense", "ddp"), ("dense", "fsdp"), ("upcycle", "ddp"), ("upcycle", "fsdp")}
+    assert set(rows) == {("dense", "ddp"), ("dense", "fsdp"), ("dense-accum4", "ddp"), ("upcycle", "ddp"),
+                         ("upcycle", "fsdp")}
+    assert rows["dense-accum4", "ddp"]["batch_size"] == 4 * rows["dense", "ddp"]["batch_size"]
+    kept = env["work_dir"] / "two-gpu-launches"
+    accum = json.loads(next(kept.glob("dense-accum4-1-*.json")).read_text())
+    assert accum[0]["tokens"] == 4 * json.loads(next(kept.glob("dense-1-*.json")).read_text())[0]["tokens"]
+    link = part["link"]
+    assert link["topology"]["gpus"] == 0 and link["topology"]["peer_access"] == {}
+    (ar,) = link["all_reduce"]  # the quick size, between 2 gloo processes
+    assert ar["size_mb"] == 1 and ar["busbw_gb_s"] == pytest.approx(ar["algbw_gb_s"])  # 2 (n - 1) / n = 1 at n = 2
     for r in rows.values():
         assert len(r["losses_1"]) == len(r["losses_2"]) > 1
         assert r["loss_match"] and r["max_loss_gap"] < 1e-3  # fp32 on gloo: the same training
@@ -421,7 +430,11 @@ def test_two_gpu_part_reuses_finished_launches_in_the_same_work_folder(env, resu
     """A second call on the same machine (a time limit cut the first) launches nothing that already finished."""
     import subprocess
 
-    def no_launch(*a, **k):
+    run = subprocess.run
+
+    def no_launch(cmd, **k):
+        if "sparsetrain.interconnect" in cmd:  # the link is timed again on every call
+            return run(cmd, **k)
         raise AssertionError("launched again")
 
     monkeypatch.setattr(subprocess, "run", no_launch)
@@ -440,12 +453,27 @@ def test_two_gpu_part_records_a_failed_launch_and_goes_on(env, tmp_path, monkeyp
 
     monkeypatch.setattr(subprocess, "run", failing)
     part = run_part("two-gpu", quick=True, **{**env, "out": tmp_path, "work_dir": tmp_path / "work"})
-    assert part["status"] == "done" and len(calls) == len(part["scaling"]) == 4  # every method and mode tried
+    assert part["status"] == "done" and len(part["scaling"]) == 5  # every method and mode tried
+    assert len(calls) == 1 + 5  # the link, then one launch per row
     assert all(not r["loss_match"] and "NCCL error" in r["error"] for r in part["scaling"])
+    assert "NCCL error" in part["link"]["all_reduce_error"]
     text, met = next(t for t in TARGETS if t.part == "two-gpu").check(part)
     assert "dense ddp failed" in text and met is False
     report = write_report([tmp_path / "two-gpu.json"], tmp_path / "report").read_text()
     assert "dense (fsdp) failed: `RuntimeError: NCCL error: unhandled`" in report
+    assert "The all-reduce timing failed: `RuntimeError: NCCL error: unhandled`" in report
+
+
+def test_report_shows_the_link_between_the_gpus(results, tmp_path):
+    part = json.loads(json.dumps(results["two-gpu"]))
+    part["link"]["topology"] |= {"gpus": 2, "peer_access": {"0->1": False, "1->0": False},
+                                 "nvidia_smi_topo": "        GPU0    GPU1\nGPU0     X      PHB"}
+    path = tmp_path / "two-gpu.json"
+    path.write_text(json.dumps(part))
+    report = write_report([path], tmp_path / "report").read_text()
+    assert "Peer access between the GPUs: 0->1 no, 1->0 no." in report
+    assert "| all-reduce MB | ms | algorithm GB/s | bus GB/s |" in report
+    assert "```\n        GPU0    GPU1\nGPU0     X      PHB\n```" in report
 
 
 def test_hsa_part_compares_each_pattern_with_dense_at_its_sequence_length(results):

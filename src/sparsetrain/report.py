@@ -41,11 +41,14 @@ STEP_COLUMNS = [
 ]
 
 TWO_GPU_COLUMNS = [
-    ("method", "method", ""), ("parallel", "parallel", ""), ("steps", "steps", "d"),
+    ("method", "method", ""), ("parallel", "parallel", ""), ("steps", "steps", "d"), ("batch_size", "batch", "d"),
     ("max_loss_gap", "largest loss gap", ".2%"), ("loss_match", "losses match", ""),
     ("tokens_per_s_1", "tokens/s 1 GPU", ",.0f"), ("tokens_per_s_2", "tokens/s 2 GPUs", ",.0f"),
     ("scaling", "scaling", ".2f"),
 ]
+
+LINK_COLUMNS = [("size_mb", "all-reduce MB", "d"), ("ms", "ms", ".2f"), ("algbw_gb_s", "algorithm GB/s", ".1f"),
+                ("busbw_gb_s", "bus GB/s", ".1f")]
 
 MOE_INFERENCE_COLUMNS = [
     ("model", "trained as", ""), ("val_loss_dense", "val loss dense", ".4f"),
@@ -349,6 +352,23 @@ def load_results(paths: list[Path]) -> dict[str, dict]:
     return parts
 
 
+def link_lines(link: dict) -> list[str]:
+    """The two-gpu part's view of the link between the GPUs: peer access, all-reduce bandwidth, the topology."""
+    lines = []
+    topo = link.get("topology", {})
+    if topo.get("peer_access"):
+        lines += ["Peer access between the GPUs: " + ", ".join(f"{k} {'yes' if v else 'no'}"
+                                                              for k, v in topo["peer_access"].items()) + ".", ""]
+    if link.get("all_reduce"):
+        lines += ["All-reduce of float32 between the 2 processes (`sparsetrain.interconnect`):", "",
+                  markdown_table(link["all_reduce"], LINK_COLUMNS), ""]
+    elif link.get("all_reduce_error"):
+        lines += [f"The all-reduce timing failed: `{link['all_reduce_error'].strip().splitlines()[-1]}`", ""]
+    if topo.get("nvidia_smi_topo"):
+        lines += ["`nvidia-smi topo -m`:", "", "```", topo["nvidia_smi_topo"], "```", ""]
+    return lines
+
+
 def _env_line(part: dict) -> str:
     env = part.get("env", {})
     device = env.get("device", "CPU") if env.get("ran_on", "cuda") == "cuda" else "CPU"
@@ -402,6 +422,7 @@ def write_report(paths: list[Path], out_dir: Path) -> Path:
             failed = [f"{r['method']} ({r['parallel']}) failed: `{r['error'].strip().splitlines()[-1]}`"
                       for r in part["scaling"] if r.get("error")]
             lines += [*failed, ""] if failed else []
+            lines += link_lines(part.get("link", {}))
         if part.get("moe_inference"):
             rows = [{"model": name, **r} for name, r in part["moe_inference"].items()]
             k = rows[0]

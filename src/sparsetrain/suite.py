@@ -50,8 +50,12 @@ linear warm-up over 5% of the steps and cosine decay to 10%; every validation lo
                   the dense run of each length. The kernel-level grid is bench/hsa_attention.py.      (~6-7 min)
     two-gpu       every method, 50 steps on code, one process and then `torchrun --nproc_per_node=2` (DDP; dense
                   and upcycle also FSDP2), the same global batch: each logged loss compared (a match: within 1%,
-                  bf16) and the tokens/s of 2 GPUs over 1. Needs a 2-GPU machine (skipped otherwise); on the CPU
-                  (--quick) dense and upcycle run on 2 gloo processes.                    (~10 min: 14 launches)
+                  bf16) and the tokens/s of 2 GPUs over 1; dense also at 4x the batch in micro-batches of 16 rows
+                  (`dense-accum4`: one all-reduce per 2 passes on each GPU). First the link: peer access,
+                  `nvidia-smi topo -m` and all-reduce bandwidth (`sparsetrain.interconnect`). Needs a 2-GPU
+                  machine (skipped otherwise); on the CPU (--quick) dense, dense-accum4 and upcycle run on 2 gloo
+                  processes. Finished launches are kept in WORK/two-gpu-launches/: it takes two calls (seen: 490 s
+                  cut + 371 s for 14 launches on 2 x H200, ~60 s each), the second picks up where the first stopped.
 Each part prints and stores its `elapsed_s`: re-budget from those once seen.
 `--scale X` multiplies every training step count of a part (for example 0.5 if a part overruns its call);
 `--quick` runs the tiny preset for a few steps, on the CPU in seconds: a smoke test, not a measurement.
@@ -76,7 +80,8 @@ a fresh machine needs prepare-data again (more than 50 s: give it 90 s there), s
     4. bash bench/run_parts.sh prepare-data:30 ssd-pretrain:290:0.5 mst-pretrain:230:0.4
     5. bash bench/run_parts.sh prepare-data:30 hsa-attention:560:0.8   (9 runs of ~55 s at full size: scaled to fit;
        dense-step, 150 s, where a call has room; the kernel grid: python3 bench/hsa_attention.py, ~3 min)
-    6. on the 2-GPU kind: bash bench/run_parts.sh prepare-data:90 two-gpu:500
+    6. on the 2-GPU kind: bash bench/run_parts.sh prepare-data:90 two-gpu:490, then at once
+       bash bench/run_parts.sh prepare-data:30 two-gpu:560 (the same machine, reusing the finished launches)
     (four calls of this kind - before sat-topk was added - ran in one session's 30 minutes on 2026-11-23, machine
     start included, fired back to back: the machine stays warm only 30 s after a call, and DATA and the shared
     code base persist only while it is warm, so call 3 must follow call 2 on the same machine)
@@ -103,7 +108,8 @@ from . import config as config_mod
 from .bench import bench_config, environment, measure_steps, median_ms, print_table
 from .data import TokenData, load_tokenizer, prepare
 from .errors import UserError
-from .report import CONTENDER_COLUMNS, SCHEDULE_KEYS, STEP_COLUMNS, TWO_GPU_COLUMNS, read_metrics
+from .interconnect import topology
+from .report import CONTENDER_COLUMNS, LINK_COLUMNS, SCHEDULE_KEYS, STEP_COLUMNS, TWO_GPU_COLUMNS, read_metrics
 from .sft import prepare_sft, write_kernel_doc_jsonl
 from .sources import sha256_file
 from .train import TrainingData, evaluate, load_model, peak_flops, setup_runtime, train
@@ -636,6 +642,9 @@ def run_ssd_pretrain(ctx: Context) -> dict[str, Any]:
 # the method supports it), the same global batch; (name, method, model options, parallel modes).
 TWO_GPU_RUNS = [
     ("dense", {"name": "dense"}, {}, ("ddp", "fsdp")),
+    # 4x the global batch in micro-batches of the usual size: one all-reduce for 4 (1 GPU) or 2 (each of 2 GPUs)
+    # forward/backward passes, how data parallelism hides its traffic when the link is slow.
+    ("dense-accum4", {"name": "dense"}, {}, ("ddp",)),
     ("sat", {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "constant", "dense_final": 0.0}, {},
      ("ddp",)),
     ("upcycle", {"name": "upcycle", "experts": 8, "top_k": 2, "layers": "every-other"}, {}, ("ddp", "fsdp")),
@@ -644,6 +653,7 @@ TWO_GPU_RUNS = [
     ("mst-weight", {"name": "mst", "granularity": "weight", "update_every": 10}, {}, ("ddp",)),
     ("mst-neuron", {"name": "mst", "granularity": "neuron", "update_every": 10}, {}, ("ddp",)),
 ]
+LINK_SIZES_MB = (16, 64, 256, 512)  # gpt2-small's fp32 gradients are ~444 MB: DDP all-reduces them in buckets
 LOSS_MATCH = 0.01  # bf16: largest relative difference of a logged loss between 1 and 2 GPUs counted as a match
 
 
@@ -661,7 +671,7 @@ def launch(ctx: Context, raw: dict[str, Any], run_dir: Path, processes: int) -> 
     key = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:16]
     kept = ctx.work / "two-gpu-launches" / f"{run_dir.name}-{key}.json"
     if kept.is_file():
-        print(f"two-gpu: reusing {run_dir.name} from an earlier call ({kept})", flush=True)
+        print(f"two-gpu: {run_dir.name} already ran: reusing {kept}", flush=True)
         return json.loads(kept.read_text())
     config_path = run_dir.with_suffix(".toml")
     config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -693,15 +703,21 @@ def run_two_gpus(ctx: Context) -> dict[str, Any]:
         message = f"two-gpu needs a machine with 2 GPUs (this one has {gpus})"
         print(f"two-gpu: skipped: {message}")
         return {"status": "skipped", "message": message}
+    link = {"topology": topology(), **measure_link(ctx)}
     steps = ctx.steps(50, 8)
-    runs = TWO_GPU_RUNS if not ctx.quick else [r for r in TWO_GPU_RUNS if r[0] in ("dense", "upcycle")]
+    runs = TWO_GPU_RUNS if not ctx.quick else [r for r in TWO_GPU_RUNS if r[0] in ("dense", "dense-accum4", "upcycle")]
     rows = []
     for name, method, model, modes in runs:
-        raw = run_config(ctx, corpus="code", steps=steps, method=method, model=model, evals=0)
-        raw["train"].update(log_every=ctx.shape.log_every // 2 or 1, warmup_steps=max(1, steps // 10))
+        accum = 4 if name.endswith("-accum4") else 1
+        raw = run_config(ctx, corpus="code", steps=steps, method=method, model=model, evals=0,
+                         batch_size=accum * ctx.shape.batch_size)
+        # accum4: micro-batches of the usual batch on every GPU (4 passes on one, 2 on each of two); otherwise
+        # the batch is split between the GPUs (0: batch / processes).
+        raw["train"].update(log_every=ctx.shape.log_every // 2 or 1, warmup_steps=max(1, steps // 10),
+                            micro_batch_size=ctx.shape.batch_size if accum > 1 else 0)
         for mode in modes:
             print(f"two-gpu: {name}, 1 vs 2 processes ({mode})", flush=True)
-            row = {"method": name, "parallel": mode, "steps": steps}
+            row = {"method": name, "parallel": mode, "steps": steps, "batch_size": raw["train"]["batch_size"]}
             try:
                 one = launch(ctx, raw, ctx.work / ctx.part / f"{name}-1", 1)
                 two = launch(ctx, {**raw, "train": {**raw["train"], "parallel": mode}},
@@ -719,7 +735,24 @@ def run_two_gpus(ctx: Context) -> dict[str, Any]:
                                "losses_1": [r["loss"] for r in one], "losses_2": [r["loss"] for r in two]})
             print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("losses")}), flush=True)
     print_table(rows, TWO_GPU_COLUMNS)
-    return {"scaling": rows, "loss_match_tolerance": LOSS_MATCH}
+    return {"scaling": rows, "loss_match_tolerance": LOSS_MATCH, "link": link}
+
+
+def measure_link(ctx: Context) -> dict[str, Any]:
+    """All-reduce timings between 2 processes (`sparsetrain.interconnect` under torchrun), or the error."""
+    import subprocess
+    import sys
+
+    out = ctx.work / ctx.part / "link.json"
+    sizes = ["1"] if ctx.quick else [str(mb) for mb in LINK_SIZES_MB]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "sparsetrain.interconnect", "--out", str(out), "--sizes-mb", *sizes]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        return {"all_reduce_error": res.stderr[-2000:]}
+    rows = json.loads(out.read_text())["all_reduce"]
+    print_table(rows, LINK_COLUMNS)
+    return {"all_reduce": rows}
 
 
 # Hybrid sparse attention alone (MST with no weight sparsity): (name, pattern options) per sequence length, at the
