@@ -361,7 +361,7 @@ def test_report_has_every_target_and_the_plots(env, results, tmp_path):
         assert (tmp_path / png).stat().st_size > 1000
     assert "![validation loss](loss.png)" in report
     assert "| trained as | val loss dense | val loss as MoE |" in report  # ssd-pretrain's MoE inference table
-    assert "| method | parallel | steps | largest loss gap |" in report  # two-gpu
+    assert "| method | parallel | steps | batch | largest loss gap |" in report  # two-gpu
 
 
 def test_report_gives_the_fine_tuning_rows_in_words(env, results, tmp_path):

@@ -47,7 +47,8 @@ linear warm-up over 5% of the steps and cosine decay to 10%; every validation lo
     hsa-attention dense (causal SDPA) vs MST's sparse attention alone (no weight sparsity, every layer, the whole
                   run: local band of 128, and hybrid = local 128 | stride 256) at sequence 1024 x 16, 4096 x 4 and
                   8192 x 2 rows (the same tokens a step), 300 steps each: validation loss and wall-clock, ratios to
-                  the dense run of each length. The kernel-level grid is bench/hsa_attention.py.      (~6-7 min)
+                  the dense run of each length. The kernel-level grid is bench/hsa_attention.py.
+                  (seen: 433 s at --scale 0.8 on an H200)
     two-gpu       every method, 50 steps on code, one process and then `torchrun --nproc_per_node=2` (DDP; dense
                   and upcycle also FSDP2), the same global batch: each logged loss compared (a match: within 1%,
                   bf16) and the tokens/s of 2 GPUs over 1; dense also at 4x the batch in micro-batches of 16 rows
@@ -85,6 +86,16 @@ a fresh machine needs prepare-data again (more than 50 s: give it 90 s there), s
     (four calls of this kind - before sat-topk was added - ran in one session's 30 minutes on 2026-11-23, machine
     start included, fired back to back: the machine stays warm only 30 s after a call, and DATA and the shared
     code base persist only while it is warm, so call 3 must follow call 2 on the same machine)
+On the 2-GPU kind, two single-GPU parts can share a call, one per GPU (each compares within its own process; the
+host's CPU cores are shared), with their own WORK and OUT; wait on the jobs themselves (a `pgrep -f run_parts.sh`
+loop matches its own command line and waits out the call's limit, as it did once):
+
+    OUT=$OUT bash bench/run_parts.sh prepare-data:90; mkdir -p $OUT/a $OUT/b
+    CUDA_VISIBLE_DEVICES=0 OUT=$OUT/a WORK=runs/a bash bench/run_parts.sh hsa-attention:545:0.8 > $OUT/a.log 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 OUT=$OUT/b WORK=runs/b bash bench/run_parts.sh sat-step:470 > $OUT/b.log 2>&1 &
+    wait
+Still to run after 2026-11-23: calls 2-3 (the sat-topk contenders decide `select`'s default) and call 6 again (the
+link measurement and dense-accum4 are new).
     then here: tar xzf FILES_AT/results.tgz -C bench_out/NAME for each call, and
     sparsetrain report bench_out/*/*.json --out bench_out/report
 """
