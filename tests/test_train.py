@@ -187,15 +187,16 @@ def test_hf_export_import_cli(tiny_data, make_config, tmp_path):
     assert torch.allclose(model(x), orig(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one(make_config, tiny_data, tmp_path, parallel):
-    """torchrun with 2 gloo processes at the same global batch trains what one process trains."""
+@pytest.mark.parametrize("method, parallel", [("dense", "ddp"), ("dense", "fsdp"), ("sat", "fsdp")])
+def test_two_processes_match_one(make_config, tiny_data, tmp_path, method, parallel):
+    """torchrun with 2 gloo processes at the same global batch trains what one process trains, and resumes."""
     one = tmp_path / "one"
-    train(make_config(steps=4, eval_every=0, checkpoint_every=0), one)
+    train(make_config(method=METHODS[method], steps=4, eval_every=0, checkpoint_every=0), one)
     cfg = tmp_path / "c.toml"
     from sparsetrain import config
 
-    raw = config.to_dict(make_config(steps=4, eval_every=0, checkpoint_every=2, parallel=parallel))
+    raw = config.to_dict(make_config(method=METHODS[method], steps=4, eval_every=0, checkpoint_every=2,
+                                     parallel=parallel))
     cfg.write_text(config.dumps(raw))
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -221,15 +222,20 @@ def test_two_processes_match_one(make_config, tiny_data, tmp_path, parallel):
     assert all(torch.equal(w[k], wa[k]) for k in w)
 
 
-@pytest.mark.parametrize("method, parallel", [("sat", "ddp"), ("upcycle", "ddp"), ("upcycle", "fsdp"), ("ssd", "ddp"),
-                                              ("mst", "ddp"), ("mst-neuron", "ddp")])
+@pytest.mark.parametrize("method, parallel", [("sat", "ddp"), ("sat", "fsdp"), ("sat-magnitude", "fsdp"),
+                                              ("sat-maxip", "fsdp"), ("upcycle", "ddp"), ("upcycle", "fsdp"),
+                                              ("ssd", "ddp"), ("mst", "ddp"), ("mst-neuron", "ddp")])
 def test_every_method_on_two_processes_matches_one(make_config, tmp_path, method, parallel):
-    """Each method under torchrun with 2 gloo processes at the same global batch: the same losses as one process
-    (its random choices, selections, clusterings and masks agree across ranks)."""
+    """Each method under torchrun with 2 gloo processes at the same global batch: the same losses and final weights
+    as one process (its random choices, selections, clusterings and masks agree across ranks; under FSDP2 each
+    process scores from sharded weights and freezes the omitted slices of its own shards)."""
     from sparsetrain import config
 
+    options = {"sat-magnitude": {**METHODS["sat"], "metric": "magnitude", "select": "topk"},
+               "sat-maxip": {**METHODS["sat"], "metric": "maxip"}}.get(method) or METHODS[method]
+
     def make(**kw):
-        return make_config(method=METHODS[method], steps=8, eval_every=0, checkpoint_every=0, **kw)
+        return make_config(method=options, steps=8, eval_every=0, checkpoint_every=0, **kw)
 
     one = tmp_path / "one"
     train(make(), one)
@@ -241,6 +247,9 @@ def test_every_method_on_two_processes_matches_one(make_config, tmp_path, method
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert [r["loss"] for r in metrics(one)] == pytest.approx([r["loss"] for r in metrics(two)], rel=1e-4)
+    wa, wb = final_weights(one), final_weights(two)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-4, msg=lambda m: k + m)
 
 
 def test_compiled_training_really_compiles_and_matches_eager(make_config, tmp_path):

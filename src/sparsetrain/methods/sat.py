@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate
 
 from ..errors import UserError
 from ..model import ModelArgs, Transformer, flops_per_token
@@ -112,6 +113,18 @@ def _complement(kept: torch.Tensor, n: int) -> torch.Tensor:
     return omitted.argsort(dim=1, descending=True, stable=True)[:, : n - kept.shape[1]]
 
 
+def _like(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`x`, the same on every process, as an operand for `weight`: a replicated DTensor when FSDP2 shards it."""
+    if isinstance(weight, DTensor):
+        return DTensor.from_local(x, weight.device_mesh, [Replicate()] * weight.device_mesh.ndim, run_check=False)
+    return x
+
+
+def _whole(x: torch.Tensor) -> torch.Tensor:
+    """A score computed from sharded weights, gathered (a vector per layer: small)."""
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
 def same_on_all_ranks(decision: torch.Tensor) -> torch.Tensor:
     """Statistics are gathered per rank, but every rank must compute the same slices: rank 0 decides."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -121,7 +134,8 @@ def same_on_all_ranks(decision: torch.Tensor) -> torch.Tensor:
 
 class SAT(Method):
     name = "sat"
-    supports_fsdp = False  # slices whole weight tensors
+    # Under FSDP2 the forward slices the gathered weights; scores gather per-layer vectors; the stash works per shard.
+    supports_fsdp = True
     Options = SATOptions
 
     def __init__(self, options: SATOptions, args: ModelArgs, seq_len: int):
@@ -319,11 +333,13 @@ class SAT(Method):
         if metric == "wanda":
             key = "ffn_in" if kind == "ffn" else "attn_in"
             rms = torch.where(s[key + "_w"] > 0, (s[key] / s[key + "_w"].clamp_min(1e-30)).sqrt(), 1.0)
-            rows = torch.stack([torch.mv(w.abs(), r.to(w.dtype)) for w, r in zip(ins, rms)]).float()
-            return self._fold(kind, rows, None)
+            if isinstance(ins[0], DTensor):  # each process scores its own rows: all with rank 0's statistics
+                rms = same_on_all_ranks(rms)
+            rows = torch.stack([_whole(torch.mv(w.abs(), _like(w, r.to(w.dtype)))) for w, r in zip(ins, rms)])
+            return self._fold(kind, rows.float(), None)
         outs = [b.mlp.proj.weight if kind == "ffn" else b.attn.proj.weight for b in blocks]
-        rows = torch.stack([torch.linalg.vector_norm(w, dim=1, dtype=torch.float32) for w in ins]).square()
-        cols = torch.stack([torch.linalg.vector_norm(w, dim=0, dtype=torch.float32) for w in outs]).square()
+        rows = torch.stack([_whole(torch.linalg.vector_norm(w, dim=1, dtype=torch.float32)) for w in ins]).square()
+        cols = torch.stack([_whole(torch.linalg.vector_norm(w, dim=0, dtype=torch.float32)) for w in outs]).square()
         return self._fold(kind, rows, cols).sqrt()
 
     def _fold(self, kind: str, rows: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
