@@ -56,7 +56,8 @@ linear warm-up over 5% of the steps and cosine decay to 10%; every validation lo
                   `nvidia-smi topo -m` and all-reduce bandwidth (`sparsetrain.interconnect`). Needs a 2-GPU
                   machine (skipped otherwise); on the CPU (--quick) dense, dense-accum4 and upcycle run on 2 gloo
                   processes. Finished launches are kept in WORK/two-gpu-launches/: it takes two calls (seen: 490 s
-                  cut + 371 s for 14 launches on 2 x H200, ~60 s each; 17 now), the second picks up where the first stopped.
+                  cut + 371 s for 14 launches on 2 x H200, ~60 s each; 17 now), the second picks up where the first
+                  stopped.
 Each part prints and stores its `elapsed_s`: re-budget from those once seen.
 `--scale X` multiplies every training step count of a part (for example 0.5 if a part overruns its call);
 `--quick` runs the tiny preset for a few steps, on the CPU in seconds: a smoke test, not a measurement.

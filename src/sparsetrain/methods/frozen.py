@@ -40,8 +40,8 @@ def local_part(t: torch.Tensor, dim: int, idx: torch.Tensor) -> tuple[torch.Tens
     sharded = [pl.dim for pl in t.placements if pl.is_shard()]
     if not sharded:
         return local, idx
-    if len(t.placements) != 1:
-        raise NotImplementedError("freezing slices of a parameter sharded over a mesh of more than one dimension")
+    if len(t.placements) != 1:  # train.parallelize shards over one mesh dimension; HSDP or TP would need more here
+        raise RuntimeError(f"a slice of a DTensor on a {len(t.placements)}-dimensional mesh; expected FSDP2's one")
     if sharded[0] != dim % t.dim():
         return local, idx
     n, world, rank = t.shape[dim], t.device_mesh.size(), t.device_mesh.get_local_rank()
