@@ -16,6 +16,7 @@ import torch
 
 from . import config as config_mod
 from .model import flops_per_token
+from .report import markdown_table
 from .train import build_model, make_optimizer, parallelize, peak_flops, setup_runtime
 
 
@@ -130,16 +131,8 @@ def bench_config(preset: str, *, batch_size: int, seq_len: int, vocab_size: int,
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
-    """columns: (key, header, format)."""
-    header = "| " + " | ".join(h for _, h, _ in columns) + " |"
-    lines = [header, "|" + "|".join("---" for _ in columns) + "|"]
-    for r in rows:
-        cells = []
-        for key, _, fmt in columns:
-            v = r.get(key)
-            cells.append("-" if v is None else format(v, fmt) if fmt else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
+    """columns: (key, header, format). Prints the Markdown table the report writes, and returns it."""
+    text = markdown_table(rows, columns)
     print(text)
     return text
 

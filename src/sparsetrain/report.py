@@ -67,6 +67,7 @@ CORPUS_COLUMNS = [
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (key, header, format spec or "" for str); a missing or None value is "-"."""
     lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for r in rows:
         cells = [("-" if r.get(k) is None else format(r[k], fmt) if fmt else str(r[k])) for k, _, fmt in columns]
