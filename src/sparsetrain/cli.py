@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as e:
-        print(f"sparsetrain: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"sparsetrain: error: {e}\n")  # one write: under torchrun every process says it
         return 2
     except KeyboardInterrupt:
         print("sparsetrain: interrupted", file=sys.stderr)

@@ -301,8 +301,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str
     if args.vocab_size < data.vocab_size:
         raise UserError(f"model.vocab_size={args.vocab_size} is smaller than the data's vocabulary "
                         f"({data.vocab_size}); remove model.vocab_size or raise it")
-    if rt.distributed and tcfg.parallel == "fsdp" and not method.supports_fsdp:
-        raise UserError(f"method {method.name} needs whole weights on every process; use train.parallel = \"ddp\"")
+    refusal = method.fsdp_refusal() if rt.distributed and tcfg.parallel == "fsdp" else None
+    if refusal:
+        raise UserError(f"method {method.name} cannot train with train.parallel = \"fsdp\": {refusal}")
     cfg.model.vocab_size = args.vocab_size  # saved with the run, so the model can be rebuilt without the data
     if tcfg.init_from and not resume:
         _, weights = find_weights(tcfg.init_from)

@@ -36,8 +36,6 @@ class DenseOptions:
 class Method:
     name = "dense"
     Options = DenseOptions
-    # Methods that slice or mask whole parameter tensors need each process to hold them whole (DDP, not FSDP).
-    supports_fsdp = True
 
     def __init__(self, options, args: ModelArgs, seq_len: int):
         self.options = options
@@ -54,6 +52,10 @@ class Method:
         options = fill_dataclass(cls.Options, values, "method")
         cls.validate(options, args, seq_len)
         return cls(options, args, seq_len)
+
+    def fsdp_refusal(self) -> str | None:
+        """Why these options cannot train on FSDP2-sharded parameters (what to do instead), or None if they can."""
+        return None
 
     @classmethod
     def validate(cls, options, args: ModelArgs, seq_len: int) -> None:

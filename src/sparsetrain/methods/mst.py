@@ -41,7 +41,9 @@ Defaults: sparsity 0.9, zeta 0.3, dT 100, mixed growth, ERK, the drop fraction d
 stride 128 are the authors'; the phase boundaries (warm-up to 0.1, restoration from 0.75 to 0.9, dense after) are
 ours (the paper gives none usable). Attention sparsity is off by default: at 128-token blocks a stride below 256
 skips no block (`hybrid` with the authors' settings computes every causal block), and FlexAttention only beats
-SDPA from about 4k tokens. Sharded (FSDP) parameters are not supported; DDP is.
+SDPA from about 4k tokens. Under FSDP2 the neuron granularity runs as SAT does (the forward slices the gathered
+weights, unit norms gather a vector per layer, each process freezes and zeroes its own shard's part); the weight
+granularity masks whole tensors through gradient hooks and needs DDP.
 """
 from __future__ import annotations
 
@@ -56,8 +58,8 @@ from .. import attention_masks
 from ..errors import UserError
 from ..model import ModelArgs, Transformer, flops_per_token
 from .base import Method
-from .frozen import SliceStash, moments
-from .sat import keep_count, same_on_all_ranks
+from .frozen import SliceStash, local_part, moments
+from .sat import keep_count, same_on_all_ranks, whole
 
 GRANULARITIES = ("weight", "neuron")
 GROWS = ("rigl", "set", "mixed")
@@ -176,9 +178,14 @@ def next_active(mask: torch.Tensor, magnitude: torch.Tensor, grad: torch.Tensor 
 
 
 class MST(Method):
-    supports_fsdp = False  # masks and slices whole weight tensors
     name = "mst"
     Options = MSTOptions
+
+    def fsdp_refusal(self) -> str | None:
+        if self.options.granularity == "weight":
+            return ("granularity=weight masks whole tensors in gradient hooks; use train.parallel = \"ddp\" or "
+                    "method.granularity = \"neuron\"")
+        return None
 
     def __init__(self, options: MSTOptions, args: ModelArgs, seq_len: int):
         super().__init__(options, args, seq_len)
@@ -332,11 +339,6 @@ class MST(Method):
     def start(self, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
         super().start(model, optimizer)
         device = model.wte.weight.device
-        from torch.distributed.tensor import DTensor
-
-        if any(isinstance(p, DTensor) for p in model.parameters()):
-            raise UserError("method mst runs on one process or with DDP, not on sharded (FSDP) parameters; "
-                            "set train.parallel=ddp")
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(self.options.seed)
         self._stash = SliceStash(optimizer)
@@ -467,7 +469,7 @@ class MST(Method):
             t = p.grad if grad else p.detach()
             if t is not None:
                 sq = t.float().square()
-                total.index_add_(0, unit, sq.sum(1 - dim) if sq.dim() == 2 else sq)
+                total.index_add_(0, unit, whole(sq.sum(1 - dim) if sq.dim() == 2 else sq))
         return total.sqrt()
 
     def _cache_indices(self) -> None:
@@ -488,10 +490,12 @@ class MST(Method):
                 new = self._next_mask(kept, self._unit_norms(kind, i, grad=False), grad, keep, z)
                 pruned, grown = (kept & ~new).nonzero().flatten(), (new & ~kept).nonzero().flatten()
                 p, dim, idx = self._slices(kind, i, pruned)[-1]
-                p.index_fill_(dim, idx, 0.0)  # a pruned unit's output weights: it adds nothing from now on
+                local, local_idx = local_part(p.detach(), dim, idx)
+                local.index_fill_(dim, local_idx, 0.0)  # a pruned unit's output weights: it adds nothing from now on
                 for p, dim, idx in self._slices(kind, i, pruned) + self._slices(kind, i, grown):
                     for t in moments(self.optimizer, p).values():
-                        t.index_fill_(dim, idx, 0)
+                        local, local_idx = local_part(t, dim, idx)
+                        local.index_fill_(dim, local_idx, 0)
                 self.units[kind][i] = new
         self._grow_scores = {}
         self._cache_indices()

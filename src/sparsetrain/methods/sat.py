@@ -6,6 +6,8 @@ weight slices (`FFN.active`, `Attention.active`), so the GEMMs are really smalle
 exactly as they were: their weights and optimizer moments are stashed before `optimizer.step()` and put back after
 it (AdamW moves a weight with a zero gradient through momentum and weight decay). The omission rate follows the
 ladder omission rate scheduler (LORS): a fixed rate first, then lower rates in equal steps, dense at the end.
+Under FSDP2 the forward slices the gathered weights as usual; scores from sharded weights gather one vector per layer
+(with rank 0's statistics), and each process freezes the part of the omitted slices its shard holds.
 
 Scores, per FFN neuron (its `fc` rows, both gate and up for SwiGLU, and its `proj` column) and per kv-head group
 (its query, key and value rows and its `proj` columns; a group carries the query heads that share its key/value):
@@ -120,7 +122,7 @@ def _like(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _whole(x: torch.Tensor) -> torch.Tensor:
+def whole(x: torch.Tensor) -> torch.Tensor:
     """A score computed from sharded weights, gathered (a vector per layer: small)."""
     return x.full_tensor() if isinstance(x, DTensor) else x
 
@@ -134,9 +136,7 @@ def same_on_all_ranks(decision: torch.Tensor) -> torch.Tensor:
 
 class SAT(Method):
     name = "sat"
-    # Under FSDP2 the forward slices the gathered weights; scores gather per-layer vectors; the stash works per shard.
-    supports_fsdp = True
-    Options = SATOptions
+    Options = SATOptions  # runs on FSDP2: the forward slices gathered weights, the stash works per shard
 
     def __init__(self, options: SATOptions, args: ModelArgs, seq_len: int):
         super().__init__(options, args, seq_len)
@@ -335,11 +335,11 @@ class SAT(Method):
             rms = torch.where(s[key + "_w"] > 0, (s[key] / s[key + "_w"].clamp_min(1e-30)).sqrt(), 1.0)
             if isinstance(ins[0], DTensor):  # each process scores its own rows: all with rank 0's statistics
                 rms = same_on_all_ranks(rms)
-            rows = torch.stack([_whole(torch.mv(w.abs(), _like(w, r.to(w.dtype)))) for w, r in zip(ins, rms)])
+            rows = torch.stack([whole(torch.mv(w.abs(), _like(w, r.to(w.dtype)))) for w, r in zip(ins, rms)])
             return self._fold(kind, rows.float(), None)
         outs = [b.mlp.proj.weight if kind == "ffn" else b.attn.proj.weight for b in blocks]
-        rows = torch.stack([_whole(torch.linalg.vector_norm(w, dim=1, dtype=torch.float32)) for w in ins]).square()
-        cols = torch.stack([_whole(torch.linalg.vector_norm(w, dim=0, dtype=torch.float32)) for w in outs]).square()
+        rows = torch.stack([whole(torch.linalg.vector_norm(w, dim=1, dtype=torch.float32)) for w in ins]).square()
+        cols = torch.stack([whole(torch.linalg.vector_norm(w, dim=0, dtype=torch.float32)) for w in outs]).square()
         return self._fold(kind, rows, cols).sqrt()
 
     def _fold(self, kind: str, rows: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:

@@ -555,7 +555,6 @@ def _distributed() -> bool:
 
 class SSD(Method):
     name = "ssd"
-    supports_fsdp = False  # permutes and slices whole FFN weights
     Options = SSDOptions
 
     def __init__(self, options: SSDOptions, args: ModelArgs, seq_len: int):
@@ -583,14 +582,12 @@ class SSD(Method):
     def validate(cls, options: SSDOptions, args: ModelArgs, seq_len: int) -> None:
         check_options(options, args)
 
+    def fsdp_refusal(self) -> str | None:
+        return "SSD permutes and slices whole FFN weights in place; use train.parallel = \"ddp\""
+
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def start(self, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
         super().start(model, optimizer)
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(model.blocks[0].mlp.fc.weight, DTensor):
-            raise UserError("method ssd permutes FFN rows in place, which sharded (FSDP) parameters do not allow; "
-                            "use train.parallel = \"ddp\"")
         self.layers = ssd_layers(model)
         device = self.layers[0].fc.weight.device
         if self.order is None:
