@@ -49,14 +49,14 @@ linear warm-up over 5% of the steps and cosine decay to 10%; every validation lo
                   8192 x 2 rows (the same tokens a step), 300 steps each: validation loss and wall-clock, ratios to
                   the dense run of each length. The kernel-level grid is bench/hsa_attention.py.
                   (seen: 433 s at --scale 0.8 on an H200)
-    two-gpu       every method, 50 steps on code, one process and then `torchrun --nproc_per_node=2` (DDP; dense,
-                  sat, upcycle and mst-neuron also FSDP2), the same global batch: each logged loss compared (a match: within 1%,
+    two-gpu       every method, 50 steps on code, one process and then `torchrun --nproc_per_node=2` (DDP, and
+                  FSDP2 for all but ssd), the same global batch: each logged loss compared (a match: within 1%,
                   bf16) and the tokens/s of 2 GPUs over 1; dense also at 4x the batch in micro-batches of 16 rows
                   (`dense-accum4`: one all-reduce per 2 passes on each GPU). First the link: peer access,
                   `nvidia-smi topo -m` and all-reduce bandwidth (`sparsetrain.interconnect`). Needs a 2-GPU
                   machine (skipped otherwise); on the CPU (--quick) dense, dense-accum4 and upcycle run on 2 gloo
                   processes. Finished launches are kept in WORK/two-gpu-launches/: it takes two calls (seen: 490 s
-                  cut + 371 s for 14 launches on 2 x H200, ~60 s each; 18 now), the second picks up where the first
+                  cut + 371 s for 14 launches on 2 x H200, ~60 s each; 19 now), the second picks up where the first
                   stopped.
 Each part prints and stores its `elapsed_s`: re-budget from those once seen.
 `--scale X` multiplies every training step count of a part (for example 0.5 if a part overruns its call);
@@ -662,7 +662,7 @@ TWO_GPU_RUNS = [
     ("upcycle", {"name": "upcycle", "experts": 8, "top_k": 2, "layers": "every-other"}, {}, ("ddp", "fsdp")),
     ("ssd", {"name": "ssd", "schedule": "fixed", "sparse_windows": [[0.2, 1.0]], "monitor_every": 0},
      {"activation": "relu2"}, ("ddp",)),
-    ("mst-weight", {"name": "mst", "granularity": "weight", "update_every": 10}, {}, ("ddp",)),
+    ("mst-weight", {"name": "mst", "granularity": "weight", "update_every": 10}, {}, ("ddp", "fsdp")),
     ("mst-neuron", {"name": "mst", "granularity": "neuron", "update_every": 10}, {}, ("ddp", "fsdp")),
 ]
 LINK_SIZES_MB = (16, 64, 256, 512)  # gpt2-small's fp32 gradients are ~444 MB: DDP all-reduces them in buckets
@@ -673,7 +673,7 @@ def launch(ctx: Context, raw: dict[str, Any], run_dir: Path, processes: int) -> 
     """`sparsetrain train` in a fresh process (`processes` > 1: under torchrun); its metrics records.
 
     A finished launch is kept in WORK/two-gpu-launches/ (outside the part's scratch folder), keyed by its config,
-    the corpus's tokens and the process count: 18 launches do not fit one ten-minute call, so a second call on the
+    the corpus's tokens and the process count: 19 launches do not fit one ten-minute call, so a second call on the
     same warm machine picks up where a time limit cut the first one short."""
     import hashlib
     import subprocess

@@ -209,13 +209,14 @@ def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool) -> t
 
 
 def no_grad_sync(wrapped: torch.nn.Module, model: Transformer, rt: Runtime, tcfg, last: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
-    if not rt.distributed or last:
+    """Skip the gradient all-reduce (FSDP2: reduce-scatter) on all but the last micro-batch of an accumulation."""
+    if not rt.distributed:
         return contextlib.nullcontext()
     if tcfg.parallel == "fsdp":
-        model.set_requires_gradient_sync(False)
+        # A flag, not a context: it must be on again before the last backward, or nothing is reduced this step.
+        model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
-    return wrapped.no_sync()
+    return contextlib.nullcontext() if last else wrapped.no_sync()
 
 
 def check_run_dir(out_dir: Path, resume: bool) -> None:
@@ -369,8 +370,6 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str
                 total = loss if aux is None else loss + aux
             (total / accum).backward()
             step_loss += loss.detach() / accum
-        if rt.distributed and tcfg.parallel == "fsdp":
-            model.set_requires_gradient_sync(True)
         if tcfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         method.before_optimizer(step)

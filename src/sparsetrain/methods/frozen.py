@@ -8,16 +8,17 @@ Eagerly that is one gather and one scatter per tensor: with three tensors (weigh
 two matrices per layer and kind, a few hundred small kernels a step. `compiled=True` gathers every slice in one
 compiled call and scatters them back in another (the same values, fewer launches).
 
-Under FSDP2 a parameter and its moments are DTensors sharded by rows (`torch.chunk` pieces): each process saves and
-restores the part of the slice it holds, in its local shard; a slice along the other dimension is all local.
+Under FSDP2 a parameter and its moments are DTensors sharded by rows: each process saves and restores the part of
+the slice its shard holds (`shards.local_part`).
 """
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch.distributed.tensor import DTensor
+
+from .shards import local, local_part
 
 
 def moments(optimizer: torch.optim.Optimizer | None, p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -26,28 +27,6 @@ def moments(optimizer: torch.optim.Optimizer | None, p: torch.Tensor) -> dict[st
     if optimizer is None:
         return {}
     return {k: t for k, t in optimizer.state.get(p, {}).items() if torch.is_tensor(t) and t.shape == p.shape}
-
-
-def local_part(t: torch.Tensor, dim: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tensor this process holds of `t` and the entries of `idx` (along `dim`) in it, as indices into it.
-
-    A plain tensor is whole here. A DTensor sharded along `dim` holds rows [offset, offset + its length) of the
-    `torch.chunk` split FSDP2 makes; the entries outside are another process's (finding them syncs with the host).
-    """
-    if not isinstance(t, DTensor):
-        return t, idx
-    local = t.to_local()
-    sharded = [pl.dim for pl in t.placements if pl.is_shard()]
-    if not sharded:
-        return local, idx
-    if len(t.placements) != 1:  # train.parallelize shards over one mesh dimension; HSDP or TP would need more here
-        raise RuntimeError(f"a slice of a DTensor on a {len(t.placements)}-dimensional mesh; expected FSDP2's one")
-    if sharded[0] != dim % t.dim():
-        return local, idx
-    n, world, rank = t.shape[dim], t.device_mesh.size(), t.device_mesh.get_local_rank()
-    offset = min(rank * math.ceil(n / world), n)
-    held = (idx >= offset) & (idx < offset + local.shape[dim])
-    return local, idx[held] - offset
 
 
 def _gather(tensors: list[torch.Tensor], dims: list[int], idxs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -83,9 +62,9 @@ class SliceStash:
         if self.compiled and not isinstance(p, DTensor):  # a shard's part of a slice varies in length: eager
             self.pending.append((p, dim, idx))
             return
-        local, idx = local_part(p.detach(), dim, idx)
-        saved = {k: _local(t).index_select(dim, idx) for k, t in moments(self.optimizer, p).items()}
-        self.saved.append((p, dim, idx, local.index_select(dim, idx), saved))
+        piece, idx = local_part(p.detach(), dim, idx)
+        saved = {k: local(t).index_select(dim, idx) for k, t in moments(self.optimizer, p).items()}
+        self.saved.append((p, dim, idx, piece.index_select(dim, idx), saved))
 
     @torch.no_grad()
     def take(self) -> None:
@@ -114,14 +93,11 @@ class SliceStash:
                         t.index_fill_(dim, idx, 0)
             self.batch = None
         for p, dim, idx, value, saved in self.saved:  # idx: into the local tensors
-            _local(p.detach()).index_copy_(dim, idx, value)
+            local(p.detach()).index_copy_(dim, idx, value)
             for key, t in moments(self.optimizer, p).items():
                 if key in saved:
-                    _local(t).index_copy_(dim, idx, saved[key])
+                    local(t).index_copy_(dim, idx, saved[key])
                 else:
-                    _local(t).index_fill_(dim, idx, 0)
+                    local(t).index_fill_(dim, idx, 0)
         self.saved = []
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t

@@ -41,9 +41,13 @@ Defaults: sparsity 0.9, zeta 0.3, dT 100, mixed growth, ERK, the drop fraction d
 stride 128 are the authors'; the phase boundaries (warm-up to 0.1, restoration from 0.75 to 0.9, dense after) are
 ours (the paper gives none usable). Attention sparsity is off by default: at 128-token blocks a stride below 256
 skips no block (`hybrid` with the authors' settings computes every causal block), and FlexAttention only beats
-SDPA from about 4k tokens. Under FSDP2 the neuron granularity runs as SAT does (the forward slices the gathered
-weights, unit norms gather a vector per layer, each process freezes and zeroes its own shard's part); the weight
-granularity masks whole tensors through gradient hooks and needs DDP.
+SDPA from about 4k tokens.
+
+Under FSDP2 (`shards`): the neuron granularity runs as SAT does (the forward slices the gathered weights, unit norms
+gather a vector per layer, each process freezes and zeroes its shard's part). The weight granularity keeps whole
+masks on every process (one byte per masked weight: the price of simple updates) and applies each process's piece of
+them to its shard; gradients are masked by a post-accumulate-grad hook on the sharded parameter (FSDP2 runs it after
+the reduce-scatter, before clipping), and an update gathers one layer's weights and dense gradient at a time.
 """
 from __future__ import annotations
 
@@ -53,13 +57,15 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from .. import attention_masks
 from ..errors import UserError
 from ..model import ModelArgs, Transformer, flops_per_token
 from .base import Method
-from .frozen import SliceStash, local_part, moments
-from .sat import keep_count, same_on_all_ranks, whole
+from .frozen import SliceStash, moments
+from .sat import keep_count, same_on_all_ranks
+from .shards import local, local_part, local_view, whole
 
 GRANULARITIES = ("weight", "neuron")
 GROWS = ("rigl", "set", "mixed")
@@ -180,12 +186,6 @@ def next_active(mask: torch.Tensor, magnitude: torch.Tensor, grad: torch.Tensor 
 class MST(Method):
     name = "mst"
     Options = MSTOptions
-
-    def fsdp_refusal(self) -> str | None:
-        if self.options.granularity == "weight":
-            return ("granularity=weight masks whole tensors in gradient hooks; use train.parallel = \"ddp\" or "
-                    "method.granularity = \"neuron\"")
-        return None
 
     def __init__(self, options: MSTOptions, args: ModelArgs, seq_len: int):
         super().__init__(options, args, seq_len)
@@ -365,15 +365,18 @@ class MST(Method):
             self.masks = [state["masks"][w.name].to(device=device, dtype=torch.bool) for w in self.weights]
         else:
             # The first topology: the target at step 0, the largest-magnitude weights kept.
-            self.masks = [torch.ones_like(p, dtype=torch.bool) for p in self.params]
+            self.masks = [torch.ones(p.shape, dtype=torch.bool, device=device) for p in self.params]
             keep = self.keep_counts(self.target(0))
-            self.masks = [self._next_mask(m.flatten(), p.detach().abs().flatten(), None, k, 0.0).view_as(p)
+            self.masks = [self._next_mask(m.flatten(), whole(p.detach()).abs().flatten(), None, k, 0.0).view_as(m)
                           for m, p, k in zip(self.masks, self.params, keep)]
         self._full = [bool(m.all()) for m in self.masks]
         self._apply_masks(with_moments=True)
         for handle in self._hooks:
             handle.remove()
-        self._hooks = [p.register_hook(self._grad_hook(j)) for j, p in enumerate(self.params)]
+        # Autograd delivers a plain parameter's gradient to register_hook (per micro-batch, before DDP averages it);
+        # FSDP2 sets the sharded parameter's .grad after its reduce-scatter, where only post-accumulate hooks run.
+        self._hooks = [p.register_post_accumulate_grad_hook(self._sharded_grad_hook(j)) if isinstance(p, DTensor)
+                       else p.register_hook(self._grad_hook(j)) for j, p in enumerate(self.params)]
 
     def _start_units(self, model: Transformer, device: torch.device, state: dict | None) -> None:
         n = {"ffn": self.args.d_ff, "head": self.args.n_kv_head}
@@ -398,16 +401,27 @@ class MST(Method):
 
         return hook
 
+    def _sharded_grad_hook(self, j: int):
+        def hook(p: torch.Tensor):  # FSDP2: p.grad is this process's piece of the reduced (averaged) gradient
+            if self._collect:
+                acc = self._dense_grads.get(j)
+                self._dense_grads[j] = p.grad.detach().clone() if acc is None else acc.add_(p.grad)
+            if not self._full[j]:
+                local(p.grad).mul_(local_view(self.masks[j], p))
+
+        return hook
+
     @torch.no_grad()
     def _apply_masks(self, with_moments: bool) -> None:
         """Zero the inactive weights (and their optimizer moments)."""
         for p, m, full in zip(self.params, self.masks, self._full):
             if full:
                 continue
-            p.mul_(m)
+            m = local_view(m, p)
+            local(p.detach()).mul_(m)
             if with_moments:
                 for t in moments(self.optimizer, p).values():
-                    t.mul_(m)
+                    local(t).mul_(m)
 
     def _update_weights(self, step: int) -> None:
         keep = self.keep_counts(self.target(step))
@@ -415,11 +429,13 @@ class MST(Method):
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         for j, p in enumerate(self.params):
             grad = self._dense_grads.get(j)
-            if grad is not None and world > 1:
+            if isinstance(grad, DTensor):
+                grad = grad.full_tensor()  # FSDP2's hook saw the reduced gradient: one layer gathered at a time
+            elif grad is not None and world > 1:
                 dist.all_reduce(grad)  # hooks see this rank's gradient, before DDP averages it
             scores = grad.abs().flatten() if grad is not None else None
-            self.masks[j] = self._next_mask(self.masks[j].flatten(), p.detach().abs().flatten(), scores, keep[j],
-                                            z).view_as(p)
+            self.masks[j] = self._next_mask(self.masks[j].flatten(), whole(p.detach()).abs().flatten(), scores,
+                                            keep[j], z).view_as(self.masks[j])
         self._full = [bool(m.all()) for m in self.masks]
         self._apply_masks(with_moments=True)
 

@@ -32,12 +32,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor
 
 from ..errors import UserError
 from ..model import ModelArgs, Transformer, flops_per_token
 from .base import Method
 from .frozen import SliceStash
+from .shards import replicated, whole
 
 METRICS = ("uniform", "magnitude", "wanda", "maxip")
 SELECTS = ("topk", "sample")
@@ -113,18 +114,6 @@ def _complement(kept: torch.Tensor, n: int) -> torch.Tensor:
     omitted.scatter_(1, kept, 0)
     # A stable descending sort puts the ones (omitted) first, in index order.
     return omitted.argsort(dim=1, descending=True, stable=True)[:, : n - kept.shape[1]]
-
-
-def _like(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`x`, the same on every process, as an operand for `weight`: a replicated DTensor when FSDP2 shards it."""
-    if isinstance(weight, DTensor):
-        return DTensor.from_local(x, weight.device_mesh, [Replicate()] * weight.device_mesh.ndim, run_check=False)
-    return x
-
-
-def whole(x: torch.Tensor) -> torch.Tensor:
-    """A score computed from sharded weights, gathered (a vector per layer: small)."""
-    return x.full_tensor() if isinstance(x, DTensor) else x
 
 
 def same_on_all_ranks(decision: torch.Tensor) -> torch.Tensor:
@@ -335,7 +324,7 @@ class SAT(Method):
             rms = torch.where(s[key + "_w"] > 0, (s[key] / s[key + "_w"].clamp_min(1e-30)).sqrt(), 1.0)
             if isinstance(ins[0], DTensor):  # each process scores its own rows: all with rank 0's statistics
                 rms = same_on_all_ranks(rms)
-            rows = torch.stack([whole(torch.mv(w.abs(), _like(w, r.to(w.dtype)))) for w, r in zip(ins, rms)])
+            rows = torch.stack([whole(torch.mv(w.abs(), replicated(w, r.to(w.dtype)))) for w, r in zip(ins, rms)])
             return self._fold(kind, rows.float(), None)
         outs = [b.mlp.proj.weight if kind == "ffn" else b.attn.proj.weight for b in blocks]
         rows = torch.stack([whole(torch.linalg.vector_norm(w, dim=1, dtype=torch.float32)) for w in ins]).square()
