@@ -506,12 +506,12 @@ class MST(Method):
                 new = self._next_mask(kept, self._unit_norms(kind, i, grad=False), grad, keep, z)
                 pruned, grown = (kept & ~new).nonzero().flatten(), (new & ~kept).nonzero().flatten()
                 p, dim, idx = self._slices(kind, i, pruned)[-1]
-                local, local_idx = local_part(p.detach(), dim, idx)
-                local.index_fill_(dim, local_idx, 0.0)  # a pruned unit's output weights: it adds nothing from now on
+                piece, held = local_part(p.detach(), dim, idx)
+                piece.index_fill_(dim, held, 0.0)  # a pruned unit's output weights: it adds nothing from now on
                 for p, dim, idx in self._slices(kind, i, pruned) + self._slices(kind, i, grown):
                     for t in moments(self.optimizer, p).values():
-                        local, local_idx = local_part(t, dim, idx)
-                        local.index_fill_(dim, local_idx, 0)
+                        piece, held = local_part(t, dim, idx)
+                        piece.index_fill_(dim, held, 0)
                 self.units[kind][i] = new
         self._grow_scores = {}
         self._cache_indices()
