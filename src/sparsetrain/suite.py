@@ -49,15 +49,15 @@ linear warm-up over 5% of the steps and cosine decay to 10%; every validation lo
                   8192 x 2 rows (the same tokens a step), 300 steps each: validation loss and wall-clock, ratios to
                   the dense run of each length. The kernel-level grid is bench/hsa_attention.py.
                   (seen: 433 s at --scale 0.8 on an H200)
-    two-gpu       every method, 50 steps on code, one process and then `torchrun --nproc_per_node=2` (DDP, and
-                  FSDP2 for all but ssd), the same global batch: each logged loss compared (a match: within 1%,
+    two-gpu       every method, 50 steps on code, one process and then `torchrun --nproc_per_node=2` (DDP and
+                  FSDP2), the same global batch: each logged loss compared (a match: within 1%,
                   bf16) and the tokens/s of 2 GPUs over 1; dense also at 4x the batch in micro-batches of 16 rows
                   (`dense-accum4`: one all-reduce per 2 passes on each GPU). First the link: peer access,
                   `nvidia-smi topo -m` and all-reduce bandwidth (`sparsetrain.interconnect`). Needs a 2-GPU
                   machine (skipped otherwise); on the CPU (--quick) dense, dense-accum4 and upcycle run on 2 gloo
-                  processes. Finished launches are kept in WORK/two-gpu-launches/: it takes two calls (seen: 490 s
-                  cut + 371 s for 14 launches on 2 x H200, ~60 s each; 19 now), the second picks up where the first
-                  stopped.
+                  processes. Finished launches are kept in WORK/two-gpu-launches/, so a later call on the same
+                  machine picks up where the last stopped (seen: 490 s cut + 371 s for 14 launches on 2 x H200, ~60 s
+                  each; 20 launches now, with every method under FSDP2: three calls).
 Each part prints and stores its `elapsed_s`: re-budget from those once seen.
 `--scale X` multiplies every training step count of a part (for example 0.5 if a part overruns its call);
 `--quick` runs the tiny preset for a few steps, on the CPU in seconds: a smoke test, not a measurement.
@@ -82,7 +82,7 @@ a fresh machine needs prepare-data again (more than 50 s: give it 90 s there), s
     4. bash bench/run_parts.sh prepare-data:30 ssd-pretrain:290:0.5 mst-pretrain:230:0.4
     5. bash bench/run_parts.sh prepare-data:30 hsa-attention:560:0.8   (9 runs of ~55 s at full size: scaled to fit;
        dense-step, 150 s, where a call has room; the kernel grid: python3 bench/hsa_attention.py, ~3 min)
-    6. on the 2-GPU kind: bash bench/run_parts.sh prepare-data:90 two-gpu:490, then at once
+    6. on the 2-GPU kind: bash bench/run_parts.sh prepare-data:90 two-gpu:490, then at once, twice,
        bash bench/run_parts.sh prepare-data:30 two-gpu:560 (the same machine, reusing the finished launches)
     (four calls of this kind - before sat-topk was added - ran in one session's 30 minutes on 2026-11-23, machine
     start included, fired back to back: the machine stays warm only 30 s after a call, and DATA and the shared
@@ -96,7 +96,7 @@ loop matches its own command line and waits out the call's limit, as it did once
     CUDA_VISIBLE_DEVICES=1 OUT=$OUT/b WORK=runs/b bash bench/run_parts.sh sat-step:470 > $OUT/b.log 2>&1 &
     wait
 Still to run after 2026-11-23: calls 2-3 (the sat-topk contenders decide `select`'s default) and call 6 again (the
-link measurement and dense-accum4 are new).
+link measurement, dense-accum4 and sat / ssd / mst under FSDP2 are new).
     then here: tar xzf FILES_AT/results.tgz -C bench_out/NAME for each call, and
     sparsetrain report bench_out/*/*.json --out bench_out/report
 """
@@ -661,7 +661,7 @@ TWO_GPU_RUNS = [
      ("ddp", "fsdp")),
     ("upcycle", {"name": "upcycle", "experts": 8, "top_k": 2, "layers": "every-other"}, {}, ("ddp", "fsdp")),
     ("ssd", {"name": "ssd", "schedule": "fixed", "sparse_windows": [[0.2, 1.0]], "monitor_every": 0},
-     {"activation": "relu2"}, ("ddp",)),
+     {"activation": "relu2"}, ("ddp", "fsdp")),
     ("mst-weight", {"name": "mst", "granularity": "weight", "update_every": 10}, {}, ("ddp", "fsdp")),
     ("mst-neuron", {"name": "mst", "granularity": "neuron", "update_every": 10}, {}, ("ddp", "fsdp")),
 ]
@@ -673,7 +673,7 @@ def launch(ctx: Context, raw: dict[str, Any], run_dir: Path, processes: int) -> 
     """`sparsetrain train` in a fresh process (`processes` > 1: under torchrun); its metrics records.
 
     A finished launch is kept in WORK/two-gpu-launches/ (outside the part's scratch folder), keyed by its config,
-    the corpus's tokens and the process count: 19 launches do not fit one ten-minute call, so a second call on the
+    the corpus's tokens and the process count: 20 launches do not fit one ten-minute call, so a second call on the
     same warm machine picks up where a time limit cut the first one short."""
     import hashlib
     import subprocess

@@ -302,9 +302,6 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str
     if args.vocab_size < data.vocab_size:
         raise UserError(f"model.vocab_size={args.vocab_size} is smaller than the data's vocabulary "
                         f"({data.vocab_size}); remove model.vocab_size or raise it")
-    refusal = method.fsdp_refusal() if rt.distributed and tcfg.parallel == "fsdp" else None
-    if refusal:
-        raise UserError(f"method {method.name} cannot train with train.parallel = \"fsdp\": {refusal}")
     cfg.model.vocab_size = args.vocab_size  # saved with the run, so the model can be rebuilt without the data
     if tcfg.init_from and not resume:
         _, weights = find_weights(tcfg.init_from)

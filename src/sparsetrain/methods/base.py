@@ -53,10 +53,6 @@ class Method:
         cls.validate(options, args, seq_len)
         return cls(options, args, seq_len)
 
-    def fsdp_refusal(self) -> str | None:
-        """Why these options cannot train on FSDP2-sharded parameters (what to do instead), or None if they can."""
-        return None
-
     @classmethod
     def validate(cls, options, args: ModelArgs, seq_len: int) -> None:
         """Raise UserError for option values that cannot work with this model."""

@@ -58,6 +58,18 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+@torch.no_grad()
+def index_select_(t: torch.Tensor, dim: int, idx: torch.Tensor) -> None:
+    """t = t.index_select(dim, idx), in place, for `idx` a permutation along `dim`."""
+    if not isinstance(t, DTensor):
+        t.copy_(t.index_select(dim, idx))
+    elif shard_dim(t) != dim % t.dim():  # each process holds whole lines along dim: it permutes its own
+        piece = t.to_local()
+        piece.copy_(piece.index_select(dim, idx))
+    else:  # the permutation crosses shards: permute the gathered whole, keep this process's piece
+        t.to_local().copy_(local_view(t.full_tensor().index_select(dim, idx), t))
+
+
 def replicated(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`x`, the same on every process, as an operand for `weight`: a replicated DTensor when FSDP2 shards it."""
     if isinstance(weight, DTensor):

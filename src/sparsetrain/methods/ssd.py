@@ -45,8 +45,10 @@ The method swaps the FFNs for `SSDFFN`s in `start()`, not `setup()`: a model loa
 a plain dense Transformer (its neurons in the run's last layout, the same function). The probe batch is taken by a
 one-shot forward pre-hook on the model, so the trainer needs no extra hook.
 
-Distributed: DDP only (rows of FSDP-sharded parameters cannot be permuted in place). The probe is broadcast from
-rank 0, and so are the clusterings and the monitor's numbers, so every rank permutes and switches alike.
+Distributed: the probe is broadcast from rank 0, and so are the clusterings and the monitor's numbers, so every rank
+permutes and switches alike. Under FSDP2 (`shards`) the clustering reads each layer's gathered `fc` rows, a switch
+permutes the gathered rows and keeps each process's shard, the probe runs through FSDP2's hooks, and the sparse
+forward takes its expert views of the weights FSDP2 gathered for the block.
 """
 from __future__ import annotations
 
@@ -61,12 +63,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from ..errors import UserError
 from ..model import FFN, ModelArgs, Transformer, activate, flops_per_token
 from ..moe import MoEFFN, dispatch, expert_counts, group_gemm, grouped_mm
 from .base import Method
 from .frozen import SliceStash, moments
+from .shards import index_select_, whole
 
 SCHEDULES = ("adaptive", "fixed")
 PHASES = ("dense", "sparse")
@@ -251,7 +255,7 @@ def contiguous_labels(d_ff: int, experts: int, device=None) -> torch.Tensor:
 # --- the FFN's neurons ---------------------------------------------------------------------------------------------
 def neuron_rows(ffn: FFN) -> torch.Tensor:
     """Unit input rows [d_ff, d] in fp32: the gate rows for SwiGLU, the `fc` rows otherwise."""
-    return F.normalize(ffn.fc.weight.detach()[: ffn.d_ff].float(), dim=1)
+    return F.normalize(whole(ffn.fc.weight.detach())[: ffn.d_ff].float(), dim=1)
 
 
 def router_centroids(ffn: FFN, labels: torch.Tensor, experts: int) -> torch.Tensor:
@@ -286,7 +290,7 @@ def permute_ffn_(ffn: FFN, order: torch.Tensor, optimizer: torch.optim.Optimizer
         if p is None:
             continue
         for t in [p, *moments(optimizer, p).values(), *([p.grad] if p.grad is not None else [])]:
-            t.copy_(t.index_select(dim, idx))
+            index_select_(t, dim, idx)  # under FSDP2, each process's shard of the permuted tensor
 
 
 class SSDFFN(FFN):
@@ -458,11 +462,14 @@ class Monitor:
                 flops += self._layer(i, ffn, order[i], stats, light=light)
         else:
             modes = [isinstance(f, SSDFFN) and f.sparse for f in ffns]
+            # FSDP2 gathers each block's weights in hooks around its call: the probe goes through them and to the
+            # end (stopping inside a block would leave its weights gathered).
+            sharded = isinstance(model.wte.weight, DTensor)
 
             def hook(i, module, inputs, output):
                 nonlocal flops
                 flops += self._layer(i, ffns[i], order[i], stats, inputs[0], output, light=light)
-                if i == L - 1:
+                if i == L - 1 and not sharded:
                     raise _ProbeDone
 
             handles = [f.fc.register_forward_hook(lambda m, a, o, i=i: hook(i, m, a, o)) for i, f in enumerate(ffns)]
@@ -470,8 +477,8 @@ class Monitor:
                 for f in ffns:  # the probe measures the dense FFN
                     if isinstance(f, SSDFFN):
                         f.sparse = False
-                # The eager forward, not __call__: a compiled model's graph stays as it is.
-                model.forward(probe)
+                # The eager forward, not __call__: a compiled model's graph stays as it is (FSDP2 compiles blocks).
+                (model if sharded else model.forward)(probe)
             except _ProbeDone:
                 pass
             finally:
@@ -581,9 +588,6 @@ class SSD(Method):
     @classmethod
     def validate(cls, options: SSDOptions, args: ModelArgs, seq_len: int) -> None:
         check_options(options, args)
-
-    def fsdp_refusal(self) -> str | None:
-        return "SSD permutes and slices whole FFN weights in place; use train.parallel = \"ddp\""
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def start(self, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
