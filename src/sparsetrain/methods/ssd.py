@@ -477,7 +477,8 @@ class Monitor:
                 for f in ffns:  # the probe measures the dense FFN
                     if isinstance(f, SSDFFN):
                         f.sparse = False
-                # The eager forward, not __call__: a compiled model's graph stays as it is (FSDP2 compiles blocks).
+                # One process or DDP: the eager forward, not __call__, so a compiled model's graph stays as it is.
+                # FSDP2: __call__, whose hooks gather the root's weights (the blocks are compiled one by one).
                 (model if sharded else model.forward)(probe)
             except _ProbeDone:
                 pass
@@ -488,7 +489,8 @@ class Monitor:
                     if isinstance(f, SSDFFN):
                         f.sparse = m
             parts = flops_per_token(model.args, probe.shape[1])
-            flops += probe.numel() * (parts["attn_linear"] + parts["attn_scores"] + parts["ffn"])
+            flops += probe.numel() * (parts["attn_linear"] + parts["attn_scores"] + parts["ffn"]
+                                      + (parts["head"] if sharded else 0.0))  # FSDP2: the probe runs to the logits
         self.count += 1
         # One host sync for the tensor-valued numbers.
         flat = [(k, i) for k in Check.KEYS for i in range(L) if torch.is_tensor(stats[k][i])]
