@@ -410,8 +410,8 @@ def test_cli_suite_all_runs_every_part_and_writes_the_report(env, tmp_path):
 def test_two_gpu_part_compares_one_process_with_two_under_torchrun(env, results):
     part = results["two-gpu"]
     rows = {(r["method"], r["parallel"]): r for r in part["scaling"]}
-    assert set(rows) == {("dense", "ddp"), ("dense", "fsdp"), ("dense-accum4", "ddp"), ("upcycle", "ddp"),
-                         ("upcycle", "fsdp")}
+    assert set(rows) == {("dense", "ddp"), ("dense", "fsdp"), ("dense-accum4", "ddp"), ("dense-accum4", "fsdp"),
+                         ("upcycle", "ddp"), ("upcycle", "fsdp")}
     assert rows["dense-accum4", "ddp"]["batch_size"] == 4 * rows["dense", "ddp"]["batch_size"]
     kept = env["work_dir"] / "two-gpu-launches"
     accum = json.loads(next(kept.glob("dense-accum4-1-*.json")).read_text())
@@ -453,8 +453,8 @@ def test_two_gpu_part_records_a_failed_launch_and_goes_on(env, tmp_path, monkeyp
 
     monkeypatch.setattr(subprocess, "run", failing)
     part = run_part("two-gpu", quick=True, **{**env, "out": tmp_path, "work_dir": tmp_path / "work"})
-    assert part["status"] == "done" and len(part["scaling"]) == 5  # every method and mode tried
-    assert len(calls) == 1 + 5  # the link, then one launch per row
+    assert part["status"] == "done" and len(part["scaling"]) == 6  # every method and mode tried
+    assert len(calls) == 1 + 6  # the link, then one launch per row
     assert all(not r["loss_match"] and "NCCL error" in r["error"] for r in part["scaling"])
     assert "NCCL error" in part["link"]["all_reduce_error"]
     text, met = next(t for t in TARGETS if t.part == "two-gpu").check(part)

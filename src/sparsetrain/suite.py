@@ -52,12 +52,12 @@ linear warm-up over 5% of the steps and cosine decay to 10%; every validation lo
     two-gpu       every method, 50 steps on code, one process and then `torchrun --nproc_per_node=2` (DDP and
                   FSDP2), the same global batch: each logged loss compared (a match: within 1%,
                   bf16) and the tokens/s of 2 GPUs over 1; dense also at 4x the batch in micro-batches of 16 rows
-                  (`dense-accum4`: one all-reduce per 2 passes on each GPU). First the link: peer access,
+                  (`dense-accum4`: one gradient sync per 2 passes on each GPU). First the link: peer access,
                   `nvidia-smi topo -m` and all-reduce bandwidth (`sparsetrain.interconnect`). Needs a 2-GPU
                   machine (skipped otherwise); on the CPU (--quick) dense, dense-accum4 and upcycle run on 2 gloo
                   processes. Finished launches are kept in WORK/two-gpu-launches/, so a later call on the same
                   machine picks up where the last stopped (seen: 490 s cut + 371 s for 14 launches on 2 x H200, ~60 s
-                  each; 20 launches now, with every method under FSDP2: three calls).
+                  each; 21 launches now, with every method under FSDP2: three calls).
 Each part prints and stores its `elapsed_s`: re-budget from those once seen.
 `--scale X` multiplies every training step count of a part (for example 0.5 if a part overruns its call);
 `--quick` runs the tiny preset for a few steps, on the CPU in seconds: a smoke test, not a measurement.
@@ -656,7 +656,7 @@ TWO_GPU_RUNS = [
     ("dense", {"name": "dense"}, {}, ("ddp", "fsdp")),
     # 4x the global batch in micro-batches of the usual size: one all-reduce for 4 (1 GPU) or 2 (each of 2 GPUs)
     # forward/backward passes, how data parallelism hides its traffic when the link is slow.
-    ("dense-accum4", {"name": "dense"}, {}, ("ddp",)),
+    ("dense-accum4", {"name": "dense"}, {}, ("ddp", "fsdp")),
     ("sat", {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "constant", "dense_final": 0.0}, {},
      ("ddp", "fsdp")),
     ("upcycle", {"name": "upcycle", "experts": 8, "top_k": 2, "layers": "every-other"}, {}, ("ddp", "fsdp")),
@@ -673,7 +673,7 @@ def launch(ctx: Context, raw: dict[str, Any], run_dir: Path, processes: int) -> 
     """`sparsetrain train` in a fresh process (`processes` > 1: under torchrun); its metrics records.
 
     A finished launch is kept in WORK/two-gpu-launches/ (outside the part's scratch folder), keyed by its config,
-    the corpus's tokens and the process count: 20 launches do not fit one ten-minute call, so a second call on the
+    the corpus's tokens and the process count: 21 launches do not fit one ten-minute call, so a second call on the
     same warm machine picks up where a time limit cut the first one short."""
     import hashlib
     import subprocess
