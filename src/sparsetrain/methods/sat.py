@@ -125,7 +125,7 @@ def same_on_all_ranks(decision: torch.Tensor) -> torch.Tensor:
 
 class SAT(Method):
     name = "sat"
-    Options = SATOptions  # runs on FSDP2: the forward slices gathered weights, the stash works per shard
+    Options = SATOptions
 
     def __init__(self, options: SATOptions, args: ModelArgs, seq_len: int):
         super().__init__(options, args, seq_len)
