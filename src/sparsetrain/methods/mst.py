@@ -392,20 +392,22 @@ class MST(Method):
             self._update_units(self.target(0), 0.0)
 
     # --- weight granularity -------------------------------------------------------------------------------------
+    def _collect_dense_grad(self, j: int, grad: torch.Tensor) -> None:
+        """On an update step that grows by gradient, sum the unmasked gradient of weight j (over micro-batches)."""
+        if self._collect:
+            acc = self._dense_grads.get(j)
+            self._dense_grads[j] = grad.detach().clone() if acc is None else acc.add_(grad)
+
     def _grad_hook(self, j: int):
         def hook(grad: torch.Tensor):
-            if self._collect:
-                acc = self._dense_grads.get(j)
-                self._dense_grads[j] = grad.detach().clone() if acc is None else acc.add_(grad)
+            self._collect_dense_grad(j, grad)
             return None if self._full[j] else grad * self.masks[j]
 
         return hook
 
     def _sharded_grad_hook(self, j: int):
         def hook(p: torch.Tensor):  # FSDP2: p.grad is this process's piece of the reduced (averaged) gradient
-            if self._collect:
-                acc = self._dense_grads.get(j)
-                self._dense_grads[j] = p.grad.detach().clone() if acc is None else acc.add_(p.grad)
+            self._collect_dense_grad(j, p.grad)
             if not self._full[j]:
                 local(p.grad).mul_(local_view(self.masks[j], p))
 
@@ -509,9 +511,9 @@ class MST(Method):
                 piece, held = local_part(p.detach(), dim, idx)
                 piece.index_fill_(dim, held, 0.0)  # a pruned unit's output weights: it adds nothing from now on
                 for p, dim, idx in self._slices(kind, i, pruned) + self._slices(kind, i, grown):
+                    _, held = local_part(p, dim, idx)  # a moment is sharded as its parameter
                     for t in moments(self.optimizer, p).values():
-                        piece, held = local_part(t, dim, idx)
-                        piece.index_fill_(dim, held, 0)
+                        local(t).index_fill_(dim, held, 0)
                 self.units[kind][i] = new
         self._grow_scores = {}
         self._cache_indices()

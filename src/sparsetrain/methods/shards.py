@@ -64,7 +64,7 @@ def index_select_(t: torch.Tensor, dim: int, idx: torch.Tensor) -> None:
     if not isinstance(t, DTensor):
         t.copy_(t.index_select(dim, idx))
     elif shard_dim(t) != dim % t.dim():  # each process holds whole lines along dim: it permutes its own
-        piece = t.to_local()
+        piece = local(t)
         piece.copy_(piece.index_select(dim, idx))
     else:  # the permutation crosses shards: permute the gathered whole, keep this process's piece
         t.to_local().copy_(local_view(t.full_tensor().index_select(dim, idx), t))
