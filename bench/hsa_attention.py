@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 from torch.utils.benchmark import Timer
 
-from sparsetrain import attention_masks as am
-from sparsetrain.bench import write_rows
+import sparsetrain.nn.attention_masks as am
+from sparsetrain_bench.steps import write_rows
 
 
 def timed_ms(fn, min_run_time: float) -> float:

@@ -18,9 +18,9 @@ import sys
 
 import torch
 
-from sparsetrain.bench import median_ms, write_rows
-from sparsetrain.model import FFN, ModelArgs
-from sparsetrain.moe import MoEFFN
+from sparsetrain.nn.model import FFN, ModelArgs
+from sparsetrain.nn.moe import MoEFFN
+from sparsetrain_bench.steps import median_ms, write_rows
 
 
 def dense_ffn(d: int, width: int, activation: str) -> FFN:

@@ -1,7 +1,9 @@
 """Where a SAT step's time goes: before_step (selection), forward+backward, optimizer (with stash/restore).
 
-Dense and SAT variants side by side in one process, each phase timed with CUDA events (CPU: perf_counter), compiled
-model, bf16 autocast, fused AdamW. Prints a table and writes JSON.
+Dense and SAT variants side by side in one process, built as the trainer builds them (compiled model on a GPU, bf16
+autocast, fused AdamW with its weight-decay groups, gradient clipping) and stepped by the trainer's own step
+(`train_step`), each phase timed with CUDA events (CPU: perf_counter) at its phase marks. Prints a table and writes
+JSON. ("optimizer" includes clipping and the stash/restore of omitted slices.)
 
     PYTHONPATH=src python3 bench/sat_phases.py --out $OUT/sat_phases.json            # GPU, gpt2-medium
     PYTHONPATH=src python3 bench/sat_phases.py --device cpu --quick --out /tmp/p.json # smoke test
@@ -15,10 +17,11 @@ import time
 
 import torch
 
-from sparsetrain.bench import print_table, write_rows
-from sparsetrain.config import ModelConfig
-from sparsetrain.methods.sat import SAT
-from sparsetrain.model import build
+from sparsetrain.methods import RunInfo
+from sparsetrain.training.build import build_model, make_optimizer
+from sparsetrain.training.runtime import parallelize, setup_runtime
+from sparsetrain.training.step import StepParts, train_step
+from sparsetrain_bench.steps import bench_config, print_table, write_rows
 
 VARIANTS = [
     None,  # dense
@@ -56,37 +59,27 @@ class Clock:
 
 
 def run(variant, *, preset, batch, seq, vocab, steps, warmup, device, compile_model):
+    """The trainer's model, optimizer and step (`train_step`) for dense (`variant` None) or SAT with `variant`'s
+    options, each phase timed by `train_step`'s phase marks."""
+    method = {"name": "dense"} if variant is None else {
+        "name": "sat", "schedule": "constant", "dense_final": 0.0, **variant}
+    cfg = bench_config(preset, batch_size=batch, seq_len=seq, vocab_size=vocab, method=method)
+    cfg.train.device = device.type
+    rt = setup_runtime(cfg.train)
     torch.manual_seed(0)
-    model = build(ModelConfig(preset=preset, vocab_size=vocab)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    sat = None
-    if variant is not None:
-        sat = SAT.from_config({"name": "sat", "schedule": "constant", "dense_final": 0.0, **variant}, model.args, seq)
-        sat.total_steps = 10**6
-        sat.start(model, opt)
-    fwd = torch.compile(model) if compile_model else model
-    x = torch.randint(0, vocab, (batch, seq), device=device)
-    y = torch.randint(0, vocab, (batch, seq), device=device)
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    model, sat, _ = build_model(cfg, None)
+    model.to(rt.device)
+    wrapped = parallelize(model, rt, cfg.train, compile_model)
+    opt = make_optimizer(model, cfg.train, rt.device)
+    sat.start(model, opt, RunInfo(total_steps=10**6, tokens_per_step=batch * seq))
+    parts = StepParts(model, wrapped, sat, opt, cfg.train.grad_clip, rt.autocast)
+    x = torch.randint(0, vocab, (batch, seq), device=rt.device)
+    y = torch.randint(0, vocab, (batch, seq), device=rt.device)
     rows = []
     for i in range(warmup + steps):
-        clock = Clock(cuda)
+        clock = Clock(rt.device.type == "cuda")
         clock.mark()
-        if sat:
-            sat.before_step(i)
-        clock.mark()
-        with torch.autocast(device.type, dtype=dtype, enabled=cuda):
-            loss = fwd(x, y)
-        loss.backward()
-        clock.mark()
-        if sat:
-            sat.before_optimizer(i)
-        opt.step()
-        if sat:
-            sat.after_optimizer(i)
-        opt.zero_grad(set_to_none=True)
-        clock.mark()
+        train_step(parts, i, [(x, y)], 1, on_phase=lambda phase: clock.mark())
         if i >= warmup:
             rows.append(clock.phases_ms())
     before, fwdbwd, optim = (statistics.median(r[j] for r in rows) for j in range(3))

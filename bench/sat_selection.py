@@ -14,9 +14,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sparsetrain.bench import print_table, write_rows
-from sparsetrain.demo import demo_config
-from sparsetrain.train import train
+from sparsetrain.cli.demo import demo_config
+from sparsetrain.training.loop import train
+from sparsetrain_bench.steps import print_table, write_rows
 
 SAT = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5}  # ladder schedule, wanda scores, sampled selection
 VARIANTS = {

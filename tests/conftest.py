@@ -5,7 +5,7 @@ import contextlib
 import pytest
 
 from sparsetrain import config
-from sparsetrain.data import prepare
+from sparsetrain.data.prepare import prepare
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +45,7 @@ def make_config(tiny_data):
 def interrupt_after_checkpoint(monkeypatch):
     """`with interrupt_after_checkpoint(6): train(...)`: the run stops (KeyboardInterrupt) right after writing its
     step-6 checkpoint, as a run killed there would."""
-    from sparsetrain import train as train_mod
+    import sparsetrain.training.loop as train_mod
 
     real = train_mod.save_checkpoint
 

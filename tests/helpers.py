@@ -1,9 +1,13 @@
 """Builders shared by tests: a seeded tiny model, a method, the trainer's AdamW groups, random token batches, the
 trainer's call order by hand, and parameter noise for the interop tests."""
+import dataclasses
+
 import torch
 
 from sparsetrain.config import ModelConfig
-from sparsetrain.model import build
+from sparsetrain.methods import Dense, RunInfo
+from sparsetrain.nn.model import build
+from sparsetrain.training.step import StepParts, train_step
 
 
 def seeded_model(preset: str, vocab_size: int, seed: int = 0, **overrides):
@@ -12,10 +16,17 @@ def seeded_model(preset: str, vocab_size: int, seed: int = 0, **overrides):
 
 
 def make_method(cls, model, seq_len: int, total_steps: int, **options):
-    """A method of class `cls` for `model` with `options`, told the run's length (as the trainer tells it)."""
+    """A method of class `cls` for `model` with `options`. It knows the run's length already (the trainer tells it at
+    `start`): a test may ask for its schedule before starting it, and `start` below passes the same run on."""
     method = cls.from_config({"name": cls.name, **options}, model.args, seq_len)
-    method.total_steps = total_steps
+    method.run = RunInfo(total_steps=total_steps)
     return method
+
+
+def start(method, model, optimizer, first_step: int = 0):
+    """`method.start` as the trainer calls it, with the run `make_method` gave the method (starting at
+    `first_step`: > 0 for a resumed run, whose state is loaded after this)."""
+    method.start(model, optimizer, dataclasses.replace(method.run, first_step=first_step))
 
 
 def make_optimizer(model, lr: float = 1e-2):
@@ -48,31 +59,22 @@ def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def train_by_hand(model, method, data, optimizer=None, *, first_step: int = 0, start: bool = True,
                   micro_batches: int = 1, check=None):
-    """The trainer's call order, by hand: (losses, optimizer). `start`: set the method up and start it first;
-    `micro_batches` > 1 splits every batch (hooks see an accumulation); `check(step, phase)` runs after backward
-    ('grad') and after the step ('after')."""
+    """The trainer's step (`train_step`) on the uncompiled fp32 model: (losses, optimizer). `start`: set the method
+    up and start it first; `micro_batches` > 1 splits every batch (hooks see an accumulation); `check(step, phase)`
+    runs after backward ('grad') and after the step ('after')."""
     optimizer = optimizer or make_optimizer(model)
-    if method is not None and start:
+    method = method or Dense(None, model.args, 0)
+    if start:
         method.setup(model)
-        method.start(model, optimizer)
+        method.start(model, optimizer, dataclasses.replace(method.run, first_step=first_step))
+    parts = StepParts(model, model, method, optimizer)
+    phases = {"backward": "grad", "optimizer": "after"}
     losses = []
     for step, (x, y) in enumerate(data, start=first_step):
-        if method:
-            method.before_step(step)
-        loss = 0.0
-        for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
-            part = model(xs, ys) / micro_batches
-            part.backward()
-            loss += part.item()
-        if check:
-            check(step, "grad")
-        if method:
-            method.before_optimizer(step)
-        optimizer.step()
-        if method:
-            method.after_optimizer(step)
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss)
-        if check:
-            check(step, "after")
+        def on_phase(name, step=step):
+            if check and name in phases:
+                check(step, phases[name])
+        loss = train_step(parts, step, zip(x.chunk(micro_batches), y.chunk(micro_batches)), micro_batches,
+                          on_phase=on_phase)
+        losses.append(loss.item())
     return losses, optimizer

@@ -7,20 +7,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sparsetrain import checkpoint as ckpt_mod
-from sparsetrain.analysis import analyze_run
+import sparsetrain.store.checkpoint as ckpt_mod
+from sparsetrain.cli.analyze import analyze_run
 from sparsetrain.errors import UserError
 from sparsetrain.methods import REGISTRY
-from sparsetrain.methods.ssd import SSD
-from sparsetrain.train import train
+from sparsetrain.methods.ssd.method import SSD
+from sparsetrain.training.loop import train
 
 
 @pytest.fixture(scope="module")
 def run(tiny_data, tmp_path_factory):
     """A 12-step relu2 run with checkpoints at steps 6 and 12."""
-    from sparsetrain import config
-
     from conftest import tiny_config
+
+    from sparsetrain import config
 
     raw = tiny_config(tiny_data)
     raw["model"]["activation"] = "relu2"

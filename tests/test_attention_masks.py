@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from sparsetrain import attention_masks as am
+import sparsetrain.nn.attention_masks as am
 from sparsetrain.errors import UserError
 
 

@@ -1,4 +1,4 @@
-"""Tests for sparsetrain.data / sparsetrain.sources: tiny corpora in tmp_path, a 300-token vocabulary."""
+"""Tests for sparsetrain.data / sparsetrain.data.sources: tiny corpora in tmp_path, a 300-token vocabulary."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from sparsetrain import data, sources
-from sparsetrain.data import (EOT, BatchLoader, TokenData, describe, eval_windows, export_jsonl, is_val,
-                              load_tokenizer, prepare)
+import sparsetrain.data.prepare as data
+import sparsetrain.data.sources as sources
+from sparsetrain.data.prepare import EOT, describe, export_jsonl, is_val, load_tokenizer, prepare
+from sparsetrain.data.sources import iter_documents, open_source
+from sparsetrain.data.tokens import BatchLoader, TokenData, eval_windows
 from sparsetrain.errors import UserError
-from sparsetrain.sources import iter_documents, open_source
 
 VOCAB = 300
 

@@ -1,8 +1,8 @@
 """The README's main job, shrunk: every method runs and the report renders."""
 import json
 
-from sparsetrain.data import prepare
-from sparsetrain.demo import CONTENDERS, CONTINUATIONS, run_demo
+from sparsetrain.cli.demo import CONTENDERS, CONTINUATIONS, run_demo
+from sparsetrain.data.prepare import prepare
 
 
 def test_demo_runs_every_method_and_writes_report(tmp_path):

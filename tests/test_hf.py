@@ -3,14 +3,14 @@ import json
 
 import pytest
 import torch
+from helpers import perturb
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from sparsetrain.config import ModelConfig
-from helpers import perturb
 from sparsetrain.errors import UserError
-from sparsetrain.hf import copy_tokenizer, export_hf, import_hf
-from sparsetrain.model import FAMILY_DEFAULTS, PRESETS, ModelArgs, Transformer, resolve
+from sparsetrain.nn.model import FAMILY_DEFAULTS, PRESETS, ModelArgs, Transformer, resolve
+from sparsetrain.store.hf import copy_tokenizer, export_hf, import_hf
 
 VOCAB, SEQ = 97, 64
 

@@ -3,18 +3,18 @@ import json
 
 import pytest
 import torch
+from helpers import perturb
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from sparsetrain import config
 from sparsetrain.config import ModelConfig
-from helpers import perturb
 from sparsetrain.errors import UserError
-from sparsetrain.hf import export_hf, import_hf, import_hf_full
 from sparsetrain.methods import build_method
 from sparsetrain.methods.upcycle import upcycle
-from sparsetrain.model import FAMILY_DEFAULTS, PRESETS, ModelArgs, Transformer, resolve
-from sparsetrain.moe import MoEFFN
+from sparsetrain.nn.model import FAMILY_DEFAULTS, PRESETS, ModelArgs, Transformer, resolve
+from sparsetrain.nn.moe import MoEFFN
+from sparsetrain.store.hf import export_hf, import_hf, import_hf_full
 
 VOCAB, SEQ = 97, 64
 

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from sparsetrain.config import ModelConfig
 from sparsetrain.errors import UserError
-from sparsetrain.model import FFN, Attention, Transformer, activate, build, flops_per_token, resolve
+from sparsetrain.nn.model import FFN, Attention, Transformer, activate, build, flops_per_token, resolve
 
 
 def tiny(preset="tiny", **kw):
@@ -67,7 +67,7 @@ def test_attention_subset_equals_zeroed_heads(preset):
     x = torch.randn(2, 6, args.d_model)
     rope = None
     if args.family == "llama":
-        from sparsetrain.model import rope_tables
+        from sparsetrain.nn.model import rope_tables
 
         rope = rope_tables(args.head_dim, 16, args.rope_theta)
     groups = torch.tensor([1])
@@ -98,7 +98,7 @@ def test_sliced_attention_compiles_without_graph_breaks_when_the_kept_count_vari
     attn = Attention(args)
     rope = None
     if args.family == "llama":
-        from sparsetrain.model import rope_tables
+        from sparsetrain.nn.model import rope_tables
 
         rope = rope_tables(args.head_dim, 16, args.rope_theta)
     compiled = torch.compile(attn, fullgraph=True, dynamic=True, backend="aot_eager")

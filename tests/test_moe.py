@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from sparsetrain.model import activate
-from sparsetrain.moe import MoEFFN, capacity_keep, load_balancing_loss, router_z_loss, token_choice
+from sparsetrain.nn.model import activate
+from sparsetrain.nn.moe import MoEFFN, capacity_keep, load_balancing_loss, router_z_loss, token_choice
 
 
 def make(activation="swiglu", bias=False, experts=6, top_k=2, **kw) -> MoEFFN:

@@ -8,15 +8,18 @@ import sys
 
 import pytest
 import torch
+from helpers import make_method, make_optimizer, random_batches, seeded_model, start, train_by_hand
 from safetensors.torch import load_file, save_file
 
-from helpers import make_method, make_optimizer, random_batches, seeded_model, train_by_hand
-from sparsetrain import attention_masks, config
-from sparsetrain.checkpoint import join_state, list_checkpoints, split_state
+import sparsetrain.nn.attention_masks as attention_masks
+from sparsetrain import config
 from sparsetrain.errors import UserError
-from sparsetrain.methods.mst import MST, MSTOptions, erk_densities, next_active, sparse_weights
-from sparsetrain.model import flops_per_token
-from sparsetrain.train import train as run_training
+from sparsetrain.methods import RunInfo
+from sparsetrain.methods.mst import MST, MSTOptions
+from sparsetrain.methods.mst.topology import erk_densities, next_active, sparse_weights
+from sparsetrain.nn.model import flops_per_token
+from sparsetrain.store.checkpoint import join_state, list_checkpoints, split_state
+from sparsetrain.training.loop import train as run_training
 
 VOCAB, T, B = 61, 16, 4
 # A short schedule that visits every phase: warm-up to step 6, ultra-sparse to 12, restoration ramp to 18.
@@ -67,7 +70,7 @@ def test_weight_masks_follow_the_schedule_and_masked_weights_stay_zero(preset, d
     method = make_mst(model, density=density, grow=grow, sparsify_embeddings=preset == "tiny-llama", **SCHEDULE)
     optimizer = make_optimizer(model)
     method.setup(model)
-    method.start(model, optimizer)
+    start(method, model, optimizer)
     realised = []
 
     def check(step, phase):
@@ -203,7 +206,7 @@ def test_neuron_granularity_schedule_frozen_units_and_sliced_equals_dense(preset
     method = make_mst(model, granularity="neuron", **SCHEDULE)
     optimizer = make_optimizer(model)
     method.setup(model)
-    method.start(model, optimizer)
+    start(method, model, optimizer)
     data = batches(24)
     n = {"ffn": model.args.d_ff, "head": model.args.n_kv_head}
     kept_ffn = []
@@ -252,7 +255,7 @@ def test_neuron_update_steps_run_dense_and_count_dense_flops():
     model = make_model("tiny")
     method = make_mst(model, granularity="neuron", **SCHEDULE)
     method.setup(model)
-    method.start(model, make_optimizer(model))
+    start(method, model, make_optimizer(model))
     dense = method.dense_flops_per_token()
     for step in (8, 9):  # ultra-sparse: 8 is an update step (grows by gradient), 9 is not
         method.before_step(step)
@@ -286,7 +289,7 @@ def test_weight_flops_and_metrics():
     assert make_mst(model, density="uniform", grow="set", **SCHEDULE).flops_per_token(10) == method.flops_per_token(9)
 
     method.setup(model)
-    method.start(model, make_optimizer(model))
+    start(method, model, make_optimizer(model))
     for step, (x, y) in enumerate(batches(10)):
         method.before_step(step)
         model(x, y).backward()
@@ -308,7 +311,7 @@ def test_attention_window_sets_block_masks_and_counts_blocks():
     options = MSTOptions(attention="local", window=128, attention_layers=[-1], attention_start=0.25,
                          attention_end=0.5, sparsity=0.0)
     method = MST.from_config({"name": "mst", **dataclasses.asdict(options)}, model.args, seq)
-    method.total_steps = 100
+    method.run = RunInfo(total_steps=100)  # what start() would be told
     method.setup(model)
     seen = []
     for step in (0, 24, 25, 49, 50, 99):
@@ -341,8 +344,8 @@ def test_state_dict_round_trip_resumes_identically(granularity, tmp_path):
     resumed_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # else they share moments
     resumed = make_mst(resumed_model, **options)
     resumed.setup(resumed_model)
-    resumed.load_state_dict(state)  # before start(), as the trainer does
-    resumed.start(resumed_model, resumed_opt)
+    start(resumed, resumed_model, resumed_opt, first_step=7)
+    resumed.load_state_dict(state)  # after start(), as the trainer does
     expected, _ = train(model, method, data[7:], optimizer, first_step=7)
     got, _ = train(resumed_model, resumed, data[7:], resumed_opt, first_step=7)
     assert expected == got
@@ -458,7 +461,7 @@ def test_hybrid_attention_trains_on_cpu_with_the_dense_mask(make_config, tmp_pat
     run = tmp_path / "run"
     summary = run_training(make_config(steps=6, eval_every=3, method=method), run)
     assert summary["val_loss"] < 6.3
-    from sparsetrain.model import Attention
+    from sparsetrain.nn.model import Attention
 
     model = make_model("tiny")
     attn: Attention = model.blocks[0].attn

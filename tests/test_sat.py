@@ -5,8 +5,8 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_method, make_optimizer, random_batches, seeded_model, start, train_by_hand
 
-from helpers import make_method, make_optimizer, random_batches, seeded_model, train_by_hand
 from sparsetrain.errors import UserError
 from sparsetrain.methods.sat import SAT, keep_count
 
@@ -102,7 +102,7 @@ def test_step_with_omission_freezes_omitted_slices_and_moments(preset):
 def test_sliced_forward_equals_dense_with_omitted_outputs_zeroed(preset):
     model = make_model(preset)
     method = make_sat(model, schedule="constant", dense_final=0.0, metric="uniform")
-    method.start(model, make_optimizer(model))
+    start(method, model, make_optimizer(model))
     method.before_step(0)
     x = torch.randn(2, T, model.args.d_model)
     rope = (model.rope_cos, model.rope_sin) if model.rope_cos is not None else None
@@ -144,7 +144,7 @@ def test_ladder_schedule_and_kept_counts():
     # Kept counts: round((1 - rate) n) to a multiple, within [multiple, n].
     assert keep_count(352, 0.5, 64) == 192 and keep_count(512, 0.5, 64) == 256
     assert keep_count(352, 0.95, 64) == 64 and keep_count(4, 0.375, 1) == 3 and keep_count(4, 0.0, 1) == 4
-    method.start(model, make_optimizer(model))
+    start(method, model, make_optimizer(model))
     shapes = set()
     for step in range(100):
         method.before_step(step)
@@ -195,7 +195,7 @@ def test_metrics_rank_the_planted_neurons_and_heads(preset, metric):
     method = make_sat(model, ffn_rate=1 - 64 / model.args.d_ff, head_rate=1 - 1 / K, ffn_multiple=1, metric=metric,
                       select="topk", schedule="constant", dense_final=0.0, stats_dense_pass=True)
     optimizer = make_optimizer(model)
-    method.start(model, optimizer)
+    start(method, model, optimizer)
     rope = (model.rope_cos, model.rope_sin) if model.rope_cos is not None else None
     method.before_step(0)  # gathers statistics from the blocks' inputs
     for block in model.blocks:
@@ -215,7 +215,7 @@ def test_maxip_measures_only_computed_neurons_and_tries_unmeasured_ones_first():
     model, x = _planted("tiny")
     method = make_sat(model, ffn_rate=0.5, head_rate=0.5, metric="maxip", select="topk", schedule="constant",
                       dense_final=0.0)
-    method.start(model, make_optimizer(model))
+    start(method, model, make_optimizer(model))
     seen = torch.zeros(model.args.d_ff, dtype=torch.bool)
     for step in range(2):
         method.before_step(step)
@@ -252,12 +252,12 @@ def test_state_dict_round_trip_gives_the_same_next_selections():
     copy_model = copy.deepcopy(model)
     expected = next_selection(method, model)
     resumed = make_sat(copy_model, **options)
-    resumed.load_state_dict(state)  # before start(), as the trainer does
-    resumed.start(copy_model, make_optimizer(copy_model))
+    start(resumed, copy_model, make_optimizer(copy_model), first_step=3)
+    resumed.load_state_dict(state)  # after start(), as the trainer does
     got = next_selection(resumed, copy_model)
     assert all(torch.equal(a, b) for ea, ga in zip(expected, got) for e, g in zip(ea, ga) for a, b in zip(e, g))
     fresh = make_sat(copy.deepcopy(model), **options)  # same seed, no statistics: a different choice
-    fresh.start(fresh_model := copy.deepcopy(model), make_optimizer(fresh_model))
+    start(fresh, fresh_model := copy.deepcopy(model), make_optimizer(fresh_model))
     other = next_selection(fresh, fresh_model)
     assert not all(torch.equal(a, b) for ea, ga in zip(expected, other) for e, g in zip(ea, ga) for a, b in zip(e, g))
 
@@ -270,7 +270,7 @@ def test_flops_and_metrics():
     m = method.metrics(0)
     assert m["sat_ffn_rate"] == 0.5 and m["sat_head_rate"] == 0.5
     # One of two layers at half its FFN and half its heads: a quarter of the layers' FLOPs saved.
-    from sparsetrain.model import flops_per_token
+    from sparsetrain.nn.model import flops_per_token
     parts = flops_per_token(model.args, T)
     layer_flops = parts["ffn"] + parts["attn_linear"] + parts["attn_scores"]
     assert m["sat_flops_saved"] == pytest.approx(0.25 * 3 * layer_flops / dense)
@@ -326,7 +326,7 @@ def test_compiled_stash_auto_is_eager_on_the_cpu(value, compiled):
     model = make_model("tiny")
     method = make_sat(model, compiled_stash=value)
     assert make_sat(model).options.compiled_stash == "auto"
-    method.start(model, make_optimizer(model))
+    start(method, model, make_optimizer(model))
     method.before_step(0)
     method.before_optimizer(0)
     assert method._stash.compiled is compiled

@@ -4,12 +4,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from sparsetrain.config import ModelConfig
+from sparsetrain.data.sft import IGNORE_INDEX, SFTLoader, prepare_sft
 from sparsetrain.errors import UserError
-from sparsetrain.model import build
-from sparsetrain.sft import IGNORE_INDEX, SFTLoader, prepare_sft
+from sparsetrain.nn.model import build
 
 EOS = "<|endoftext|>"
 
@@ -208,7 +208,7 @@ int plain(void)
 
 
 def test_kernel_doc_pairs_take_documented_function_definitions_only():
-    from sparsetrain.sft import KERNEL_DOC_PROMPT, kernel_doc_pairs
+    from sparsetrain.data.sft import KERNEL_DOC_PROMPT, kernel_doc_pairs
 
     text = KERNEL_C.replace("LONG_BODY", "x();\n" * 200)
     pairs = kernel_doc_pairs(text, max_response_chars=500)

@@ -5,17 +5,24 @@ import json
 
 import pytest
 import torch
-
-from sparsetrain import checkpoint as ckpt_mod
-from sparsetrain import train as train_mod
-from sparsetrain.errors import UserError
 from helpers import make_method, make_optimizer, random_batch, seeded_model
-from sparsetrain.methods.ssd import (SSD, Check, Monitor, adjusted_rand_index, balanced_assign, balanced_kmeans,
-                                     cluster_neurons, contiguous_labels, densify_checkpoint, fit_router, fit_routers,
-                                     generate,
-                                     generate_both, moefy_, moefy_checkpoint, neuron_rows, permute_ffn_, prepare_moe,
-                                     router_centroids, run_as_moe, run_dense, ssd_layers, stored_order)
-from sparsetrain.train import load_model, train
+from helpers import start as start_method
+
+import sparsetrain.store.checkpoint as ckpt_mod
+from sparsetrain.cli.convert import densify_checkpoint, moefy_checkpoint
+from sparsetrain.cli.generate import generate_both
+from sparsetrain.data.batches import TrainingData
+from sparsetrain.errors import UserError
+from sparsetrain.methods.ssd.cluster import (adjusted_rand_index, balanced_assign, balanced_kmeans, cluster_neurons,
+                                             contiguous_labels)
+from sparsetrain.methods.ssd.ffn import fit_router, neuron_rows, permute_ffn_, router_centroids, ssd_layers
+from sparsetrain.methods.ssd.method import SSD
+from sparsetrain.methods.ssd.moefy import fit_routers, moefy_, prepare_moe, run_as_moe, run_dense, stored_order
+from sparsetrain.methods.ssd.monitor import Check, Monitor
+from sparsetrain.nn.generate import generate
+from sparsetrain.training.build import load_model
+from sparsetrain.training.loop import evaluate, train
+from sparsetrain.training.runtime import setup_runtime
 
 VOCAB, T, B = 64, 16, 4
 PRESETS = [("tiny", "relu2"), ("tiny", "relu"), ("tiny-llama", "swiglu")]
@@ -152,7 +159,7 @@ def test_switching_without_a_step_keeps_the_dense_loss(preset, activation):
     method = make_ssd(model, schedule="fixed", sparse_windows=[[0.5, 1.0]], monitor_every=0)
     opt = make_optimizer(model)
     method.setup(model)
-    method.start(model, opt)
+    start_method(method, model, opt)
     with torch.no_grad():
         dense_loss, dense_logits = model(x, y).item(), model(x)
         method.before_step(10)  # into the sparse window: cluster, permute, route
@@ -173,7 +180,7 @@ def test_sparse_step_computes_and_updates_only_chosen_experts():
     method = make_ssd(model, schedule="fixed", sparse_windows=[[0.0, 1.0]], monitor_every=0, top_k=1)
     opt = make_optimizer(model)
     method.setup(model)
-    method.start(model, opt)
+    start_method(method, model, opt)
     model(x, y).backward()  # moments for every parameter, so that AdamW would move idle ones
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -314,7 +321,7 @@ def run_policy(method, steps, stable_from=None):
 
 def start(method, model):
     method.setup(model)
-    method.start(model, make_optimizer(model))
+    start_method(method, model, make_optimizer(model))
     return method
 
 
@@ -398,13 +405,13 @@ def test_training_switches_phases_logs_and_saves_flops(make_config, tmp_path):
     order = stored_order(run)
     assert order.shape == (2, 256) and sorted(order[0].tolist()) == list(range(256))
     model, method, cfg = load_model(run)
-    rt = train_mod.setup_runtime(cfg.train)
-    val = train_mod.TrainingData(cfg.data.dir, cfg.train)
-    dense_loss = train_mod.evaluate(model, val, cfg.train, rt, method)
+    rt = setup_runtime(cfg.train)
+    val = TrainingData(cfg.data.dir, cfg.train)
+    dense_loss = evaluate(model, val, cfg.train, rt, method)
     prepare_moe(model, run, 4)  # all 4 experts of 4: the dense model
-    assert train_mod.evaluate(model, val, cfg.train, rt, method) == pytest.approx(dense_loss, abs=1e-4)
+    assert evaluate(model, val, cfg.train, rt, method) == pytest.approx(dense_loss, abs=1e-4)
     prepare_moe(model, run, 1)
-    assert train_mod.evaluate(model, val, cfg.train, rt, method) > dense_loss
+    assert evaluate(model, val, cfg.train, rt, method) > dense_loss
 
 
 def test_resume_reproduces_phase_clustering_and_weights(make_config, tmp_path, interrupt_after_checkpoint):
@@ -458,7 +465,7 @@ def test_moefy_and_densify_round_trip(make_config, tmp_path):
 
 
 def test_generate_dense_and_moe(make_config, tmp_path):
-    from sparsetrain.data import load_tokenizer
+    from sparsetrain.data.prepare import load_tokenizer
 
     run = tmp_path / "run"
     train(make_config(model={"activation": "relu2"}, steps=2, eval_every=0, checkpoint_every=0), run)
@@ -494,7 +501,7 @@ def test_trained_router_option_routes_with_the_fitted_routers():
                       router="trained", router_steps=20)
     optimizer = make_optimizer(model)
     method.setup(model)
-    method.start(model, optimizer)
+    start_method(method, model, optimizer)
     x, y = tokens()
     for step in range(4):
         method.before_step(step)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from sparsetrain.cli import main
-from sparsetrain.train import load_model, train
+from sparsetrain.training.build import load_model
+from sparsetrain.training.loop import train
 
 
 def test_ssd_run_then_analyze_moefy_eval_generate(make_config, tmp_path, capsys):

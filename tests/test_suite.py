@@ -10,12 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsetrain.data import TokenData, export_jsonl, prepare
+from sparsetrain.data.prepare import export_jsonl, prepare
+from sparsetrain.data.tokens import TokenData
 from sparsetrain.errors import UserError
 from sparsetrain.methods import REGISTRY
 from sparsetrain.methods.base import Dense, DenseOptions
-from sparsetrain.report import TARGETS, evaluate_targets, load_results, write_report
-from sparsetrain.suite import PARTS, CompileClock, Context, code_base, prepare_corpus, run_part, steady_times
+from sparsetrain_bench.context import Context
+from sparsetrain_bench.corpora import prepare_corpus
+from sparsetrain_bench.report import TARGETS, evaluate_targets, load_results, write_report
+from sparsetrain_bench.runs import CompileClock, code_base, steady_times
+from sparsetrain_bench.suite import PARTS, run_part
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -433,7 +437,7 @@ def test_two_gpu_part_reuses_finished_launches_in_the_same_work_folder(env, resu
     run = subprocess.run
 
     def no_launch(cmd, **k):
-        if "sparsetrain.interconnect" in cmd:  # the link is timed again on every call
+        if "sparsetrain_bench.interconnect" in cmd:  # the link is timed again on every call
             return run(cmd, **k)
         raise AssertionError("launched again")
 

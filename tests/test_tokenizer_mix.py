@@ -1,7 +1,7 @@
 import json
 
 from sparsetrain.cli import main
-from sparsetrain.data import load_tokenizer, prepare
+from sparsetrain.data.prepare import load_tokenizer, prepare
 
 
 def test_shared_tokenizer_from_two_sources(tmp_path, capsys):

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sparsetrain import checkpoint as ckpt_mod
-from sparsetrain import train as train_mod
+import sparsetrain.store.checkpoint as ckpt_mod
 from sparsetrain.cli import main
 from sparsetrain.errors import UserError
-from sparsetrain.train import lr_at, train
+from sparsetrain.training.build import load_model
+from sparsetrain.training.loop import lr_at, train
 
 
 def metrics(run):
@@ -181,8 +181,8 @@ def test_hf_export_import_cli(tiny_data, make_config, tmp_path):
     assert main(["convert", "hf-export", "--from", str(run), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
     assert main(["convert", "hf-import", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
-    model, _, _ = train_mod.load_model(tmp_path / "back")
-    orig, _, _ = train_mod.load_model(run)
+    model, _, _ = load_model(tmp_path / "back")
+    orig, _, _ = load_model(run)
     x = torch.randint(0, 512, (2, 16))
     assert torch.allclose(model(x), orig(x), atol=1e-5)
 

@@ -6,9 +6,10 @@ import torch
 
 from sparsetrain.config import ModelConfig
 from sparsetrain.errors import UserError
+from sparsetrain.methods import RunInfo
 from sparsetrain.methods.upcycle import Upcycle, moe_layers, upcycle
-from sparsetrain.model import Transformer, flops_per_token, resolve
-from sparsetrain.moe import MoEFFN
+from sparsetrain.nn.model import Transformer, flops_per_token, resolve
+from sparsetrain.nn.moe import MoEFFN
 
 
 def dense_model(preset: str) -> Transformer:
@@ -102,7 +103,7 @@ def test_method_setup_builds_the_structure_and_loads_an_upcycled_checkpoint():
     method.setup(fresh)  # a second setup keeps the loaded experts
     assert torch.equal(fresh.blocks[0].mlp.w_in, upcycled.blocks[0].mlp.w_in)
 
-    method.start(fresh, None)
+    method.start(fresh, None, RunInfo())
     idx = torch.randint(0, 64, (2, 16))
     loss = fresh(idx, idx) + method.aux_loss(fresh)
     loss.backward()

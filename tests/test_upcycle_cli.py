@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from sparsetrain.cli import main
-from sparsetrain.moe import MoEFFN
-from sparsetrain.train import load_model, train
+from sparsetrain.nn.moe import MoEFFN
+from sparsetrain.training.build import load_model
+from sparsetrain.training.loop import train
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import json
 import torch
 
 from sparsetrain.cli import main
-from sparsetrain.train import load_model
+from sparsetrain.training.build import load_model
 
 
 def test_hf_llama_sat_upcycle_mixtral(tiny_data, tmp_path, monkeypatch, capsys):

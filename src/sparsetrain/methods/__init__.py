@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import UserError
-from ..model import ModelArgs
-from .base import Dense, Method
-from .mst import MST
-from .sat import SAT
-from .ssd import SSD
-from .upcycle import Upcycle
+from sparsetrain.errors import UserError
+from sparsetrain.methods.base import Dense, Method, RunInfo
+from sparsetrain.methods.mst import MST
+from sparsetrain.methods.sat import SAT
+from sparsetrain.methods.ssd.method import SSD
+from sparsetrain.methods.upcycle import Upcycle
+from sparsetrain.nn.model import ModelArgs
 
 REGISTRY: dict[str, type[Method]] = {"dense": Dense, "sat": SAT, "upcycle": Upcycle, "ssd": SSD, "mst": MST}
 
@@ -19,3 +19,5 @@ def build_method(method_cfg: dict[str, Any], args: ModelArgs, seq_len: int) -> M
     if name not in REGISTRY:
         raise UserError(f"unknown method.name '{name}'; methods: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name].from_config(method_cfg, args, seq_len)
+
+__all__ = ["REGISTRY", "Dense", "Method", "RunInfo", "build_method"]

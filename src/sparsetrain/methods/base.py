@@ -3,7 +3,9 @@
 The trainer calls, in this order:
     setup(model)                      structure only (replace modules); also run when a model is loaded for eval
     init_weights(model, state)        a fresh run from `train.init_from` (upcycling fills its experts here)
-    start(model, optimizer)           once, before the first step (also after a resume, after the state is loaded)
+    start(model, optimizer, run)      once, before the first step, with what the method must know of the run
+                                      (`RunInfo`: its length, tokens per step, processes, where it starts)
+    load_state_dict(state)            a resumed run: after start, with the model's and optimizer's state in place
     per step:
         before_step(step)             choose what this step computes (neurons, heads, experts, masks, phase)
         forward/backward (+ aux_loss(model) added to the loss)
@@ -23,9 +25,24 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_weights
-from ..config import fill_dataclass
-from ..model import ModelArgs, Transformer, flops_per_token
+from sparsetrain.config import fill_dataclass
+from sparsetrain.nn.model import ModelArgs, Transformer, flops_per_token
+from sparsetrain.store.checkpoint import load_weights
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a method knows of the run it trains in, given at `start`."""
+    total_steps: int = 0  # optimizer steps of the whole run: schedules are fractions of it
+    tokens_per_step: int = 0  # 0: unknown; spreads a method's occasional work over the tokens (SSD's checks)
+    world: int = 1  # processes (torchrun); methods that decide something decide it the same on every one
+    rank: int = 0
+    parallel: str = "ddp"  # ddp | fsdp: how the model is split over the processes (when world > 1)
+    first_step: int = 0  # > 0: a resumed run, whose state comes next through load_state_dict
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
 
 
 @dataclass
@@ -41,8 +58,7 @@ class Method:
         self.options = options
         self.args = args
         self.seq_len = seq_len
-        self.total_steps = 0  # set by the trainer before start(): schedules need the length of training
-        self.tokens_per_step = 0  # set by the trainer too: spreads a method's occasional work over tokens
+        self.run = RunInfo()  # replaced by start()
         self.model: Transformer | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
@@ -68,8 +84,13 @@ class Method:
         """Start a run from the weights of another (`train.init_from`); by default they must match exactly."""
         load_weights(model, state, source)
 
-    def start(self, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
+    def start(self, model: Transformer, optimizer: torch.optim.Optimizer, run: RunInfo) -> None:
+        """Ready to train `model` with `optimizer` (weights loaded; sharded and on its device)."""
+        self.model, self.optimizer, self.run = model, optimizer, run
+
+    @property
+    def total_steps(self) -> int:
+        return self.run.total_steps
 
     # --- per step ------------------------------------------------------------------------------------------------
     def before_step(self, step: int) -> None:
@@ -105,7 +126,7 @@ class Method:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Continue from `state_dict()`'s output; called after `start`."""
 
 
 class Dense(Method):

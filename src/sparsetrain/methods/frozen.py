@@ -18,7 +18,7 @@ import functools
 import torch
 from torch.distributed.tensor import DTensor
 
-from .shards import local, local_part
+from sparsetrain.methods.shards import local, local_part
 
 
 def moments(optimizer: torch.optim.Optimizer | None, p: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -30,15 +30,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from ..errors import UserError
-from ..model import ModelArgs, Transformer, flops_per_token
-from .base import Method
-from .frozen import SliceStash
-from .shards import replicated, whole
+from sparsetrain.errors import UserError
+from sparsetrain.methods.base import Method, RunInfo
+from sparsetrain.methods.frozen import SliceStash
+from sparsetrain.methods.shards import replicated, whole
+from sparsetrain.methods.units import (KINDS, complement, fold, keep_count, layered_rows_cols, same_on_all_ranks,
+                                       unit_count, unit_module, unit_params)
+from sparsetrain.nn.model import ModelArgs, Transformer, flops_per_token
 
 METRICS = ("uniform", "magnitude", "wanda", "maxip")
 SELECTS = ("topk", "sample")
@@ -75,20 +76,6 @@ class SATOptions:
     compiled_stash: bool | str = "auto"  # auto | true | false
 
 
-def keep_count(n: int, rate: float, multiple: int) -> int:
-    """Neurons (groups) kept of n at an omission rate: round((1 - rate) n) to a multiple, within [min(multiple, n), n].
-
-    Rounding is half-up, not Python's half-to-even, so counts are what the docs say. 0 means the rate keeps nothing.
-    """
-    if rate <= 0:
-        return n
-    k = math.floor((1 - rate) * n + 0.5)
-    if k == 0:
-        return 0
-    k = math.floor(k / multiple + 0.5) * multiple
-    return min(n, max(k, min(multiple, n)))
-
-
 def _ema_(total: torch.Tensor, weight: torch.Tensor, value: torch.Tensor, idx: torch.Tensor | None, decay: float):
     """total/weight is a running mean; update it with `value` at `idx` (None = everywhere), in place."""
     if idx is None:
@@ -108,21 +95,6 @@ def _optimistic(total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.where(seen, mean, fill)
 
 
-def _complement(kept: torch.Tensor, n: int) -> torch.Tensor:
-    """Sorted indices in [0, n) not in each row of `kept` [L, k] -> [L, n - k], without a host sync."""
-    omitted = torch.ones(kept.shape[0], n, dtype=torch.uint8, device=kept.device)
-    omitted.scatter_(1, kept, 0)
-    # A stable descending sort puts the ones (omitted) first, in index order.
-    return omitted.argsort(dim=1, descending=True, stable=True)[:, : n - kept.shape[1]]
-
-
-def same_on_all_ranks(decision: torch.Tensor) -> torch.Tensor:
-    """Statistics are gathered per rank, but every rank must compute the same slices: rank 0 decides."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(decision, src=0)
-    return decision
-
-
 class SAT(Method):
     name = "sat"
     Options = SATOptions
@@ -132,7 +104,6 @@ class SAT(Method):
         L = args.n_layer
         exempt = {i % L for i in options.exempt_layers}
         self.layers = [i for i in range(L) if i not in exempt]  # the layers SAT makes sparse
-        self.total_steps: int | None = None  # set by the trainer before start()
         self.generator: torch.Generator | None = None
         self.stats: dict[str, torch.Tensor] = {}
         self.scores: dict[str, torch.Tensor] = {}  # cached between refreshes (stats_every > 1)
@@ -141,7 +112,6 @@ class SAT(Method):
         self._gather_ffn_now = self._gather_head_now = False
         self._stash: SliceStash | None = None
         self._hooks: list = []
-        self._pending_state: dict | None = None
 
     # --- options ------------------------------------------------------------------------------------------------
     @classmethod
@@ -192,8 +162,8 @@ class SAT(Method):
     # --- schedule -----------------------------------------------------------------------------------------------
     def scheduled_rate(self, rate: float, step: int) -> float:
         """The omission rate in force at `step` for a configured rate (LORS, constant or linear)."""
-        if self.total_steps is None:
-            raise RuntimeError("SAT needs method.total_steps (the run's optimizer steps), set before start()")
+        if not self.total_steps:
+            raise RuntimeError("SAT needs the run's optimizer steps (RunInfo.total_steps), given to start()")
         o = self.options
         p = step / self.total_steps
         end = 1 - o.dense_final
@@ -227,8 +197,8 @@ class SAT(Method):
         return bool(needs) and step % o.stats_every == 0 and step < (1 - o.dense_final) * self.total_steps
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
-    def start(self, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
-        super().start(model, optimizer)
+    def start(self, model: Transformer, optimizer: torch.optim.Optimizer, run: RunInfo) -> None:
+        super().start(model, optimizer, run)
         device = model.wte.weight.device
         self._compiled_stash = self.options.compiled_stash is True or (
             self.options.compiled_stash == "auto" and device.type == "cuda")
@@ -245,9 +215,6 @@ class SAT(Method):
             self.stats = {"ffn_ip": zeros(Ls, self.args.d_ff), "ffn_ip_w": zeros(Ls, self.args.d_ff),
                           "head_out": zeros(Ls, self.args.n_kv_head), "head_out_w": zeros(Ls, self.args.n_kv_head)}
         self.scores = {}
-        if self._pending_state is not None:
-            self._apply_state(self._pending_state)
-            self._pending_state = None
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
@@ -318,33 +285,18 @@ class SAT(Method):
             key = "ffn_ip" if kind == "ffn" else "head_out"
             return _optimistic(s[key], s[key + "_w"])
         blocks = [self.model.blocks[i] for i in self.layers]
-        ins = [b.mlp.fc.weight if kind == "ffn" else b.attn.qkv.weight for b in blocks]
+        ins = [unit_params(unit_module(b, kind), kind)[0][0] for b in blocks]
         if metric == "wanda":
             key = "ffn_in" if kind == "ffn" else "attn_in"
             rms = torch.where(s[key + "_w"] > 0, (s[key] / s[key + "_w"].clamp_min(1e-30)).sqrt(), 1.0)
             if isinstance(ins[0], DTensor):  # each process scores its own rows: all with rank 0's statistics
-                rms = same_on_all_ranks(rms)
+                rms = same_on_all_ranks(rms, self.run.distributed)
             rows = torch.stack([whole(torch.mv(w.abs(), replicated(w, r.to(w.dtype)))) for w, r in zip(ins, rms)])
-            return self._fold(kind, rows.float(), None)
-        outs = [b.mlp.proj.weight if kind == "ffn" else b.attn.proj.weight for b in blocks]
+            return fold(self.args, kind, rows.float(), None)
+        outs = [unit_params(unit_module(b, kind), kind)[1] for b in blocks]
         rows = torch.stack([whole(torch.linalg.vector_norm(w, dim=1, dtype=torch.float32)) for w in ins]).square()
         cols = torch.stack([whole(torch.linalg.vector_norm(w, dim=0, dtype=torch.float32)) for w in outs]).square()
-        return self._fold(kind, rows, cols).sqrt()
-
-    def _fold(self, kind: str, rows: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
-        """Sum per-row values of `fc` / `qkv` (and per-column values of `proj`), [L, rows], per neuron / kv group.
-
-        `fc` rows are [gate | up] for SwiGLU; `qkv` rows are [q heads | k heads | v heads], a group's query heads
-        adjacent, and `proj` columns follow the query heads.
-        """
-        L, a = rows.shape[0], self.args
-        if kind == "ffn":
-            per_neuron = rows.view(L, -1, a.d_ff).sum(1)
-            return per_neuron if cols is None else per_neuron + cols
-        K = a.n_kv_head
-        q, k, v = rows.split([a.n_head * a.head_dim, K * a.head_dim, K * a.head_dim], dim=1)
-        per_group = q.view(L, K, -1).sum(2) + k.view(L, K, -1).sum(2) + v.view(L, K, -1).sum(2)
-        return per_group if cols is None else per_group + cols.view(L, K, -1).sum(2)
+        return fold(self.args, kind, rows, cols).sqrt()
 
     def _select(self, kind: str, n: int, k: int, refresh: bool) -> torch.Tensor:
         """Kept indices [len(layers), k], sorted per row, one set per layer for the whole batch."""
@@ -365,18 +317,16 @@ class SAT(Method):
 
     # --- per step -----------------------------------------------------------------------------------------------
     def before_step(self, step: int) -> None:
-        keep = dict(zip(("ffn", "head"), self.keep_counts(step)))
-        total = {"ffn": self.args.d_ff, "head": self.args.n_kv_head}
+        keep = dict(zip(KINDS, self.keep_counts(step)))
         refresh = step % self.options.stats_every == 0
-        for kind in ("ffn", "head"):
-            n, k = total[kind], keep[kind]
+        for kind in KINDS:
+            n, k = unit_count(self.args, kind), keep[kind]
             kept = None
             if k < n and self.layers:
-                kept = same_on_all_ranks(self._select(kind, n, k, refresh))
+                kept = same_on_all_ranks(self._select(kind, n, k, refresh), self.run.distributed)
             self.kept[kind] = kept
             for j, i in enumerate(self.layers):
-                module = self.model.blocks[i].mlp if kind == "ffn" else self.model.blocks[i].attn
-                module.active = None if kept is None else kept[j]
+                unit_module(self.model.blocks[i], kind).active = None if kept is None else kept[j]
         self._gather_ffn_now = self._gathers("ffn", step)
         self._gather_head_now = self._gathers("head", step)
         self.gathering = self._gather_ffn_now or self._gather_head_now
@@ -387,32 +337,19 @@ class SAT(Method):
             return
         self._stash = SliceStash(self.optimizer, compiled=self._compiled_stash)
         with torch.no_grad():
-            for kind in ("ffn", "head"):
+            for kind in KINDS:
                 if self.kept[kind] is None:
                     continue
-                rows, cols = self._omitted_slices(kind)
+                # the omitted units' rows and columns, found for all layers at once
+                omitted = complement(self.kept[kind], unit_count(self.args, kind))
+                first = unit_module(self.model.blocks[self.layers[0]], kind)
+                rows, cols = layered_rows_cols(first, kind, omitted)
                 for j, i in enumerate(self.layers):
-                    module = self.model.blocks[i].mlp if kind == "ffn" else self.model.blocks[i].attn
-                    fc = module.fc if kind == "ffn" else module.qkv
-                    self._stash.save(fc.weight, 0, rows[j])
-                    if fc.bias is not None:
-                        self._stash.save(fc.bias, 0, rows[j])
-                    self._stash.save(module.proj.weight, 1, cols[j])
+                    ins, out = unit_params(unit_module(self.model.blocks[i], kind), kind)
+                    for p in ins:
+                        self._stash.save(p, 0, rows[j])
+                    self._stash.save(out, 1, cols[j])
             self._stash.take()
-
-    def _omitted_slices(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of `fc` / `qkv` and columns of `proj` of this step's omitted neurons / groups, [len(layers), *] each,
-        found for all layers at once with the model's own index maps."""
-        L, a = len(self.layers), self.args
-        first = self.model.blocks[self.layers[0]]
-        if kind == "ffn":
-            omitted = _complement(self.kept["ffn"], a.d_ff)
-            rows = first.mlp.in_rows(omitted.flatten())  # [gate | up] blocks, each in (layer, neuron) order
-            return rows.view(-1, L, omitted.shape[1]).transpose(0, 1).flatten(1), omitted
-        omitted = _complement(self.kept["head"], a.n_kv_head)
-        rows, cols = first.attn.group_rows(omitted.flatten())  # [q | k | v] blocks, each in (layer, group) order
-        q, k, v = rows.split([cols.numel(), (rows.numel() - cols.numel()) // 2, (rows.numel() - cols.numel()) // 2])
-        return torch.cat([q.view(L, -1), k.view(L, -1), v.view(L, -1)], dim=1), cols.view(L, -1)
 
     def after_optimizer(self, step: int) -> None:
         """Put the omitted slices back (see frozen.SliceStash)."""
@@ -478,13 +415,6 @@ class SAT(Method):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Applied in start() (the trainer loads state before start, when the device is known)."""
-        if self.generator is None:
-            self._pending_state = state
-        else:
-            self._apply_state(state)
-
-    def _apply_state(self, state: dict[str, Any]) -> None:
         if state["generator_device"] != self.generator.device.type:
             raise UserError(
                 f"this checkpoint's SAT sampler state is from a {state['generator_device']} run; "

@@ -29,11 +29,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import load_weights
-from ..errors import UserError
-from ..model import ModelArgs, Transformer, flops_per_token
-from ..moe import ROUTERS, MoEFFN, balance_loss
-from .base import Method
+import sparsetrain.nn.moe as nn_moe
+from sparsetrain.errors import UserError
+from sparsetrain.methods.base import Method
+from sparsetrain.nn.model import ModelArgs, Transformer, flops_per_token
+from sparsetrain.nn.moe import ROUTERS, MoEFFN, balance_loss, moe_for
+from sparsetrain.store.checkpoint import load_weights
 
 
 @dataclass
@@ -108,32 +109,16 @@ def output_scale(o: UpcycleOptions) -> float:
 
 
 def make_moe(args: ModelArgs, o: UpcycleOptions) -> MoEFFN:
-    return MoEFFN(
-        args.d_model,
-        args.d_ff // o.granularity,
-        o.experts,
-        o.top_k,
-        args.activation,
-        bias=args.bias,
-        router=o.router,
-        renormalize=o.renormalize,
-        capacity_factor=o.capacity_factor,
-        aux_loss_coef=o.aux_loss_coef,
-        z_loss_coef=o.z_loss_coef,
-        out_std=0.02 / (2 * args.n_layer) ** 0.5,
-    )
+    return moe_for(args, experts=o.experts, top_k=o.top_k, granularity=o.granularity, router=o.router,
+                   renormalize=o.renormalize, capacity_factor=o.capacity_factor, aux_loss_coef=o.aux_loss_coef,
+                   z_loss_coef=o.z_loss_coef)
 
 
 def replace_ffns(model: Transformer, o: UpcycleOptions) -> list[int]:
-    """Put fresh MoE layers of the right shape in the chosen blocks (on the FFN's device and dtype); blocks that
-    already hold an MoE are left alone. Returns the chosen block indices."""
+    """Put fresh MoE layers of the right shape in the chosen blocks (blocks that already hold an MoE are left
+    alone). Returns the chosen block indices."""
     chosen = resolve_layers(o.layers, model.args.n_layer)
-    for i in chosen:
-        block = model.blocks[i]
-        if isinstance(block.mlp, MoEFFN):
-            continue
-        w = block.mlp.fc.weight
-        block.mlp = make_moe(model.args, o).to(device=w.device, dtype=w.dtype)
+    nn_moe.replace_ffns(model, chosen, lambda: make_moe(model.args, o))
     return chosen
 
 
@@ -255,7 +240,7 @@ class Upcycle(Method):
         if not layers:
             return None
         balanced = [m for m in layers if m.balance is not None]
-        if not (balanced and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (balanced and self.run.distributed):
             return torch.stack([m.aux_loss for m in layers]).sum()
         counts = torch.stack([m.balance[0] for m in balanced])
         dist.all_reduce(counts)

@@ -1,77 +1,28 @@
-"""MST: mixed sparsity training. Dynamic sparse training under a three-phase sparsity schedule, with optional hybrid
-sparse attention.
-
-Schedule (fractions p of training; `sparsity` s, `final_sparsity` f):
-    warm-up          p < warmup_end                  target ramps linearly from 0 (dense) to s
-    ultra-sparse     warmup_end <= p < restore_start  target s
-    restoration      p >= restore_start               target ramps linearly from s to f, reached at restore_end
-The topology changes only at updates, every `update_every` (dT) steps and at the end of warm-up and of restoration
-(so that the held levels are reached whatever dT is): the update after step u builds the topology for target(u),
-which then holds until the next update (the first topology, before step 0, is target(0)). An update
-prunes the smallest-magnitude active weights, a share zeta(u) = zeta/2 (1 + cos(pi u / (update_end T))) of them,
-and grows as many by the largest dense-gradient magnitude (`rigl`), at random (`set`) or 3 parts gradient to 1 random
-(`mixed`, the authors'). When the target rises it prunes more than it grows, when it falls it grows more, so that
-after every update each layer holds exactly its target count.
-
-Granularity `weight` (the paper's): boolean masks over the linear layers' weights (the token embedding and output
-layer with `sparsify_embeddings`), layer densities by ERK (density proportional to (n_in + n_out) / (n_in n_out),
-layers that would pass 1 made dense, as RigL) or uniform. A gradient hook masks every gradient as autograd delivers
-it (so clipping and AdamW see a sparse gradient), and on update steps accumulates the dense gradient that growth
-ranks; masked weights and their AdamW moments are zero and stay exactly zero. Regrown weights start at zero with zero
-moments (the authors' code keeps stale moments there, a known source of loss spikes). The GEMMs here are dense
-tensors with zeros, so this variant saves no time; `flops_per_token` counts what a sparse kernel would do: forward,
-input gradient and weight gradient by each layer's density, except that the weight gradient is dense on the update
-steps that grow by gradient (RigL's dense-gradient cost), and attention by the blocks FlexAttention computes.
-
-Granularity `neuron` (ours): the units are FFN neurons and kv-head groups, the same target for every layer, and
-the step computes with `index_select`ed weight slices (`FFN.active`, `Attention.active`), so the saving is
-wall-clock. A pruned unit's output weights (its `proj` columns) are zeroed and its input weights kept, frozen, like
-SAT's omitted slices (weights and moments stashed around `optimizer.step()`): an omitted unit then adds exactly zero,
-so the sliced model and the dense model compute the same function, and a regrown unit starts from zero output
-weights (function unchanged) with zero moments, its input weights where they were. Pruning ranks the L2 norm of a
-unit's weights; growth ranks the L2 norm of its gradient, which for an omitted unit is the gradient of its zeroed
-output weights. Gradients of omitted units exist only on a dense step, so update steps that grow by gradient run
-dense (and count dense FLOPs; the omitted units' gradients then also enter that step's clipping norm).
-
-Hybrid sparse attention (`attention` = local | strided | hybrid, see `attention_masks`): FlexAttention block masks on
-the chosen layers for steps in [attention_start, attention_end) of training, causal SDPA elsewhere. FlexAttention has
-no backward on CPU, so on CPU the same pattern runs as a dense boolean mask in SDPA (correct, not faster).
-
-Defaults: sparsity 0.9, zeta 0.3, dT 100, mixed growth, ERK, the drop fraction decaying over the whole run, window and
-stride 128 are the authors'; the phase boundaries (warm-up to 0.1, restoration from 0.75 to 0.9, dense after) are
-ours (the paper gives none usable). Attention sparsity is off by default: at 128-token blocks a stride below 256
-skips no block (`hybrid` with the authors' settings computes every causal block), and FlexAttention only beats
-SDPA from about 4k tokens.
-
-Under FSDP2 (`shards`): the neuron granularity runs as SAT does (the forward slices the gathered weights, unit norms
-gather a vector per layer, each process freezes and zeroes its shard's part). The weight granularity keeps whole
-masks on every process (one byte per masked weight: the price of simple updates) and applies each process's piece of
-them to its shard; gradients are masked by a post-accumulate-grad hook on the sharded parameter (FSDP2 runs it after
-the reduce-scatter, before clipping), and an update gathers one layer's weights and dense gradient at a time.
-"""
+"""The MST method: its options, the three-phase sparsity schedule, the masks (weight level) or kept units (neuron
+level) with their updates, hybrid sparse attention windows, FLOPs and checkpoints."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .. import attention_masks
-from ..errors import UserError
-from ..model import ModelArgs, Transformer, flops_per_token
-from .base import Method
-from .frozen import SliceStash, moments
-from .sat import keep_count, same_on_all_ranks
-from .shards import local, local_part, local_view, whole
+import sparsetrain.nn.attention_masks as attention_masks
+from sparsetrain.errors import UserError
+from sparsetrain.methods.base import Method, RunInfo
+from sparsetrain.methods.frozen import SliceStash, moments
+from sparsetrain.methods.mst.topology import erk_densities, next_active, round_half_up, sparse_weights
+from sparsetrain.methods.shards import local, local_part, local_view, whole
+from sparsetrain.methods.units import keep_count, same_on_all_ranks, unit_count, unit_module, unit_params, unit_slices
+from sparsetrain.nn.model import ModelArgs, Transformer, flops_per_token
 
 GRANULARITIES = ("weight", "neuron")
 GROWS = ("rigl", "set", "mixed")
 DENSITIES = ("auto", "erk", "uniform")
 ATTENTIONS = ("none",) + attention_masks.KINDS
-MIXED_GRADIENT_SHARE = 0.75  # mixed growth: 3 parts by gradient to 1 at random, as the authors' code
 
 
 @dataclass
@@ -98,89 +49,6 @@ class MSTOptions:
     attention_end: float = 0.75  # fraction where it ends (dense causal attention from there)
     seed: int = 0  # seeds random growth
 
-
-class SparseWeight(NamedTuple):
-    name: str  # parameter name in the Transformer
-    shape: tuple[int, int]  # (n_out, n_in); an embedding is (vocab, d_model)
-    flops: int  # forward FLOPs per token when dense (0 for an embedding lookup that is not also the output layer)
-
-
-def sparse_weights(args: ModelArgs, embeddings: bool) -> list[SparseWeight]:
-    """The weights that weight-granular MST masks: every linear layer of the blocks, and the embeddings if asked."""
-    d, hd = args.d_model, args.head_dim
-    shapes = {
-        "attn.qkv": ((args.n_head + 2 * args.n_kv_head) * hd, d),
-        "attn.proj": (d, args.n_head * hd),
-        "mlp.fc": (args.d_ff * (2 if args.gated else 1), d),
-        "mlp.proj": (d, args.d_ff),
-    }
-    out = [SparseWeight(f"blocks.{i}.{key}.weight", shape, 2 * shape[0] * shape[1])
-           for i in range(args.n_layer) for key, shape in shapes.items()]
-    if embeddings:
-        vd = (args.vocab_size, d)
-        # A tied embedding is the output layer too: one parameter, one mask, the output layer's FLOPs.
-        out.append(SparseWeight("wte.weight", vd, 2 * vd[0] * vd[1] if args.tie_embeddings else 0))
-        if not args.tie_embeddings:
-            out.append(SparseWeight("lm_head.weight", vd, 2 * vd[0] * vd[1]))
-    return out
-
-
-def erk_densities(shapes: list[tuple[int, int]], sparsity: float) -> list[float]:
-    """Erdos-Renyi densities: proportional to (n_in + n_out) / (n_in n_out), scaled so that the layers together keep
-    (1 - sparsity) of their weights. While some layer would pass density 1, the one with the largest raw density is
-    made dense and the others rescaled (RigL's procedure)."""
-    sizes = [a * b for a, b in shapes]
-    if sparsity <= 0:
-        return [1.0] * len(shapes)
-    raw = [(a + b) / (a * b) for a, b in shapes]
-    budget = (1 - sparsity) * sum(sizes)
-    dense: set[int] = set()
-    while True:
-        rest = [i for i in range(len(shapes)) if i not in dense]
-        if not rest:
-            return [1.0] * len(shapes)
-        scale = (budget - sum(sizes[i] for i in dense)) / sum(raw[i] * sizes[i] for i in rest)
-        over = [i for i in rest if scale * raw[i] > 1]
-        if not over:
-            return [1.0 if i in dense else scale * raw[i] for i in range(len(shapes))]
-        dense.add(max(over, key=lambda i: raw[i]))
-
-
-def round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
-
-
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest entries of a 1-D tensor."""
-    out = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if k > 0:
-        out[scores.topk(k, sorted=False).indices] = True
-    return out
-
-
-def next_active(mask: torch.Tensor, magnitude: torch.Tensor, grad: torch.Tensor | None, keep: int, z: float,
-                grow: str, generator: torch.Generator) -> torch.Tensor:
-    """One layer's next active set (1-D bool, `keep` entries): prune the smallest-magnitude active entries,
-    max(floor(z * active), active - keep) of them, then grow among the inactive ones until `keep` are active, by
-    largest gradient magnitude (rigl), at random (set), or 3/4 by gradient and the rest at random (mixed).
-
-    An entry pruned and grown back in the same update simply stays (as in RigL); only entries that were inactive
-    before the update are new.
-    """
-    active = int(mask.sum())
-    survivors = active - min(active, max(int(z * active), active - keep))
-    new = _top(torch.where(mask, magnitude.float(), -1.0), survivors)
-    n_grow = keep - survivors
-    if n_grow > 0:
-        n_grad = {"rigl": n_grow, "set": 0, "mixed": int(MIXED_GRADIENT_SHARE * n_grow)}[grow]
-        if n_grad:
-            if grad is None:
-                raise RuntimeError("MST growth by gradient needs the dense gradient of this update step")
-            new |= _top(torch.where(new, -1.0, grad.float()), n_grad)
-        if n_grow > n_grad:
-            noise = torch.rand(new.shape, generator=generator, device=new.device)
-            new |= _top(torch.where(new, -1.0, noise), n_grow - n_grad)
-    return new
 
 
 class MST(Method):
@@ -210,7 +78,6 @@ class MST(Method):
         self._grow_scores: dict[str, list[torch.Tensor]] = {}  # gradient norms per unit on dense update steps
         self._dense_step = False
         self._stash: SliceStash | None = None
-        self._pending_state: dict | None = None
         self._keep_cache: dict[float, tuple[int, ...]] = {}
 
     # --- options ------------------------------------------------------------------------------------------------
@@ -257,7 +124,7 @@ class MST(Method):
     # --- schedule (pure functions of the step) ------------------------------------------------------------------
     def _steps(self) -> int:
         if not self.total_steps or self.total_steps <= 0:
-            raise RuntimeError("MST needs method.total_steps (the run's optimizer steps), set before start()")
+            raise RuntimeError("MST needs the run's optimizer steps (RunInfo.total_steps), given to start()")
         return self.total_steps
 
     def target(self, step: int) -> float:
@@ -329,66 +196,52 @@ class MST(Method):
 
     def unit_keep(self, kind: str, sparsity: float) -> int:
         """Kept FFN neurons (kind 'ffn') or kv-head groups ('head') per layer at a target sparsity (at least one)."""
-        if kind == "ffn":
-            n, multiple = self.args.d_ff, self.options.neuron_multiple
-        else:
-            n, multiple = self.args.n_kv_head, 1
+        n, multiple = unit_count(self.args, kind), self.options.neuron_multiple if kind == "ffn" else 1
         return keep_count(n, sparsity, multiple) or min(multiple, n)
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
-    def start(self, model: Transformer, optimizer: torch.optim.Optimizer) -> None:
-        super().start(model, optimizer)
+    def start(self, model: Transformer, optimizer: torch.optim.Optimizer, run: RunInfo) -> None:
+        """Ready the masks' machinery; a fresh run also takes its first topology here (the target at step 0, the
+        largest weights kept), a resumed one from load_state_dict."""
+        super().start(model, optimizer, run)
         device = model.wte.weight.device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(self.options.seed)
         self._stash = SliceStash(optimizer)
-        state, self._pending_state = self._pending_state, None
-        if state is not None and state.get("granularity") != self.options.granularity:
-            raise UserError(f"this checkpoint was trained with method.granularity={state.get('granularity')}; "
-                            "resume it with the same granularity")
+        fresh = run.first_step == 0
         if self.options.granularity == "weight":
-            self._start_weights(model, device, state)
+            self._start_weights(model, device, fresh)
         else:
-            self._start_units(model, device, state)
-        if state is not None:
-            if state["generator_device"] != device.type:
-                raise UserError(f"this checkpoint's MST sampler state is from a {state['generator_device']} run; "
-                                f"resume it on {state['generator_device']}")
-            self.generator.set_state(state["generator"])
+            self._start_units(device, fresh)
 
-    def _start_weights(self, model: Transformer, device: torch.device, state: dict | None) -> None:
+    def _start_weights(self, model: Transformer, device: torch.device, fresh: bool) -> None:
         self.params = [model.get_parameter(w.name) for w in self.weights]
         for w, p in zip(self.weights, self.params):
             if tuple(p.shape) != w.shape:
                 raise RuntimeError(f"{w.name} has shape {tuple(p.shape)}, expected {w.shape}")
-        if state is not None:
-            self.masks = [state["masks"][w.name].to(device=device, dtype=torch.bool) for w in self.weights]
-        else:
-            # The first topology: the target at step 0, the largest-magnitude weights kept.
-            self.masks = [torch.ones(p.shape, dtype=torch.bool, device=device) for p in self.params]
-            keep = self.keep_counts(self.target(0))
-            self.masks = [self._next_mask(m.flatten(), whole(p.detach()).abs().flatten(), None, k, 0.0).view_as(m)
-                          for m, p, k in zip(self.masks, self.params, keep)]
-        self._full = [bool(m.all()) for m in self.masks]
-        self._apply_masks(with_moments=True)
         for handle in self._hooks:
             handle.remove()
         # Autograd delivers a plain parameter's gradient to register_hook (per micro-batch, before DDP averages it);
         # FSDP2 sets the sharded parameter's .grad after its reduce-scatter, where only post-accumulate hooks run.
         self._hooks = [p.register_post_accumulate_grad_hook(self._sharded_grad_hook(j)) if isinstance(p, DTensor)
                        else p.register_hook(self._grad_hook(j)) for j, p in enumerate(self.params)]
+        if fresh:
+            self.masks = [torch.ones(p.shape, dtype=torch.bool, device=device) for p in self.params]
+            keep = self.keep_counts(self.target(0))
+            self._set_masks([self._next_mask(m.flatten(), whole(p.detach()).abs().flatten(), None, k, 0.0).view_as(m)
+                             for m, p, k in zip(self.masks, self.params, keep)])
 
-    def _start_units(self, model: Transformer, device: torch.device, state: dict | None) -> None:
-        n = {"ffn": self.args.d_ff, "head": self.args.n_kv_head}
-        self.units = {kind: torch.ones(self.args.n_layer, n[kind], dtype=torch.bool, device=device)
+    def _set_masks(self, masks: list[torch.Tensor]) -> None:
+        self.masks = masks
+        self._full = [bool(m.all()) for m in self.masks]
+        self._apply_masks(with_moments=True)
+
+    def _start_units(self, device: torch.device, fresh: bool) -> None:
+        self.units = {kind: torch.ones(self.args.n_layer, unit_count(self.args, kind), dtype=torch.bool, device=device)
                       for kind in self.kinds}
         self._unit_maps = {kind: self._unit_index(kind, device) for kind in self.kinds}
-        if state is not None:
-            self.units = {kind: state["units"][kind].to(device=device, dtype=torch.bool) for kind in self.kinds}
-            self._cache_indices()
-        else:
-            # The first topology: the target at step 0, the units of largest weight norm kept.
-            self._cache_indices()
+        self._cache_indices()
+        if fresh:
             self._update_units(self.target(0), 0.0)
 
     # --- weight granularity -------------------------------------------------------------------------------------
@@ -428,48 +281,32 @@ class MST(Method):
     def _update_weights(self, step: int) -> None:
         keep = self.keep_counts(self.target(step))
         z = self.drop_fraction(step)
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         for j, p in enumerate(self.params):
             grad = self._dense_grads.get(j)
             if isinstance(grad, DTensor):
                 grad = grad.full_tensor()  # FSDP2's hook saw the reduced gradient: one layer gathered at a time
-            elif grad is not None and world > 1:
+            elif grad is not None and self.run.distributed:
                 dist.all_reduce(grad)  # hooks see this rank's gradient, before DDP averages it
             scores = grad.abs().flatten() if grad is not None else None
             self.masks[j] = self._next_mask(self.masks[j].flatten(), whole(p.detach()).abs().flatten(), scores,
                                             keep[j], z).view_as(self.masks[j])
-        self._full = [bool(m.all()) for m in self.masks]
-        self._apply_masks(with_moments=True)
+        self._set_masks(self.masks)
 
     def _next_mask(self, mask: torch.Tensor, magnitude: torch.Tensor, grad: torch.Tensor | None, keep: int,
                    z: float) -> torch.Tensor:
         new = next_active(mask, magnitude, grad, keep, z, self.options.grow, self.generator)
         # Every rank computed the same set from the same (all-reduced) numbers; rank 0 decides against tie-breaks.
-        same_on_all_ranks(new.view(torch.uint8))
+        same_on_all_ranks(new.view(torch.uint8), self.run.distributed)
         return new
 
     # --- neuron granularity -------------------------------------------------------------------------------------
-    def _module(self, kind: str, i: int):
-        block = self.model.blocks[i]
-        return block.mlp if kind == "ffn" else block.attn
-
-    def _layer_params(self, kind: str, i: int):
-        """(module, input-side parameters whose rows belong to units, `proj` weight whose columns do)."""
-        m = self._module(kind, i)
-        layer_in = m.fc if kind == "ffn" else m.qkv
-        ins = [layer_in.weight] + ([layer_in.bias] if layer_in.bias is not None else [])
-        return m, ins, m.proj.weight
-
     def _slices(self, kind: str, i: int, units: torch.Tensor) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
-        """(parameter, dim, index) of every slice that belongs to the given units, input rows first, `proj` last."""
-        m, ins, out = self._layer_params(kind, i)
-        rows, cols = (m.in_rows(units), units) if kind == "ffn" else m.group_rows(units)
-        return [(p, 0, rows) for p in ins] + [(out, 1, cols)]
+        return unit_slices(unit_module(self.model.blocks[i], kind), kind, units)
 
     def _unit_index(self, kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The unit of every input row and of every `proj` column, from the model's own index maps (built on the
         host, once)."""
-        _, ins, out = self._layer_params(kind, 0)
+        ins, out = unit_params(unit_module(self.model.blocks[0], kind), kind)
         row_unit = torch.empty(ins[0].shape[0], dtype=torch.long)
         col_unit = torch.empty(out.shape[1], dtype=torch.long)
         for u in range(self.units[kind].shape[1]):
@@ -481,7 +318,7 @@ class MST(Method):
     def _unit_norms(self, kind: str, i: int, grad: bool) -> torch.Tensor:
         """L2 norm per unit of its weights (or of their gradients), float32."""
         row_unit, col_unit = self._unit_maps[kind]
-        _, ins, out = self._layer_params(kind, i)
+        ins, out = unit_params(unit_module(self.model.blocks[i], kind), kind)
         total = torch.zeros(self.units[kind].shape[1], dtype=torch.float32, device=row_unit.device)
         for p, dim, unit in [(p, 0, row_unit) for p in ins] + [(out, 1, col_unit)]:
             t = p.grad if grad else p.detach()
@@ -526,7 +363,7 @@ class MST(Method):
             self._dense_step = self.dense_gradient_step(step)
             for kind in self.kinds:
                 for i in range(self.args.n_layer):
-                    self._module(kind, i).active = None if self._dense_step else self._kept_idx[kind][i]
+                    unit_module(self.model.blocks[i], kind).active = None if self._dense_step else self._kept_idx[kind][i]
         self.apply_attention(step)
 
     def apply_attention(self, step: int) -> None:
@@ -576,7 +413,7 @@ class MST(Method):
         if self.options.granularity == "neuron":
             for kind in self.kinds:
                 for i in range(self.args.n_layer):
-                    self._module(kind, i).active = None
+                    unit_module(self.model.blocks[i], kind).active = None
 
     # --- accounting ---------------------------------------------------------------------------------------------
     def _attention_scores(self, step: int, parts: dict[str, float]) -> float:
@@ -645,5 +482,16 @@ class MST(Method):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Applied in start() (the trainer loads state before start, when the device is known)."""
-        self._pending_state = state
+        if state.get("granularity") != self.options.granularity:
+            raise UserError(f"this checkpoint was trained with method.granularity={state.get('granularity')}; "
+                            "resume it with the same granularity")
+        device = self.generator.device
+        if state["generator_device"] != device.type:
+            raise UserError(f"this checkpoint's MST sampler state is from a {state['generator_device']} run; "
+                            f"resume it on {state['generator_device']}")
+        if self.options.granularity == "weight":
+            self._set_masks([state["masks"][w.name].to(device=device, dtype=torch.bool) for w in self.weights])
+        else:
+            self.units = {kind: state["units"][kind].to(device=device, dtype=torch.bool) for kind in self.kinds}
+            self._cache_indices()
+        self.generator.set_state(state["generator"])

@@ -5,16 +5,17 @@ is met, and the command that produced it ("not measured" when that part's JSON i
 validation loss against wall-clock and against counted FLOPs for every trained contender, step speed-ups as bars,
 and the sparsity schedules (SAT's omission rates, MST's sparsity) that the runs logged.
 
-This module reads JSON and draws; it needs neither torch nor a GPU. The plotting helpers also serve `demo`.
+This module reads JSON and draws; it needs neither torch nor a GPU (the drawing itself is sparsetrain.plots).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from .errors import UserError
+from sparsetrain.errors import UserError
+from sparsetrain.plots import Panel, markdown_table, plot_panels, run_series
 
 # Logged per-step values that are schedules worth drawing, with their axis labels. A method that logs another
 # schedule adds its key here (the suite keeps these keys in each run's curve).
@@ -64,20 +65,6 @@ CORPUS_COLUMNS = [
     ("val_tokens", "held-out tokens", ",d"), ("val_fraction", "held-out fraction", ".3f"),
     ("vocab_size", "vocabulary", ",d"),
 ]
-
-
-def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
-    """columns: (key, header, format spec or "" for str); a missing or None value is "-"."""
-    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for r in rows:
-        cells = [("-" if r.get(k) is None else format(r[k], fmt) if fmt else str(r[k])) for k, _, fmt in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,48 +211,6 @@ def evaluate_targets(parts: dict[str, dict]) -> list[dict[str, str]]:
 # plots
 
 
-@dataclass
-class Panel:
-    title: str
-    xlabel: str
-    ylabel: str
-    series: list[tuple[str, list[float], list[float]]]  # (label, xs, ys)
-    marker: str = ""
-    drawstyle: str = "default"  # "steps-post" for schedules: a value holds until the next one
-
-
-def plot_panels(panels: list[Panel], path: Path, ncols: int = 2) -> None:
-    """Line charts, `ncols` to a row, into one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4 * nrows), squeeze=False)
-    for ax, p in zip(axes.flat, panels):
-        for label, xs, ys in p.series:
-            ax.plot(xs, ys, marker=p.marker or None, drawstyle=p.drawstyle, label=label)
-        ax.set(xlabel=p.xlabel, ylabel=p.ylabel, title=p.title)
-        ax.grid(alpha=0.3)
-        if p.series:
-            ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def run_series(runs: dict[str, list[dict[str, Any]]], x: str, y: str, x_scale: float = 1.0):
-    """(label, xs, ys) of each run's records that hold `y`."""
-    out = []
-    for name, rows in runs.items():
-        pts = [r for r in rows if r.get(y) is not None and r.get(x) is not None]
-        out.append((name, [r[x] * x_scale for r in pts], [r[y] for r in pts]))
-    return out
-
-
 def loss_panels(parts: dict[str, dict]) -> list[Panel]:
     """Per trained part: validation loss vs wall-clock (compilation excluded) and vs counted FLOPs."""
     panels = []
@@ -361,7 +306,7 @@ def link_lines(link: dict) -> list[str]:
         lines += ["Peer access between the GPUs: " + ", ".join(f"{k} {'yes' if v else 'no'}"
                                                               for k, v in topo["peer_access"].items()) + ".", ""]
     if link.get("all_reduce"):
-        lines += ["All-reduce of float32 between the 2 processes (`sparsetrain.interconnect`):", "",
+        lines += ["All-reduce of float32 between the 2 processes (`sparsetrain_bench.interconnect`):", "",
                   markdown_table(link["all_reduce"], LINK_COLUMNS), ""]
     elif link.get("all_reduce_error"):
         lines += [f"The all-reduce timing failed: `{link['all_reduce_error'].strip().splitlines()[-1]}`", ""]

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import activate
+from sparsetrain.nn.model import ModelArgs, Transformer, activate
 
 # Public from torch 2.10; the private op before that.
 grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -334,3 +334,25 @@ class MoEFFN(nn.Module):
             "lb_loss": load_balancing_loss(probs, counts),
             "z_loss": router_z_loss(logits),
         }
+
+
+def moe_for(args: ModelArgs, *, experts: int, top_k: int, granularity: int = 1, router: str = "softmax_then_topk",
+            renormalize: bool = True, capacity_factor: float = 0.0, aux_loss_coef: float = 0.01,
+            z_loss_coef: float = 0.001) -> MoEFFN:
+    """A fresh MoE layer that takes the place of a dense FFN of a model of `args`: experts of width
+    d_ff / granularity, the model's activation and biases, the output projection initialised like the model's."""
+    return MoEFFN(args.d_model, args.d_ff // granularity, experts, top_k, args.activation, bias=args.bias,
+                  router=router, renormalize=renormalize, capacity_factor=capacity_factor,
+                  aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef, out_std=0.02 / (2 * args.n_layer) ** 0.5)
+
+
+def replace_ffns(model: Transformer, layers: list[int], make) -> None:
+    """Put `make()` (a fresh MoE layer) in place of the FFN of each block in `layers`, on the FFN's device and
+    dtype; blocks that already hold an MoE are left alone."""
+    for i in layers:
+        block = model.blocks[i]
+        if isinstance(block.mlp, MoEFFN):
+            continue
+        w = block.mlp.fc.weight
+        block.mlp = make().to(device=w.device, dtype=w.dtype)
+

@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from sparsetrain.errors import UserError
 
 
 def _size(text: str) -> int:
@@ -23,7 +23,7 @@ def _size(text: str) -> int:
 
 
 def cmd_data_prepare(a) -> None:
-    from .data import describe, prepare
+    from sparsetrain.data.prepare import describe, prepare
 
     meta = prepare(a.source, a.out, tokenizer=a.tokenizer, vocab_size=a.vocab_size, val_fraction=a.val_fraction,
                    max_bytes=a.max_bytes, subset=a.subset, text_field=a.text_field, split=a.split)
@@ -31,14 +31,14 @@ def cmd_data_prepare(a) -> None:
 
 
 def cmd_data_export(a) -> None:
-    from .data import export_jsonl
+    from sparsetrain.data.prepare import export_jsonl
 
     info = export_jsonl(a.source, a.out, max_bytes=a.max_bytes, subset=a.subset, text_field=a.text_field)
     print(f"wrote {a.out}: {json.dumps(info)}")
 
 
 def cmd_data_tokenizer(a) -> None:
-    from .data import train_tokenizer
+    from sparsetrain.data.prepare import train_tokenizer
 
     info = train_tokenizer(a.source, a.out, vocab_size=a.vocab_size, sample_bytes=a.sample_bytes, subset=a.subset,
                            text_field=a.text_field)
@@ -46,7 +46,7 @@ def cmd_data_tokenizer(a) -> None:
 
 
 def cmd_data_sft(a) -> None:
-    from .sft import prepare_sft
+    from sparsetrain.data.sft import prepare_sft
 
     out = Path(a.out)
     if out.exists() and any(out.iterdir()):
@@ -57,7 +57,7 @@ def cmd_data_sft(a) -> None:
 
 
 def cmd_data_kernel_doc(a) -> None:
-    from .sft import write_kernel_doc_jsonl
+    from sparsetrain.data.sft import write_kernel_doc_jsonl
 
     out = Path(a.out)
     if out.exists():
@@ -68,15 +68,15 @@ def cmd_data_kernel_doc(a) -> None:
 
 
 def cmd_train(a) -> None:
-    from . import config
-    from .train import train
+    from sparsetrain import config
+    from sparsetrain.training.loop import train
 
     out = Path(a.out)
     cfg_path = a.config
     if a.resume:
         cfg_path = cfg_path or out / "config.toml"
     elif a.init:
-        from .checkpoint import find_weights
+        from sparsetrain.store.checkpoint import find_weights
 
         init_cfg, _ = find_weights(a.init)
         cfg_path = cfg_path or init_cfg
@@ -100,11 +100,14 @@ def cmd_train(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    from .train import TrainingData, evaluate, load_model, setup_runtime
+    from sparsetrain.data.batches import TrainingData
+    from sparsetrain.training.build import load_model
+    from sparsetrain.training.loop import evaluate
+    from sparsetrain.training.runtime import setup_runtime
 
     model, method, cfg = load_model(a.run, overrides=a.set or [])
     if a.moe:
-        from .methods.ssd import prepare_moe  # SSD: the dense model run as an MoE with top-K experts
+        from sparsetrain.methods.ssd.moefy import prepare_moe  # SSD: the dense model run as an MoE with top-K experts
 
         prepare_moe(model, a.run, a.moe, a.experts)
     rt = setup_runtime(cfg.train)
@@ -118,9 +121,9 @@ def cmd_eval(a) -> None:
 
 
 def cmd_convert_hf_import(a) -> None:
-    from . import config
-    from .checkpoint import write_model_folder
-    from .hf import import_hf_full
+    from sparsetrain import config
+    from sparsetrain.store.checkpoint import write_model_folder
+    from sparsetrain.store.hf import import_hf_full
 
     model_section, method_section, model = import_hf_full(a.source)
     seq_len = min(config.TrainConfig.seq_len, model.args.max_seq_len)
@@ -131,7 +134,7 @@ def cmd_convert_hf_import(a) -> None:
 
 
 def cmd_generate(a) -> None:
-    from .methods.ssd import generate_both
+    from sparsetrain.cli.generate import generate_both
 
     texts = generate_both(a.run, a.prompt, a.moe, a.experts, a.device, max_new_tokens=a.max_new_tokens,
                           temperature=a.temperature, top_k_sampling=a.top_k, seed=a.seed)
@@ -140,7 +143,7 @@ def cmd_generate(a) -> None:
 
 
 def cmd_analyze(a) -> None:
-    from .analysis import analyze_run
+    from sparsetrain.cli.analyze import analyze_run
 
     result = analyze_run(a.run, a.out, a.probe_tokens, a.experts, a.top_k, activation_threshold=a.threshold,
                          cluster=a.cluster, device=a.device)
@@ -150,7 +153,7 @@ def cmd_analyze(a) -> None:
 
 
 def cmd_convert_moefy(a) -> None:
-    from .methods.ssd import moefy_checkpoint
+    from sparsetrain.cli.convert import moefy_checkpoint
 
     out = moefy_checkpoint(a.source, a.out, a.experts, a.seed)
     print(f"moefied {a.source} into {out} ({a.experts} experts per FFN); run it as an MoE: "
@@ -158,7 +161,7 @@ def cmd_convert_moefy(a) -> None:
 
 
 def cmd_convert_densify(a) -> None:
-    from .methods.ssd import densify_checkpoint
+    from sparsetrain.cli.convert import densify_checkpoint
 
     out = densify_checkpoint(a.source, a.out)
     print(f"densified {a.source} into {out}")
@@ -167,8 +170,8 @@ def cmd_convert_densify(a) -> None:
 def cmd_convert_hf_export(a) -> None:
     import torch
 
-    from .hf import copy_tokenizer, export_hf
-    from .train import load_model
+    from sparsetrain.store.hf import copy_tokenizer, export_hf
+    from sparsetrain.training.build import load_model
 
     model, _, cfg = load_model(a.source)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
@@ -190,10 +193,11 @@ def _layers(text: str):
 
 
 def cmd_convert_upcycle(a) -> None:
-    from . import config
-    from .checkpoint import write_model_folder
-    from .methods import build_method
-    from .train import load_model
+    from sparsetrain import config
+    from sparsetrain.methods import build_method
+    from sparsetrain.methods.upcycle import moe_layers
+    from sparsetrain.store.checkpoint import write_model_folder
+    from sparsetrain.training.build import load_model
 
     out = Path(a.out)
     if out.exists() and any(out.iterdir()):
@@ -201,24 +205,23 @@ def cmd_convert_upcycle(a) -> None:
     model, method, cfg = load_model(a.source)
     if method.name == "upcycle":
         raise UserError(f"{a.source} is already a Mixture-of-Experts; upcycle a dense model")
-    options = {"name": "upcycle", "experts": a.experts, "top_k": a.top_k, "layers": a.layers,
-               "granularity": a.granularity, "drop_rate": a.drop_rate, "router": a.router, "seed": a.seed}
-    if a.capacity_factor:
-        options["capacity_factor"] = a.capacity_factor
-    upcycler = build_method(options, model.args, cfg.train.seq_len)
+    given = {"experts": a.experts, "top_k": a.top_k, "layers": a.layers, "granularity": a.granularity,
+             "drop_rate": a.drop_rate, "router": a.router, "capacity_factor": a.capacity_factor, "seed": a.seed}
+    # Options not given take UpcycleOptions' defaults.
+    upcycler = build_method({"name": "upcycle", **{k: v for k, v in given.items() if v is not None}}, model.args,
+                            cfg.train.seq_len)
     upcycler.convert(model)
     cfg.method = upcycler.options_dict()
     write_model_folder(out, config.dumps(config.to_dict(cfg)), model.state_dict())
-    n_moe = sum(1 for b in model.blocks if b.mlp.__class__.__name__ == "MoEFFN")
-    print(f"upcycled {a.source}: {n_moe} of {model.args.n_layer} FFNs are now {a.experts} experts, top-{a.top_k}; "
+    n_moe = len(moe_layers(model))
+    o = upcycler.options
+    print(f"upcycled {a.source}: {n_moe} of {model.args.n_layer} FFNs are now {o.experts} experts, top-{o.top_k}; "
           f"wrote {out}. Train it with: sparsetrain train --init {out} --out RUN_DIR")
 
 
 def cmd_bench(a) -> None:
     if a.suite:
-        from .suite import run_part
-
-        from .suite import PARTS
+        from sparsetrain_bench.suite import PARTS, run_part
 
         # "all": every part in turn (on a machine without a per-call limit), then the report.
         parts = list(PARTS) if a.suite == "all" else [a.suite]
@@ -226,30 +229,26 @@ def cmd_bench(a) -> None:
             run_part(part, out=a.out or "bench_out", data_dir=a.data_dir, work_dir=a.work_dir, carry=a.carry,
                      quick=a.quick, device=a.device, scale=a.scale)
         if a.suite == "all":
-            from .report import write_report
+            from sparsetrain_bench.report import write_report
 
             out = Path(a.out or "bench_out")
             print(f"report: {write_report([out / f'{p}.json' for p in parts], out / 'report')}")
         return
     a.out = a.out or "bench_out/dense.json"
-    from .bench import run_dense_bench
+    from sparsetrain.config import apply_overrides
+    from sparsetrain_bench.steps import run_dense_bench, run_method_bench
 
-    from .config import parse_value
+    def section(name: str, items: list[str] | None) -> dict:
+        """`--model-set KEY=VALUE` (or model.KEY=VALUE) items as the config reads `--set` ones."""
+        prefixed = [i if i.startswith(name + ".") else f"{name}.{i}" for i in items or []]
+        return apply_overrides({}, prefixed).get(name, {})
 
-    overrides = {}
-    for item in a.model_set or []:
-        key, _, value = item.partition("=")
-        overrides[key.removeprefix("model.")] = parse_value(value)
+    overrides = section("model", a.model_set)
     if a.method != "dense":
-        from .bench import run_method_bench
-
-        method = {"name": a.method}
-        for item in a.method_set or []:
-            key, _, value = item.partition("=")
-            method[key.removeprefix("method.")] = parse_value(value)
-        run_method_bench(a.preset, [method], batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
-                         seq_len=a.seq_len, steps=a.steps, vocab_size=a.vocab_size, out=a.out,
-                         compile_model=not a.no_compile, model_overrides=overrides)
+        run_method_bench(a.preset, [{"name": a.method, **section("method", a.method_set)}],
+                         batch_size=a.batch_size, micro_batch_size=a.micro_batch_size, seq_len=a.seq_len,
+                         steps=a.steps, vocab_size=a.vocab_size, out=a.out, compile_model=not a.no_compile,
+                         model_overrides=overrides)
         return
     run_dense_bench(presets=a.preset, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
                     seq_len=a.seq_len, steps=a.steps, vocab_size=a.vocab_size, out=a.out,
@@ -257,14 +256,14 @@ def cmd_bench(a) -> None:
 
 
 def cmd_report(a) -> None:
-    from .report import write_report
+    from sparsetrain_bench.report import write_report
 
     path = write_report([Path(p) for p in a.results], Path(a.out))
     print(f"report: {path}")
 
 
 def cmd_demo(a) -> None:
-    from .demo import run_demo
+    from sparsetrain.cli.demo import run_demo
 
     run_demo(Path(a.out), data_dir=Path(a.data), steps=a.steps, max_bytes=a.max_bytes, continue_steps=a.continue_steps)
 
@@ -275,7 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train transformers faster by exploiting sparsity (SAT, sparse upcycling, SSD, MST), measured "
                     "against a dense baseline. `sparsetrain demo` shows every method on CPU in a few minutes.")
     sub = p.add_subparsers(dest="command", required=True)
+    add_data_commands(sub)
+    add_run_commands(sub)
+    add_convert_commands(sub)
+    add_benchmark_commands(sub)
+    return p
 
+
+def add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="prepare token shards").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="text -> train.bin / val.bin / meta.json / tokenizer.json")
     prep.add_argument("--source", required=True,
@@ -325,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     kd.add_argument("--max-response-chars", type=int, default=2000, help="leave out longer functions")
     kd.set_defaults(func=cmd_data_kernel_doc)
 
+
+def add_run_commands(sub) -> None:
     tr = sub.add_parser("train", help="train a model")
     tr.add_argument("--config", help="TOML config (default with --resume: RUN_DIR/config.toml)")
     tr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
@@ -365,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--device", default="auto")
     an.set_defaults(func=cmd_analyze)
 
+
+def add_convert_commands(sub) -> None:
     conv = sub.add_parser("convert", help="convert models").add_subparsers(dest="convert_command", required=True)
     hi = conv.add_parser("hf-import", help="a local Hugging Face Llama / GPT-2 / Mixtral folder -> a sparsetrain model folder")
     hi.add_argument("--from", dest="source", required=True)
@@ -379,15 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
     up = conv.add_parser("upcycle", help="a dense run or model folder -> a Mixture-of-Experts model folder")
     up.add_argument("--from", dest="source", required=True)
     up.add_argument("--out", required=True)
-    up.add_argument("--experts", type=int, default=8)
-    up.add_argument("--top-k", type=int, default=2)
-    up.add_argument("--layers", type=_layers, default="every-other", help="every-other, all, or e.g. 1,3,5")
-    up.add_argument("--granularity", type=int, default=1, help="split each FFN into G shards (fine-grained experts)")
-    up.add_argument("--drop-rate", type=float, default=0.0, help="Drop-Upcycling: share of neurons re-initialised")
-    up.add_argument("--router", default="softmax_then_topk",
-                    choices=["softmax_then_topk", "topk_then_softmax", "expert_choice"])
-    up.add_argument("--capacity-factor", type=float, default=0.0, help="0 = dropless (token choice)")
-    up.add_argument("--seed", type=int, default=0)
+    # No defaults here: an option not given takes upcycling's own (methods.upcycle.UpcycleOptions), which also
+    # checks the values.
+    up.add_argument("--experts", type=int, help="experts per MoE layer")
+    up.add_argument("--top-k", type=int, help="experts per token")
+    up.add_argument("--layers", type=_layers, help="every-other, all, or e.g. 1,3,5")
+    up.add_argument("--granularity", type=int, help="split each FFN into G shards (fine-grained experts)")
+    up.add_argument("--drop-rate", type=float, help="Drop-Upcycling: share of neurons re-initialised")
+    up.add_argument("--router", help="softmax_then_topk, topk_then_softmax or expert_choice")
+    up.add_argument("--capacity-factor", type=float, help="0 = dropless (token choice)")
+    up.add_argument("--seed", type=int)
     up.set_defaults(func=cmd_convert_upcycle)
 
     mo = conv.add_parser("moefy", help="cluster every FFN into experts (SSD's MoEfication) -> a model folder")
@@ -401,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     dn.add_argument("--out", required=True)
     dn.set_defaults(func=cmd_convert_densify)
 
+
+def add_benchmark_commands(sub) -> None:
     be = sub.add_parser("bench", help="training-step speed on the GPU (tokens/s, MFU), a method against dense")
     be.add_argument("--preset", nargs="+", default=["gpt2-small", "gpt2-medium"])
     be.add_argument("--batch-size", type=int, default=16)
@@ -415,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", help="a JSON file (default bench_out/dense.json); with --suite a folder (default bench_out)")
     be.add_argument("--suite", metavar="PART", help="one part of the benchmark suite: prepare-data, dense-step, "
                     "sat-step, ssd-step, sat-cpt, sat-sft, upcycle, ssd-pretrain, mst-pretrain, hsa-attention, "
-                    "two-gpu, or all (see sparsetrain/suite.py)")
+                    "two-gpu, or all (see docs/suite.md)")
     be.add_argument("--quick", action="store_true", help="with --suite: tiny model, few steps (a CPU smoke test)")
     be.add_argument("--data-dir", default="data/suite", help="with --suite: prepared corpora DIR/code, DIR/english")
     be.add_argument("--work-dir", default="runs/suite", help="with --suite: scratch run folders (checkpoints)")
@@ -437,7 +450,6 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--continue-steps", type=int, help="steps of the dense/upcycled continuation (default steps/2)")
     de.add_argument("--max-bytes", type=_size, default=_size("8M"))
     de.set_defaults(func=cmd_demo)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .errors import UserError
+from sparsetrain.config import ModelConfig
+from sparsetrain.errors import UserError
 
 
 @dataclass

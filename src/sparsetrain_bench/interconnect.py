@@ -4,7 +4,7 @@ DDP all-reduces every gradient once a step and FSDP2 gathers and scatters every 
 only when that traffic hides behind the compute. `topology()` says how the GPUs are linked (peer access, the
 `nvidia-smi topo -m` matrix); run this module under torchrun to time all-reduces between the processes:
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 -m sparsetrain.interconnect --out link.json
+    python -m torch.distributed.run --standalone --nproc_per_node=2 -m sparsetrain_bench.interconnect --out link.json
 
 Bus bandwidth is NCCL-tests' convention: bytes x 2 (n - 1) / n / time, comparable across process counts.
 """
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if "RANK" not in os.environ:
         ap.error("run it under torchrun: python -m torch.distributed.run --standalone --nproc_per_node=2 "
-                 "-m sparsetrain.interconnect --out FILE")
+                 "-m sparsetrain_bench.interconnect --out FILE")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -24,8 +24,10 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from .data import load_tokenizer
-from .errors import UserError
+from sparsetrain.data.prepare import load_tokenizer
+from sparsetrain.data.sources import iter_documents, open_source
+from sparsetrain.errors import UserError
+from sparsetrain.progress import progress_bar
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
@@ -237,9 +239,6 @@ def write_kernel_doc_jsonl(source: str, out: str | Path, *, max_examples: int = 
                            max_response_chars: int = 2000, progress: bool = True) -> dict[str, int]:
     """Every kernel-doc pair of a source of C files (`linux-source`, or a file/folder/JSONL of them) as
     prompt/response JSONL (`data kernel-doc`); stops after `max_examples` pairs (0 = all). Written atomically."""
-    from .progress import progress_bar
-    from .sources import iter_documents, open_source
-
     out = Path(out)
     src = open_source(source, subset="code", progress=progress)
     tmp = out.with_name(out.name + ".tmp")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
+from sparsetrain.errors import UserError
 
 STEP_PREFIX = "step_"
 

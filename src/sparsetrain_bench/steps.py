@@ -1,7 +1,8 @@
 """Step-speed benchmarks on the GPU: the training step of the trainer, timed side by side in one process.
 
 `measure_steps` builds a model and method through the trainer's own path (build_model, make_optimizer,
-parallelize, the method hooks) and times full optimizer steps on random tokens with CUDA events after warm-up.
+parallelize) and times the trainer's own step (`training.step.train_step`) on random tokens with CUDA events after
+warm-up.
 Every benchmark compares contenders measured in the same call and reports ratios to dense.
 """
 from __future__ import annotations
@@ -14,10 +15,13 @@ from typing import Any
 
 import torch
 
-from . import config as config_mod
-from .model import flops_per_token
-from .report import markdown_table
-from .train import build_model, make_optimizer, parallelize, peak_flops, setup_runtime
+from sparsetrain import config as config_mod
+from sparsetrain.methods import RunInfo
+from sparsetrain.nn.model import flops_per_token
+from sparsetrain.plots import markdown_table
+from sparsetrain.training.build import build_model, make_optimizer
+from sparsetrain.training.runtime import parallelize, peak_flops, setup_runtime
+from sparsetrain.training.step import StepParts, train_step
 
 
 def measure_steps(cfg: config_mod.RunConfig, *, steps: int = 30, warmup: int = 10,
@@ -30,29 +34,19 @@ def measure_steps(cfg: config_mod.RunConfig, *, steps: int = 30, warmup: int = 1
     model.to(rt.device)
     wrapped = parallelize(model, rt, tcfg, compile_model)
     optimizer = make_optimizer(model, tcfg, rt.device)
-    method.total_steps = warmup + steps
-    method.tokens_per_step = tcfg.batch_size * tcfg.seq_len
-    method.start(model, optimizer)
+    method.start(model, optimizer, RunInfo(total_steps=warmup + steps, tokens_per_step=tcfg.batch_size * tcfg.seq_len))
+    parts = StepParts(model, wrapped, method, optimizer, tcfg.grad_clip, rt.autocast)
     micro = tcfg.micro_batch_size or tcfg.batch_size
     accum = tcfg.batch_size // micro
     gen = torch.Generator(device=rt.device).manual_seed(0)
 
-    def one_step(step: int) -> None:
-        method.before_step(step)
+    def random_micro_batches():
         for _ in range(accum):
             x = torch.randint(0, args.vocab_size, (micro, tcfg.seq_len + 1), device=rt.device, generator=gen)
-            with rt.autocast():
-                loss = wrapped(x[:, :-1], x[:, 1:])
-                aux = method.aux_loss(model)
-                if aux is not None:
-                    loss = loss + aux
-            (loss / accum).backward()
-        if tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        method.before_optimizer(step)
-        optimizer.step()
-        method.after_optimizer(step)
-        optimizer.zero_grad(set_to_none=True)
+            yield x[:, :-1], x[:, 1:]
+
+    def one_step(step: int) -> None:
+        train_step(parts, step, random_micro_batches(), accum)
 
     cuda = rt.device.type == "cuda"
     t_compile = time.perf_counter()
@@ -90,7 +84,7 @@ def measure_steps(cfg: config_mod.RunConfig, *, steps: int = 30, warmup: int = 1
     if peak:
         out["mfu"] = dense_fpt * tokens / step_s / peak
         out["mfu_method"] = out["flops_per_token"] * tokens / step_s / peak
-    del wrapped, model, optimizer
+    del parts, wrapped, model, optimizer
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(rt.device)

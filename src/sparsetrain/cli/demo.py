@@ -11,12 +11,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from . import config as config_mod
-from .analysis import analyze_run
-from .analysis import table as analysis_table
-from .data import TokenData, describe, prepare
-from .report import Panel, plot_panels, read_metrics, run_series
-from .train import train
+from sparsetrain import config as config_mod
+from sparsetrain.cli.analyze import analyze_run
+from sparsetrain.cli.analyze import table as analysis_table
+from sparsetrain.data.prepare import describe, prepare
+from sparsetrain.data.tokens import TokenData
+from sparsetrain.plots import Panel, plot_panels, read_metrics, run_series
+from sparsetrain.training.loop import train
 
 # Method sections pre-trained by the demo, each against the same dense baseline.
 CONTENDERS: list[tuple[str, dict[str, Any]]] = [

@@ -30,10 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from .errors import UserError
-from .methods.upcycle import Upcycle
-from .model import FFN, ModelArgs, Transformer
-from .moe import MoEFFN
+from sparsetrain.errors import UserError
+from sparsetrain.nn.model import FFN, ModelArgs, Transformer
+from sparsetrain.nn.moe import MoEFFN, moe_for, replace_ffns
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -251,7 +250,11 @@ def import_hf_full(folder: str | Path) -> tuple[dict, dict, Transformer]:
     model = Transformer(args)
     experts = 0
     if family == "mixtral":
-        Upcycle.from_config(method, args, args.max_seq_len).setup(model)  # the structure a run folder rebuilds
+        # the structure a run folder rebuilds from the [method] section (upcycling's, every layer)
+        replace_ffns(model, list(range(args.n_layer)), lambda: moe_for(
+            args, experts=method["experts"], top_k=method["top_k"], router=method["router"],
+            renormalize=method["renormalize"], capacity_factor=method["capacity_factor"],
+            aux_loss_coef=method["aux_loss_coef"], z_loss_coef=method["z_loss_coef"]))
         tensors, experts = _per_expert_layout(tensors), method["experts"]
     params = dict(model.named_parameters())
     entries = name_map(args, prefix, experts)

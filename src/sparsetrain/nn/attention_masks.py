@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from .errors import UserError
+from sparsetrain.errors import UserError
 
 KINDS = ("local", "strided", "hybrid")
 BLOCK = 128  # FlexAttention's default block: the granularity at which its kernels skip work

@@ -18,11 +18,13 @@ from typing import Any
 
 import torch
 
-from . import config as config_mod
-from .checkpoint import list_checkpoints
-from .errors import UserError
-from .methods.ssd import Check, Monitor, stored_order
-from .train import TrainingData, load_model
+from sparsetrain import config as config_mod
+from sparsetrain.data.batches import TrainingData
+from sparsetrain.errors import UserError
+from sparsetrain.methods.ssd.moefy import stored_order
+from sparsetrain.methods.ssd.monitor import Check, Monitor
+from sparsetrain.store.checkpoint import list_checkpoints
+from sparsetrain.training.build import load_model
 
 
 def probe_batch(cfg, probe_tokens: int) -> torch.Tensor:

@@ -1,0 +1,130 @@
+"""Where a run executes: the device and dtype, the process group under torchrun, and the wrapping of the model for
+several processes (DDP or FSDP2) and compilation. Model code stays single-device; parallelism is applied here, from
+outside, and the full (unsharded) model and optimizer state is gathered here for checkpoints."""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sparsetrain.errors import UserError
+from sparsetrain.nn.model import Transformer
+
+# bf16 dense peak per GPU, for MFU (datasheet numbers, no sparsity).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype (fp32 = no autocast)
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def setup_runtime(tcfg) -> Runtime:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want = tcfg.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = cuda but no GPU is visible; use train.device = auto or cpu")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    if tcfg.dtype == "bf16" or (tcfg.dtype == "auto" and use_cuda):
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float32
+    if use_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device=device, dtype=dtype, rank=rank, world=world, local_rank=local_rank)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool) -> torch.nn.Module:
+    """Wrap for several processes (DDP or FSDP2) and compile; the raw model stays what methods see."""
+    if compile_model:
+        from torch import _dynamo
+
+        # Methods change shapes and attributes between steps (kept subsets, phases): allow a few graphs.
+        _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+    if rt.distributed and tcfg.parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            if compile_model:
+                block.compile()
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+    if compile_model:
+        model.compile()
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return model
+
+
+def no_grad_sync(wrapped: torch.nn.Module, model: Transformer, rt: Runtime, tcfg, last: bool):
+    """Skip the gradient all-reduce (FSDP2: reduce-scatter) on all but the last micro-batch of an accumulation."""
+    if not rt.distributed:
+        return contextlib.nullcontext()
+    if tcfg.parallel == "fsdp":
+        # A flag, not a context: it must be on again before the last backward, or nothing is reduced this step.
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if last else wrapped.no_sync()
+
+
+def model_state(model: torch.nn.Module, rt: Runtime) -> dict[str, torch.Tensor]:
+    if rt.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict()
+
+
+def optimizer_state(model: torch.nn.Module, optimizer, rt: Runtime) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=rt.distributed))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

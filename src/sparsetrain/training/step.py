@@ -1,0 +1,71 @@
+"""The training step, written once: the trainer, the step benchmarks, the bench scripts and the tests all call
+`train_step`, so what is timed is what trains and a method's hook order lives in one place:
+
+    lr -> method.before_step -> per micro-batch: forward (+ method.aux_loss), backward -> clip
+    -> method.before_optimizer -> optimizer.step -> method.after_optimizer -> zero_grad
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterable
+
+import torch
+
+from sparsetrain.methods.base import Method
+from sparsetrain.nn.model import Transformer
+
+# The phases a step passes through, in order, reported to `on_phase` (the bench scripts time them).
+PHASES = ("selected", "backward", "optimizer")
+
+
+def _no_sync(last: bool) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+@dataclass
+class StepParts:
+    """What one training step works on."""
+    model: Transformer  # the model itself: what the method and gradient clipping see
+    forward: torch.nn.Module  # what runs a batch: the model, or the model compiled and/or wrapped (DDP, FSDP2)
+    method: Method
+    optimizer: torch.optim.Optimizer
+    grad_clip: float = 0.0  # 0: no clipping
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext
+    # The gradient sync of a micro-batch, told whether it is the last of the step (the others skip the all-reduce).
+    grad_sync: Callable[[bool], ContextManager] = _no_sync
+
+
+def train_step(parts: StepParts, step: int, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int,
+               *, lr: float | None = None, on_phase: Callable[[str], None] | None = None) -> torch.Tensor:
+    """One optimizer step over `count` micro-batches (inputs, targets), each on the model's device when it is
+    drawn. Returns the step's mean loss as a device tensor (no host sync); the auxiliary loss is trained on but not
+    in it. `lr` sets every parameter group's learning rate first; `on_phase(name)` runs after each of `PHASES`."""
+    p = parts
+    if lr is not None:
+        for group in p.optimizer.param_groups:
+            group["lr"] = lr
+    p.method.before_step(step)
+    if on_phase:
+        on_phase("selected")
+    step_loss = None
+    for i, (x, y) in enumerate(micro_batches):
+        with p.grad_sync(i == count - 1), p.autocast():
+            loss = p.forward(x, y)
+            aux = p.method.aux_loss(p.model)
+            total = loss if aux is None else loss + aux
+        (total / count).backward()
+        if step_loss is None:
+            step_loss = torch.zeros((), device=loss.device)
+        step_loss += loss.detach() / count
+    if on_phase:
+        on_phase("backward")
+    if p.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(p.model.parameters(), p.grad_clip)
+    p.method.before_optimizer(step)
+    p.optimizer.step()
+    p.method.after_optimizer(step)
+    p.optimizer.zero_grad(set_to_none=True)
+    if on_phase:
+        on_phase("optimizer")
+    return step_loss

@@ -1,0 +1,78 @@
+"""What every part of the suite runs with: the training shapes (full and `--quick`), the part's `Context` (its folders,
+device and `--scale`), and the scratch folders the suite empties, marked so that it never deletes one it did not make.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sparsetrain.errors import UserError
+
+MARKER = ".sparsetrain-suite"  # marks the suite's own scratch folders, the only ones it deletes
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The training shape of every run of a part."""
+    preset: str
+    batch_size: int
+    seq_len: int
+    eval_tokens: int
+    log_every: int
+    sft_seq_len: int  # rows of the fine-tuning data (a kernel-doc prompt alone is ~100 tokens)
+
+
+FULL = Shape("gpt2-small", 16, 1024, 2**21, 10, 1024)
+QUICK = Shape("tiny", 8, 64, 2048, 2, 256)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The shape of the step-time parts."""
+    presets: tuple[str, ...]
+    batch_size: int
+    seq_len: int
+    vocab_size: int
+    steps: int
+    warmup: int
+
+
+STEP_FULL = StepShape(("gpt2-small", "gpt2-medium"), 16, 1024, 50304, 30, 10)
+STEP_QUICK = StepShape(("tiny",), 4, 64, 512, 3, 1)
+
+
+@dataclass
+class Context:
+    part: str
+    out: Path
+    data: Path
+    work: Path
+    carry: Path
+    quick: bool
+    device: str
+    scale: float
+
+    @property
+    def shape(self) -> Shape:
+        return QUICK if self.quick else FULL
+
+    @property
+    def cuda(self) -> bool:
+        return self.device != "cpu" and torch.cuda.is_available()
+
+    def steps(self, full: int, quick: int) -> int:
+        return quick if self.quick else max(1, round(full * self.scale))
+
+
+def scratch_dir(path: Path) -> Path:
+    """Empty the suite's own scratch folder `path` (refusing one it did not make) and return it."""
+    if path.exists() and any(path.iterdir()):
+        if not (path / MARKER).is_file():
+            raise UserError(f"{path} is not empty and was not made by the suite; pass another --work-dir")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).touch()
+    return path

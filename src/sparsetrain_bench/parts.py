@@ -1,0 +1,234 @@
+"""The parts that train or time contenders against dense in one process: step times (dense-step, sat-step,
+ssd-step), continuation from the shared code base (sat-cpt, sat-sft, upcycle), pre-training from scratch (ssd-pretrain
+with its MoE inference, mst-pretrain) and hybrid sparse attention alone (hsa-attention).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsetrain import config as config_mod
+from sparsetrain.data.batches import TrainingData
+from sparsetrain.data.tokens import TokenData
+from sparsetrain.methods.ssd.ffn import SSDFFN
+from sparsetrain.methods.ssd.moefy import fit_routers, prepare_moe, run_dense
+from sparsetrain.training.build import load_model
+from sparsetrain.training.loop import evaluate
+from sparsetrain.training.runtime import setup_runtime
+from sparsetrain_bench.context import STEP_FULL, STEP_QUICK, Context
+from sparsetrain_bench.corpora import corpus_dir, same_tokenizer, sft_dir
+from sparsetrain_bench.report import STEP_COLUMNS
+from sparsetrain_bench.runs import (SEED, code_base, compare, eval_run, release_memory, run_config, start_point,
+                                    train_run)
+from sparsetrain_bench.steps import bench_config, measure_steps, median_ms, print_table
+
+SAT_CPT = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "ladder"}
+UPCYCLE = {"name": "upcycle", "experts": 8, "top_k": 2, "layers": "every-other"}
+
+
+def run_steps(ctx: Context, methods: list[tuple[str, dict[str, Any]]], presets: tuple[str, ...] | None = None,
+              model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Step time of dense and each method (label, options), side by side on each preset (random tokens: speed does
+    not depend on them). The trainer's own step, timed by `measure_steps`. `presets` (full runs) and `model` options
+    narrow or change the models of the step shape."""
+    s = STEP_QUICK if ctx.quick else STEP_FULL
+    if presets and not ctx.quick:
+        s = dataclasses.replace(s, presets=presets)
+    rows = []
+    for preset in s.presets:
+        dense = None
+        for label, method in [("dense", {"name": "dense"}), *methods]:
+            cfg = bench_config(preset, batch_size=s.batch_size, seq_len=s.seq_len, vocab_size=s.vocab_size,
+                               method=method, model_overrides=model)
+            cfg.train.device = ctx.device
+            r = measure_steps(cfg, steps=s.steps, warmup=s.warmup, compile_model=ctx.cuda)
+            r["method"], r["method_options"] = label, method
+            dense = dense or r
+            r["speedup"] = dense["step_s"] / r["step_s"]
+            r["flops_ratio"] = r["dense_flops_per_token"] / r["flops_per_token"]
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            release_memory()
+    print_table(rows, STEP_COLUMNS)
+    return {"rows": rows, "shape": dataclasses.asdict(s) | {"model": model or {}}}
+
+
+def dense_vs_sat_from_a_base(ctx: Context, *, corpus: str, data: Path, steps: int,
+                             lr: float) -> tuple[list[dict[str, Any]], float]:
+    """A dense base trained on code, its validation loss on `data` (the continuation's held-out set), then dense and
+    SAT (LORS) continued from it on `corpus` for the same steps: the contenders, with that loss at the head of
+    every curve, and the loss. SAT runs twice: with its default selection (sampling in proportion to the score)
+    and with top-k, which lost less validation loss in CPU runs of the tiny preset (+1.8% vs +3.1% after 100 steps
+    of the demo's continuation, three seeds of sampling within 0.002)."""
+    base = code_base(ctx)
+    start = eval_run(base["run_dir"], data)
+    print(f"{ctx.part}: the base model's validation loss on {data.name} before continuing: {start:.4f}")
+    common = dict(corpus=corpus, steps=steps, init_from=base["run_dir"], seed=SEED + 1, lr=lr)
+    dense = train_run(ctx, "dense", run_config(ctx, **common))
+    sats = [train_run(ctx, name, run_config(ctx, method=method, **common))
+            for name, method in (("sat", SAT_CPT), ("sat-topk", {**SAT_CPT, "select": "topk"}))]
+    for c in (dense, *sats):
+        start_point(c, start)
+    return [base, dense, *sats], start
+
+
+def run_sat_cpt(ctx: Context) -> dict[str, Any]:
+    """Dense base on code, then continual pre-training on English: dense vs SAT (LORS), same tokens."""
+    english = corpus_dir(ctx, "english")
+    same_tokenizer(corpus_dir(ctx, "code"), english)
+    contenders, start = dense_vs_sat_from_a_base(ctx, corpus="english", data=english, steps=ctx.steps(400, 16),
+                                                 lr=3e-4)
+    note = (f"The base model (code, {contenders[0]['steps']} steps) has English validation loss {start:.4f} before "
+            "continuing: the first point of both curves.")
+    return {"contenders": contenders, "start_val_loss": start, "notes": [note]}
+
+
+def run_sat_sft(ctx: Context) -> dict[str, Any]:
+    """Dense base on code, then fine-tuning on kernel-doc pairs (comment -> function, loss on the function):
+    dense vs SAT (LORS), the same rows; validation loss on the held-out pairs' functions."""
+    sft = sft_dir(ctx)
+    same_tokenizer(corpus_dir(ctx, "code"), sft)
+    steps = ctx.steps(300, 16)
+    contenders, start = dense_vs_sat_from_a_base(ctx, corpus="sft", data=sft, steps=steps, lr=1e-4)
+    meta = json.loads((sft / "meta.json").read_text())
+    note = (f"Fine-tuning data: {meta['examples_file']['examples']:,} kernel-doc pairs of the code corpus in "
+            f"{meta['train']['sequences']:,} train rows ({steps} steps of {ctx.shape.batch_size} rows: "
+            f"{steps * ctx.shape.batch_size / meta['train']['sequences']:.1f} epochs); the base (code, "
+            f"{contenders[0]['steps']} steps) starts at validation loss {start:.4f} on the held-out functions. The "
+            "base may have seen some of these functions in pre-training, dense and SAT alike.")
+    return {"contenders": contenders, "start_val_loss": start, "notes": [note]}
+
+
+def run_upcycle(ctx: Context) -> dict[str, Any]:
+    """Dense base, then dense vs upcycled continuation for the same wall-clock."""
+    base = code_base(ctx)
+    steps = ctx.steps(800, 16)
+    common = dict(corpus="code", init_from=base["run_dir"], seed=SEED + 1, lr=3e-4)
+    dense = train_run(ctx, "dense", run_config(ctx, steps=steps, **common))
+    # Equal wall-clock: the MoE's schedule gets as many steps as fit in dense's time, from step times measured the
+    # same way for both (the trainer's step on this device, compiled as the runs are).
+    timed, q = {}, STEP_QUICK if ctx.quick else STEP_FULL
+    for name, method in (("dense", None), ("upcycle", UPCYCLE)):
+        cfg = config_mod.from_dict(run_config(ctx, steps=steps, method=method, **common))
+        cfg.model.vocab_size = TokenData(cfg.data.dir).vocab_size
+        timed[name] = measure_steps(cfg, steps=q.steps, warmup=q.warmup, compile_model=ctx.cuda)["step_s"]
+        release_memory()
+    moe_steps = max(1, round(steps * timed["dense"] / timed["upcycle"]))
+    print(f"upcycle: step {timed['dense']:.4f} s dense, {timed['upcycle']:.4f} s MoE -> {moe_steps} MoE steps")
+    moe = train_run(ctx, "upcycle", run_config(ctx, steps=moe_steps, method=UPCYCLE, **common))
+    for c in (dense, moe):
+        start_point(c, base["val_loss"])
+    note = (f"Equal wall-clock: one step takes {timed['dense']:.4f} s dense and {timed['upcycle']:.4f} s upcycled "
+            f"(measure_steps, this process), so the MoE trains {moe_steps} steps for dense's {steps}.")
+    return {"contenders": [base, dense, moe], "notes": [note],
+            "calibration": {"dense_step_s": timed["dense"], "moe_step_s": timed["upcycle"], "moe_steps": moe_steps}}
+
+
+def run_pretrain(ctx: Context, contenders: list[tuple[str, dict[str, Any]]], model: dict[str, Any] | None = None,
+                 steps: int = 2000, quick_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Dense and each method from scratch on code, the same tokens. `quick_options` are added to every method's
+    options under --quick (so that a run of a few steps still goes through the method's schedule)."""
+    n = ctx.steps(steps, 20)
+    runs = [train_run(ctx, "dense", run_config(ctx, corpus="code", steps=n, model=model))]
+    for name, method in contenders:
+        if ctx.quick:
+            method = {**method, **(quick_options or {})}
+        runs.append(train_run(ctx, name, run_config(ctx, corpus="code", steps=n, model=model, method=method)))
+    return {"contenders": runs}
+
+
+@torch.no_grad()
+def moe_inference(ctx: Context, run_dir: str, top_k: int = 4, experts: int = 16) -> dict[str, Any]:
+    """A trained model run dense and as an MoE (SSD's sparse inference, top-`top_k` of `experts`): validation loss,
+    prefill time of one batch (whole model), and the FFNs' time alone on the hidden states of that batch."""
+    model, _, cfg = load_model(run_dir)
+    rt = setup_runtime(cfg.train)
+    prepare_moe(model, run_dir, top_k, experts)  # clusters; the model is an MoE from here
+    model.to(rt.device).eval()
+    data = TrainingData(corpus_dir(ctx, "code"), cfg.train)
+    x, _ = next(iter(data.eval_batches(ctx.shape.batch_size, ctx.shape.batch_size * ctx.shape.seq_len)))
+    x = x.to(rt.device)
+    inputs = []  # every FFN's input on this batch (the same for both timings)
+    hooks = [b.mlp.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in model.blocks]
+    with rt.autocast():
+        model(x)
+    for h in hooks:
+        h.remove()
+    result: dict[str, Any] = {"top_k": top_k, "experts": experts, "tokens": x.numel()}
+    for mode in ("dense", "moe"):
+        for b in model.blocks:
+            if isinstance(b.mlp, SSDFFN):
+                b.mlp.sparse = mode == "moe"
+        result[f"val_loss_{mode}"] = evaluate(model, data, cfg.train, rt, None)
+
+        def prefill():
+            with rt.autocast():
+                model(x)
+
+        def ffns():
+            with rt.autocast():
+                for b, h in zip(model.blocks, inputs):
+                    b.mlp(h)
+
+        result[f"prefill_ms_{mode}"] = median_ms(prefill)
+        result[f"ffn_ms_{mode}"] = median_ms(ffns)
+    # The same MoE with linear routers fitted on training tokens (SSD's router = "trained"): the routing's share of
+    # the gap. Only the routers change: the FFN time is the centroid MoE's.
+    probe, _ = data.loader.next_batch()
+    fit_routers(model, probe[:8].to(rt.device))
+    result["val_loss_moe_trained"] = evaluate(model, data, cfg.train, rt, None)
+    run_dense(model)
+    result["val_gap"] = (result["val_loss_moe"] - result["val_loss_dense"]) / result["val_loss_dense"]
+    result["val_gap_trained"] = (result["val_loss_moe_trained"] - result["val_loss_dense"]) / result["val_loss_dense"]
+    result["prefill_speedup"] = result["prefill_ms_dense"] / result["prefill_ms_moe"]
+    result["ffn_speedup"] = result["ffn_ms_dense"] / result["ffn_ms_moe"]
+    del model
+    release_memory()
+    return result
+
+
+def run_ssd_pretrain(ctx: Context) -> dict[str, Any]:
+    """Dense vs SSD from scratch (relu2), then both trained models run as MoEs (top-4 of 16): SSD's inference."""
+    result = run_pretrain(ctx, [("ssd", {"name": "ssd"})], model={"activation": "relu2"}, steps=2000,
+                          quick_options={"schedule": "fixed", "sparse_windows": [[0.3, 0.7]]})
+    result["moe_inference"] = {}
+    for c in result["contenders"]:
+        r = moe_inference(ctx, c["run_dir"])
+        result["moe_inference"][c["name"]] = r
+        print(f"ssd-pretrain: {c['name']} as MoE top-{r['top_k']}/{r['experts']}: val loss {r['val_loss_dense']:.4f} "
+              f"dense, {r['val_loss_moe']:.4f} MoE ({100 * r['val_gap']:+.2f}%); FFN {r['ffn_ms_dense']:.2f} -> "
+              f"{r['ffn_ms_moe']:.2f} ms ({r['ffn_speedup']:.2f}x), prefill {r['prefill_ms_dense']:.2f} -> "
+              f"{r['prefill_ms_moe']:.2f} ms ({r['prefill_speedup']:.2f}x)", flush=True)
+    return result
+
+
+# Hybrid sparse attention alone (MST with no weight sparsity): (name, pattern options) per sequence length, at the
+# same tokens per step; `hybrid` is the union of a local band and a strided pattern (a stride of 128, the authors',
+# hits every 128-key block, so it computes all of them: 256 skips some).
+HSA_PATTERNS = [("local", {"attention": "local", "window": 128}),
+                ("hybrid", {"attention": "hybrid", "window": 128, "stride": 256})]
+HSA_SHAPES = {"full": ((1024, 16), (4096, 4), (8192, 2)), "quick": ((64, 8), (128, 4))}
+
+
+def run_hsa(ctx: Context) -> dict[str, Any]:
+    """Dense (causal SDPA) vs sparse attention patterns (FlexAttention block masks, every layer, the whole run) at
+    each sequence length, the same tokens: validation loss and wall-clock, ratios to the dense run of that length."""
+    steps = ctx.steps(300, 12)
+    contenders = []
+    for seq, batch in HSA_SHAPES["quick" if ctx.quick else "full"]:
+        common = dict(corpus="code", steps=steps, seq_len=seq, batch_size=batch, model={"max_seq_len": seq})
+        group = [train_run(ctx, f"dense-{seq}", run_config(ctx, **common))]
+        for name, pattern in HSA_PATTERNS:
+            method = {"name": "mst", "sparsity": 0.0, "final_sparsity": 0.0, "update_every": steps,
+                      "attention_start": 0.0, "attention_end": 1.0, **pattern}
+            if ctx.quick:
+                method.update(window=16, stride=32)
+            group.append(train_run(ctx, f"{name}-{seq}", run_config(ctx, method=method, **common)))
+        compare(ctx, group, baseline=f"dense-{seq}")
+        contenders += group
+    return {"contenders": contenders, "compared": True,
+            "notes": ["Each pattern's ratios are to the dense run of the same sequence length (same tokens a step)."]}

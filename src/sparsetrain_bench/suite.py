@@ -1,0 +1,148 @@
+"""The benchmark suite of BENCHMARK.md: named parts, each sized for one GPU call of at most 10 minutes; this module
+holds the registry of parts (`PARTS`) and runs one (`run_part`).
+
+`sparsetrain bench --suite PART [--quick] [--out DIR] [--data-dir DATA]` runs one part. Every contender of a part
+trains (or is timed) in the same process as its dense baseline, with the same seed, data order, batch, sequence
+length and learning-rate schedule; the part writes DIR/PART.json (environment, each contender's config, summary,
+validation curve and logged schedules, ratios to dense) and DIR/PART/NAME/ (each run's metrics.jsonl, summary.json,
+config.toml), and prints a table. `sparsetrain report DIR/*.json` turns the JSONs into the report. `--scale X`
+multiplies every training step count of a part; `--quick` runs the tiny preset for a few steps, on the CPU in
+seconds: a smoke test, not a measurement.
+
+The parts live in `corpora` (prepare-data), `parts` (the training and step-time parts) and `two_gpu`, on top of
+`runs` (training runs) and `context` (shapes, folders). What each part runs, and the GPU call plans: docs/suite.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sparsetrain.errors import UserError
+from sparsetrain.methods import REGISTRY
+from sparsetrain.training.runtime import peak_flops
+from sparsetrain_bench.context import Context, scratch_dir
+from sparsetrain_bench.corpora import run_prepare_data
+from sparsetrain_bench.parts import (run_hsa, run_pretrain, run_sat_cpt, run_sat_sft, run_ssd_pretrain, run_steps,
+                                     run_upcycle)
+from sparsetrain_bench.report import CONTENDER_COLUMNS
+from sparsetrain_bench.runs import compare
+from sparsetrain_bench.steps import environment, print_table
+from sparsetrain_bench.two_gpu import run_two_gpus
+
+
+@dataclass(frozen=True)
+class Part:
+    summary: str
+    run: Callable[[Context], dict[str, Any]]
+    methods: tuple[str, ...] = ()  # methods the part trains; unregistered ones skip the part with a message
+    trains: bool = True  # runs the trainer (needs prepared data and a scratch folder)
+
+
+SAT_STEP = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "constant", "dense_final": 0.0}
+# The freeze of omitted slices as ~800 small kernels, the default before the compiled stash was measured faster.
+SAT_STEP_EAGER_STASH = {**SAT_STEP, "compiled_stash": False}
+SSD_STEP = {"name": "ssd", "experts": 16, "top_k": 4, "schedule": "fixed", "sparse_windows": [[0.0, 1.0]],
+            "monitor_every": 0}  # the sparse phase alone
+
+PARTS: dict[str, Part] = {
+    "prepare-data": Part("prepare DATA/code and DATA/english from the carried corpora", run_prepare_data,
+                         trains=False),
+    "dense-step": Part("dense training step, gpt2-small and gpt2-medium", functools.partial(run_steps, methods=[]),
+                       trains=False),
+    "sat-step": Part("SAT step at omission 0.5 vs dense (and with the eager stash), gpt2-medium and llama-1b",
+                     functools.partial(run_steps, methods=[("sat", SAT_STEP), ("sat-eager-stash", SAT_STEP_EAGER_STASH)],
+                                       presets=("gpt2-medium", "llama-1b")),
+                     ("sat",), trains=False),
+    "ssd-step": Part("SSD sparse-phase step (relu2, 16 experts, top-4) vs dense, gpt2-medium",
+                     functools.partial(run_steps, methods=[("ssd", SSD_STEP)], presets=("gpt2-medium",),
+                                       model={"activation": "relu2"}), ("ssd",), trains=False),
+    "sat-cpt": Part("continual pre-training code -> English, dense vs SAT (LORS; sampled and top-k selection)",
+                    run_sat_cpt, ("sat",)),
+    "two-gpu": Part("every method on one GPU vs two (torchrun DDP / FSDP2), same global batch", run_two_gpus,
+                    ("sat", "upcycle", "ssd", "mst")),
+    "hsa-attention": Part("hybrid sparse attention alone (MST, no weight sparsity) vs dense at 1024, 4096, 8192",
+                          run_hsa, ("mst",)),
+    "sat-sft": Part("fine-tuning on kernel-doc pairs (comment -> function), dense vs SAT (LORS; sampled and top-k "
+                    "selection)", run_sat_sft, ("sat",)),
+    "upcycle": Part("dense vs upcycled continuation at equal wall-clock", run_upcycle, ("upcycle",)),
+    "ssd-pretrain": Part("pre-training dense vs SSD (relu2), both then run as MoEs", run_ssd_pretrain, ("ssd",)),
+    "mst-pretrain": Part("pre-training dense vs MST (weight and neuron level)",
+                         functools.partial(run_pretrain,
+                                           contenders=[("mst-weight", {"name": "mst", "granularity": "weight"}),
+                                                       ("mst-neuron", {"name": "mst", "granularity": "neuron"})],
+                                           steps=1200, quick_options={"update_every": 4}),
+                         ("mst",)),
+}
+
+
+def command_line(part: str, *, out: Path, data_dir: Path, work_dir: Path, carry: Path, quick: bool, device: str,
+                 scale: float) -> str:
+    args = ["sparsetrain", "bench", "--suite", part]
+    if quick:
+        args.append("--quick")
+    args += ["--out", str(out)]
+    if part == "prepare-data":
+        args += ["--data-dir", str(data_dir), "--carry", str(carry)]
+    elif not part.endswith("-step"):
+        args += ["--data-dir", str(data_dir), "--work-dir", str(work_dir)]
+        if scale != 1.0:
+            args += ["--scale", f"{scale:g}"]
+    if device != "auto":
+        args += ["--device", device]
+    return shlex.join(args)
+
+
+def run_part(part: str, *, out: str | Path = "bench_out", data_dir: str | Path = "data/suite",
+             work_dir: str | Path = "runs/suite", carry: str | Path = ".carry", quick: bool = False,
+             device: str = "auto", scale: float = 1.0) -> dict[str, Any]:
+    """Run one part; writes OUT/PART.json (and OUT/PART/ for trained runs) and returns what it wrote."""
+    if part not in PARTS:
+        raise UserError(f"unknown suite part '{part}'; parts: {', '.join(PARTS)}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got '{device}'")
+    if not scale > 0:
+        raise UserError(f"--scale must be positive, got {scale}")
+    out, data_dir, work_dir, carry = Path(out), Path(data_dir), Path(work_dir), Path(carry)
+    command = command_line(part, out=out, data_dir=data_dir, work_dir=work_dir, carry=carry, quick=quick,
+                           device=device, scale=scale)
+    spec = PARTS[part]
+    result: dict[str, Any] = {"part": part, "summary": spec.summary, "command": command, "quick": quick,
+                              "env": environment(), "status": "done"}
+    cuda = torch.cuda.is_available() and device != "cpu"
+    result["env"]["ran_on"] = "cuda" if cuda else "cpu"
+    if cuda:
+        result["env"]["peak_flops"] = peak_flops(torch.device("cuda"))
+    out.mkdir(parents=True, exist_ok=True)
+    missing = [m for m in spec.methods if m not in REGISTRY]
+    if missing:
+        result["status"] = "skipped"
+        result["message"] = (f"method {', '.join(repr(m) for m in missing)} is not registered in "
+                             f"sparsetrain.methods.REGISTRY (have: {', '.join(sorted(REGISTRY))}); "
+                             "this part runs once it is")
+        print(f"{part}: skipped: {result['message']}")
+    else:
+        ctx = Context(part, out, data_dir, work_dir, carry, quick, device, scale)
+        if spec.trains:
+            scratch_dir(work_dir / part)  # run folders (checkpoints)
+            scratch_dir(out / part)  # the runs' metrics, copied beside PART.json
+            result["shape"] = dataclasses.asdict(ctx.shape) | {"scale": scale}
+        t0 = time.perf_counter()
+        result.update(spec.run(ctx))
+        result["elapsed_s"] = time.perf_counter() - t0
+        if result.get("contenders"):
+            if not result.get("compared"):  # a part with several baselines compares its groups itself
+                compare(ctx, result["contenders"])
+            print_table(result["contenders"], CONTENDER_COLUMNS)
+        print(f"{part}: done in {result['elapsed_s']:.0f} s")
+    path = out / f"{part}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"raw numbers: {path}")
+    return result
