@@ -74,7 +74,7 @@ def train_by_hand(model, method, data, optimizer=None, *, first_step: int = 0, s
         def on_phase(name, step=step):
             if check and name in phases:
                 check(step, phases[name])
-        loss = train_step(parts, step, zip(x.chunk(micro_batches), y.chunk(micro_batches)), micro_batches,
-                          on_phase=on_phase)
-        losses.append(loss.item())
+        result = train_step(parts, step, zip(x.chunk(micro_batches), y.chunk(micro_batches)), micro_batches,
+                            on_phase=on_phase)
+        losses.append(result.loss.item())
     return losses, optimizer

@@ -6,6 +6,7 @@ The `[method]` section holds `name` plus the method's own keys, which the method
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -64,6 +65,10 @@ class TrainConfig:
     parallel: str = "ddp"  # ddp | fsdp, when started by torchrun with more than one process
     progress: bool = True
     init_from: str = ""  # a run, checkpoint or model folder whose weights start this run (fresh optimizer)
+    # A non-finite loss or gradient norm: "stop" the run (checked where the loss is read anyway: no extra host sync)
+    # or "skip" the step's update (checked every step: one host sync a step), at most max_nonfinite_skips in a row.
+    on_nonfinite: str = "stop"
+    max_nonfinite_skips: int = 3
 
 
 @dataclass
@@ -187,8 +192,16 @@ def validate(cfg: RunConfig) -> None:
     for key in ["micro_batch_size", "eval_every", "checkpoint_every", "warmup_steps", "grad_clip", "weight_decay"]:
         if getattr(t, key) < 0:
             raise UserError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    for f in dataclasses.fields(t):
+        value = getattr(t, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"train.{f.name} must be a finite number, got {value}")
     if not t.lr > 0:
         raise UserError(f"train.lr must be positive, got {t.lr}")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise UserError(f"train.on_nonfinite must be stop or skip, got '{t.on_nonfinite}'")
+    if t.max_nonfinite_skips < 1:
+        raise UserError(f"train.max_nonfinite_skips must be at least 1, got {t.max_nonfinite_skips}")
     if t.device not in ("auto", "cpu", "cuda"):
         raise UserError(f"train.device must be auto, cpu or cuda, got '{t.device}'")
     if t.dtype not in ("auto", "bf16", "fp32"):

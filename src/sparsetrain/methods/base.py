@@ -12,6 +12,8 @@ The trainer calls, in this order:
         before_optimizer(step)        after gradients are ready (and clipped): mask gradients, stash omitted state
         optimizer.step()
         after_optimizer(step)         restore omitted state, re-apply weight masks, update topology
+        discard_step(step)            instead of the three above when the step's loss or gradients were not finite
+                                      and its update is skipped (train.on_nonfinite = "skip")
     before_eval() / after_eval()      around each evaluation on the validation shard
     flops_per_token(step)             training FLOPs per token of that step, as the method computed it
     metrics(step)                     extra numbers for metrics.jsonl
@@ -39,6 +41,7 @@ class RunInfo:
     rank: int = 0
     parallel: str = "ddp"  # ddp | fsdp: how the model is split over the processes (when world > 1)
     first_step: int = 0  # > 0: a resumed run, whose state comes next through load_state_dict
+    skip_nonfinite: bool = False  # a step may be discarded (discard_step) instead of updated
 
     @property
     def distributed(self) -> bool:
@@ -104,6 +107,10 @@ class Method:
 
     def after_optimizer(self, step: int) -> None:
         pass
+
+    def discard_step(self, step: int) -> None:
+        """The step's update is skipped (its loss or gradients were not finite): forget what its forward and
+        backward gathered (statistics, gradients kept for later), so nothing non-finite outlives the step."""
 
     # --- accounting ---------------------------------------------------------------------------------------------
     def dense_flops_per_token(self) -> float:

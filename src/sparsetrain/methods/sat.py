@@ -112,6 +112,7 @@ class SAT(Method):
         self._gather_ffn_now = self._gather_head_now = False
         self._stash: SliceStash | None = None
         self._hooks: list = []
+        self._stats_before: dict[str, torch.Tensor] | None = None
 
     # --- options ------------------------------------------------------------------------------------------------
     @classmethod
@@ -330,6 +331,15 @@ class SAT(Method):
         self._gather_ffn_now = self._gathers("ffn", step)
         self._gather_head_now = self._gathers("head", step)
         self.gathering = self._gather_ffn_now or self._gather_head_now
+        # A step that may be discarded keeps the statistics it is about to update, to put them back.
+        gathers = self.run.skip_nonfinite and self.gathering
+        self._stats_before = {k: v.clone() for k, v in self.stats.items()} if gathers else None
+
+    def discard_step(self, step: int) -> None:
+        if self._stats_before is not None:
+            for k, v in self._stats_before.items():
+                self.stats[k].copy_(v)
+        self._stats_before = None
 
     def before_optimizer(self, step: int) -> None:
         """Stash the omitted slices of every sliced parameter and of its optimizer moments."""

@@ -5,17 +5,21 @@ A checkpoint is a folder `RUN_DIR/checkpoints/step_0000100/` holding
     optimizer.safetensors   optimizer moments, keyed by parameter name
     method.safetensors      the method's tensors (may be empty)
     state.json              step, data loader position, RNG states, optimizer hyper-parameters, method values
+    manifest.json           every other file's size and checksum (blake2b), written last
 It is written into a `.tmp` sibling and renamed into place, so a run killed mid-write leaves the previous
-checkpoint as the latest complete one. A *model folder* (what `convert` writes) is `config.toml` + `model.safetensors`.
+checkpoint as the latest complete one; the manifest catches what the rename cannot (bytes changed or lost on disk
+afterwards). A *model folder* (what `convert` writes) is `config.toml` + `model.safetensors` (+ its manifest).
+Folders written before manifests existed load unchecked; a file that cannot be read is still a one-line error.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -24,6 +28,56 @@ from safetensors.torch import load_file, save_file
 from sparsetrain.errors import UserError
 
 STEP_PREFIX = "step_"
+MANIFEST = "manifest.json"
+DAMAGED_PREFIX = ".damaged-"  # a damaged checkpoint set aside by a resume (hidden from list_checkpoints)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)  # fast and in the standard library
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Size and checksum of every file of `folder`; written last, so a folder that matches it is whole."""
+    files = {f.name: {"bytes": f.stat().st_size, "blake2b": _digest(f)}
+             for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+
+
+def damage(folder: Path, names: Iterable[str] | None = None) -> str | None:
+    """What is wrong with a checkpoint or model folder by its manifest, or None (intact, or written before
+    manifests existed). `names`: check only these files."""
+    manifest = Path(folder) / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        expected = {name: (int(v["bytes"]), v["blake2b"]) for name, v in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is unreadable"
+    for name, (size, digest) in expected.items():
+        if names is not None and name not in names:
+            continue
+        f = Path(folder) / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size:,} bytes, its manifest says {size:,}"
+        if _digest(f) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or a one-line error naming it when it cannot be read (truncated, bad header)."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types, OSError and others for damaged files
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:120]}); the file is damaged or "
+                        "incomplete: use another checkpoint or write it again") from None
 
 
 def _contiguous_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -117,6 +171,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model_state: dict, optim_state:
         **extra,
     }
     (tmp / "state.json").write_text(json.dumps(state))
+    write_manifest(tmp)
     for f in tmp.iterdir():  # flush before the rename makes the checkpoint visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -137,10 +192,16 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(ckpt: Path) -> dict[str, Any]:
-    state = json.loads((ckpt / "state.json").read_text())
-    rng_t = load_file(str(ckpt / "rng.safetensors"))
-    py = state["rng"]["python"]
-    npy = state["rng"]["numpy"]
+    """Everything a checkpoint holds; a one-line error when it is damaged (by its manifest or unreadable)."""
+    reason = damage(ckpt)
+    if reason is not None:
+        raise UserError(f"checkpoint {ckpt} is damaged: {reason}")
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        py, npy = state["rng"]["python"], state["rng"]["numpy"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"checkpoint {ckpt} is damaged: state.json cannot be read ({e!r})") from None
+    rng_t = read_tensors(ckpt / "rng.safetensors")
     rng = {
         "python": (py[0], tuple(py[1]), py[2]),
         "numpy": (npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]),
@@ -150,14 +211,46 @@ def load_checkpoint(ckpt: Path) -> dict[str, Any]:
     if cuda:
         rng["cuda"] = cuda
     state["rng"] = rng
-    state["model"] = load_file(str(ckpt / "model.safetensors"))
-    state["optimizer"] = join_state(load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
-    state["method"] = join_state(load_file(str(ckpt / "method.safetensors")), state["method"])
+    state["model"] = read_tensors(ckpt / "model.safetensors")
+    state["optimizer"] = join_state(read_tensors(ckpt / "optimizer.safetensors"), state["optimizer"])
+    state["method"] = join_state(read_tensors(ckpt / "method.safetensors"), state["method"])
     return state
 
 
+def load_latest_intact(run_dir: Path) -> tuple[dict[str, Any], list[tuple[Path, str]]]:
+    """The newest checkpoint of a run that loads and matches its manifest, and the newer ones that do not, with
+    what is wrong with each; a one-line error when none is intact."""
+    damaged = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            return load_checkpoint(ckpt), damaged
+        except UserError as e:
+            damaged.append((ckpt, str(e).removeprefix(f"checkpoint {ckpt} is damaged: ")))
+    detail = "; ".join(f"{c.name}: {why}" for c, why in damaged)
+    raise UserError(f"--resume: no intact checkpoint in {run_dir} ({detail}); start the run again into a new --out")
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Move a damaged checkpoint out of the run's list (kept, not deleted: the bytes may still matter to someone)."""
+    aside = ckpt.parent / f"{DAMAGED_PREFIX}{ckpt.name}"
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(ckpt, aside)
+    return aside
+
+
 def find_weights(path: str | Path) -> tuple[Path, Path]:
-    """(config.toml, model.safetensors) for a run folder (latest checkpoint), a checkpoint or a model folder."""
+    """(config.toml, model.safetensors) for a run folder (latest checkpoint), a checkpoint or a model folder; a
+    one-line error when the weights do not match the folder's manifest."""
+    cfg_path, weights = _find_weights(Path(path))
+    reason = damage(weights.parent, [weights.name])
+    if reason is not None:
+        raise UserError(f"{weights.parent} is damaged: {reason}; use an earlier checkpoint of the run or write the "
+                        "folder again")
+    return cfg_path, weights
+
+
+def _find_weights(path: Path) -> tuple[Path, Path]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist; pass a run folder, a checkpoint folder or a converted model folder")
@@ -183,6 +276,7 @@ def write_model_folder(out: Path, config_toml: str, model_state: dict[str, torch
     tmp.mkdir(parents=True)
     (tmp / "config.toml").write_text(config_toml)
     save_model_weights(model_state, tmp / "model.safetensors")
+    write_manifest(tmp)
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)

@@ -1,31 +1,35 @@
 """The training loop: one device or many (torchrun), dense or any method, resumable exactly. Each optimizer step is
 `step.train_step` (the method's hooks, micro-batches, clipping, the optimizer); around it the loop draws the batch,
-sets the learning rate, and logs, evaluates and checkpoints on their schedules."""
+sets the learning rate, and logs, evaluates and checkpoints on their schedules. A run holds its folder's lock
+(`lock.py`), resumes from the newest intact checkpoint (a damaged newer one is set aside with a warning), and stops
+at a non-finite loss before logging or saving anything from it (or skips such steps: train.on_nonfinite)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
-from sparsetrain import config as config_mod
 from sparsetrain.config import RunConfig
 from sparsetrain.data.batches import TrainingData
 from sparsetrain.errors import UserError
 from sparsetrain.methods import Method, RunInfo
 from sparsetrain.progress import progress_bar
-from sparsetrain.store.checkpoint import (find_weights, list_checkpoints, load_checkpoint, load_weights,
-                                          save_checkpoint, set_rng_state)
+from sparsetrain.store.checkpoint import (find_weights, list_checkpoints, load_latest_intact, load_weights, read_tensors,
+                                          save_checkpoint, set_aside, set_rng_state)
 from sparsetrain.training.build import build_model, make_optimizer
 from sparsetrain.training.runtime import (Runtime, load_optimizer_state, model_state, no_grad_sync, optimizer_state,
                                           parallelize, peak_flops, setup_runtime)
-from sparsetrain.training.step import StepParts, train_step
+from sparsetrain.training.lock import RunLock
+from sparsetrain.training.records import MetricsLog, keep_metrics_until, warn, write_config, write_summary
+from sparsetrain.training.step import StepParts, StepResult, train_step
 
 
 def lr_at(step: int, tcfg) -> float:
@@ -73,44 +77,13 @@ def check_run_dir(out_dir: Path, resume: bool) -> None:
         raise UserError(f"{out_dir} already holds a run; pass --resume to continue it, or choose a new --out")
 
 
-class MetricsLog:
-    """metrics.jsonl (one JSON object per logged step) and TensorBoard, on the main process only."""
-
-    def __init__(self, out_dir: Path, enabled: bool):
-        self.enabled = enabled
-        self.file = open(out_dir / "metrics.jsonl", "a") if enabled else None
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / "tb"))
-            except ImportError:  # TensorBoard is optional at run time: metrics.jsonl holds everything
-                self.tb = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 @dataclass
 class Totals:
     """What the run has done so far; checkpoints carry it."""
     flops: float = 0.0
     train_time: float = 0.0  # seconds of training steps (evaluation and checkpoints excluded)
     tokens: int = 0
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient (train.on_nonfinite = "skip")
 
 
 def micro_batching(tcfg, world: int) -> tuple[int, int]:
@@ -123,13 +96,22 @@ def micro_batching(tcfg, world: int) -> tuple[int, int]:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Train per `cfg` into `out_dir`; returns a summary (final step, losses, timing, FLOPs)."""
+    """Train per `cfg` into `out_dir`; returns a summary (final step, losses, timing, FLOPs). The run folder is
+    locked for the run's life (one writer); everything that can fail on user input fails before anything is
+    written."""
     out_dir = Path(out_dir)
+    # Under torchrun the rank-0 process holds the lock for its launch (RANK is set before the process group).
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with RunLock(out_dir) if main_process else contextlib.nullcontext():
+        return _train(cfg, out_dir, resume)
+
+
+def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> dict[str, Any]:
     tcfg = cfg.train
-    # Everything that can fail on user input is checked before anything is written.
     check_run_dir(out_dir, resume)
     rt = setup_runtime(tcfg)
     data = TrainingData(cfg.data.dir, tcfg)
+    data.check()
     micro, accum = micro_batching(tcfg, rt.world)
     torch.manual_seed(tcfg.seed)
     model, method, args = build_model(cfg, data.vocab_size)
@@ -139,10 +121,13 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str
     cfg.model.vocab_size = args.vocab_size  # saved with the run, so the model can be rebuilt without the data
     if tcfg.init_from and not resume:
         _, weights = find_weights(tcfg.init_from)
-        method.init_weights(model, load_file(str(weights)), tcfg.init_from)
+        method.init_weights(model, read_tensors(weights), tcfg.init_from)
 
     # A resumed run's weights go in before sharding (FSDP2 shards the tensors it finds); its optimizer state after.
-    state = load_checkpoint(list_checkpoints(out_dir)[-1]) if resume else None
+    state, damaged = load_latest_intact(out_dir) if resume else (None, [])
+    start_step = state["step"] if state is not None else 0
+    if start_step >= tcfg.steps:
+        return finished(out_dir, start_step, tcfg.steps, rt.main)
     if state is not None:
         load_weights(model, state["model"], "in " + str(out_dir))
     model.to(rt.device)
@@ -151,32 +136,48 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict[str
     optimizer = make_optimizer(model, tcfg, rt.device)
     if state is not None:
         load_optimizer_state(model, optimizer, state["optimizer"])
-    start_step = state["step"] if state is not None else 0
     method.start(model, optimizer, RunInfo(total_steps=tcfg.steps, tokens_per_step=tcfg.batch_size * tcfg.seq_len,
                                            world=rt.world, rank=rt.rank, parallel=tcfg.parallel,
-                                           first_step=start_step))
+                                           first_step=start_step, skip_nonfinite=tcfg.on_nonfinite == "skip"))
     totals = Totals()
     if state is not None:
         method.load_state_dict(state["method"])
         data.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
-        totals = Totals(state["flops"], state["train_time"], state["tokens"])
-        if rt.main:  # drop what was logged after the checkpoint: those steps are trained again
-            metrics = out_dir / "metrics.jsonl"
-            if metrics.exists():
-                kept = [l for l in metrics.read_text().splitlines() if l and json.loads(l)["step"] <= start_step]
-                metrics.write_text("".join(l + "\n" for l in kept))
-    elif rt.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.toml").write_text(config_mod.dumps(config_mod.to_dict(cfg)))
+        totals = Totals(*(state.get(f.name, 0) for f in fields(Totals)))
+    if rt.distributed:
+        dist.barrier()  # every process has read its checkpoint before the main one moves any aside
     if rt.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for ckpt, why in damaged:
+            warn(f"checkpoint {ckpt.name} is damaged ({why}); moved to {set_aside(ckpt).name}, resuming from step "
+                 f"{start_step}")
+        if state is not None:
+            keep_metrics_until(out_dir, start_step)
+        write_config(out_dir, cfg, start_step if state is not None else None)
         n = sum(p.numel() for p in model.parameters())
         print(f"model {cfg.model.preset} ({args.family}, {n / 1e6:.1f}M parameters), method {method.name}, "
               f"{rt.world} x {rt.device.type}, {tcfg.batch_size * tcfg.seq_len} tokens/step, "
               f"{accum} accumulation step(s)")
+
+    def agree(finite: torch.Tensor) -> torch.Tensor:
+        if rt.distributed:
+            finite = finite.to(torch.int32)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return finite.bool()
+
     parts = StepParts(model, wrapped, method, optimizer, tcfg.grad_clip, rt.autocast,
-                      lambda last: no_grad_sync(wrapped, model, rt, tcfg, last))
+                      lambda last: no_grad_sync(wrapped, model, rt, tcfg, last), agree)
     return run_steps(parts, data, rt, tcfg, out_dir, start_step, totals, micro, accum)
+
+
+def finished(out_dir: Path, step: int, steps: int, main: bool) -> dict[str, Any]:
+    """A resume of a run that has trained all its steps: nothing to do, and nothing is changed."""
+    if main:
+        print(f"{out_dir} is finished: it trained {step} of train.steps={steps} steps; nothing to do (to train "
+              f"further: --resume --set train.steps=N with N > {step})")
+    summary = out_dir / "summary.json"
+    return json.loads(summary.read_text()) if summary.is_file() else {"steps": step, "run_dir": str(out_dir)}
 
 
 def my_micro_batches(xs: torch.Tensor, ys: torch.Tensor, rt: Runtime, micro: int, accum: int):
@@ -184,6 +185,42 @@ def my_micro_batches(xs: torch.Tensor, ys: torch.Tensor, rt: Runtime, micro: int
     mine = slice(rt.rank * micro * accum, (rt.rank + 1) * micro * accum)
     for x, y in zip(xs[mine].split(micro), ys[mine].split(micro)):
         yield x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+
+
+class NonFinite:
+    """Non-finite steps: with "stop", the first one's index kept on the device (read where the loss is read);
+    with "skip", consecutive skips counted on the host."""
+
+    def __init__(self, tcfg, rt: Runtime, out_dir: Path):
+        self.tcfg, self.rt, self.out_dir = tcfg, rt, out_dir
+        self.first = torch.full((), tcfg.steps, dtype=torch.int64, device=rt.device)  # steps = none yet
+        self.in_a_row = 0
+
+    def record(self, step: int, result: StepResult) -> None:
+        if self.tcfg.on_nonfinite == "stop":
+            self.first = torch.where(~result.finite & (self.first == self.tcfg.steps), step, self.first)
+            return
+        self.in_a_row = self.in_a_row + 1 if result.skipped else 0
+        if self.in_a_row >= self.tcfg.max_nonfinite_skips:
+            raise UserError(f"step {step + 1}: {self.in_a_row} steps in a row had a non-finite loss or gradient "
+                            f"(train.max_nonfinite_skips={self.tcfg.max_nonfinite_skips}); stopped. "
+                            f"{self.last_good()}; resume from it with a lower train.lr")
+
+    def check(self) -> None:
+        """Raise if a step since the last check was not finite (before anything is logged or saved from it)."""
+        if self.tcfg.on_nonfinite != "stop":
+            return
+        if self.rt.distributed:
+            dist.all_reduce(self.first, op=dist.ReduceOp.MIN)
+        bad = int(self.first.item())
+        if bad < self.tcfg.steps:
+            raise UserError(f"step {bad + 1}: the loss or the gradient norm is not finite; stopped without writing "
+                            f"a checkpoint from it. {self.last_good()}; resume from it (--resume) with a lower "
+                            "train.lr, or set train.on_nonfinite = \"skip\"")
+
+    def last_good(self) -> str:
+        ckpts = list_checkpoints(self.out_dir)
+        return f"The last good checkpoint is {ckpts[-1]}" if ckpts else "No checkpoint was written yet"
 
 
 def run_steps(parts: StepParts, data: TrainingData, rt: Runtime, tcfg, out_dir: Path, start_step: int,
@@ -198,13 +235,20 @@ def run_steps(parts: StepParts, data: TrainingData, rt: Runtime, tcfg, out_dir: 
     window = Totals()  # since the last log line
     loss_sum = torch.zeros((), device=rt.device)
     loss_count = 0
+    nonfinite = NonFinite(tcfg, rt, out_dir)
     parts.forward.train()
     for step in range(start_step, tcfg.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, tcfg)
         xs, ys = data.loader.next_batch()
-        loss_sum += train_step(parts, step, my_micro_batches(xs, ys, rt, micro, accum), accum, lr=lr)
-        loss_count += 1
+        result = train_step(parts, step, my_micro_batches(xs, ys, rt, micro, accum), accum, lr=lr,
+                            skip_nonfinite=tcfg.on_nonfinite == "skip")
+        nonfinite.record(step, result)
+        if result.skipped:
+            totals.skipped_steps += 1
+        else:
+            loss_sum += result.loss
+            loss_count += 1
         step_flops = method.flops_per_token(step) * tokens_per_step
         for t in (totals, window):
             t.flops += step_flops
@@ -214,9 +258,11 @@ def run_steps(parts: StepParts, data: TrainingData, rt: Runtime, tcfg, out_dir: 
         is_eval = (tcfg.eval_every and done % tcfg.eval_every == 0) or done == tcfg.steps
         is_ckpt = (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0) or done == tcfg.steps
         if is_log or is_eval or is_ckpt:
+            nonfinite.check()
             if rt.distributed:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            last_loss = (loss_sum / loss_count).item()  # synchronises: the window's time is now real
+            # synchronises: the window's time is now real
+            last_loss = (loss_sum / loss_count).item() if loss_count else float("nan")
             loss_sum.zero_()
             loss_count = 0
         dt = time.perf_counter() - t0
@@ -225,6 +271,8 @@ def run_steps(parts: StepParts, data: TrainingData, rt: Runtime, tcfg, out_dir: 
         if is_log or is_eval:
             record = {"step": done, "loss": last_loss, "lr": lr, "tokens_per_s": window.tokens / window.train_time,
                       "flops": totals.flops, "tokens": totals.tokens, "train_time": totals.train_time}
+            if tcfg.on_nonfinite == "skip":
+                record["skipped_steps"] = totals.skipped_steps
             if peak:
                 record["mfu"] = window.flops / window.train_time / rt.world / peak
             record.update(method.metrics(step))
@@ -239,9 +287,10 @@ def run_steps(parts: StepParts, data: TrainingData, rt: Runtime, tcfg, out_dir: 
     bar.close()
     log.close()
     summary = {"steps": tcfg.steps, "loss": last_loss, "val_loss": last_val, "train_time": totals.train_time,
-               "flops": totals.flops, "tokens": totals.tokens, "run_dir": str(out_dir)}
+               "flops": totals.flops, "tokens": totals.tokens, "skipped_steps": totals.skipped_steps,
+               "run_dir": str(out_dir)}
     if rt.main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary(out_dir, summary)
     return summary
 
 

@@ -3,12 +3,16 @@
 
     lr -> method.before_step -> per micro-batch: forward (+ method.aux_loss), backward -> clip
     -> method.before_optimizer -> optimizer.step -> method.after_optimizer -> zero_grad
+
+Whether the step's loss and gradient norm are finite comes back as a device flag (no host sync). With
+`skip_nonfinite` the step reads it before the update (one sync) and, when it is not finite, skips the update:
+no optimizer step, the gradients dropped, and the method told to forget the step (`discard_step`).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterable
+from typing import Callable, ContextManager, Iterable, NamedTuple
 
 import torch
 
@@ -34,13 +38,21 @@ class StepParts:
     autocast: Callable[[], ContextManager] = contextlib.nullcontext
     # The gradient sync of a micro-batch, told whether it is the last of the step (the others skip the all-reduce).
     grad_sync: Callable[[bool], ContextManager] = _no_sync
+    # Several processes: the step's finite flag made the same on all (each sees its own loss).
+    agree: Callable[[torch.Tensor], torch.Tensor] = lambda finite: finite
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # the step's mean loss, a device tensor (the auxiliary loss is trained on but not in it)
+    finite: torch.Tensor  # device bool: the loss and the gradient norm (when clipping computes it) are finite
+    skipped: bool  # the update was skipped (only with skip_nonfinite)
 
 
 def train_step(parts: StepParts, step: int, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int,
-               *, lr: float | None = None, on_phase: Callable[[str], None] | None = None) -> torch.Tensor:
+               *, lr: float | None = None, on_phase: Callable[[str], None] | None = None,
+               skip_nonfinite: bool = False) -> StepResult:
     """One optimizer step over `count` micro-batches (inputs, targets), each on the model's device when it is
-    drawn. Returns the step's mean loss as a device tensor (no host sync); the auxiliary loss is trained on but not
-    in it. `lr` sets every parameter group's learning rate first; `on_phase(name)` runs after each of `PHASES`."""
+    drawn. `lr` sets every parameter group's learning rate first; `on_phase(name)` runs after each of `PHASES`."""
     p = parts
     if lr is not None:
         for group in p.optimizer.param_groups:
@@ -60,12 +72,17 @@ def train_step(parts: StepParts, step: int, micro_batches: Iterable[tuple[torch.
         step_loss += loss.detach() / count
     if on_phase:
         on_phase("backward")
+    finite = torch.isfinite(step_loss)
     if p.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(p.model.parameters(), p.grad_clip)
+        finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(p.model.parameters(), p.grad_clip))
+    if skip_nonfinite and not p.agree(finite).item():
+        p.optimizer.zero_grad(set_to_none=True)
+        p.method.discard_step(step)
+        return StepResult(step_loss, finite, True)
     p.method.before_optimizer(step)
     p.optimizer.step()
     p.method.after_optimizer(step)
     p.optimizer.zero_grad(set_to_none=True)
     if on_phase:
         on_phase("optimizer")
-    return step_loss
+    return StepResult(step_loss, finite, False)

@@ -372,9 +372,11 @@ class MST(Method):
         if self.attention_on(step):
             o, device = self.options, self.model.wte.weight.device
             if device.type == "cuda":
-                mask = attention_masks.build_block_mask(o.attention, self.seq_len, o.window, o.stride, device)
+                mask = attention_masks.build_block_mask(o.attention, self.seq_len, o.window, o.stride, device,
+                                                        limit=self.args.sliding_window)  # the model's own window
             else:  # FlexAttention has no backward on CPU: the same pattern as a dense mask (correct, not faster)
-                mask = attention_masks.cached_dense_mask(o.attention, self.seq_len, o.window, o.stride, str(device))
+                mask = attention_masks.cached_dense_mask(o.attention, self.seq_len, o.window, o.stride, str(device),
+                                                         limit=self.args.sliding_window)
         for i in self.attention_layers:
             self.model.blocks[i].attn.block_mask = mask
 
@@ -390,6 +392,13 @@ class MST(Method):
                     if omitted is not None:
                         for p, dim, idx in self._slices(kind, i, omitted):
                             self._stash.save(p, dim, idx)
+
+    def discard_step(self, step: int) -> None:
+        """Drop the gradients a dense-gradient step gathered for the next topology update."""
+        self._collect = False
+        self._dense_grads = {}
+        self._grow_scores = {}
+        self._dense_step = False
 
     def after_optimizer(self, step: int) -> None:
         if self.options.granularity == "weight":
@@ -422,7 +431,7 @@ class MST(Method):
         if not self.attention_on(step):
             return parts["attn_scores"]
         o = self.options
-        frac = attention_masks.block_fraction(o.attention, self.seq_len, o.window, o.stride)
+        frac = attention_masks.block_fraction(o.attention, self.seq_len, o.window, o.stride, self.args.sliding_window)
         sparse = len(self.attention_layers)
         return per_layer * (self.args.n_layer - sparse + sparse * frac)
 
