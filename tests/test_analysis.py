@@ -64,6 +64,7 @@ def test_neurons_are_followed_through_a_stored_permutation(run, tmp_path, monkey
             weights[key] = weights[key].index_select(dim, order[i]).contiguous()
     save_file(weights, str(last / "model.safetensors"))
     save_file({"neuron_order": order}, str(last / "method.safetensors"))
+    ckpt_mod.write_manifest(last)  # a checkpoint written this way by a run would carry its checksums
 
     ref = analyze_run(run, tmp_path / "a", probe_tokens=256, experts=4, top_k=1, plots=False)
     got = analyze_run(permuted, tmp_path / "b", probe_tokens=256, experts=4, top_k=1, plots=False)
@@ -72,6 +73,7 @@ def test_neurons_are_followed_through_a_stored_permutation(run, tmp_path, monkey
         assert sum(got[key], []) == pytest.approx(sum(ref[key], []), abs=1e-5), key
     # Without the stored order, the permuted checkpoint looks like a reshuffled clustering.
     save_file({}, str(last / "method.safetensors"))
+    ckpt_mod.write_manifest(last)
     blind = analyze_run(permuted, tmp_path / "c", probe_tokens=256, experts=4, top_k=1, plots=False)
     assert max(abs(v) for v in blind["ari"][1]) < 0.2 < min(ref["ari"][1])
 

@@ -159,14 +159,16 @@ def write_config(folder, **config):
 def test_import_errors(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
         import_hf(tmp_path / "missing")
-    with pytest.raises(UserError, match="model_type 'mistral'"):
-        import_hf(write_config(tmp_path / "mistral", model_type="mistral"))
+    with pytest.raises(UserError, match="model_type 'phi3'"):
+        import_hf(write_config(tmp_path / "phi3", model_type="phi3"))
 
     hf_llama().save_pretrained(tmp_path / "llama")
     config = json.loads((tmp_path / "llama/config.json").read_text())
     config.pop("rope_parameters", None)
     for name, change, message in [
-        ("rope", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope scaling 'linear'"),
+        ("rope", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope scaling 'dynamic'"),
+        ("yarn", dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}), "rope scaling 'yarn'"),
+        ("partial", dict(partial_rotary_factor=0.5), "partial rotary embeddings"),
         ("act", dict(hidden_act="gelu"), "hidden_act 'gelu'"),
         ("bias", dict(attention_bias=True, mlp_bias=False), "attention_bias=True with mlp_bias=False"),
     ]:

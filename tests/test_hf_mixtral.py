@@ -134,10 +134,11 @@ def test_import_errors(tmp_path):
     hf_mixtral().save_pretrained(tmp_path / "hf")
     config_json = json.loads((tmp_path / "hf/config.json").read_text())
 
-    (tmp_path / "window").mkdir()
-    (tmp_path / "window/config.json").write_text(json.dumps({**config_json, "sliding_window": 16}))
-    with pytest.raises(UserError, match="sliding-window attention"):
-        import_hf_full(tmp_path / "window")
+    (tmp_path / "yarn").mkdir()
+    (tmp_path / "yarn/config.json").write_text(json.dumps({**config_json, "rope_parameters": {
+        "rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}))
+    with pytest.raises(UserError, match="rope scaling 'yarn'"):
+        import_hf_full(tmp_path / "yarn")
 
     weights = load_file(tmp_path / "hf/model.safetensors")
     del weights["model.layers.1.block_sparse_moe.experts.3.w2.weight"]

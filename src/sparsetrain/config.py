@@ -33,6 +33,15 @@ class ModelConfig:
     rope_theta: float = 0.0
     tie_embeddings: bool | None = None
     bias: bool | None = None
+    # Variants that imported models bring (Llama 3.x, Qwen2, Mistral); the defaults leave all of them off.
+    head_dim: int = 0  # width of one head; 0 = d_model / n_head
+    qkv_bias: bool | None = None  # biases on q/k/v only (Qwen2); None = the same as `bias`
+    rope_scaling: str = ""  # none | linear | llama3: rotary frequencies stretched for a longer context
+    rope_factor: float = 0.0  # linear, llama3: the stretch (0 = 1, none)
+    rope_low_freq_factor: float = 0.0  # llama3 (0 = 1)
+    rope_high_freq_factor: float = 0.0  # llama3 (0 = 4)
+    rope_original_max_seq_len: int = 0  # llama3: the context of pre-training (0 = max_seq_len)
+    sliding_window: int = 0  # a query sees itself and the sliding_window - 1 keys before it (Mistral); 0 = all
 
 
 @dataclass

@@ -100,19 +100,35 @@ def cmd_train(a) -> None:
 
 
 def cmd_eval(a) -> None:
+    from sparsetrain.cli.generate import model_tokenizer_for
     from sparsetrain.data.batches import TrainingData
+    from sparsetrain.data.tokenizer_files import load_tokenizer, model_tokenizer, same_vocabulary
     from sparsetrain.training.build import load_model
     from sparsetrain.training.loop import evaluate
     from sparsetrain.training.runtime import setup_runtime
 
     model, method, cfg = load_model(a.run, overrides=a.set or [])
+    data_dir = a.data or cfg.data.dir
+    if not data_dir:
+        raise UserError(f"{a.run} names no data folder (data.dir is empty, as for an imported model); pass --data "
+                        f"DIR, a folder made by `sparsetrain data prepare --tokenizer {a.run}`")
+    data = TrainingData(data_dir, cfg.train)
+    if data.vocab_size > model.args.vocab_size:
+        raise UserError(f"{data_dir} holds token ids up to {data.vocab_size - 1:,}, the model at {a.run} has "
+                        f"{model.args.vocab_size:,} embeddings: the data was made with another tokenizer; prepare it "
+                        f"with --tokenizer {a.run}")
+    # the data must speak the model's tokenizer (--tokenizer, else its own): equal sizes do not make equal ids
+    if (a.tokenizer or model_tokenizer(a.run)) and (Path(data_dir) / "tokenizer.json").is_file():
+        model_tok, model_tok_json = model_tokenizer_for(a.run, model.args.vocab_size, a.tokenizer)
+        if not same_vocabulary(model_tok, load_tokenizer(data_dir)):
+            raise UserError(f"{data_dir} was tokenized with another tokenizer than the model's ({model_tok_json}); "
+                            f"prepare it with --tokenizer {a.tokenizer or a.run}")
     if a.moe:
         from sparsetrain.methods.ssd.moefy import prepare_moe  # SSD: the dense model run as an MoE with top-K experts
 
         prepare_moe(model, a.run, a.moe, a.experts)
     rt = setup_runtime(cfg.train)
     model.to(rt.device)
-    data = TrainingData(a.data or cfg.data.dir, cfg.train)
     loss = evaluate(model, data, cfg.train, rt, None if a.moe else method, max_tokens=a.tokens)
     result = {"val_loss": loss, "perplexity": math.exp(min(loss, 50))}
     if a.moe:
@@ -121,23 +137,18 @@ def cmd_eval(a) -> None:
 
 
 def cmd_convert_hf_import(a) -> None:
-    from sparsetrain import config
-    from sparsetrain.store.checkpoint import write_model_folder
-    from sparsetrain.store.hf import import_hf_full
+    from sparsetrain.store.hf import import_to_folder, tokenizer_note
 
-    model_section, method_section, model = import_hf_full(a.source)
-    seq_len = min(config.TrainConfig.seq_len, model.args.max_seq_len)
-    raw = config.to_dict(config.from_dict({"model": model_section, "method": method_section,
-                                           "train": {"seq_len": seq_len}}))
-    write_model_folder(Path(a.out), config.dumps(raw), model.state_dict())
-    print(f"imported {a.source} into {a.out}")
+    copied = import_to_folder(a.source, a.out)
+    print(f"imported {a.source} into {a.out} {tokenizer_note(copied)}")
 
 
 def cmd_generate(a) -> None:
     from sparsetrain.cli.generate import generate_both
 
-    texts = generate_both(a.run, a.prompt, a.moe, a.experts, a.device, max_new_tokens=a.max_new_tokens,
-                          temperature=a.temperature, top_k_sampling=a.top_k, seed=a.seed)
+    texts = generate_both(a.run, a.prompt, a.moe, a.experts, a.device, tokenizer=a.tokenizer, data=a.data,
+                          max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k_sampling=a.top_k,
+                          seed=a.seed)
     for name, text in texts.items():
         print(f"--- {name}\n{a.prompt}{text}")
 
@@ -170,16 +181,22 @@ def cmd_convert_densify(a) -> None:
 def cmd_convert_hf_export(a) -> None:
     import torch
 
+    from sparsetrain.cli.generate import model_tokenizer_for
+    from sparsetrain.data.tokenizer_files import model_tokenizer
     from sparsetrain.store.hf import copy_tokenizer, export_hf
     from sparsetrain.training.build import load_model
 
-    model, _, cfg = load_model(a.source)
+    model, _, _ = load_model(a.source)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    # the model's own tokenizer (--tokenizer, an imported model's, its run's data folder's), checked before writing
+    tok_json = model_tokenizer_for(a.source, model.args.vocab_size, a.tokenizer)[1] if (
+        a.tokenizer or model_tokenizer(a.source)) else None
     export_hf(model, a.out, dtype=dtype)
-    tok_dir = Path(cfg.data.dir)
-    if (tok_dir / "tokenizer.json").is_file():
-        copy_tokenizer(tok_dir, a.out)
-    print(f"exported {a.source} to {a.out}")
+    if tok_json is None:
+        print(f"exported {a.source} to {a.out} without a tokenizer ({a.source} has none; --tokenizer DIR adds one)")
+        return
+    copy_tokenizer(tok_json.parent, a.out)
+    print(f"exported {a.source} to {a.out} with the tokenizer of {tok_json.parent}")
 
 
 def _layers(text: str):
@@ -343,7 +360,9 @@ def add_run_commands(sub) -> None:
 
     ev = sub.add_parser("eval", help="validation loss and perplexity of a run or model folder")
     ev.add_argument("run")
-    ev.add_argument("--data", help="prepared data folder (default: the run's data.dir)")
+    ev.add_argument("--data", help="prepared data folder (default: the run's data.dir; an imported model has none)")
+    ev.add_argument("--tokenizer", help="the model's tokenizer (a folder holding tokenizer.json; default: the model's "
+                    "own), which the data must have been prepared with")
     ev.add_argument("--tokens", type=int, help="validation tokens (default: train.eval_tokens)")
     ev.add_argument("--moe", type=int, metavar="K", help="run every FFN as an MoE with top-K experts (SSD)")
     ev.add_argument("--experts", type=int, help="with --moe: experts per FFN (default: the run's, else 16)")
@@ -353,6 +372,9 @@ def add_run_commands(sub) -> None:
     ge = sub.add_parser("generate", help="sample text from a run or model folder (dense, and as an MoE with --moe)")
     ge.add_argument("run")
     ge.add_argument("--prompt", required=True)
+    ge.add_argument("--tokenizer", help="a folder holding tokenizer.json (default: the model's own: an imported "
+                    "model's, or the run's data folder's)")
+    ge.add_argument("--data", help="a prepared data folder whose tokenizer to use")
     ge.add_argument("--moe", type=int, metavar="K", help="also generate with every FFN run as a top-K MoE (SSD)")
     ge.add_argument("--experts", type=int)
     ge.add_argument("--max-new-tokens", type=int, default=100)
@@ -376,7 +398,8 @@ def add_run_commands(sub) -> None:
 
 def add_convert_commands(sub) -> None:
     conv = sub.add_parser("convert", help="convert models").add_subparsers(dest="convert_command", required=True)
-    hi = conv.add_parser("hf-import", help="a local Hugging Face Llama / GPT-2 / Mixtral folder -> a sparsetrain model folder")
+    hi = conv.add_parser("hf-import", help="a local Hugging Face Llama / Qwen2 / Mistral / Mixtral / GPT-2 folder -> "
+                         "a sparsetrain model folder, with its tokenizer")
     hi.add_argument("--from", dest="source", required=True)
     hi.add_argument("--out", required=True)
     hi.set_defaults(func=cmd_convert_hf_import)
@@ -384,6 +407,7 @@ def add_convert_commands(sub) -> None:
     he.add_argument("--from", dest="source", required=True)
     he.add_argument("--out", required=True)
     he.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    he.add_argument("--tokenizer", help="a folder holding tokenizer.json (default: the model's own)")
     he.set_defaults(func=cmd_convert_hf_export)
 
     up = conv.add_parser("upcycle", help="a dense run or model folder -> a Mixture-of-Experts model folder")

@@ -6,7 +6,8 @@ A prepared data dir (nanoGPT-style flat token files):
     tokenizer.json       the Hugging Face `tokenizers` file that produced them
     meta.json            counts, dtype, eot_id, sha256 of the shards and where the text came from
 
-Sources (files, folders, stdlib, linux-source, Hugging Face datasets) live in sources.py.
+Sources (files, folders, stdlib, linux-source, Hugging Face datasets) live in sources.py; documents are read in
+parts (documents.py) and tokenized in pieces (bpe.py), so memory stays bounded for a document of any size.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import hashlib
 import json
 import lzma
 import os
-import re
 import secrets
 import shutil
 from pathlib import Path
@@ -24,15 +24,17 @@ from pathlib import Path
 import numpy as np
 
 from sparsetrain import __version__
-from sparsetrain.data.sources import TEXT_SUFFIXES, Source, iter_documents, open_source, sha256_file
+from sparsetrain.data.bpe import EOT, cuts_are_safe, pieces, train_bpe
+from sparsetrain.data.sources import Source, empty_corpus, iter_documents, known_total, open_source, sha256_file
+from sparsetrain.data.tokenizer_files import (SPECIAL_IDS_FILE, TOKENIZER_FILES, copy_tokenizer_files, eos_token,
+                                              load_tokenizer, tokenizer_file)
 from sparsetrain.errors import UserError
 from sparsetrain.progress import progress_bar
 
-EOT = "<|endoftext|>"
 MAX_VOCAB = 2**32  # ids must fit uint32
-ENCODE_BATCH_CHARS = 8 << 20  # text per encode_batch call: keeps all cores busy, streams in bounded memory
+# Text per encode_batch call: 16 pieces keep 16 cores busy; memory ~ 100 bytes per character in flight.
+ENCODE_BATCH_CHARS = 4 << 20
 ENCODE_BATCH_PIECES = 4096
-PIECE_CHARS = 1 << 20  # longer documents are encoded in pieces of about this size (see _pieces)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -46,7 +48,8 @@ def prepare(source: str, out: str | Path, *, tokenizer: str | None = None, vocab
     """Tokenize `source` into `out` (train.bin, val.bin, tokenizer.json, meta.json) and return the meta dict.
 
     tokenizer=None trains a byte-level BPE of `vocab_size` on the first `tokenizer_sample_bytes` of text;
-    tokenizer=PATH (a folder holding tokenizer.json, or the file) reuses one, and `vocab_size` is ignored.
+    tokenizer=PATH (the file, a folder holding it, or a model or run folder: its own) reuses one, and `vocab_size`
+    is ignored; the settings beside it (tokenizer_config.json, ...) are copied too.
 
     Validation split: a document goes to val when a stable hash of its name is below `val_fraction`, so the
     split is whole documents and does not depend on the rest of the corpus. With val_fraction > 0 both splits
@@ -78,16 +81,20 @@ def prepare(source: str, out: str | Path, *, tokenizer: str | None = None, vocab
     tmp.mkdir()
     try:
         if tok is None:
-            tok, tok_info = _train_tokenizer(src, vocab_size, tokenizer_sample_bytes, max_bytes, progress)
+            sample = min(tokenizer_sample_bytes, max_bytes or tokenizer_sample_bytes)  # never beyond max_bytes
+            tok, tok_info = train_bpe(src, vocab_size, sample, progress)
         vocab = _vocab_size(tok)
         _check_vocab_size(vocab, trained=False)
         dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
         eot_id = tok.token_to_id(eot_token)
         tok.save(str(tmp / "tokenizer.json"))
+        if tok_info["kind"] == "loaded":  # its settings (special tokens, chat template) travel with it
+            copy_tokenizer_files(Path(tok_info["path"]).parent, tmp, (*TOKENIZER_FILES[1:], SPECIAL_IDS_FILE))
 
-        train, val, text_bytes = _write_shards(src, tok, tmp, dtype, eot_id, val_fraction, max_bytes, progress)
+        train, val, text_bytes, truncated = _write_shards(src, tok, tmp, dtype, eot_id, val_fraction, max_bytes,
+                                                          progress)
         if train.docs + val.docs == 0:
-            raise _empty_corpus(src)
+            raise empty_corpus(src)
         rule = _balance_splits(train, val, val_fraction)
 
         meta = {
@@ -96,6 +103,7 @@ def prepare(source: str, out: str | Path, *, tokenizer: str | None = None, vocab
             "source_info": src.info,  # linux-source: package, version, deb_sha256, subset
             "max_bytes": max_bytes,
             "text_bytes": text_bytes,
+            "truncated_doc": truncated,  # the document max_bytes ended in: only its first bytes are in the shards
             "vocab_size": vocab,
             "dtype": dtype.name,
             "eot_id": eot_id,
@@ -158,45 +166,18 @@ def _rmdirs(made: list[Path]) -> None:
             break
 
 
-def _empty_corpus(src: Source) -> UserError:
-    skipped = ", ".join(f"{n} {why}" for why, n in src.skipped.items() if n)
-    return UserError(f"no text found in {src.label}" + (f" (skipped: {skipped})" if skipped else "") +
-                     f"; point it at files with text ({', '.join(TEXT_SUFFIXES)}, .jsonl, .parquet) "
-                     "or check text_field")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # tokenizer
 
 
-def _tokenizer_file(path: str | Path) -> Path:
-    p = Path(path).expanduser()
-    f = p / "tokenizer.json" if p.is_dir() else p
-    if not f.is_file():
-        raise UserError(f"no tokenizer.json at {p}; pass a folder holding tokenizer.json (a Hugging Face model "
-                        "folder or a prepared data dir) or the tokenizer.json file itself")
-    return f
-
-
-def load_tokenizer(path: str | Path):
-    """A Hugging Face `tokenizers.Tokenizer` from a folder holding tokenizer.json, or from the file."""
-    from tokenizers import Tokenizer
-
-    f = _tokenizer_file(path)
-    try:
-        return Tokenizer.from_file(str(f))
-    except Exception as e:  # the Rust side raises a plain Exception on bad JSON / unknown components
-        raise UserError(f"{f} is not a Hugging Face tokenizers file ({e}); pass a tokenizer.json saved by "
-                        "`tokenizers`/`transformers`") from None
-
-
 def _load_for_prepare(path: str | Path):
-    """Load a tokenizer and pick its end-of-text token: <|endoftext|>, else its eos token, else add one."""
+    """Load a tokenizer (a file, a folder holding it, or a model's: see `tokenizer_file`) and pick its end-of-text
+    token: <|endoftext|>, else its eos token, else add one."""
     tok = load_tokenizer(path)
-    f = _tokenizer_file(path)
+    f = tokenizer_file(path)
     eot, added = EOT, False
     if tok.token_to_id(EOT) is None:
-        eos = _config_eos_token(f.parent)
+        eos = eos_token(f.parent, tok)
         if eos is not None and tok.token_to_id(eos) is not None:
             eot = eos
         else:
@@ -207,88 +188,9 @@ def _load_for_prepare(path: str | Path):
     return tok, info, eot
 
 
-def _config_eos_token(folder: Path) -> str | None:
-    cfg = folder / "tokenizer_config.json"
-    try:
-        eos = json.loads(cfg.read_text()).get("eos_token")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if isinstance(eos, dict):  # {"content": "</s>", "special": true, ...} in older configs
-        eos = eos.get("content")
-    return eos if isinstance(eos, str) else None
-
-
-def _train_tokenizer(src: Source, vocab_size: int, sample_bytes: int, max_bytes: int | None, progress: bool):
-    """Byte-level BPE (GPT-2 style: every byte is a token, so any text round-trips) on the first sample_bytes."""
-    import tokenizers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    texts, used = [], 0
-    total = _known_total(src, max_bytes, sample_bytes)
-    with progress_bar(total=total, desc="tokenizer sample", unit="B", unit_scale=True, disable=not progress) as bar:
-        for doc in iter_documents(src, max_bytes):
-            text = doc.text
-            if used + doc.nbytes > sample_bytes:  # cut the last document to the budget
-                text = text.encode("utf-8")[: sample_bytes - used].decode("utf-8", "ignore")
-            texts.append(text)
-            n = doc.nbytes if text is doc.text else len(text.encode("utf-8"))
-            used += n
-            bar.update(n)
-            if used >= sample_bytes:
-                break
-    if not texts:
-        raise _empty_corpus(src)
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # no prefix: exact round-trip
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=progress,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer, length=len(texts))
-    info = {"kind": "trained", "type": "byte-level BPE", "requested_vocab_size": vocab_size,
-            "vocab_size": tok.get_vocab_size(), "sample_bytes": used, "sample_docs": len(texts),
-            "tokenizers_version": tokenizers.__version__}
-    return tok, info
-
-
 def _vocab_size(tok) -> int:
     """Embedding rows needed: max id + 1 (ids of loaded tokenizers need not be dense)."""
     return max(tok.get_vocab(with_added_tokens=True).values()) + 1
-
-
-# Cut a long document only at a lone "\n" between two visible ASCII characters: GPT-2's pre-tokenizer regex
-# always splits there (the "\n" is a whitespace run of its own), so the pieces encode to exactly the tokens of
-# the whole document, while a 1 GB single-file corpus is encoded in parallel and in bounded memory.
-_SAFE_CUT = re.compile(r"(?<=[!-~])\n(?=[!-~])")
-
-
-def _pieces(text: str, target: int | None = None) -> list[str]:
-    target = target or PIECE_CHARS
-    out, start = [], 0
-    while len(text) - start > target:
-        m = _SAFE_CUT.search(text, start + target)
-        if m is None:
-            break
-        out.append(text[start:m.end()])
-        start = m.end()
-    out.append(text[start:])
-    return out
-
-
-def _cuts_are_safe(tok) -> bool:
-    """True when cutting at _SAFE_CUT cannot change the encoding: plain byte-level BPE with GPT-2's regex."""
-    cfg = json.loads(tok.to_str())
-    pre = cfg.get("pre_tokenizer") or {}
-    return (cfg.get("normalizer") is None and (cfg.get("model") or {}).get("type") == "BPE"
-            and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
-            and all(t.get("special") for t in cfg.get("added_tokens", [])))
-
-
-def _known_total(src: Source, *limits: int | None) -> int | None:
-    """Bytes the progress bar will reach, when the source's size is known."""
-    if src.total_bytes is None:
-        return None
-    return min([src.total_bytes] + [x for x in limits if x is not None])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,43 +234,49 @@ def is_val(name: str, val_fraction: float) -> bool:
 
 def _write_shards(src: Source, tok, tmp: Path, dtype: np.dtype, eot_id: int, val_fraction: float,
                   max_bytes: int | None, progress: bool):
+    """Tokenize the documents into train.bin / val.bin in bounded memory: each document goes to the tokenizer in
+    pieces (bpe.pieces; whole when the tokenizer is not one whose tokens the cuts keep), a batch of pieces at a
+    time. Returns the two writers, the bytes of text read and the name of the document max_bytes cut, if any."""
     train = _ShardWriter(tmp / "train.bin", dtype, eot_id)
     val = _ShardWriter(tmp / "val.bin", dtype, eot_id)
-    cut = _cuts_are_safe(tok)
-    batch: list[tuple[_ShardWriter, str, bool]] = []  # (split, text piece, last piece of its document)
+    cut = cuts_are_safe(tok)
+    batch: list[tuple[_ShardWriter, str | None]] = []  # (split, text piece); None ends the document
     batch_chars = text_bytes = 0
+    truncated = None
 
     def flush():
         nonlocal batch_chars
-        encs = tok.encode_batch_fast([piece for _, piece, _ in batch], add_special_tokens=False)
-        for (w, _, last), enc in zip(batch, encs):
-            w.write(enc.ids)
-            if last:
+        encs = iter(tok.encode_batch_fast([p for _, p in batch if p is not None], add_special_tokens=False))
+        for w, piece in batch:
+            if piece is None:
                 w.end_doc()
+            else:
+                w.write(next(encs).ids)
         batch.clear()
         batch_chars = 0
 
     tok.encode_special_tokens = True  # a literal "<|endoftext|>" (or "</s>") inside a document is just text
     try:
-        total = _known_total(src, max_bytes)
+        total = known_total(src, max_bytes)
         with progress_bar(total=total, desc="tokenizing", unit="B", unit_scale=True, disable=not progress) as bar:
-            for doc in iter_documents(src, max_bytes):
+            for doc in iter_documents(src, max_bytes, on_bytes=bar.update):
                 w = val if is_val(doc.name, val_fraction) else train
-                pieces = _pieces(doc.text) if cut else [doc.text]
-                for i, piece in enumerate(pieces):
-                    batch.append((w, piece, i == len(pieces) - 1))
+                for piece in pieces(doc.parts()) if cut else [doc.text]:
+                    batch.append((w, piece))
                     batch_chars += len(piece)
                     if len(batch) >= ENCODE_BATCH_PIECES or batch_chars >= ENCODE_BATCH_CHARS:
                         flush()
+                batch.append((w, None))
                 text_bytes += doc.nbytes
-                bar.update(doc.nbytes)
+                if doc.truncated:
+                    truncated = doc.name
             if batch:
                 flush()
     finally:
         tok.encode_special_tokens = False
         train.close()
         val.close()
-    return train, val, text_bytes
+    return train, val, text_bytes, truncated
 
 
 def _copy_tokens(src: Path, dtype: np.dtype, start: int, stop: int, f, chunk: int = 1 << 24) -> None:
@@ -441,7 +349,7 @@ def train_tokenizer(sources: list[str], out_path: str | Path, *, vocab_size: int
     mix = Source(label=" + ".join(sources), info={"kind": "mix", "sources": [s.info for s in opened]},
                  docs=interleaved)
     _check_vocab_size(vocab_size, trained=True)
-    tok, info = _train_tokenizer(mix, vocab_size, sample_bytes, None, progress)
+    tok, info = train_bpe(mix, vocab_size, sample_bytes, progress)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     tok.save(str(tmp))
@@ -454,7 +362,8 @@ def export_jsonl(source: str, out_path: str | Path, *, max_bytes: int | None = N
     """Write a source's documents as JSONL lines {"name": ..., "text": ...}; .xz / .gz names compress.
 
     The name field carries each document's identity, so prepare(<this file>, tokenizer=<data dir>) puts every
-    document in the same split and gives the same shards as preparing the original source.
+    document in the same split and gives the same shards as preparing the original source. A document is written
+    part by part (bounded memory); max_bytes cuts the one it ends in (info["truncated_doc"]).
     """
     out_path = Path(out_path).expanduser()
     if out_path.exists():
@@ -466,6 +375,7 @@ def export_jsonl(source: str, out_path: str | Path, *, max_bytes: int | None = N
     made = _mkdirs(out_path.parent)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     docs = text_bytes = 0
+    truncated = None
     try:
         suffix = out_path.suffix.lower()
         if suffix == ".xz":
@@ -474,23 +384,28 @@ def export_jsonl(source: str, out_path: str | Path, *, max_bytes: int | None = N
             f = gzip.GzipFile(tmp, "xb", mtime=0)  # mtime=0: same input, same bytes
         else:
             f = open(tmp, "xb")
-        with f, progress_bar(total=_known_total(src, max_bytes), desc="exporting", unit="B", unit_scale=True,
-                     disable=not progress) as bar:
-            for doc in iter_documents(src, max_bytes):
-                line = json.dumps({"name": doc.name, "text": doc.text}, ensure_ascii=False) + "\n"
-                f.write(line.encode("utf-8"))
+        with f, progress_bar(total=known_total(src, max_bytes), desc="exporting", unit="B", unit_scale=True,
+                             disable=not progress) as bar:
+            for doc in iter_documents(src, max_bytes, on_bytes=bar.update):
+                # The line json.dumps({"name": ..., "text": ...}) would write, the text escaped part by part
+                # (JSON escapes characters one by one, so the parts' escapes join into the whole's).
+                f.write(f'{{"name": {json.dumps(doc.name, ensure_ascii=False)}, "text": "'.encode("utf-8"))
+                for part in doc.parts():
+                    f.write(json.dumps(part, ensure_ascii=False)[1:-1].encode("utf-8"))
+                f.write(b'"}\n')
                 docs += 1
                 text_bytes += doc.nbytes
-                bar.update(doc.nbytes)
+                if doc.truncated:
+                    truncated = doc.name
         if docs == 0:
-            raise _empty_corpus(src)
+            raise empty_corpus(src)
         os.replace(tmp, out_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         _rmdirs(made)
         raise
     return {"source": str(source), "path": str(out_path), "source_info": src.info, "max_bytes": max_bytes,
-            "docs": docs, "text_bytes": text_bytes, "file_bytes": out_path.stat().st_size,
+            "docs": docs, "text_bytes": text_bytes, "truncated_doc": truncated, "file_bytes": out_path.stat().st_size,
             "sha256": sha256_file(out_path), "skipped": dict(src.skipped)}
 
 
@@ -520,6 +435,8 @@ def describe(meta: dict) -> str:
     tokens = meta["train_tokens"] + meta["val_tokens"]
     per_token = meta["text_bytes"] / max(1, tokens - docs)  # end-of-text tokens carry no text
     limit = f" (first {_fmt_bytes(meta['max_bytes'])})" if meta.get("max_bytes") else ""
+    if meta.get("truncated_doc"):
+        limit = limit[:-1] + f"; the last document, {meta['truncated_doc']}, cut there)"
     return (f"Prepared {src}{limit}: {_fmt_bytes(meta['text_bytes'])} of text in {docs:,} documents -> "
             f"{meta['train_tokens']:,} train tokens ({meta['train_docs']:,} docs) and {meta['val_tokens']:,} val "
             f"tokens ({meta['val_docs']:,} docs), {per_token:.2f} bytes/token. Tokenizer: {how}, "

@@ -3,11 +3,15 @@
 Every source yields documents (name, text) in a fixed order. The name is stable across machines (a relative
 path, `path:line`, a row index, or the `name` field of an exported jsonl line) because the train/val split is
 a hash of it; `export_jsonl` carries it along so a re-prepared corpus splits the same way.
+
+`iter_documents` hands each document out in parts (documents.py), so that one of any size, a single-line .txt of
+many GB included, passes in bounded memory: a plain-text file is read and decoded part by part; a document of
+another kind (a JSONL line, a parquet or dataset row, a member of the linux-source archive) comes whole from its
+reader and is handed on in parts. max_bytes is spent while reading, and cuts the document in which it ends.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
@@ -20,12 +24,12 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator
 
+from sparsetrain.data.documents import ARCHIVE_ERRORS, Budget, Doc, TextFile, bad_archive, decode_utf8, open_binary
 from sparsetrain.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".c", ".h", ".rst")  # each file is one document
@@ -44,19 +48,14 @@ LINUX_ENGLISH_EXCLUDE = ("Documentation/translations/",)
 LINUX_SUBSETS = ("code", "english")
 
 
-class Doc(NamedTuple):
-    name: str
-    text: str
-    nbytes: int  # UTF-8 size of text, what max_bytes counts
-
-
 @dataclass
 class Source:
-    """A resolved source: call `docs()` for a fresh pass over its documents (prepare reads twice)."""
+    """A resolved source: call `docs()` for a fresh pass over its documents (prepare reads twice): (name, text)
+    pairs, the text a str or, for a plain-text file, a TextFile that `iter_documents` reads part by part."""
 
     label: str  # what the user passed
     info: dict  # provenance recorded in meta.json
-    docs: Callable[[], Iterator[tuple[str, str]]]
+    docs: Callable[[], Iterator[tuple[str, str | TextFile]]]
     total_bytes: int | None = None  # for progress bars, when cheap to know
     skipped: Counter = field(default_factory=Counter)  # files left out by a lenient reader, by reason
 
@@ -88,19 +87,41 @@ def open_source(source: str, *, subset: str = "code", text_field: str = "text", 
                     "pass a path or one of those names")
 
 
-def iter_documents(src: Source, max_bytes: int | None = None) -> Iterator[Doc]:
-    """Documents with text, in order, stopping once max_bytes of text have been read (the last one is whole)."""
+def empty_corpus(src: Source) -> UserError:
+    skipped = ", ".join(f"{n} {why}" for why, n in src.skipped.items() if n)
+    return UserError(f"no text found in {src.label}" + (f" (skipped: {skipped})" if skipped else "") +
+                     f"; point it at files with text ({', '.join(TEXT_SUFFIXES)}, .jsonl, .parquet) "
+                     "or check text_field")
+
+
+def known_total(src: Source, *limits: int | None) -> int | None:
+    """Bytes a progress bar over the source will reach, when its size is known."""
+    if src.total_bytes is None:
+        return None
+    return min([src.total_bytes] + [x for x in limits if x is not None])
+
+
+def iter_documents(src: Source, max_bytes: int | None = None,
+                   on_bytes: Callable[[int], object] | None = None) -> Iterator[Doc]:
+    """Documents with text, in order. At most max_bytes of text are read: the document in which the limit falls is
+    cut there (doc.truncated) and no later one is opened. on_bytes(n) is called for every n bytes read."""
     src.skipped.clear()  # counts describe the latest pass
-    total = 0
-    for name, text in src.docs():
-        if max_bytes is not None and total >= max_bytes:
+    budget = Budget(max_bytes)
+    docs = src.docs()
+    while not budget.spent():  # checked before the next document is read
+        item = next(docs, None)
+        if item is None:
             return
-        if not text:  # e.g. empty __init__.py: it would only add an end-of-text token
-            src.skipped["empty"] += 1
+        doc = Doc(*item, budget, on_bytes)
+        if doc.empty():
+            doc.close()
+            if not doc.truncated:  # e.g. empty __init__.py: it would only add an end-of-text token
+                src.skipped["empty"] += 1
             continue
-        nbytes = len(text.encode("utf-8"))
-        total += nbytes
-        yield Doc(name, text, nbytes)
+        try:
+            yield doc
+        finally:
+            doc.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,53 +146,39 @@ def _kind(path: Path) -> str | None:
     return None
 
 
-def _open_binary(path: Path):
-    suffix = path.suffix.lower()
-    if suffix == ".xz":
-        return lzma.open(path, "rb")
-    if suffix == ".gz":
-        return gzip.open(path, "rb")
-    return open(path, "rb")
-
-
-def _decode(data: bytes, where: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{where} is not UTF-8 text (bad byte at offset {e.start}); convert it "
-                        "(e.g. `iconv -t UTF-8`) or remove it from the corpus") from None
-
-
 def _read_file_docs(path: Path, name: str, text_field: str, strict: bool = True,
-                    skipped: Counter | None = None) -> Iterator[tuple[str, str]]:
-    """Documents of one file. Non-strict (built-in corpora) skips non-UTF-8 files instead of failing."""
+                    skipped: Counter | None = None) -> Iterator[tuple[str, str | TextFile]]:
+    """Documents of one file. Non-strict (built-in corpora) skips non-UTF-8 files instead of failing, so it reads
+    a text file whole first; strict hands a TextFile on, read in parts (a bad byte is found while reading)."""
     kind = _kind(path)
     try:
-        if kind == "text":
-            with _open_binary(path) as f:
+        if kind == "text" and strict:
+            yield name, TextFile(path)
+        elif kind == "text":
+            with open_binary(path) as f:
                 data = f.read()  # bytes, so \r\n survives as is
             try:
                 yield name, data.decode("utf-8")
             except UnicodeDecodeError:
-                if strict or skipped is None:
-                    _decode(data, str(path))  # raises, naming the file
+                if skipped is None:
+                    decode_utf8(data, str(path))  # raises, naming the file
                 skipped["non_utf8"] += 1
         elif kind == "jsonl":
             yield from _read_jsonl(path, name, text_field)
         elif kind == "parquet":
             yield from _read_parquet(path, name, text_field)
-    except (lzma.LZMAError, gzip.BadGzipFile, zlib.error, EOFError) as e:
-        raise UserError(f"{path} is not a valid {path.suffix} file ({e}); re-download or re-compress it") from None
+    except ARCHIVE_ERRORS as e:
+        raise bad_archive(path, e) from None
 
 
 def _read_jsonl(path: Path, name: str, text_field: str) -> Iterator[tuple[str, str]]:
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         for lineno, line in enumerate(f, 1):  # binary iteration splits on b"\n" only
             if not line.strip():
                 continue
             where = f"{path} line {lineno}"
             try:
-                rec = json.loads(_decode(line, where))
+                rec = json.loads(decode_utf8(line, where))
             except json.JSONDecodeError as e:
                 raise UserError(f"{where} is not valid JSON ({e.msg}); fix or delete that line") from None
             if not isinstance(rec, dict) or text_field not in rec:

@@ -16,6 +16,9 @@ class TokenData:
     """A prepared data dir: meta (dict), train / val token memmaps, vocab_size, eot_id."""
 
     def __init__(self, dir: str | Path):
+        if str(dir) == "":  # an imported model's config names no data (Path("") would be the current folder)
+            raise UserError("data.dir is not set (a model imported from Hugging Face names no data); pass "
+                            "--set data.dir=DIR, a folder made by `sparsetrain data prepare --tokenizer MODEL_DIR`")
         self.dir = Path(dir).expanduser()
         meta_path = self.dir / "meta.json"
         if not meta_path.is_file():

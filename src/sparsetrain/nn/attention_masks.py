@@ -4,6 +4,9 @@
     strided  key k is seen by query q when q - k >= 0 and (q - k) % stride == 0
     hybrid   local or strided
 
+A model with a sliding window of its own (Mistral) sees no key `limit` or more positions back in any pattern:
+every function takes that window as `limit` (0 = none), and `causal` with a `limit` is the model's own mask.
+
 One predicate (`allowed`) defines each pattern; it builds both the FlexAttention `BlockMask` that training uses
 (`build_block_mask`, made once per pattern, length and device, then cached) and the dense boolean [T, T] mask
 (`dense_mask`) that `scaled_dot_product_attention(attn_mask=...)` applies to the same effect, the reference.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask
 
 from sparsetrain.errors import UserError
 
@@ -26,10 +30,12 @@ KINDS = ("local", "strided", "hybrid")
 BLOCK = 128  # FlexAttention's default block: the granularity at which its kernels skip work
 
 
-def allowed(kind: str, q: torch.Tensor, k: torch.Tensor, window: int, stride: int) -> torch.Tensor:
+def allowed(kind: str, q: torch.Tensor, k: torch.Tensor, window: int, stride: int, limit: int = 0) -> torch.Tensor:
     """Whether query position(s) q may attend to key position(s) k (broadcasting tensors of positions)."""
     diff = q - k
     causal = diff >= 0
+    if limit:
+        causal = causal & (diff < limit)
     if kind == "causal":
         return causal
     local = causal & (diff < window)
@@ -55,46 +61,44 @@ def check(kind: str, seq_len: int, window: int, stride: int, where: str = "metho
                             f"lower {where}.{key} or raise train.seq_len")
 
 
-def mask_mod(kind: str, window: int, stride: int):
+def mask_mod(kind: str, window: int, stride: int, limit: int = 0):
     """The FlexAttention mask_mod of a pattern."""
 
     def mod(b, h, q_idx, kv_idx):
-        return allowed(kind, q_idx, kv_idx, window, stride)
+        return allowed(kind, q_idx, kv_idx, window, stride, limit)
 
     return mod
 
 
-def dense_mask(kind: str, seq_len: int, window: int, stride: int, device=None) -> torch.Tensor:
+def dense_mask(kind: str, seq_len: int, window: int, stride: int, device=None, limit: int = 0) -> torch.Tensor:
     """The pattern as a boolean [seq_len, seq_len] mask, True where query (row) may attend to key (column)."""
     pos = torch.arange(seq_len, device=device)
-    return allowed(kind, pos[:, None], pos[None, :], window, stride)
+    return allowed(kind, pos[:, None], pos[None, :], window, stride, limit)
 
 
 @functools.lru_cache(maxsize=32)
-def cached_dense_mask(kind: str, seq_len: int, window: int, stride: int, device: str) -> torch.Tensor:
+def cached_dense_mask(kind: str, seq_len: int, window: int, stride: int, device: str, limit: int = 0) -> torch.Tensor:
     """`dense_mask`, built once per pattern and device (the CPU stand-in for a BlockMask)."""
-    return dense_mask(kind, seq_len, window, stride, torch.device(device))
+    return dense_mask(kind, seq_len, window, stride, torch.device(device), limit)
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_block_mask(kind: str, seq_len: int, window: int, stride: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
-
+def _cached_block_mask(kind: str, seq_len: int, window: int, stride: int, device: str, limit: int):
     # B = H = None: one mask broadcast over the batch and the heads (it depends on positions only).
-    return create_block_mask(mask_mod(kind, window, stride), None, None, seq_len, seq_len, device=device,
+    return create_block_mask(mask_mod(kind, window, stride, limit), None, None, seq_len, seq_len, device=device,
                              BLOCK_SIZE=BLOCK)
 
 
-def build_block_mask(kind: str, seq_len: int, window: int, stride: int, device: torch.device | str):
-    """The FlexAttention BlockMask of a pattern, built once per (kind, seq_len, window, stride, device)."""
+def build_block_mask(kind: str, seq_len: int, window: int, stride: int, device: torch.device | str, limit: int = 0):
+    """The FlexAttention BlockMask of a pattern, built once per (kind, seq_len, window, stride, device, limit)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return _cached_block_mask(kind, seq_len, window, stride, str(device))
+    return _cached_block_mask(kind, seq_len, window, stride, str(device), limit)
 
 
 @functools.lru_cache(maxsize=64)
-def computed_blocks(kind: str, seq_len: int, window: int, stride: int, block: int = BLOCK) -> int:
+def computed_blocks(kind: str, seq_len: int, window: int, stride: int, block: int = BLOCK, limit: int = 0) -> int:
     """Blocks of block x block scores with at least one allowed score: what FlexAttention computes.
 
     Found per block from the range of score differences q - k it spans (every integer in [q_lo - k_hi, q_hi - k_lo]
@@ -106,12 +110,16 @@ def computed_blocks(kind: str, seq_len: int, window: int, stride: int, block: in
     lo = (starts[:, None] - ends[None, :]).clamp_min(0)  # smallest causal difference in block (row, col)
     hi = ends[:, None] - starts[None, :]  # largest difference
     causal = hi >= 0
+    if limit:
+        causal = causal & (lo < limit)
     local = causal & (lo < window)
     strided = causal & (torch.div(hi, stride, rounding_mode="floor") * stride >= lo)
     hit = {"causal": causal, "local": local, "strided": strided, "hybrid": local | strided}[kind]
     return int(hit.sum())
 
 
-def block_fraction(kind: str, seq_len: int, window: int, stride: int) -> float:
-    """Attention work of the pattern relative to causal attention, both counted in computed blocks."""
-    return computed_blocks(kind, seq_len, window, stride) / computed_blocks("causal", seq_len, window, stride)
+def block_fraction(kind: str, seq_len: int, window: int, stride: int, limit: int = 0) -> float:
+    """Attention work of the pattern relative to causal attention (within `limit`), both counted in computed
+    blocks."""
+    return (computed_blocks(kind, seq_len, window, stride, limit=limit)
+            / computed_blocks("causal", seq_len, window, stride, limit=limit))

@@ -2,6 +2,8 @@
 any model (dense, upcycled, or a dense model run as an MoE)."""
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from sparsetrain.errors import UserError
@@ -10,14 +12,16 @@ from sparsetrain.nn.model import Transformer
 
 @torch.no_grad()
 def generate(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 100, top_k_sampling: int = 50,
-             temperature: float = 0.8, seed: int = 0, stop_id: int | None = None) -> str:
+             temperature: float = 0.8, seed: int = 0, stop_id: int | Collection[int] | None = None) -> str:
     """Sample a continuation of `prompt` (dense or MoE mode alike; no KV cache: the model recomputes the window).
-    temperature 0 = greedy; top_k_sampling 0 = the whole vocabulary. Returns the continuation's text."""
+    temperature 0 = greedy; top_k_sampling 0 = the whole vocabulary; `stop_id`: the id, or ids (a model may have
+    several eos tokens), that end it. Returns the continuation's text."""
     if max_new_tokens < 0 or temperature < 0 or top_k_sampling < 0:
         raise UserError("max_new_tokens, temperature and top-k must be >= 0")
     ids = tokenizer.encode(prompt).ids
     if not ids:
         raise UserError("the prompt is empty after tokenization; pass some text with --prompt")
+    stops = {stop_id} if isinstance(stop_id, int) else set(stop_id or ())
     was_training = model.training
     model.eval()
     device = model.wte.weight.device
@@ -34,7 +38,7 @@ def generate(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 1
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=gen)
         idx = torch.cat([idx, nxt.view(1, 1)], dim=1)
-        if stop_id is not None and nxt.item() == stop_id:
+        if stops and nxt.item() in stops:
             break
     model.train(was_training)
     return tokenizer.decode(idx[0, len(ids):].tolist())

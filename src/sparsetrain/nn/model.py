@@ -2,12 +2,16 @@
 
 `gpt2`: LayerNorm, learned positions, GELU, tied embeddings, biases.
 `llama`: RMSNorm, rotary positions, SwiGLU, untied embeddings, grouped-query attention, no biases.
+Variants that imported models bring, all off by default: `head_dim` other than d_model / n_head (Llama 3.x), biases
+on q/k/v only (`qkv_bias`, Qwen2), rotary scaling (`linear`, `llama3`) and a sliding attention window (Mistral).
 
 The seam for sparsity methods lives in two modules:
 - `FFN.active`: indices of the neurons to compute this step (None = all). The step then multiplies by
   `index_select`ed weight slices: smaller GEMMs, real speed (SAT, structured MST).
 - `Attention.active`: indices of the key/value head groups to compute (None = all); each group carries its
-  query heads. `Attention.block_mask`: a FlexAttention BlockMask (hybrid sparse attention, MST); None = causal SDPA.
+  query heads. `Attention.block_mask`: a FlexAttention BlockMask (hybrid sparse attention, MST); None = causal SDPA
+  (within the model's sliding window, when it has one; a method's mask must include the window: `attention_masks`
+  builds masks with `limit`).
 A method may also replace `Block.mlp` with another module of the same signature (MoE: upcycling, SSD).
 Parallelism (DDP, FSDP2) and compilation are applied from outside, in the trainer.
 """
@@ -19,9 +23,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 from sparsetrain.config import ModelConfig
 from sparsetrain.errors import UserError
+from sparsetrain.nn.attention_masks import cached_dense_mask, dense_mask
 
 
 @dataclass
@@ -41,10 +47,21 @@ class ModelArgs:
     rope_theta: float
     tie_embeddings: bool
     bias: bool
+    head_dim: int = 0  # 0 = d_model // n_head
+    qkv_bias: bool | None = None  # None = bias
+    rope_scaling: str = "none"  # none | linear | llama3
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 0  # llama3; 0 = max_seq_len
+    sliding_window: int = 0  # 0 = every earlier key
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
+    def __post_init__(self):
+        # Filled here, so that a ModelArgs written out (asdict) and resolved again compares equal.
+        if not self.head_dim and self.n_head:
+            self.head_dim = self.d_model // self.n_head
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
 
     @property
     def gated(self) -> bool:
@@ -70,6 +87,7 @@ PRESETS = {
 }
 
 ACTIVATIONS = ("gelu", "relu", "relu2", "swiglu")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 
 
 def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelArgs:
@@ -82,7 +100,9 @@ def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelArgs:
         raise UserError(f"unknown model.family '{family}'; families: gpt2, llama")
     merged = {**FAMILY_DEFAULTS[family], **values, "family": family}
     for key in ["n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "vocab_size", "max_seq_len",
-                "activation", "norm_eps", "rope_theta", "tie_embeddings", "bias"]:
+                "activation", "norm_eps", "rope_theta", "tie_embeddings", "bias", "head_dim", "qkv_bias",
+                "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                "rope_original_max_seq_len", "sliding_window"]:
         v = getattr(cfg, key)
         if isinstance(v, bool) or v not in (0, 0.0, "", None):  # False == 0, but False is a choice
             merged[key] = v
@@ -96,11 +116,31 @@ def resolve(cfg: ModelConfig, vocab_size: int | None = None) -> ModelArgs:
     args = ModelArgs(**merged)
     if args.activation not in ACTIVATIONS:
         raise UserError(f"unknown model.activation '{args.activation}'; choose one of {', '.join(ACTIVATIONS)}")
-    if args.d_model % args.n_head:
-        raise UserError(f"model.d_model={args.d_model} is not a multiple of model.n_head={args.n_head}")
+    if not cfg.head_dim and args.d_model % args.n_head:
+        raise UserError(f"model.d_model={args.d_model} is not a multiple of model.n_head={args.n_head}; "
+                        "set model.head_dim to give the heads another width")
     if args.n_head % args.n_kv_head:
         raise UserError(f"model.n_head={args.n_head} is not a multiple of model.n_kv_head={args.n_kv_head}")
+    check_variants(args)
     return args
+
+
+def check_variants(args: ModelArgs) -> None:
+    """UserError for a head width, rotary scaling or window that the model cannot compute."""
+    if args.head_dim <= 0 or (args.family == "llama" and args.head_dim % 2):
+        raise UserError(f"model.head_dim={args.head_dim} must be positive (and even for rotary positions)")
+    if args.rope_scaling not in ROPE_SCALINGS:
+        raise UserError(f"unknown model.rope_scaling '{args.rope_scaling}'; choose one of {', '.join(ROPE_SCALINGS)}")
+    if args.rope_scaling != "none" and args.family != "llama":
+        raise UserError(f"model.rope_scaling='{args.rope_scaling}' needs rotary positions (family llama), "
+                        f"this model is {args.family}")
+    if args.rope_factor <= 0:
+        raise UserError(f"model.rope_factor must be positive, got {args.rope_factor}")
+    if args.rope_scaling == "llama3" and not 0 < args.rope_low_freq_factor < args.rope_high_freq_factor:
+        raise UserError(f"llama3 rope scaling needs 0 < model.rope_low_freq_factor < model.rope_high_freq_factor, "
+                        f"got {args.rope_low_freq_factor} and {args.rope_high_freq_factor}")
+    if args.rope_original_max_seq_len < 0 or args.sliding_window < 0:
+        raise UserError("model.rope_original_max_seq_len and model.sliding_window must be >= 0 (0 = off)")
 
 
 class RMSNorm(nn.Module):
@@ -119,9 +159,30 @@ def make_norm(args: ModelArgs) -> nn.Module:
     return nn.LayerNorm(args.d_model, eps=args.norm_eps, bias=args.bias)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [T, head_dim] in the half-split layout that Hugging Face Llama uses (rotate_half)."""
+def scaled_frequencies(inv_freq: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """Rotary frequencies stretched as Hugging Face computes them: `linear` divides all by the factor; `llama3`
+    (Llama 3.1) divides the low ones (wavelength above original / low_freq_factor), keeps the high ones (below
+    original / high_freq_factor) and blends in between."""
+    factor = args.rope_factor
+    if args.rope_scaling == "linear":
+        return inv_freq / factor
+    original = args.rope_original_max_seq_len or args.max_seq_len
+    low, high = args.rope_low_freq_factor, args.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < original / high) * ~(wavelen > original / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float,
+                scaling: ModelArgs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, head_dim] in the half-split layout that Hugging Face Llama uses (rotate_half); `scaling`: the
+    args whose rope_scaling stretches the frequencies."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling is not None and scaling.rope_scaling != "none":
+        inv_freq = scaled_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -139,8 +200,9 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = args.n_head, args.n_kv_head, args.head_dim
         self.rope = args.family == "llama"
+        self.sliding_window = args.sliding_window  # a plain int: 0 leaves the causal path as it was
         # q, k, v in one matrix: rows [q heads | k heads | v heads], each head_dim rows.
-        self.qkv = nn.Linear(args.d_model, (args.n_head + 2 * args.n_kv_head) * args.head_dim, bias=args.bias)
+        self.qkv = nn.Linear(args.d_model, (args.n_head + 2 * args.n_kv_head) * args.head_dim, bias=args.qkv_bias)
         self.proj = nn.Linear(args.n_head * args.head_dim, args.d_model, bias=args.bias)
         self.active: torch.Tensor | None = None  # kept kv-head groups this step (sorted), None = all
         self.block_mask = None  # FlexAttention BlockMask (a bool [T, T] tensor on CPU), None = causal SDPA
@@ -184,13 +246,18 @@ class Attention(nn.Module):
         if self.rope:
             cos, sin = rope[0][:T], rope[1][:T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if isinstance(self.block_mask, torch.Tensor):  # a boolean [T, T] mask: the CPU stand-in for a BlockMask
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.block_mask[:T, :T],
-                                                  enable_gqa=gqa)
-        if self.block_mask is not None:
-            from torch.nn.attention.flex_attention import flex_attention
-
-            return flex_attention(q, k, v, block_mask=self.block_mask, enable_gqa=gqa)
+        mask = self.block_mask
+        if mask is None and self.sliding_window and T > self.sliding_window:
+            # The model's own window (Mistral) as a dense boolean mask: exact on every device (not faster). Compiled,
+            # it is built inside the graph (dynamo would trace through the cache anyway); eager, once per length.
+            if torch.compiler.is_compiling():
+                mask = dense_mask("causal", T, 0, 1, q.device, limit=self.sliding_window)
+            else:
+                mask = cached_dense_mask("causal", T, 0, 1, str(q.device), limit=self.sliding_window)
+        if isinstance(mask, torch.Tensor):  # a boolean [T, T] mask (on CPU also the stand-in for a BlockMask)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:T, :T], enable_gqa=gqa)
+        if mask is not None:
+            return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -270,7 +337,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if args.family == "llama":
-            cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+            cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta, args)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
@@ -316,9 +383,9 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> dict[str, float]:
     kept neurons. `attn_scores` counts the full T x T product (the convention of the 6N + 12LdT formula).
     """
     d, L = args.d_model, args.n_layer
-    kv = args.n_kv_head * args.head_dim
-    attn_linear = 2 * (d * (d + 2 * kv) + d * d)
-    attn_scores = 2 * 2 * seq_len * d
+    q, kv = args.n_head * args.head_dim, args.n_kv_head * args.head_dim
+    attn_linear = 2 * (d * (q + 2 * kv) + q * d)
+    attn_scores = 2 * 2 * seq_len * q
     ffn = 2 * d * args.d_ff * (3 if args.gated else 2)
     return {
         "attn_linear": L * attn_linear,

@@ -1,11 +1,12 @@
-"""Hugging Face interop: load `LlamaForCausalLM` / `GPT2LMHeadModel` / `MixtralForCausalLM` folders into our
-`Transformer`, and back.
+"""Hugging Face interop: load Llama, Qwen2, Mistral, Mixtral and GPT-2 folders into our `Transformer`, and back
+(`hf_config` maps the configs and says what is refused).
 
 Loading reads config.json and the weight files directly (safetensors, or pytorch_model.bin through
 `torch.load(weights_only=True)`), so it does not import transformers. Both directions share one name map:
 each of our parameters is one Hugging Face tensor, or several concatenated along the output rows
 (llama q|k|v into `attn.qkv`, gate|up into `mlp.fc`). GPT-2's Conv1D stores weights [in, out]: transposed.
-Our RoPE already uses the half-split (rotate_half) layout of HF Llama, so q/k rows need no permutation.
+Our RoPE already uses the half-split (rotate_half) layout of HF Llama, so q/k rows need no permutation. Qwen2 and
+Mistral use Llama's tensor names; Qwen2 adds q/k/v biases.
 
 Mixtral is Llama with an MoE in every layer, which is what upcycling a llama-family model with `layers = "all"`
 makes. Its router is ours with `softmax_then_topk` and renormalised weights (softmax over all experts, top-k,
@@ -15,6 +16,10 @@ expert choice: those refuse to export. Files use the per-expert layout that `sav
 transformers version loads (`block_sparse_moe.gate`, `experts.{e}.w1|w3|w2` = gate|up|down, each [out, in]);
 our stacked `w_in [E, d, 2f]` is then all experts' w1|w3 rows concatenated and transposed per expert. Import also
 takes the fused in-memory layout of transformers 5 (`mlp.gate`, `mlp.experts.gate_up_proj|down_proj`).
+
+The tokenizer travels with the model: import copies the Hugging Face folder's tokenizer files and special-token ids
+into the model folder; export copies the model's tokenizer into the Hugging Face folder and fills the ids.
+A damaged folder (unreadable config.json, truncated or corrupted weights) is a one-line error naming the file.
 """
 from __future__ import annotations
 
@@ -23,22 +28,23 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer
 
+from sparsetrain import config as config_mod
+from sparsetrain.data.tokenizer_files import (SPECIAL_IDS_FILE, copy_tokenizer_files, eos_token, load_tokenizer,
+                                              special_ids, vocab_entries)
 from sparsetrain.errors import UserError
 from sparsetrain.nn.model import FFN, ModelArgs, Transformer
 from sparsetrain.nn.moe import MoEFFN, moe_for, replace_ffns
+from sparsetrain.store.checkpoint import write_model_folder
+from sparsetrain.store.hf_config import (gpt2_args, hf_config, llama_args, mixtral_method, mixtral_moe, model_section,
+                                         model_type, read_json)
 
 EOS_TOKEN = "<|endoftext|>"
-
-# Hugging Face activation names that compute exactly one of ours (GPT-2 family).
-GPT2_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
-OUR_TO_GPT2_ACTIVATION = {"gelu": "gelu_new", "relu": "relu"}
+SPECIAL_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 # Buffers that older checkpoints saved next to the weights; they carry no learned state.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -90,7 +96,8 @@ def name_map(args: ModelArgs, gpt2_prefix: str = "transformer.", experts: int = 
                             ("mlp.proj", [(f"{h}mlp.down_proj", None)])]
             for ours, parts in linears:
                 entries.append((f"blocks.{i}.{ours}.weight", [(f"{n}.weight", r) for n, r in parts], False))
-                if args.bias:
+                # q/k/v biases with `qkv_bias` (Qwen2), and with `bias` too: Llama's attention_bias covers q/k/v/o
+                if args.bias or (ours == "attn.qkv" and args.qkv_bias):
                     entries.append((f"blocks.{i}.{ours}.bias", [(f"{n}.bias", r) for n, r in parts], False))
             entries.append((f"blocks.{i}.norm1.weight", [(f"{h}input_layernorm.weight", None)], False))
             entries.append((f"blocks.{i}.norm2.weight", [(f"{h}post_attention_layernorm.weight", None)], False))
@@ -103,84 +110,6 @@ def name_map(args: ModelArgs, gpt2_prefix: str = "transformer.", experts: int = 
 # ---------------------------------------------------------------------------------------------------- import
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); re-download or re-export the model") from None
-
-
-def _family(config: dict, folder: Path) -> str:
-    model_type = config.get("model_type")
-    if model_type is None:
-        archs = config.get("architectures") or []
-        model_type = {"LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2",
-                      "MixtralForCausalLM": "mixtral"}.get(archs[0] if archs else "")
-    if model_type not in ("llama", "gpt2", "mixtral"):
-        raise UserError(f"{folder}/config.json has model_type '{model_type}', which is not supported; sparsetrain "
-                        "imports llama (LlamaForCausalLM), gpt2 (GPT2LMHeadModel) and mixtral (MixtralForCausalLM)")
-    return model_type
-
-
-def _unsupported(folder: Path, what: str) -> UserError:
-    return UserError(f"{folder}: {what} is not supported by sparsetrain's model; pick a model without it")
-
-
-def _llama_args(c: dict, folder: Path) -> ModelArgs:
-    if c.get("hidden_act", "silu") != "silu":
-        raise _unsupported(folder, f"llama hidden_act '{c['hidden_act']}' (only silu)")
-    # transformers >= 5 nests theta and type in rope_parameters; older versions use rope_theta / rope_scaling.
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise _unsupported(folder, f"rope scaling '{rope_type}'")
-    attention_bias, mlp_bias = c.get("attention_bias", False), c.get("mlp_bias", False)
-    if attention_bias != mlp_bias:
-        raise _unsupported(folder, f"attention_bias={attention_bias} with mlp_bias={mlp_bias} (one bias flag for both)")
-    d, n_head = c["hidden_size"], c["num_attention_heads"]
-    if c.get("head_dim") not in (None, d // n_head) or d % n_head:
-        raise _unsupported(folder, f"head_dim={c.get('head_dim')} with hidden_size={d}, heads={n_head}")
-    return ModelArgs(
-        family="llama", n_layer=c["num_hidden_layers"], n_head=n_head,
-        n_kv_head=c.get("num_key_value_heads") or n_head, d_model=d, d_ff=c["intermediate_size"],
-        vocab_size=c["vocab_size"], max_seq_len=c.get("max_position_embeddings", 2048), activation="swiglu",
-        norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)), bias=bool(attention_bias),
-    )
-
-
-def _mixtral_method(c: dict, args: ModelArgs, folder: Path) -> dict:
-    """The `[method]` section that rebuilds a Mixtral's MoE layers: upcycling's structure with Mixtral's router."""
-    window = c.get("sliding_window")
-    if window is not None and window < args.max_seq_len:
-        raise _unsupported(folder, f"sliding-window attention (sliding_window={window})")
-    return {
-        "name": "upcycle", "experts": c["num_local_experts"], "top_k": c["num_experts_per_tok"], "layers": "all",
-        "granularity": 1, "router": "softmax_then_topk", "renormalize": True, "capacity_factor": 0.0,
-        # the same knob, not the same loss: HF pools the load-balancing statistics over all layers
-        "aux_loss_coef": float(c.get("router_aux_loss_coef", 0.001)),
-        "z_loss_coef": 0.0,  # Mixtral trains without a router z-loss
-    }
-
-
-def _gpt2_args(c: dict, folder: Path) -> ModelArgs:
-    act = c.get("activation_function", "gelu_new")
-    if act not in GPT2_ACTIVATIONS:
-        raise _unsupported(folder, f"gpt2 activation_function '{act}' (supported: {', '.join(GPT2_ACTIVATIONS)})")
-    if c.get("scale_attn_by_inverse_layer_idx") or not c.get("scale_attn_weights", True):
-        raise _unsupported(folder, "gpt2 attention scaling other than 1/sqrt(head_dim)")
-    if c.get("add_cross_attention"):
-        raise _unsupported(folder, "gpt2 cross-attention")
-    d = c["n_embd"]
-    return ModelArgs(
-        family="gpt2", n_layer=c["n_layer"], n_head=c["n_head"], n_kv_head=c["n_head"], d_model=d,
-        d_ff=c.get("n_inner") or 4 * d, vocab_size=c["vocab_size"], max_seq_len=c.get("n_positions", 1024),
-        activation=GPT2_ACTIVATIONS[act], norm_eps=float(c.get("layer_norm_epsilon", 1e-5)), rope_theta=10000.0,
-        tie_embeddings=bool(c.get("tie_word_embeddings", True)), bias=True,
-    )
-
-
 def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint, by name, from whichever of the four standard layouts the folder holds."""
     for name in ("model.safetensors", "pytorch_model.bin"):
@@ -189,7 +118,10 @@ def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
             break
         index = folder / f"{name}.index.json"
         if index.is_file():
-            files = [folder / f for f in sorted(set(_read_json(index)["weight_map"].values()))]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index} has no weight_map; re-download or re-save the model")
+            files = [folder / f for f in sorted(set(weight_map.values()))]
             break
     else:
         raise UserError(f"{folder} has no weights (model.safetensors, sharded model-*.safetensors with "
@@ -198,11 +130,19 @@ def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     for f in files:
         if not f.is_file():
             raise UserError(f"weight shard {f} is listed in the index but missing; re-download the model")
-        if f.suffix == ".safetensors":
-            tensors.update(load_file(f))
-        else:
-            tensors.update(torch.load(f, map_location="cpu", weights_only=True))
+        tensors.update(_read_weights(f))
     return tensors
+
+
+def _read_weights(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        if f.suffix == ".safetensors":
+            return load_file(f)
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors, pickle and torch raise many types for a damaged file
+        detail = " ".join(str(e).split())[:120]  # one line, whatever the library said
+        raise UserError(f"{f} cannot be read ({type(e).__name__}: {detail}); the file is damaged or incomplete: "
+                        "re-download or re-save the model") from None
 
 
 def _per_expert_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -225,24 +165,22 @@ def _per_expert_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def model_section(args: ModelArgs) -> dict:
-    """`[model]` config keys that `resolve` turns back into exactly `args`."""
-    return {"preset": "tiny" if args.family == "gpt2" else "tiny-llama", **asdict(args)}
-
-
 def import_hf_full(folder: str | Path) -> tuple[dict, dict, Transformer]:
-    """Load a local Hugging Face llama, gpt2 or mixtral causal LM; return its `[model]` and `[method]` sections
-    (`{"name": "dense"}`, or upcycling's options that rebuild Mixtral's MoE layers) and our model (fp32)."""
+    """Load a local Hugging Face llama, qwen2, mistral, mixtral or gpt2 causal LM; return its `[model]` and
+    `[method]` sections (`{"name": "dense"}`, or upcycling's options that rebuild Mixtral's MoE layers) and our
+    model (fp32)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} has no config.json; point at a folder saved by save_pretrained or export_hf")
-    config = _read_json(folder / "config.json")
-    family = _family(config, folder)
+    config = read_json(folder / "config.json")
+    family = model_type(config, folder)
     try:
-        args = _gpt2_args(config, folder) if family == "gpt2" else _llama_args(config, folder)
-        method = _mixtral_method(config, args, folder) if family == "mixtral" else {"name": "dense"}
+        args = gpt2_args(config, folder) if family == "gpt2" else llama_args(config, family, folder)
+        method = mixtral_method(config) if family == "mixtral" else {"name": "dense"}
     except KeyError as e:
         raise UserError(f"{folder}/config.json lacks {e}, which a {family} config needs; fix or re-save it") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{folder}/config.json has a value of the wrong type ({e}); fix or re-save it") from None
 
     tensors = _load_tensors(folder)
     # saved from GPT2Model (the original hub `gpt2` files): no "transformer." prefix
@@ -285,7 +223,7 @@ def import_hf_full(folder: str | Path) -> tuple[dict, dict, Transformer]:
 
 
 def import_hf(folder: str | Path) -> tuple[dict, Transformer]:
-    """Load a local Hugging Face llama or gpt2 causal LM; return its `[model]` section and our model (fp32)."""
+    """Load a local Hugging Face dense causal LM; return its `[model]` section and our model (fp32)."""
     model_section_, method, model = import_hf_full(folder)
     if method["name"] != "dense":
         raise UserError(f"{folder} holds a Mixture-of-Experts model, which a [model] section alone cannot rebuild; "
@@ -294,91 +232,6 @@ def import_hf(folder: str | Path) -> tuple[dict, Transformer]:
 
 
 # ---------------------------------------------------------------------------------------------------- export
-
-
-def mixtral_moe(model: Transformer) -> MoEFFN | None:
-    """None for a model without MoE layers; else one of its MoE layers, after checking that every layer is an MoE
-    that MixtralForCausalLM computes exactly (UserError naming what it cannot hold, and the fix)."""
-    moes = {i: b.mlp for i, b in enumerate(model.blocks) if isinstance(b.mlp, MoEFFN)}
-    if not moes:
-        return None
-    args = model.args
-    if args.family != "llama" or args.activation != "swiglu":
-        raise UserError(f"a {args.family}-family MoE with activation '{args.activation}' has no Hugging Face "
-                        "equivalent (Mixtral is llama-family with SwiGLU experts); export a swiglu llama model")
-    dense = [i for i in range(args.n_layer) if i not in moes]
-    if dense:
-        raise UserError(f"blocks {dense} are not MoE layers, but MixtralForCausalLM has an MoE in every layer; "
-                        "upcycle with method.layers = \"all\" (convert upcycle --layers all) to export to Mixtral")
-    if args.bias:
-        raise UserError("Mixtral has no biases; export a llama model with model.bias = false")
-    settings = {(m.num_experts, m.top_k, m.d_expert, m.router_type, m.renormalize, m.capacity_factor)
-                for m in moes.values()}
-    if len(settings) > 1:
-        raise UserError("the MoE layers differ in experts, top_k, width or router, but Mixtral has one setting for "
-                        "all layers; export a model upcycled with one set of options")
-    moe = moes[0]
-    if moe.router_type == "expert_choice":
-        raise UserError("expert-choice routing has no Mixtral equivalent (each Mixtral token picks its top-k "
-                        "experts); export a model trained with method.router = \"softmax_then_topk\"")
-    if moe.router_type == "softmax_then_topk" and not moe.renormalize:
-        raise UserError("Mixtral renormalises the top-k router weights to sum to 1, this model does not; export a "
-                        "model trained with method.renormalize = true")
-    if moe.capacity_factor > 0:
-        raise UserError(f"Mixtral is dropless, this model drops tokens over capacity_factor={moe.capacity_factor}; "
-                        "export a model trained with method.capacity_factor = 0")
-    return moe
-
-
-def hf_config(args: ModelArgs, dtype: torch.dtype, moe: MoEFFN | None = None) -> dict:
-    """A LlamaConfig / GPT2Config dict for `args` (a MixtralConfig one with `moe`, a checked `mixtral_moe`),
-    readable by transformers 4.x and 5.x."""
-    dtype_name = str(dtype).removeprefix("torch.")
-    if moe is not None:
-        config = {key: value for key, value in hf_config(args, dtype).items()
-                  if key not in ("attention_bias", "mlp_bias", "pretraining_tp")}  # llama-only keys
-        return config | {
-            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "intermediate_size": moe.d_expert,
-            "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k, "sliding_window": None,
-            # the same knob, not the same loss: HF pools the load-balancing statistics over all layers, and adds
-            # the loss only with output_router_logits; our router z-loss has no counterpart
-            "router_aux_loss_coef": moe.aux_loss_coef, "output_router_logits": False, "router_jitter_noise": 0.0,
-        }
-    if args.family == "llama":
-        if args.activation != "swiglu":
-            raise UserError(f"a llama-family model with activation '{args.activation}' has no LlamaForCausalLM "
-                            "equivalent (its MLP is always gated SiLU); export a swiglu model")
-        return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": args.vocab_size, "hidden_size": args.d_model, "intermediate_size": args.d_ff,
-            "num_hidden_layers": args.n_layer, "num_attention_heads": args.n_head,
-            "num_key_value_heads": args.n_kv_head, "head_dim": args.head_dim, "hidden_act": "silu",
-            "max_position_embeddings": args.max_seq_len, "rms_norm_eps": args.norm_eps,
-            # the 4.x spelling; 5.x converts it into rope_parameters on load
-            "rope_theta": args.rope_theta, "rope_scaling": None,
-            "attention_bias": args.bias, "mlp_bias": args.bias, "attention_dropout": 0.0,
-            "tie_word_embeddings": args.tie_embeddings, "initializer_range": 0.02, "pretraining_tp": 1,
-            "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
-            "torch_dtype": dtype_name, "dtype": dtype_name, "use_cache": True,
-        }
-    if args.activation not in OUR_TO_GPT2_ACTIVATION:
-        raise UserError(f"activation '{args.activation}' has no GPT-2 equivalent (GPT2Config knows gelu_new and "
-                        "relu); export a gelu or relu model")
-    if args.n_kv_head != args.n_head:
-        raise UserError(f"a gpt2-family model with n_kv_head={args.n_kv_head} < n_head={args.n_head} has no GPT-2 "
-                        "equivalent (GPT-2 has no grouped-query attention)")
-    return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": args.vocab_size, "n_positions": args.max_seq_len, "n_embd": args.d_model,
-        "n_layer": args.n_layer, "n_head": args.n_head, "n_inner": args.d_ff,
-        "activation_function": OUR_TO_GPT2_ACTIVATION[args.activation], "layer_norm_epsilon": args.norm_eps,
-        "tie_word_embeddings": args.tie_embeddings,
-        # our model has no dropout: keep HF fine-tuning of the export the same function
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-        "initializer_range": 0.02, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
-        "torch_dtype": dtype_name, "dtype": dtype_name, "use_cache": True,
-    }
 
 
 def hf_state_dict(model: Transformer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -396,7 +249,7 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype) -> dict[str, torch.Ten
     for ours, parts, transposed in name_map(args, experts=experts, d_expert=d_expert):
         if ours in params:
             value = params[ours].detach()
-        else:  # a bias-free gpt2-family model: GPT-2 always has biases, and zeros compute the same function
+        else:  # a bias HF has and we lack (GPT-2's; Llama's q/k/v with attention_bias): zeros, the same function
             weight = params[ours.removesuffix(".bias") + ".weight"]
             value = torch.zeros(weight.shape[0], dtype=weight.dtype)  # Linear [out, in] or LayerNorm [d]
         if transposed:  # [E, a, b] -> [E * b, a]: experts' HF tensors one after another
@@ -431,31 +284,88 @@ def export_hf(model: Transformer, folder: str | Path, *, dtype: torch.dtype | No
 
 
 def copy_tokenizer(src_dir: str | Path, dst_folder: str | Path) -> None:
-    """Copy `tokenizer.json` (and `tokenizer_config.json`, or write a minimal one) into an exported folder.
-
-    When the tokenizer has `<|endoftext|>`, it is named the eos (and bos) token, and config.json's still-unset
-    bos/eos ids are filled with its id so generation stops where training documents ended.
-    """
+    """Copy a tokenizer (tokenizer.json and the settings beside it; a minimal tokenizer_config.json when it has
+    none) into an exported folder, and fill config.json's unset special-token ids: the model's own
+    (special_tokens.json, from its Hugging Face import), else `<|endoftext|>` as eos and bos (the end of every
+    training document), else the eos token of its settings, so that generation stops where documents ended."""
     src, dst = Path(src_dir), Path(dst_folder)
     if not (src / "tokenizer.json").is_file():
         raise UserError(f"{src} has no tokenizer.json; point at the prepared data folder or a tokenizer folder")
     if not dst.is_dir():
         raise UserError(f"{dst} is not a folder; export the model first, then copy its tokenizer")
-    shutil.copyfile(src / "tokenizer.json", dst / "tokenizer.json")
-
-    eos_id = Tokenizer.from_file(str(src / "tokenizer.json")).token_to_id(EOS_TOKEN)
-    if (src / "tokenizer_config.json").is_file():
-        shutil.copyfile(src / "tokenizer_config.json", dst / "tokenizer_config.json")
-    else:
+    tok = load_tokenizer(src)
+    copy_tokenizer_files(src, dst)
+    ids = {k: v for k, v in special_ids(src).items() if k in SPECIAL_KEYS}
+    eot = tok.token_to_id(EOS_TOKEN)
+    if not ids and eot is not None:
+        ids = {"bos_token_id": eot, "eos_token_id": eot}
+    elif not ids and eos_token(src, tok) is not None:
+        ids = {"eos_token_id": tok.token_to_id(eos_token(src, tok))}
+    if not (src / "tokenizer_config.json").is_file():
         tok_config = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        if eos_id is not None:
+        if eot is not None:
             tok_config |= {"eos_token": EOS_TOKEN, "bos_token": EOS_TOKEN}
         (dst / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
 
     config_path = dst / "config.json"
-    if eos_id is not None and config_path.is_file():
-        config = _read_json(config_path)
-        for key in ("bos_token_id", "eos_token_id"):
-            if config.get(key) is None:
-                config[key] = eos_id
+    if ids and config_path.is_file():
+        config = read_json(config_path)
+        config |= {k: v for k, v in ids.items() if v is not None and config.get(k) is None}
         config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------- folders
+
+
+def hf_special_ids(folder: Path) -> dict:
+    """bos/eos/pad ids of a Hugging Face folder: config.json's, overridden by generation_config.json's (what
+    `generate` stops on: often a list of eos ids)."""
+    ids = {}
+    for name in ("config.json", "generation_config.json"):
+        if (folder / name).is_file():
+            values = read_json(folder / name)
+            ids |= {k: values[k] for k in SPECIAL_KEYS if values.get(k) is not None}
+    return ids
+
+
+def import_to_folder(source: str | Path, out: str | Path) -> list[str]:
+    """`convert hf-import`: a model folder with config.toml, model.safetensors, the Hugging Face folder's tokenizer
+    files and its special-token ids; written whole or not at all. Returns the tokenizer files copied."""
+    source, out = Path(source), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not empty; pass a new --out folder or delete it")
+    model_section_, method, model = import_hf_full(source)
+    if (source / "tokenizer.json").is_file():
+        tok = load_tokenizer(source)  # a damaged tokenizer is refused here, not at the first eval
+        if vocab_entries(tok) > model.args.vocab_size:
+            raise UserError(f"{source}/tokenizer.json has {vocab_entries(tok):,} ids, the model "
+                            f"{model.args.vocab_size:,} embeddings; the folder mixes two models")
+    seq_len = min(config_mod.TrainConfig.seq_len, model.args.max_seq_len)
+    # no data folder yet: a relative default (data/stdlib) would point at whatever the user's current folder holds
+    raw = config_mod.to_dict(config_mod.from_dict({"model": model_section_, "method": method, "data": {"dir": ""},
+                                                   "train": {"seq_len": seq_len}}))
+    stage = out.parent / f".{out.name}.import"
+    if stage.exists():
+        shutil.rmtree(stage)
+    try:
+        write_model_folder(stage, config_mod.dumps(raw), model.state_dict())
+        copied = copy_tokenizer_files(source, stage)
+        ids = hf_special_ids(source)
+        if ids:
+            (stage / SPECIAL_IDS_FILE).write_text(json.dumps(ids, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # checked empty above
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return copied
+
+
+def tokenizer_note(copied: list[str]) -> str:
+    """What `convert hf-import` says about the tokenizer it copied (or could not)."""
+    if "tokenizer.json" in copied:
+        return f"with its tokenizer ({', '.join(copied)})"
+    missing = "no tokenizer.json" + (f" (only {', '.join(copied)})" if copied else "")
+    return (f"without a usable tokenizer: the folder has {missing}; save one there with transformers' "
+            "tokenizer.save_pretrained and import again, or pass --tokenizer to eval, generate and data prepare")

@@ -22,13 +22,13 @@ from sparsetrain.data.batches import TrainingData
 from sparsetrain.errors import UserError
 from sparsetrain.methods import Method, RunInfo
 from sparsetrain.progress import progress_bar
-from sparsetrain.store.checkpoint import (find_weights, list_checkpoints, load_latest_intact, load_weights, read_tensors,
-                                          save_checkpoint, set_aside, set_rng_state)
+from sparsetrain.store.checkpoint import (find_weights, list_checkpoints, load_latest_intact, load_weights,
+                                          read_tensors, save_checkpoint, set_aside, set_rng_state)
 from sparsetrain.training.build import build_model, make_optimizer
-from sparsetrain.training.runtime import (Runtime, load_optimizer_state, model_state, no_grad_sync, optimizer_state,
-                                          parallelize, peak_flops, setup_runtime)
 from sparsetrain.training.lock import RunLock
 from sparsetrain.training.records import MetricsLog, keep_metrics_until, warn, write_config, write_summary
+from sparsetrain.training.runtime import (Runtime, load_optimizer_state, model_state, no_grad_sync, optimizer_state,
+                                          parallelize, peak_flops, setup_runtime)
 from sparsetrain.training.step import StepParts, StepResult, train_step
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterable, NamedTuple
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from sparsetrain.methods.base import Method
 from sparsetrain.nn.model import Transformer
@@ -74,7 +75,8 @@ def train_step(parts: StepParts, step: int, micro_batches: Iterable[tuple[torch.
         on_phase("backward")
     finite = torch.isfinite(step_loss)
     if p.grad_clip > 0:
-        finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(p.model.parameters(), p.grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(p.model.parameters(), p.grad_clip)
+        finite &= torch.isfinite(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # FSDP2: a DTensor
     if skip_nonfinite and not p.agree(finite).item():
         p.optimizer.zero_grad(set_to_none=True)
         p.method.discard_step(step)
