@@ -4,9 +4,10 @@ import dataclasses
 
 import torch
 
+from sparsetrain import config
 from sparsetrain.config import ModelConfig
-from sparsetrain.methods import Dense, RunInfo
-from sparsetrain.nn.model import build
+from sparsetrain.methods import Dense, RunInfo, build_method
+from sparsetrain.nn.model import Transformer, build, resolve
 from sparsetrain.training.step import StepParts, train_step
 
 
@@ -78,3 +79,16 @@ def train_by_hand(model, method, data, optimizer=None, *, first_step: int = 0, s
                             on_phase=on_phase)
         losses.append(result.loss.item())
     return losses, optimizer
+
+
+def assert_imported_sections_rebuild(model_section, method_section, model, idx, expected, seq_len):
+    """What `convert hf-import` writes (config.toml's [model] and [method]) rebuilds the same model: the same args
+    (every key survives the config round trip) and the same logits."""
+    cfg = config.from_dict({"model": model_section, "method": method_section, "train": {"seq_len": seq_len}})
+    args = resolve(cfg.model)
+    assert args == model.args
+    fresh = Transformer(args)
+    build_method(cfg.method, args, seq_len).setup(fresh)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(idx), expected, atol=1e-5, rtol=1e-5)

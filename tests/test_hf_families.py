@@ -7,16 +7,14 @@ import json
 
 import pytest
 import torch
-from helpers import perturb
+from helpers import assert_imported_sections_rebuild, perturb
 from safetensors.torch import load_file
 from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 import sparsetrain.nn.attention_masks as am
-from sparsetrain import config
 from sparsetrain.config import ModelConfig
 from sparsetrain.errors import UserError
-from sparsetrain.methods import build_method
 from sparsetrain.nn.model import FAMILY_DEFAULTS, PRESETS, ModelArgs, Transformer, resolve
 from sparsetrain.store.hf import export_hf, import_hf_full
 
@@ -61,15 +59,7 @@ def test_import_and_export_give_hf_logits(name, tmp_path):
         expected = hf(idx).logits
         torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
 
-    # What `convert hf-import` writes rebuilds the same model (every new key survives the config round trip).
-    cfg = config.from_dict({"model": model_section, "method": method_section, "train": {"seq_len": SEQ}})
-    args = resolve(cfg.model)
-    assert args == model.args
-    fresh = Transformer(args)
-    build_method(cfg.method, args, SEQ).setup(fresh)
-    fresh.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        torch.testing.assert_close(fresh.eval()(idx), expected, atol=1e-5, rtol=1e-5)
+    assert_imported_sections_rebuild(model_section, method_section, model, idx, expected, SEQ)
 
     export_hf(model, tmp_path / "out")
     back, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager",

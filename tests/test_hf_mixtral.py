@@ -3,14 +3,12 @@ import json
 
 import pytest
 import torch
-from helpers import perturb
+from helpers import assert_imported_sections_rebuild, perturb
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from sparsetrain import config
 from sparsetrain.config import ModelConfig
 from sparsetrain.errors import UserError
-from sparsetrain.methods import build_method
 from sparsetrain.methods.upcycle import upcycle
 from sparsetrain.nn.model import FAMILY_DEFAULTS, PRESETS, ModelArgs, Transformer, resolve
 from sparsetrain.nn.moe import MoEFFN
@@ -87,15 +85,7 @@ def test_import_gives_hf_logits_and_a_config_that_rebuilds_it(fused, tmp_path):
         "z_loss_coef": 0.0,
     }
 
-    # What `convert hf-import` writes (config.toml with [model] and [method]) rebuilds the same model.
-    cfg = config.from_dict({"model": model_section, "method": method_section, "train": {"seq_len": SEQ}})
-    args = resolve(cfg.model)
-    assert args == model.args
-    fresh = Transformer(args)
-    build_method(cfg.method, args, SEQ).setup(fresh)
-    fresh.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        torch.testing.assert_close(fresh.eval()(idx), expected, atol=1e-5, rtol=1e-5)
+    assert_imported_sections_rebuild(model_section, method_section, model, idx, expected, SEQ)
 
     with pytest.raises(UserError, match="import_hf_full"):  # its [model] section alone would lose the experts
         import_hf(tmp_path / "hf")
