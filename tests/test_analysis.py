@@ -42,7 +42,8 @@ def test_analyze_run_writes_json_table_and_plots(run, tmp_path):
     assert all(0 < r <= m <= 1 for rr, mm in zip(saved["router_mass"], saved["mass"]) for r, m in zip(rr, mm))
     assert saved["mean_sparsity"] == result["mean_sparsity"]
     table = (out / "analysis.md").read_text()
-    assert "| step | sparsity | ARI | top-k mass | router mass |" in table and "\n| 12 |" in table
+    heads = "activation sparsity | ARI of consecutive clusterings | top-1 mass (best experts) | top-1 mass (router)"
+    assert f"| step | {heads} |" in table and f"| layer | {heads} |" in table and "\n| 12 |" in table
     # Default output folder: inside the run.
     analyze_run(run, probe_tokens=128, experts=4, top_k=1, plots=False)
     assert (run / "analysis" / "analysis.json").is_file()

@@ -768,18 +768,39 @@ def test_batch_loader_works_on_memmap_and_edges(tmp_path):
         BatchLoader(np.arange(16), 2, 16, seed=0)
 
 
-def test_eval_windows():
+def test_eval_windows_spread_over_the_split():
     tokens = np.arange(100, dtype=np.uint16)
     batches = list(eval_windows(tokens, batch_size=2, seq_len=10, max_tokens=50))
     assert [tuple(x.shape) for x, _ in batches] == [(2, 10), (2, 10), (1, 10)]  # 5 windows, last batch partial
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
-    assert torch.equal(y.flatten(), torch.arange(1, 51))  # consecutive, non-overlapping targets
-    assert torch.equal(x.flatten(), torch.arange(0, 50))
+    assert torch.equal(y, x + 1)  # each target is the next token
+    # 5 of the 9 slots that fit, evenly spaced from the start to the end of the split, none overlapping
+    assert x[:, 0].tolist() == [0, 10, 30, 50, 70]
     again = list(eval_windows(tokens, batch_size=2, seq_len=10, max_tokens=50))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
-    # Capped by the array (9 full windows fit in 100 tokens) and at least one window.
-    assert sum(len(x) for x, _ in eval_windows(tokens, 4, 10, 10**6)) == 9
-    assert sum(len(x) for x, _ in eval_windows(tokens, 4, 10, 3)) == 1
+    # Every slot fits: the windows tile the split from its start (9 full windows fit in 100 tokens).
+    every = torch.cat([x for x, _ in eval_windows(tokens, 4, 10, 10**6)])
+    assert torch.equal(every.flatten(), torch.arange(90))
+    assert sum(len(x) for x, _ in eval_windows(tokens, 4, 10, 3)) == 1  # at least one window
     with pytest.raises(UserError, match="val split has 10 tokens"):
         eval_windows(tokens[:10], 4, 10, 100)
+
+
+def test_eval_windows_reach_the_last_documents():
+    """A split whose first documents are unlike the rest (the stdlib's code-page tables): a budget of a tenth of
+    it reads tokens from every tenth of it, not only from the first documents."""
+    tokens = np.arange(10_001, dtype=np.int64)
+    starts = torch.cat([x[:, 0] for x, _ in eval_windows(tokens, 8, 100, 1000)])
+    assert len(starts) == 10
+    assert sorted(set((starts // 1000).tolist())) == list(range(10))
+
+
+def test_describe_says_when_the_held_out_documents_are_few():
+    meta = {"source": "stdlib", "source_info": {}, "tokenizer": {"kind": "trained", "sample_bytes": 8_000_000},
+            "train_docs": 673, "val_docs": 17, "train_tokens": 2_000_000, "val_tokens": 60_000,
+            "text_bytes": 8_000_000, "max_bytes": None, "truncated_doc": None, "vocab_size": 4096,
+            "eot_token": "<|endoftext|>", "eot_id": 0, "dtype": "uint16", "val_fraction": 0.02}
+    assert "Only 17 validation documents" in describe(meta) and "--val-fraction (now 0.02)" in describe(meta)
+    assert "Only" not in describe({**meta, "val_docs": 60})
+    assert "Only" not in describe({**meta, "train_docs": 40, "val_docs": 1})  # a tiny corpus has no choice

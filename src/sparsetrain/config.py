@@ -15,6 +15,10 @@ from typing import Any
 
 from sparsetrain.errors import UserError
 
+# The names of nn/model.py's PRESETS, here so that `sparsetrain bench --help` lists them without importing torch
+# (tests/test_cli_help.py keeps the two equal).
+PRESET_NAMES = ("tiny", "tiny-llama", "gpt2-small", "gpt2-medium", "llama-1b")
+
 
 @dataclass
 class ModelConfig:

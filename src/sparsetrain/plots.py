@@ -3,7 +3,7 @@ the demo and by the benchmark report; reads JSON and draws, no torch."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ class Panel:
     series: list[tuple[str, list[float], list[float]]]  # (label, xs, ys)
     marker: str = ""
     drawstyle: str = "default"  # "steps-post" for schedules: a value holds until the next one
+    spans: list[tuple[float, float, str]] = field(default_factory=list)  # (x from, x to, label): shaded stretches
+    note: str = ""  # a line under the title: what the panel does and does not compare
 
 
 def plot_panels(panels: list[Panel], path: Path, ncols: int = 2) -> None:
@@ -44,9 +46,11 @@ def plot_panels(panels: list[Panel], path: Path, ncols: int = 2) -> None:
     for ax, p in zip(axes.flat, panels):
         for label, xs, ys in p.series:
             ax.plot(xs, ys, marker=p.marker or None, drawstyle=p.drawstyle, label=label)
-        ax.set(xlabel=p.xlabel, ylabel=p.ylabel, title=p.title)
+        for x0, x1, label in p.spans:
+            ax.axvspan(x0, x1, color="grey", alpha=0.15, label=label)
+        ax.set(xlabel=p.xlabel, ylabel=p.ylabel, title=p.title + (f"\n{p.note}" if p.note else ""))
         ax.grid(alpha=0.3)
-        if p.series:
+        if p.series or p.spans:
             ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")

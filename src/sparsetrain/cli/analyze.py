@@ -28,7 +28,7 @@ from sparsetrain.training.build import load_model
 
 
 def probe_batch(cfg, probe_tokens: int) -> torch.Tensor:
-    """The first validation batches of the run's data, probe_tokens tokens at most: [B, seq_len]."""
+    """Validation windows of the run's data spread over its split, probe_tokens tokens at most: [B, seq_len]."""
     return torch.cat([x for x, _ in TrainingData(cfg.data.dir, cfg.train).eval_batches(64, probe_tokens)])
 
 
@@ -84,9 +84,21 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def headers(top_k: int) -> dict[str, str]:
+    """The words for each measure, the same in the tables' heads and the plots' titles."""
+    return {"sparsity": "activation sparsity", "ari": "ARI of consecutive clusterings",
+            "mass": f"top-{top_k} mass (best experts)", "router_mass": f"top-{top_k} mass (router)"}
+
+
+# The plots' y axes: what each measure is a share or an index of.
+Y_LABELS = {"sparsity": "share of inactive neurons", "ari": "adjusted Rand index",
+            "mass": "share of |activation|", "router_mass": "share of |activation|"}
+
+
 def table(r: dict[str, Any]) -> list[str]:
     """The means over layers at each checkpoint, as markdown table lines."""
-    lines = ["| step | sparsity | ARI | top-k mass | router mass |", "| ---: | ---: | ---: | ---: | ---: |"]
+    heads = headers(r["top_k"])
+    lines = ["| step | " + " | ".join(heads[k] for k in Check.KEYS) + " |", "| ---: | ---: | ---: | ---: | ---: |"]
     for i, step in enumerate(r["steps"]):
         lines.append(f"| {step} | " + " | ".join(_fmt(r[f"mean_{k}"][i]) for k in Check.KEYS) + " |")
     return lines
@@ -105,7 +117,8 @@ def markdown(r: dict[str, Any]) -> str:
         *table(r),
     ]
     lines += ["", f"Per layer at step {r['steps'][-1]}:", "",
-              "| layer | sparsity | ARI | top-k mass | router mass |", "| ---: | ---: | ---: | ---: | ---: |"]
+              "| layer | " + " | ".join(headers(r["top_k"])[k] for k in Check.KEYS) + " |",
+              "| ---: | ---: | ---: | ---: | ---: |"]
     for layer in range(r["layers"]):
         lines.append(f"| {layer} | " + " | ".join(_fmt(r[k][-1][layer]) for k in Check.KEYS) + " |")
     return "\n".join(lines) + "\n"
@@ -121,26 +134,26 @@ def plot(r: dict[str, Any], out: Path) -> None:
     steps, L = r["steps"], r["layers"]
     colors = plt.cm.viridis([i / max(1, L - 1) for i in range(L)])
 
-    def lines(ax, key, title):
+    heads = headers(r["top_k"])
+
+    def lines(ax, key):
         for layer in range(L):
             pts = [(s, v[layer]) for s, v in zip(steps, r[key]) if v[layer] is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", color=colors[layer], label=f"layer {layer}")
-        ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set(title=heads[key], xlabel="step", ylabel=Y_LABELS[key])
         ax.grid(alpha=0.3)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    lines(ax, "sparsity", "activation sparsity (share of inactive neurons)")
+    lines(ax, "sparsity")
     ax.legend(fontsize="small", ncol=max(1, L // 12))
     fig.tight_layout()
     fig.savefig(out / "sparsity.png", dpi=120)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    lines(axes[0], "ari", "ARI of consecutive clusterings")
-    lines(axes[1], "mass", f"activation mass in the best top-{r['top_k']} experts")
-    lines(axes[2], "router_mass", f"activation mass in the router's top-{r['top_k']} experts")
+    for ax, key in zip(axes, ["ari", "mass", "router_mass"]):
+        lines(ax, key)
     axes[0].legend(fontsize="small", ncol=max(1, L // 12))
     fig.tight_layout()
     fig.savefig(out / "stability.png", dpi=120)

@@ -7,7 +7,28 @@ import math
 import sys
 from pathlib import Path
 
+from sparsetrain.config import PRESET_NAMES
 from sparsetrain.errors import UserError
+
+CONFIG_KEYS_HELP = ("the keys a user reaches for first are in README.md, section Training; every key, with a comment, "
+                    "in the dataclasses of src/sparsetrain/config.py; a method's own keys in its section of README.md "
+                    "and its Options dataclass in src/sparsetrain/methods/")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, unless it has none (None, a flag's False) or the help says it in
+    words (a default that depends on something else)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _command(subparsers, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows every option's default."""
+    return subparsers.add_parser(name, formatter_class=HelpFormatter, **kwargs)
 
 
 def _size(text: str) -> int:
@@ -299,156 +320,165 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_data_commands(sub) -> None:
-    data = sub.add_parser("data", help="prepare token shards").add_subparsers(dest="data_command", required=True)
-    prep = data.add_parser("prepare", help="text -> train.bin / val.bin / meta.json / tokenizer.json")
+    data = _command(sub, "data", help="prepare token shards").add_subparsers(dest="data_command", required=True)
+    prep = _command(data, "prepare", help="text -> train.bin / val.bin / meta.json / tokenizer.json")
     prep.add_argument("--source", required=True,
                       help="a file or folder (.txt .jsonl .parquet, .xz/.gz), stdlib, linux-source, "
                            "a saved Hugging Face dataset folder, or hf:NAME[:CONFIG]")
-    prep.add_argument("--out", required=True)
-    prep.add_argument("--tokenizer", help="a tokenizer.json or a folder holding one (default: train a BPE)")
-    prep.add_argument("--vocab-size", type=int, default=32768)
-    prep.add_argument("--val-fraction", type=float, default=0.01)
-    prep.add_argument("--max-bytes", type=_size, help="read at most this much text, e.g. 200M")
+    prep.add_argument("--out", required=True, help="the data folder to write (new or empty)")
+    prep.add_argument("--tokenizer", help="a tokenizer.json or a folder holding one: a data, run or model folder "
+                      "(default: train a byte-level BPE of --vocab-size on the text)")
+    prep.add_argument("--vocab-size", type=int, default=32768,
+                      help="entries of the trained BPE (the README's stdlib example and the demo use 4096)")
+    prep.add_argument("--val-fraction", type=float, default=0.01,
+                      help="share of whole documents held out for validation, chosen by a hash of their names")
+    prep.add_argument("--max-bytes", type=_size, help="read at most this much text, e.g. 200M (default: all)")
     prep.add_argument("--subset", default="code", choices=["code", "english"], help="for linux-source")
     prep.add_argument("--text-field", default="text", help="for .jsonl, .parquet and datasets")
     prep.add_argument("--split", default="train", help="for hf:NAME")
     prep.set_defaults(func=cmd_data_prepare)
-    exp = data.add_parser("export", help="write a source's documents as (xz-compressed) JSONL")
-    exp.add_argument("--source", required=True)
+    exp = _command(data, "export", help="write a source's documents as (xz-compressed) JSONL")
+    exp.add_argument("--source", required=True, help="the same forms as `data prepare --source`")
     exp.add_argument("--out", required=True, help="e.g. corpus.jsonl.xz")
-    exp.add_argument("--max-bytes", type=_size)
-    exp.add_argument("--subset", default="code", choices=["code", "english"])
-    exp.add_argument("--text-field", default="text")
+    exp.add_argument("--max-bytes", type=_size, help="read at most this much text, e.g. 200M (default: all)")
+    exp.add_argument("--subset", default="code", choices=["code", "english"], help="for linux-source")
+    exp.add_argument("--text-field", default="text", help="for .jsonl, .parquet and datasets")
     exp.set_defaults(func=cmd_data_export)
 
-    tk = data.add_parser("tokenizer", help="train one byte-level BPE on an even mix of several sources")
+    tk = _command(data, "tokenizer", help="train one byte-level BPE on an even mix of several sources")
     tk.add_argument("--source", action="append", required=True, help="repeat for each source (same forms as prepare)")
     tk.add_argument("--out", required=True, help="the tokenizer.json to write")
-    tk.add_argument("--vocab-size", type=int, default=32768)
+    tk.add_argument("--vocab-size", type=int, default=32768, help="entries of the BPE")
     tk.add_argument("--sample-bytes", type=_size, default=_size("50M"), help="text to train on, all sources together")
-    tk.add_argument("--subset", default="code", choices=["code", "english"])
-    tk.add_argument("--text-field", default="text")
+    tk.add_argument("--subset", default="code", choices=["code", "english"], help="for linux-source")
+    tk.add_argument("--text-field", default="text", help="for .jsonl, .parquet and datasets")
     tk.set_defaults(func=cmd_data_tokenizer)
 
-    sft = data.add_parser("sft", help="prompt/response or chat JSONL -> packed fine-tuning rows (loss on responses)")
+    sft = _command(data, "sft", help="prompt/response or chat JSONL -> packed fine-tuning rows (loss on responses)")
     sft.add_argument("--source", required=True, help="a .jsonl file: prompt/response fields or chat `messages`")
     sft.add_argument("--tokenizer", required=True, help="a tokenizer.json, or a folder holding one (data or model)")
-    sft.add_argument("--out", required=True)
-    sft.add_argument("--seq-len", type=int, default=1024)
-    sft.add_argument("--prompt-field", default="prompt")
-    sft.add_argument("--response-field", default="response")
-    sft.add_argument("--val-fraction", type=float, default=0.05)
+    sft.add_argument("--out", required=True, help="the data folder to write (new or empty)")
+    sft.add_argument("--seq-len", type=int, default=1024, help="tokens per packed row (train with the same seq_len)")
+    sft.add_argument("--prompt-field", default="prompt", help="the JSONL field holding the prompt")
+    sft.add_argument("--response-field", default="response", help="the JSONL field holding the response")
+    sft.add_argument("--val-fraction", type=float, default=0.05, help="share of the rows held out for validation")
     sft.set_defaults(func=cmd_data_sft)
 
-    kd = data.add_parser("kernel-doc", help="a prompt/response JSONL from C sources: kernel-doc comment -> function")
+    kd = _command(data, "kernel-doc", help="a prompt/response JSONL from C sources: kernel-doc comment -> function")
     kd.add_argument("--source", required=True, help="linux-source, or C files (a folder, file or JSONL of them)")
     kd.add_argument("--out", required=True, help="the .jsonl to write (then `data sft` packs it)")
     kd.add_argument("--max-examples", type=int, default=0, help="stop after this many pairs (0 = all)")
-    kd.add_argument("--max-bytes", type=_size, help="read at most this much source text")
+    kd.add_argument("--max-bytes", type=_size, help="read at most this much source text (default: all)")
     kd.add_argument("--max-response-chars", type=int, default=2000, help="leave out longer functions")
     kd.set_defaults(func=cmd_data_kernel_doc)
 
 
 def add_run_commands(sub) -> None:
-    tr = sub.add_parser("train", help="train a model")
-    tr.add_argument("--config", help="TOML config (default with --resume: RUN_DIR/config.toml)")
-    tr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
+    tr = _command(sub, "train", help="train a model", epilog=f"Config keys (--config, --set): {CONFIG_KEYS_HELP}.")
+    tr.add_argument("--config", help="TOML config, e.g. configs/tiny.toml (default with --resume: RUN_DIR/config.toml; "
+                    "with --init: that folder's config)")
+    tr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                    help="override a config key, e.g. train.steps=400 or method.name=ssd (repeatable; the keys: see "
+                         "below)")
     tr.add_argument("--out", required=True, help="run folder")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--init", help="start from the weights of a run, checkpoint or converted model folder")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="validation loss and perplexity of a run or model folder")
-    ev.add_argument("run")
+    ev = _command(sub, "eval", help="validation loss and perplexity of a run or model folder")
+    ev.add_argument("run", help="a run, checkpoint or model folder")
     ev.add_argument("--data", help="prepared data folder (default: the run's data.dir; an imported model has none)")
     ev.add_argument("--tokenizer", help="the model's tokenizer (a folder holding tokenizer.json; default: the model's "
                     "own), which the data must have been prepared with")
     ev.add_argument("--tokens", type=int, help="validation tokens (default: train.eval_tokens)")
     ev.add_argument("--moe", type=int, metavar="K", help="run every FFN as an MoE with top-K experts (SSD)")
     ev.add_argument("--experts", type=int, help="with --moe: experts per FFN (default: the run's, else 16)")
-    ev.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    ev.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                    help="override a key of the run's config, e.g. train.seq_len=128")
     ev.set_defaults(func=cmd_eval)
 
-    ge = sub.add_parser("generate", help="sample text from a run or model folder (dense, and as an MoE with --moe)")
-    ge.add_argument("run")
-    ge.add_argument("--prompt", required=True)
+    ge = _command(sub, "generate", help="sample text from a run or model folder (dense, and as an MoE with --moe)")
+    ge.add_argument("run", help="a run, checkpoint or model folder")
+    ge.add_argument("--prompt", required=True, help="the text to continue")
     ge.add_argument("--tokenizer", help="a folder holding tokenizer.json (default: the model's own: an imported "
                     "model's, or the run's data folder's)")
     ge.add_argument("--data", help="a prepared data folder whose tokenizer to use")
     ge.add_argument("--moe", type=int, metavar="K", help="also generate with every FFN run as a top-K MoE (SSD)")
-    ge.add_argument("--experts", type=int)
-    ge.add_argument("--max-new-tokens", type=int, default=100)
-    ge.add_argument("--temperature", type=float, default=0.8)
+    ge.add_argument("--experts", type=int, help="with --moe: experts per FFN (default: the run's, else 16)")
+    ge.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate")
+    ge.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
     ge.add_argument("--top-k", type=int, default=50, help="sample among the K likeliest tokens (0 = all)")
-    ge.add_argument("--seed", type=int, default=0)
-    ge.add_argument("--device", default="cpu")
+    ge.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ge.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ge.set_defaults(func=cmd_generate)
 
-    an = sub.add_parser("analyze", help="activation sparsity and stability over a run's checkpoints (the SSD study)")
-    an.add_argument("run")
+    an = _command(sub, "analyze", help="activation sparsity and stability over a run's checkpoints (the SSD study)")
+    an.add_argument("run", help="a run folder with checkpoints")
     an.add_argument("--out", help="folder for analysis.json/.md and plots (default: RUN/analysis)")
-    an.add_argument("--probe-tokens", type=int, default=4096)
-    an.add_argument("--experts", type=int, default=16)
-    an.add_argument("--top-k", type=int, default=4)
+    an.add_argument("--probe-tokens", type=int, default=4096, help="validation tokens each checkpoint is probed on")
+    an.add_argument("--experts", type=int, default=16, help="experts each FFN is clustered into")
+    an.add_argument("--top-k", type=int, default=4, help="experts per token when measuring the captured mass")
     an.add_argument("--threshold", type=float, default=0.01, help="|activation| below this counts as zero (smooth)")
-    an.add_argument("--cluster", default="weights", choices=["weights", "coactivation"])
-    an.add_argument("--device", default="auto")
+    an.add_argument("--cluster", default="weights", choices=["weights", "coactivation"],
+                    help="cluster neurons by their input weights or by their firing on the probe")
+    an.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
     an.set_defaults(func=cmd_analyze)
 
 
 def add_convert_commands(sub) -> None:
-    conv = sub.add_parser("convert", help="convert models").add_subparsers(dest="convert_command", required=True)
-    hi = conv.add_parser("hf-import", help="a local Hugging Face Llama / Qwen2 / Mistral / Mixtral / GPT-2 folder -> "
-                         "a sparsetrain model folder, with its tokenizer")
-    hi.add_argument("--from", dest="source", required=True)
-    hi.add_argument("--out", required=True)
+    conv = _command(sub, "convert", help="convert models").add_subparsers(dest="convert_command", required=True)
+    hi = _command(conv, "hf-import", help="a local Hugging Face Llama / Qwen2 / Mistral / Mixtral / GPT-2 folder -> "
+                  "a sparsetrain model folder, with its tokenizer")
+    hi.add_argument("--from", dest="source", required=True, help="the Hugging Face model folder")
+    hi.add_argument("--out", required=True, help="the model folder to write")
     hi.set_defaults(func=cmd_convert_hf_import)
-    he = conv.add_parser("hf-export", help="a sparsetrain run or model folder -> a Hugging Face folder")
-    he.add_argument("--from", dest="source", required=True)
-    he.add_argument("--out", required=True)
-    he.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    he = _command(conv, "hf-export", help="a sparsetrain run or model folder -> a Hugging Face folder")
+    he.add_argument("--from", dest="source", required=True, help="a run, checkpoint or model folder")
+    he.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    he.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights' dtype")
     he.add_argument("--tokenizer", help="a folder holding tokenizer.json (default: the model's own)")
     he.set_defaults(func=cmd_convert_hf_export)
 
-    up = conv.add_parser("upcycle", help="a dense run or model folder -> a Mixture-of-Experts model folder")
-    up.add_argument("--from", dest="source", required=True)
-    up.add_argument("--out", required=True)
+    up = _command(conv, "upcycle", help="a dense run or model folder -> a Mixture-of-Experts model folder")
+    up.add_argument("--from", dest="source", required=True, help="a dense run, checkpoint or model folder")
+    up.add_argument("--out", required=True, help="the model folder to write")
     # No defaults here: an option not given takes upcycling's own (methods.upcycle.UpcycleOptions), which also
     # checks the values.
-    up.add_argument("--experts", type=int, help="experts per MoE layer")
-    up.add_argument("--top-k", type=int, help="experts per token")
-    up.add_argument("--layers", type=_layers, help="every-other, all, or e.g. 1,3,5")
-    up.add_argument("--granularity", type=int, help="split each FFN into G shards (fine-grained experts)")
-    up.add_argument("--drop-rate", type=float, help="Drop-Upcycling: share of neurons re-initialised")
-    up.add_argument("--router", help="softmax_then_topk, topk_then_softmax or expert_choice")
-    up.add_argument("--capacity-factor", type=float, help="0 = dropless (token choice)")
-    up.add_argument("--seed", type=int)
+    up.add_argument("--experts", type=int, help="experts per MoE layer (default: 8)")
+    up.add_argument("--top-k", type=int, help="experts per token (default: 2)")
+    up.add_argument("--layers", type=_layers, help="every-other, all, or e.g. 1,3,5 (default: every-other)")
+    up.add_argument("--granularity", type=int, help="split each FFN into G shards (fine-grained experts; default: 1)")
+    up.add_argument("--drop-rate", type=float, help="Drop-Upcycling: share of neurons re-initialised (default: 0)")
+    up.add_argument("--router", help="softmax_then_topk (default), topk_then_softmax or expert_choice")
+    up.add_argument("--capacity-factor", type=float, help="token choice: 0 = dropless (default: 0); expert_choice needs one, e.g. 2.0")
+    up.add_argument("--seed", type=int, help="seed of the router and of Drop-Upcycling (default: 0)")
     up.set_defaults(func=cmd_convert_upcycle)
 
-    mo = conv.add_parser("moefy", help="cluster every FFN into experts (SSD's MoEfication) -> a model folder")
-    mo.add_argument("--from", dest="source", required=True)
-    mo.add_argument("--out", required=True)
-    mo.add_argument("--experts", type=int, default=16)
-    mo.add_argument("--seed", type=int, default=0)
+    mo = _command(conv, "moefy", help="cluster every FFN into experts (SSD's MoEfication) -> a model folder")
+    mo.add_argument("--from", dest="source", required=True, help="a dense run, checkpoint or model folder")
+    mo.add_argument("--out", required=True, help="the model folder to write")
+    mo.add_argument("--experts", type=int, default=16, help="experts per FFN")
+    mo.add_argument("--seed", type=int, default=0, help="k-means seed")
     mo.set_defaults(func=cmd_convert_moefy)
-    dn = conv.add_parser("densify", help="a moefied folder -> the dense model with its neurons in the original order")
-    dn.add_argument("--from", dest="source", required=True)
-    dn.add_argument("--out", required=True)
+    dn = _command(conv, "densify", help="a moefied folder -> the dense model with its neurons in the original order")
+    dn.add_argument("--from", dest="source", required=True, help="a folder written by `convert moefy`")
+    dn.add_argument("--out", required=True, help="the model folder to write")
     dn.set_defaults(func=cmd_convert_densify)
 
 
 def add_benchmark_commands(sub) -> None:
-    be = sub.add_parser("bench", help="training-step speed on the GPU (tokens/s, MFU), a method against dense")
-    be.add_argument("--preset", nargs="+", default=["gpt2-small", "gpt2-medium"])
-    be.add_argument("--batch-size", type=int, default=16)
+    be = _command(sub, "bench", help="training-step speed on the GPU (tokens/s, MFU), a method against dense")
+    be.add_argument("--preset", nargs="+", default=["gpt2-small", "gpt2-medium"], choices=PRESET_NAMES,
+                    metavar="PRESET", help=f"model presets to time, one or more of: {', '.join(PRESET_NAMES)}")
+    be.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     be.add_argument("--micro-batch-size", type=int, default=0, help="0 = the whole batch in one pass")
     be.add_argument("--model-set", action="append", metavar="model.KEY=VALUE", help="override a model key")
     be.add_argument("--method", default="dense", help="time this method side by side with dense")
     be.add_argument("--method-set", action="append", metavar="method.KEY=VALUE", help="a method option")
-    be.add_argument("--seq-len", type=int, default=1024)
-    be.add_argument("--steps", type=int, default=30)
-    be.add_argument("--vocab-size", type=int, default=50304)
-    be.add_argument("--no-compile", action="store_true")
+    be.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence")
+    be.add_argument("--steps", type=int, default=30, help="timed steps (after warm-up)")
+    be.add_argument("--vocab-size", type=int, default=50304, help="vocabulary of the random tokens and the model")
+    be.add_argument("--no-compile", action="store_true", help="time the eager model (torch.compile is the default)")
     be.add_argument("--out", help="a JSON file (default bench_out/dense.json); with --suite a folder (default bench_out)")
     be.add_argument("--suite", metavar="PART", help="one part of the benchmark suite: prepare-data, dense-step, "
                     "sat-step, ssd-step, sat-cpt, sat-sft, upcycle, ssd-pretrain, mst-pretrain, hsa-attention, "
@@ -462,17 +492,18 @@ def add_benchmark_commands(sub) -> None:
     be.add_argument("--scale", type=float, default=1.0, help="with --suite: multiply a part's training steps")
     be.set_defaults(func=cmd_bench)
 
-    rp = sub.add_parser("report", help="merge benchmark-suite results (PART.json) into report.md and plots")
+    rp = _command(sub, "report", help="merge benchmark-suite results (PART.json) into report.md and plots")
     rp.add_argument("results", nargs="+", help="PART.json files written by `sparsetrain bench --suite`")
     rp.add_argument("--out", default="bench_out/report", help="folder for report.md and the plots")
     rp.set_defaults(func=cmd_report)
 
-    de = sub.add_parser("demo", help="the main job: prepare the stdlib corpus, train the tiny model, write a report")
-    de.add_argument("--out", default="runs/demo")
-    de.add_argument("--data", default="data/stdlib")
-    de.add_argument("--steps", type=int, default=200, help="pre-training steps per method")
-    de.add_argument("--continue-steps", type=int, help="steps of the dense/upcycled continuation (default steps/2)")
-    de.add_argument("--max-bytes", type=_size, default=_size("8M"))
+    de = _command(sub, "demo", help="the main job: prepare the stdlib corpus, train the tiny model, write a report")
+    de.add_argument("--out", default="runs/demo", help="folder for the runs and report.md (replaced)")
+    de.add_argument("--data", default="data/stdlib", help="the corpus folder (prepared on the first run, then reused)")
+    de.add_argument("--steps", type=int, default=100, help="pre-training steps per method")
+    de.add_argument("--continue-steps", type=int, help="steps of the dense/SAT/upcycled continuation (default: "
+                    "steps/2)")
+    de.add_argument("--max-bytes", type=_size, default=_size("8M"), help="stdlib text to prepare (bytes)")
     de.set_defaults(func=cmd_demo)
 
 

@@ -441,4 +441,17 @@ def describe(meta: dict) -> str:
             f"{meta['train_tokens']:,} train tokens ({meta['train_docs']:,} docs) and {meta['val_tokens']:,} val "
             f"tokens ({meta['val_docs']:,} docs), {per_token:.2f} bytes/token. Tokenizer: {how}, "
             f"vocab {meta['vocab_size']:,}, end-of-text {meta['eot_token']!r} = id {meta['eot_id']}; "
-            f"stored as {meta['dtype']}.")
+            f"stored as {meta['dtype']}.{_few_val_docs(meta)}")
+
+
+# Fewer held-out documents than this may not represent the corpus (a few unusual files can dominate the loss).
+FEW_VAL_DOCS = 50
+
+
+def _few_val_docs(meta: dict) -> str:
+    """A warning sentence when the validation split is only a few whole documents."""
+    n = meta["val_docs"]
+    if not 0 < n < FEW_VAL_DOCS or meta["train_docs"] < FEW_VAL_DOCS:  # a corpus of few documents has no choice
+        return ""
+    return (f" Only {n} validation documents: the validation loss may not represent the corpus; a larger "
+            f"--val-fraction (now {meta['val_fraction']}) holds out more.")

@@ -95,16 +95,23 @@ def _xy(tokens: np.ndarray, starts: np.ndarray, window: np.ndarray) -> tuple[tor
 
 def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int,
                  max_tokens: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive non-overlapping windows from the start of `tokens`, up to max_tokens targets (at least one
-    window), in batches of batch_size (the last may be smaller). The same tokens every call."""
+    """Non-overlapping windows spread evenly over the whole of `tokens`, up to max_tokens targets (at least one
+    window), in batches of batch_size (the last may be smaller). The same tokens every call.
+
+    Spread, not consecutive from the start: the validation split is whole documents one after the other, and the
+    first max_tokens of it can be a handful of files unlike the rest (the stdlib's first val tokens were half
+    code-page tables). When every window fits they tile the split from its start, consecutive."""
     if len(tokens) < seq_len + 1:  # checked here, not on first next(), so callers fail at setup
         raise UserError(f"val split has {len(tokens):,} tokens, fewer than seq_len+1 = {seq_len + 1}; prepare "
                         "with a larger val_fraction or more text, or lower train.seq_len")
-    n = max(1, min(max_tokens // seq_len, (len(tokens) - 1) // seq_len))
+    fit = (len(tokens) - 1) // seq_len  # windows that fit side by side
+    n = max(1, min(max_tokens // seq_len, fit))
+    # Window i starts at slot floor(i * fit / n): n of the `fit` slots, evenly spaced, first at 0.
+    starts = (np.arange(n, dtype=np.int64) * fit // n) * seq_len
     window = np.arange(seq_len + 1)
 
     def batches():
         for b in range(0, n, batch_size):
-            yield _xy(tokens, np.arange(b, min(b + batch_size, n)) * seq_len, window)
+            yield _xy(tokens, starts[b:b + batch_size], window)
 
     return batches()

@@ -17,6 +17,7 @@ The trainer calls, in this order:
     before_eval() / after_eval()      around each evaluation on the validation shard
     flops_per_token(step)             training FLOPs per token of that step, as the method computed it
     metrics(step)                     extra numbers for metrics.jsonl
+    final_note()                      at the end: why the method never did its work (printed, in summary.json)
     state_dict() / load_state_dict()  tensors and JSON-able values for checkpoints
 """
 from __future__ import annotations
@@ -128,6 +129,12 @@ class Method:
 
     def metrics(self, step: int) -> dict[str, Any]:
         return {}
+
+    def final_note(self) -> str | None:
+        """At the end of a run: one line saying the method never did what it is for (SSD never went sparse), with
+        the reason in numbers; None when it did. The trainer prints it and puts it in summary.json, so a run that
+        trained densely throughout is not mistaken for the method's result."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}

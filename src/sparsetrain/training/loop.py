@@ -289,8 +289,13 @@ def run_steps(parts: StepParts, data: TrainingData, rt: Runtime, tcfg, out_dir: 
     summary = {"steps": tcfg.steps, "loss": last_loss, "val_loss": last_val, "train_time": totals.train_time,
                "flops": totals.flops, "tokens": totals.tokens, "skipped_steps": totals.skipped_steps,
                "run_dir": str(out_dir)}
+    note = method.final_note()
+    if note:
+        summary["method_note"] = note
     if rt.main:
         write_summary(out_dir, summary)
+        if note:
+            print(f"note: {note}")
     return summary
 
 

@@ -18,6 +18,10 @@ from sparsetrain.methods.ssd.options import SSDOptions, check_options, resolve_t
 from sparsetrain.nn.model import ModelArgs, Transformer, flops_per_token
 
 
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 class SSD(Method):
     name = "ssd"
     Options = SSDOptions
@@ -223,6 +227,29 @@ class SSD(Method):
                 out[f"ssd_{key}"] = self.last.mean(key)
                 out[f"ssd_{key}_layers"] = [None if v is None else round(v, 4) for v in getattr(self.last, key)]
         return out
+
+    def final_note(self) -> str | None:
+        if self.switches:
+            return None
+        o, T = self.options, self.total_steps
+        head = f"SSD never switched to sparse (ssd_switches = 0 in {T} steps): every step trained the dense model"
+        if o.schedule == "fixed":
+            return f"{head}; method.sparse_windows={o.sparse_windows} hold no step of {T}"
+        c = self.last
+        if c is None:
+            return (f"{head}; the monitor never checked (method.monitor_every={o.monitor_every}): the adaptive "
+                    "schedule goes sparse only after a check sees a stable pattern")
+        ari, mass = c.mean("ari"), c.mean("router_mass")
+        seen = f"the last check (step {self.check_step}) saw mean ARI {_num(ari)} against method.stable_ari=" \
+               f"{o.stable_ari} and top-{self.top_k} activation mass {_num(mass)} against method.stable_mass=" \
+               f"{o.stable_mass}"
+        if ari is None:
+            return f"{head}; {seen} (the ARI compares two clusterings: one check is not enough; lower " \
+                   "method.monitor_every or train longer)"
+        if ari >= o.stable_ari and mass is not None and mass >= o.stable_mass:
+            return (f"{head}; {seen}: stable, but too late (method.dense_span={o.dense_span} dense steps first, "
+                    f"the last method.final_fraction={o.final_fraction} dense)")
+        return f"{head}; {seen}: not stable enough (train longer, use relu/relu2, or lower the thresholds)"
 
     # --- checkpoints --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
