@@ -150,3 +150,19 @@ def test_export_carries_the_models_tokenizer(hf_folder, texts, tmp_path, monkeyp
         hf = AutoModelForCausalLM.from_pretrained(folder)
         out = hf.generate(**tok("def add(", return_tensors="pt"), max_new_tokens=3, do_sample=False)
         assert out.shape[1] >= 4  # transformers' generate runs on the export (it failed with a foreign tokenizer)
+
+
+def test_conversions_carry_the_imported_models_tokenizer(hf_folder, tmp_path, capsys):
+    """upcycle, moefy and densify of an imported model write folders that generate with its own tokenizer."""
+    model = tmp_path / "model"
+    assert run("convert", "hf-import", "--from", hf_folder, "--out", model) == 0
+    own = (model / "tokenizer.json").read_bytes()
+    assert run("convert", "upcycle", "--from", model, "--out", tmp_path / "up", "--experts", "4", "--top-k", "2") == 0
+    assert run("convert", "moefy", "--from", model, "--out", tmp_path / "moe", "--experts", "4") == 0
+    assert run("convert", "densify", "--from", tmp_path / "moe", "--out", tmp_path / "dense") == 0
+    for name in ("up", "moe", "dense"):
+        assert (tmp_path / name / "tokenizer.json").read_bytes() == own
+        assert json.loads((tmp_path / name / "special_tokens.json").read_text()) == \
+            json.loads((model / "special_tokens.json").read_text())
+        capsys.readouterr()
+        assert run("generate", tmp_path / name, "--prompt", "def add", "--max-new-tokens", "3") == 0

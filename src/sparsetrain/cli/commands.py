@@ -233,6 +233,7 @@ def _layers(text: str):
 def cmd_convert_upcycle(a) -> None:
     from sparsetrain import config
     from sparsetrain.methods import build_method
+    from sparsetrain.cli.convert import carry_tokenizer
     from sparsetrain.methods.upcycle import moe_layers
     from sparsetrain.store.checkpoint import write_model_folder
     from sparsetrain.training.build import load_model
@@ -251,6 +252,7 @@ def cmd_convert_upcycle(a) -> None:
     upcycler.convert(model)
     cfg.method = upcycler.options_dict()
     write_model_folder(out, config.dumps(config.to_dict(cfg)), model.state_dict())
+    carry_tokenizer(a.source, out)
     n_moe = len(moe_layers(model))
     o = upcycler.options
     print(f"upcycled {a.source}: {n_moe} of {model.args.n_layer} FFNs are now {o.experts} experts, top-{o.top_k}; "

@@ -1,5 +1,6 @@
 """`convert moefy` / `convert densify`: model folders with every FFN's neurons laid out expert by expert (a dense model
-that runs as an MoE without re-clustering), and back in their original order."""
+that runs as an MoE without re-clustering), and back in their original order. Every conversion (these and
+`convert upcycle`) carries an imported model's own tokenizer into the folder it writes."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from sparsetrain import config as config_mod
+from sparsetrain.data.tokenizer_files import SPECIAL_IDS_FILE, TOKENIZER_FILES, copy_tokenizer_files
 from sparsetrain.methods.ssd.ffn import permute_ffn_
 from sparsetrain.methods.ssd.moefy import moefy_, stored_order
 from sparsetrain.store.checkpoint import write_model_folder
@@ -32,6 +34,7 @@ def moefy_checkpoint(src: str | Path, out: str | Path, experts: int, seed: int =
     out = Path(out)
     write_model_folder(out, _dense_config(cfg), model.state_dict())
     save_file({"neuron_order": order.contiguous()}, str(out / "moe.safetensors"))
+    carry_tokenizer(src, out)
     (out / "moe.json").write_text(json.dumps({"experts": experts, "seed": seed, "iters": iters}) + "\n")
     return out
 
@@ -45,4 +48,13 @@ def densify_checkpoint(src: str | Path, out: str | Path) -> Path:
         for block, o in zip(model.blocks, order):
             permute_ffn_(block.mlp, o.argsort())
     write_model_folder(Path(out), _dense_config(cfg), model.state_dict())
+    carry_tokenizer(src, Path(out))
     return Path(out)
+
+
+def carry_tokenizer(source: str | Path, out: Path) -> None:
+    """A model folder that holds its own tokenizer (an imported one) passes it, and its special-token ids, to the
+    folder converted from it; a run trained by the toolkit keeps pointing at its data folder's through data.dir."""
+    source = Path(source)
+    if (source / "tokenizer.json").is_file():
+        copy_tokenizer_files(source, out, TOKENIZER_FILES + (SPECIAL_IDS_FILE,))
