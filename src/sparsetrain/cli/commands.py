@@ -321,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_reading_options(parser, max_bytes: bool = True) -> None:
+    """How a source's text is read: the options `data prepare`, `export` and `tokenizer` share."""
+    if max_bytes:
+        parser.add_argument("--max-bytes", type=_size, help="read at most this much text, e.g. 200M (default: all)")
+    parser.add_argument("--subset", default="code", choices=["code", "english"], help="for linux-source")
+    parser.add_argument("--text-field", default="text", help="for .jsonl, .parquet and datasets")
+
+
 def add_data_commands(sub) -> None:
     data = _command(sub, "data", help="prepare token shards").add_subparsers(dest="data_command", required=True)
     prep = _command(data, "prepare", help="text -> train.bin / val.bin / meta.json / tokenizer.json")
@@ -334,17 +342,13 @@ def add_data_commands(sub) -> None:
                       help="entries of the trained BPE (the README's stdlib example and the demo use 4096)")
     prep.add_argument("--val-fraction", type=float, default=0.01,
                       help="share of whole documents held out for validation, chosen by a hash of their names")
-    prep.add_argument("--max-bytes", type=_size, help="read at most this much text, e.g. 200M (default: all)")
-    prep.add_argument("--subset", default="code", choices=["code", "english"], help="for linux-source")
-    prep.add_argument("--text-field", default="text", help="for .jsonl, .parquet and datasets")
+    add_reading_options(prep)
     prep.add_argument("--split", default="train", help="for hf:NAME")
     prep.set_defaults(func=cmd_data_prepare)
     exp = _command(data, "export", help="write a source's documents as (xz-compressed) JSONL")
     exp.add_argument("--source", required=True, help="the same forms as `data prepare --source`")
     exp.add_argument("--out", required=True, help="e.g. corpus.jsonl.xz")
-    exp.add_argument("--max-bytes", type=_size, help="read at most this much text, e.g. 200M (default: all)")
-    exp.add_argument("--subset", default="code", choices=["code", "english"], help="for linux-source")
-    exp.add_argument("--text-field", default="text", help="for .jsonl, .parquet and datasets")
+    add_reading_options(exp)
     exp.set_defaults(func=cmd_data_export)
 
     tk = _command(data, "tokenizer", help="train one byte-level BPE on an even mix of several sources")
@@ -352,8 +356,7 @@ def add_data_commands(sub) -> None:
     tk.add_argument("--out", required=True, help="the tokenizer.json to write")
     tk.add_argument("--vocab-size", type=int, default=32768, help="entries of the BPE")
     tk.add_argument("--sample-bytes", type=_size, default=_size("50M"), help="text to train on, all sources together")
-    tk.add_argument("--subset", default="code", choices=["code", "english"], help="for linux-source")
-    tk.add_argument("--text-field", default="text", help="for .jsonl, .parquet and datasets")
+    add_reading_options(tk, max_bytes=False)
     tk.set_defaults(func=cmd_data_tokenizer)
 
     sft = _command(data, "sft", help="prompt/response or chat JSONL -> packed fine-tuning rows (loss on responses)")

@@ -147,8 +147,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> dict[str, Any]:
         totals = Totals(*(state.get(f.name, 0) for f in fields(Totals)))
     if rt.distributed:
         dist.barrier()  # every process has read its checkpoint before the main one moves any aside
-    if rt.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if rt.main:  # the folder exists: the main process's RunLock made it
         for ckpt, why in damaged:
             warn(f"checkpoint {ckpt.name} is damaged ({why}); moved to {set_aside(ckpt).name}, resuming from step "
                  f"{start_step}")
