@@ -23,18 +23,20 @@ from sparsetrain.training.runtime import parallelize, setup_runtime
 from sparsetrain.training.step import StepParts, train_step
 from sparsetrain_bench.steps import bench_config, print_table, write_rows
 
-VARIANTS = [
-    None,  # dense
-    {"metric": "wanda"},
-    {"metric": "maxip"},
-    {"metric": "magnitude", "select": "topk"},
-    {"metric": "uniform"},
-    {"metric": "uniform", "head_rate": 0.0},
-    {"metric": "wanda", "stats_every": 10},
-    {"metric": "uniform", "freeze_omitted": False},  # prices the stash/restore of omitted slices
-    {"metric": "uniform", "compiled_stash": False},  # the freeze as a gather and a scatter per tensor
-    {"metric": "wanda", "compiled_stash": False},
-]
+# name -> SAT options (None: dense); --variants picks some, in this order.
+VARIANTS = {
+    "dense": None,
+    "wanda": {"metric": "wanda"},
+    "maxip": {"metric": "maxip"},
+    "magnitude-topk": {"metric": "magnitude", "select": "topk"},
+    "uniform": {"metric": "uniform"},
+    "uniform-ffn-only": {"metric": "uniform", "head_rate": 0.0},
+    "wanda-stats-every-10": {"metric": "wanda", "stats_every": 10},
+    "uniform-no-freeze": {"metric": "uniform", "freeze_omitted": False},  # prices the freeze of omitted slices
+    "uniform-stash": {"metric": "uniform", "freeze_by": "stash"},  # stash + AdamW's step + restore, compiled
+    "wanda-stash": {"metric": "wanda", "freeze_by": "stash"},
+    "rate-0": {"ffn_rate": 0.0, "head_rate": 0.0},  # every unit kept, the method active: its overhead floor
+}
 
 
 class Clock:
@@ -83,7 +85,7 @@ def run(variant, *, preset, batch, seq, vocab, steps, warmup, device, compile_mo
         if i >= warmup:
             rows.append(clock.phases_ms())
     before, fwdbwd, optim = (statistics.median(r[j] for r in rows) for j in range(3))
-    return {"variant": "dense" if variant is None else json.dumps(variant), "before_ms": before,
+    return {"options": "dense" if variant is None else json.dumps(variant), "before_ms": before,
             "fwd_bwd_ms": fwdbwd, "optimizer_ms": optim, "step_ms": before + fwdbwd + optim}
 
 
@@ -97,6 +99,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="tiny model, few steps, no compile (smoke test)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="which contenders (dense is always first)")
     p.add_argument("--out", default="bench_out/sat_phases.json")
     a = p.parse_args()
     device = torch.device(a.device)
@@ -104,7 +108,8 @@ def main() -> None:
               device=device, compile_model=device.type == "cuda")
     if a.quick:
         kw.update(preset="tiny", batch=4, seq=64, vocab=512, steps=2, warmup=1, compile_model=False)
-    rows = [run(v, **kw) for v in VARIANTS]
+    names = ["dense"] + [v for v in a.variants if v != "dense"]
+    rows = [{"variant": name, **run(VARIANTS[name], **kw)} for name in names]
     dense = rows[0]["step_ms"]
     for r in rows:
         r["speedup"] = dense / r["step_ms"]

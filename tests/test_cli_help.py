@@ -38,7 +38,7 @@ def test_help_texts_name_what_a_user_needs():
     assert "(default: 32768)" in helps["data prepare"] and "use 4096" in helps["data prepare"]
     bench = dict(commands(parser))[("bench",)]
     preset = next(a for a in bench._actions if "--preset" in a.option_strings)
-    assert preset.help.endswith("one or more of: " + ", ".join(PRESET_NAMES)) and preset.choices == PRESET_NAMES
+    assert "one or more of: " + ", ".join(PRESET_NAMES) in preset.help and preset.choices == PRESET_NAMES
     assert "README.md, section Training" in helps["train"] and "src/sparsetrain/config.py" in helps["train"]
 
 

@@ -168,8 +168,11 @@ def test_step_parts_time_dense_first_and_give_ratios_to_it(results):
     sat = results["sat-step"]["rows"][1]
     assert sat["method"] == "sat" and sat["flops_ratio"] > 1.2  # half the FFN and heads omitted every step
     stash = results["sat-step"]["rows"][2]
-    assert stash["method"] == "sat-eager-stash" and stash["method_options"]["compiled_stash"] is False
+    assert stash["method"] == "sat-stash" and stash["method_options"]["freeze_by"] == "stash"
     assert stash["flops_ratio"] == sat["flops_ratio"]  # the same omission, frozen another way
+    floor, mst = results["sat-step"]["rows"][3:5]
+    assert floor["method"] == "sat-rate0" and floor["flops_ratio"] == 1.0
+    assert mst["method"] == "mst-neuron" and mst["flops_ratio"] > 1.2
     ssd = results["ssd-step"]["rows"][1]
     assert ssd["method"] == "ssd" and ssd["flops_ratio"] > 1.2  # 4 of 16 experts: a quarter of the FFN
     assert results["ssd-step"]["shape"]["model"] == {"activation": "relu2"}

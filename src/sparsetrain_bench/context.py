@@ -54,6 +54,7 @@ class Context:
     quick: bool
     device: str
     scale: float
+    presets: tuple[str, ...] = ()  # the models of the step parts, when the command names them
 
     @property
     def shape(self) -> Shape:

@@ -33,11 +33,11 @@ UPCYCLE = {"name": "upcycle", "experts": 8, "top_k": 2, "layers": "every-other"}
 def run_steps(ctx: Context, methods: list[tuple[str, dict[str, Any]]], presets: tuple[str, ...] | None = None,
               model: dict[str, Any] | None = None) -> dict[str, Any]:
     """Step time of dense and each method (label, options), side by side on each preset (random tokens: speed does
-    not depend on them). The trainer's own step, timed by `measure_steps`. `presets` (full runs) and `model` options
-    narrow or change the models of the step shape."""
+    not depend on them). The trainer's own step, timed by `measure_steps`. `presets` (full runs; the command's
+    --preset before them) and `model` options narrow or change the models of the step shape."""
     s = STEP_QUICK if ctx.quick else STEP_FULL
-    if presets and not ctx.quick:
-        s = dataclasses.replace(s, presets=presets)
+    if (ctx.presets or presets) and not ctx.quick:
+        s = dataclasses.replace(s, presets=ctx.presets or presets)
     rows = []
     for preset in s.presets:
         dense = None
@@ -49,6 +49,7 @@ def run_steps(ctx: Context, methods: list[tuple[str, dict[str, Any]]], presets: 
             r["method"], r["method_options"] = label, method
             dense = dense or r
             r["speedup"] = dense["step_s"] / r["step_s"]
+            r["stream_speedup"] = dense["stream_step_s"] / r["stream_step_s"]
             r["flops_ratio"] = r["dense_flops_per_token"] / r["flops_per_token"]
             rows.append(r)
             print(json.dumps(r), flush=True)

@@ -20,13 +20,20 @@ from sparsetrain.methods import RunInfo
 from sparsetrain.nn.model import flops_per_token
 from sparsetrain.plots import markdown_table
 from sparsetrain.training.build import build_model, make_optimizer
-from sparsetrain.training.runtime import parallelize, peak_flops, setup_runtime
+from sparsetrain.training.runtime import no_grad_sync, parallelize, peak_flops, setup_runtime
 from sparsetrain.training.step import StepParts, train_step
 
 
 def measure_steps(cfg: config_mod.RunConfig, *, steps: int = 30, warmup: int = 10,
-                  compile_model: bool = True) -> dict[str, Any]:
-    """Median time of one optimizer step (batch_size x seq_len tokens, one device) for `cfg`."""
+                  compile_model: bool = True, window: int = 5, profile_to: str | Path | None = None) -> dict[str, Any]:
+    """Time one optimizer step (batch_size x seq_len tokens per process) for `cfg`, two ways:
+
+    `step_s`: the median of single steps, each waited for (the host's work before a step is exposed);
+    `stream_step_s`: the median over windows of `window` steps run back to back, as the trainer runs them (it waits
+    for the GPU only when it logs), divided by `window`.
+
+    Under torchrun every process steps its own batch and `tokens_per_s` counts all of them. `profile_to`: a file for
+    the torch profiler's table of `window` more steps (kernels by GPU time; under torchrun one file per process)."""
     tcfg = cfg.train
     rt = setup_runtime(tcfg)
     torch.manual_seed(tcfg.seed)
@@ -34,52 +41,82 @@ def measure_steps(cfg: config_mod.RunConfig, *, steps: int = 30, warmup: int = 1
     model.to(rt.device)
     wrapped = parallelize(model, rt, tcfg, compile_model)
     optimizer = make_optimizer(model, tcfg, rt.device)
-    method.start(model, optimizer, RunInfo(total_steps=warmup + steps, tokens_per_step=tcfg.batch_size * tcfg.seq_len))
+    n_windows = max(3, steps // (2 * window))
+    total = warmup + steps + (n_windows + 1) * window
+    method.start(model, optimizer, RunInfo(total_steps=total, tokens_per_step=tcfg.batch_size * tcfg.seq_len,
+                                           world=rt.world, rank=rt.rank, parallel=tcfg.parallel))
     parts = StepParts(model, wrapped, method, optimizer, tcfg.grad_clip, rt.autocast)
     micro = tcfg.micro_batch_size or tcfg.batch_size
     accum = tcfg.batch_size // micro
-    gen = torch.Generator(device=rt.device).manual_seed(0)
+    if rt.distributed and accum > 1:
+        parts.grad_sync = lambda last: no_grad_sync(wrapped, model, rt, tcfg, last)
+    gen = torch.Generator(device=rt.device).manual_seed(rt.rank)
 
     def random_micro_batches():
         for _ in range(accum):
             x = torch.randint(0, args.vocab_size, (micro, tcfg.seq_len + 1), device=rt.device, generator=gen)
             yield x[:, :-1], x[:, 1:]
 
-    def one_step(step: int) -> None:
-        train_step(parts, step, random_micro_batches(), accum)
-
     cuda = rt.device.type == "cuda"
-    t_compile = time.perf_counter()
-    for s in range(warmup):
-        one_step(s)
-    if cuda:
-        torch.cuda.synchronize()
-    warmup_s = time.perf_counter() - t_compile
-    times, flops = [], []
-    for s in range(warmup, warmup + steps):
+
+    def mark() -> Any:
         if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            one_step(s)
-            end.record()
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def elapsed(a: Any, b: Any) -> float:
+        return a.elapsed_time(b) / 1e3 if cuda else b - a
+
+    def timed(first: int, count: int, marks: list | None = None) -> float:
+        """Seconds for `count` steps from `first`, run back to back; `marks` collects the phase marks."""
+        start = mark()
+        for s in range(first, first + count):
+            on_phase = (lambda name: marks.append(mark())) if marks is not None else None
+            train_step(parts, s, random_micro_batches(), accum, on_phase=on_phase)
+        end = mark()
+        if cuda:
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            one_step(s)
-            times.append(time.perf_counter() - t0)
+        if marks is not None:
+            marks.insert(0, start)
+        return elapsed(start, end)
+
+    t_compile = time.perf_counter()
+    timed(0, warmup)
+    warmup_s = time.perf_counter() - t_compile
+    times, flops, phases = [], [], []
+    for s in range(warmup, warmup + steps):
+        marks: list = []
+        times.append(timed(s, 1, marks))
+        phases.append([elapsed(a, b) for a, b in zip(marks, marks[1:])])
         flops.append(method.flops_per_token(s))
-    step_s = statistics.median(times)
+    first = warmup + steps
+    windows = [timed(first + i * window, window) / window for i in range(n_windows)]
+    step_s, stream_s = statistics.median(times), statistics.median(windows)
+    if profile_to:
+        with torch.profiler.profile() as prof:
+            timed(first + n_windows * window, window)
+        path = Path(profile_to)
+        path = path.with_name(f"{path.stem}.rank{rt.rank}{path.suffix}") if rt.distributed else path
+        path.write_text(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                                  row_limit=30))
     tokens = tcfg.batch_size * tcfg.seq_len
     dense_fpt = 3 * sum(flops_per_token(args, tcfg.seq_len).values())
     peak = peak_flops(rt.device)
     out = {
         "preset": cfg.model.preset, "method": method.name, "params": sum(p.numel() for p in model.parameters()),
+        "processes": rt.world, "parallel": tcfg.parallel if rt.distributed else None,
         "batch_size": tcfg.batch_size, "micro_batch_size": micro, "seq_len": tcfg.seq_len, "step_s": step_s,
-        "step_s_min": min(times), "step_s_max": max(times), "tokens_per_s": tokens / step_s,
+        "step_s_min": min(times), "step_s_max": max(times), "stream_step_s": stream_s,
+        "tokens_per_s": rt.world * tokens / step_s, "stream_tokens_per_s": rt.world * tokens / stream_s,
         "flops_per_token": statistics.mean(flops), "dense_flops_per_token": dense_fpt, "warmup_s": warmup_s,
         "memory_gb": torch.cuda.max_memory_allocated(rt.device) / 1e9 if cuda else None,
     }
+    # Where a (waited-for) step's time goes, by train_step's phases: before_step (a method's selection),
+    # forward + backward, clipping + optimizer (with a method's freeze).
+    for name, j in (("select_ms", 0), ("fwd_bwd_ms", 1), ("optimizer_ms", 2)):
+        out[name] = statistics.median(p[j] for p in phases) * 1e3
     # MFU counts the model's dense FLOPs (6N + 12LdT); "hfu_method" the FLOPs the method actually computed.
     if peak:
         out["mfu"] = dense_fpt * tokens / step_s / peak
@@ -154,20 +191,23 @@ def run_method_bench(presets: list[str], methods: list[dict[str, Any]], *, batch
     dense."""
     rows = []
     for preset in presets:
-        dense_step = None
+        dense_step = dense_stream = None
         for contender in [{"name": "dense"}, *methods]:
             cfg = bench_config(preset, batch_size=batch_size, micro_batch_size=micro_batch_size, seq_len=seq_len,
                                vocab_size=vocab_size, model_overrides=model_overrides, method=contender)
             r = measure_steps(cfg, steps=steps, compile_model=compile_model)
             r["method_options"] = contender
             dense_step = dense_step or r["step_s"]
+            dense_stream = dense_stream or r["stream_step_s"]
             r["speedup"] = dense_step / r["step_s"]
+            r["stream_speedup"] = dense_stream / r["stream_step_s"]
             r["flops_ratio"] = r["dense_flops_per_token"] / r["flops_per_token"]
             rows.append(r)
             print(json.dumps(r), flush=True)
     print_table(rows, [("preset", "model", ""), ("method", "method", ""), ("batch_size", "batch", "d"),
                        ("seq_len", "seq", "d"), ("step_s", "step s", ".4f"), ("tokens_per_s", "tokens/s", ",.0f"),
-                       ("speedup", "speed-up vs dense", ".2f"), ("flops_ratio", "FLOP reduction", ".2f"),
+                       ("speedup", "speed-up vs dense", ".2f"), ("stream_speedup", "streamed speed-up", ".2f"),
+                       ("flops_ratio", "FLOP reduction", ".2f"),
                        ("mfu", "MFU (dense FLOPs)", ".3f"), ("memory_gb", "mem GB", ".1f")])
     write_rows(rows, out)
     return rows

@@ -47,8 +47,13 @@ class Part:
 
 
 SAT_STEP = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "constant", "dense_final": 0.0}
-# The freeze of omitted slices as ~800 small kernels, the default before the compiled stash was measured faster.
-SAT_STEP_EAGER_STASH = {**SAT_STEP, "compiled_stash": False}
+# Omitted slices frozen by stash + AdamW's own step + restore: the default before the masked update.
+SAT_STEP_STASH = {**SAT_STEP, "freeze_by": "stash"}
+# Every unit kept with the method active: its overhead floor.
+SAT_STEP_RATE0 = {**SAT_STEP, "ffn_rate": 0.0, "head_rate": 0.0}
+# 50% of FFN neurons and head groups from the first step to the last, no topology update in the timed steps.
+MST_NEURON_STEP = {"name": "mst", "granularity": "neuron", "sparsity": 0.5, "warmup_end": 0.0, "restore_start": 1.0,
+                   "restore_end": 1.0, "update_every": 10000}
 SSD_STEP = {"name": "ssd", "experts": 16, "top_k": 4, "schedule": "fixed", "sparse_windows": [[0.0, 1.0]],
             "monitor_every": 0}  # the sparse phase alone
 
@@ -57,10 +62,13 @@ PARTS: dict[str, Part] = {
                          trains=False),
     "dense-step": Part("dense training step, gpt2-small and gpt2-medium", functools.partial(run_steps, methods=[]),
                        trains=False),
-    "sat-step": Part("SAT step at omission 0.5 vs dense (and with the eager stash), gpt2-medium and llama-1b",
-                     functools.partial(run_steps, methods=[("sat", SAT_STEP), ("sat-eager-stash", SAT_STEP_EAGER_STASH)],
-                                       presets=("gpt2-medium", "llama-1b")),
-                     ("sat",), trains=False),
+    "sat-step": Part("sliced steps vs dense: SAT at omission 0.5 (masked freeze, stash freeze), SAT at omission 0, "
+                     "MST neuron level at 50%; gpt2-small, gpt2-medium and llama-1b",
+                     functools.partial(run_steps, methods=[("sat", SAT_STEP), ("sat-stash", SAT_STEP_STASH),
+                                                           ("sat-rate0", SAT_STEP_RATE0),
+                                                           ("mst-neuron", MST_NEURON_STEP)],
+                                       presets=("gpt2-small", "gpt2-medium", "llama-1b")),
+                     ("sat", "mst"), trains=False),
     "ssd-step": Part("SSD sparse-phase step (relu2, 16 experts, top-4) vs dense, gpt2-medium",
                      functools.partial(run_steps, methods=[("ssd", SSD_STEP)], presets=("gpt2-medium",),
                                        model={"activation": "relu2"}), ("ssd",), trains=False),
@@ -84,10 +92,12 @@ PARTS: dict[str, Part] = {
 
 
 def command_line(part: str, *, out: Path, data_dir: Path, work_dir: Path, carry: Path, quick: bool, device: str,
-                 scale: float) -> str:
+                 scale: float, presets: tuple[str, ...] = ()) -> str:
     args = ["sparsetrain", "bench", "--suite", part]
     if quick:
         args.append("--quick")
+    if presets and part.endswith("-step"):
+        args += ["--preset", *presets]
     args += ["--out", str(out)]
     if part == "prepare-data":
         args += ["--data-dir", str(data_dir), "--carry", str(carry)]
@@ -102,8 +112,9 @@ def command_line(part: str, *, out: Path, data_dir: Path, work_dir: Path, carry:
 
 def run_part(part: str, *, out: str | Path = "bench_out", data_dir: str | Path = "data/suite",
              work_dir: str | Path = "runs/suite", carry: str | Path = ".carry", quick: bool = False,
-             device: str = "auto", scale: float = 1.0) -> dict[str, Any]:
-    """Run one part; writes OUT/PART.json (and OUT/PART/ for trained runs) and returns what it wrote."""
+             device: str = "auto", scale: float = 1.0, presets: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run one part; writes OUT/PART.json (and OUT/PART/ for trained runs) and returns what it wrote. `presets`
+    replaces the models of a step part (-step)."""
     if part not in PARTS:
         raise UserError(f"unknown suite part '{part}'; parts: {', '.join(PARTS)}")
     if device not in ("auto", "cpu", "cuda"):
@@ -112,7 +123,7 @@ def run_part(part: str, *, out: str | Path = "bench_out", data_dir: str | Path =
         raise UserError(f"--scale must be positive, got {scale}")
     out, data_dir, work_dir, carry = Path(out), Path(data_dir), Path(work_dir), Path(carry)
     command = command_line(part, out=out, data_dir=data_dir, work_dir=work_dir, carry=carry, quick=quick,
-                           device=device, scale=scale)
+                           device=device, scale=scale, presets=tuple(presets))
     spec = PARTS[part]
     result: dict[str, Any] = {"part": part, "summary": spec.summary, "command": command, "quick": quick,
                               "env": environment(), "status": "done"}
@@ -129,7 +140,7 @@ def run_part(part: str, *, out: str | Path = "bench_out", data_dir: str | Path =
                              "this part runs once it is")
         print(f"{part}: skipped: {result['message']}")
     else:
-        ctx = Context(part, out, data_dir, work_dir, carry, quick, device, scale)
+        ctx = Context(part, out, data_dir, work_dir, carry, quick, device, scale, tuple(presets))
         if spec.trains:
             scratch_dir(work_dir / part)  # run folders (checkpoints)
             scratch_dir(out / part)  # the runs' metrics, copied beside PART.json

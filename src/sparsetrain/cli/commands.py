@@ -232,8 +232,8 @@ def _layers(text: str):
 
 def cmd_convert_upcycle(a) -> None:
     from sparsetrain import config
-    from sparsetrain.methods import build_method
     from sparsetrain.cli.convert import carry_tokenizer
+    from sparsetrain.methods import build_method
     from sparsetrain.methods.upcycle import moe_layers
     from sparsetrain.store.checkpoint import write_model_folder
     from sparsetrain.training.build import load_model
@@ -267,7 +267,7 @@ def cmd_bench(a) -> None:
         parts = list(PARTS) if a.suite == "all" else [a.suite]
         for part in parts:
             run_part(part, out=a.out or "bench_out", data_dir=a.data_dir, work_dir=a.work_dir, carry=a.carry,
-                     quick=a.quick, device=a.device, scale=a.scale)
+                     quick=a.quick, device=a.device, scale=a.scale, presets=tuple(a.preset or ()))
         if a.suite == "all":
             from sparsetrain_bench.report import write_report
 
@@ -275,6 +275,7 @@ def cmd_bench(a) -> None:
             print(f"report: {write_report([out / f'{p}.json' for p in parts], out / 'report')}")
         return
     a.out = a.out or "bench_out/dense.json"
+    a.preset = a.preset or ["gpt2-small", "gpt2-medium"]
     from sparsetrain.config import apply_overrides
     from sparsetrain_bench.steps import run_dense_bench, run_method_bench
 
@@ -473,8 +474,9 @@ def add_convert_commands(sub) -> None:
 
 def add_benchmark_commands(sub) -> None:
     be = _command(sub, "bench", help="training-step speed on the GPU (tokens/s, MFU), a method against dense")
-    be.add_argument("--preset", nargs="+", default=["gpt2-small", "gpt2-medium"], choices=PRESET_NAMES,
-                    metavar="PRESET", help=f"model presets to time, one or more of: {', '.join(PRESET_NAMES)}")
+    be.add_argument("--preset", nargs="+", choices=PRESET_NAMES, metavar="PRESET",
+                    help=f"model presets to time, one or more of: {', '.join(PRESET_NAMES)} (default gpt2-small "
+                    "gpt2-medium; with a --suite step part: its own models)")
     be.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     be.add_argument("--micro-batch-size", type=int, default=0, help="0 = the whole batch in one pass")
     be.add_argument("--model-set", action="append", metavar="model.KEY=VALUE", help="override a model key")

@@ -3,8 +3,9 @@
 Per step and per layer one kept set, shared across the batch, is chosen by an importance score (`uniform`, `magnitude`,
 `wanda`, `maxip`) with `topk` or by sampling in proportion to the score; the model then multiplies by `index_select`ed
 weight slices (`FFN.active`, `Attention.active`), so the GEMMs are really smaller. Omitted neurons and heads are left
-exactly as they were: their weights and optimizer moments are stashed before `optimizer.step()` and put back after
-it (AdamW moves a weight with a zero gradient through momentum and weight decay). The omission rate follows the
+exactly as they were (AdamW moves a weight with a zero gradient through momentum and weight decay): the sliced
+parameters get their AdamW update under a keep mask (`frozen.FrozenSlices`), or, with `freeze_by = "stash"`, their
+omitted slices and moments are stashed before `optimizer.step()` and put back after it. The omission rate follows the
 ladder omission rate scheduler (LORS): a fixed rate first, then lower rates in equal steps, dense at the end.
 Under FSDP2 the forward slices the gathered weights as usual; scores from sharded weights gather one vector per layer
 (with rank 0's statistics), and each process freezes the part of the omitted slices its shard holds.
@@ -35,7 +36,7 @@ from torch.distributed.tensor import DTensor
 
 from sparsetrain.errors import UserError
 from sparsetrain.methods.base import Method, RunInfo
-from sparsetrain.methods.frozen import SliceStash
+from sparsetrain.methods.frozen import FrozenSlices, compiled
 from sparsetrain.methods.shards import replicated, whole
 from sparsetrain.methods.units import (KINDS, complement, fold, keep_count, layered_rows_cols, same_on_all_ranks,
                                        unit_count, unit_module, unit_params)
@@ -44,6 +45,7 @@ from sparsetrain.nn.model import ModelArgs, Transformer, flops_per_token
 METRICS = ("uniform", "magnitude", "wanda", "maxip")
 SELECTS = ("topk", "sample")
 SCHEDULES = ("ladder", "constant", "linear")
+FREEZE_BY = ("mask", "stash")
 
 
 @dataclass
@@ -70,9 +72,12 @@ class SATOptions:
     # Leave omitted weights and their AdamW moments exactly as they were (the design). False lets AdamW move them
     # with their zero gradient (momentum, weight decay): an ablation that prices the stash/restore.
     freeze_omitted: bool = True
-    # Freeze with two compiled calls (gather, scatter) instead of a gather and a scatter per tensor: the same values,
-    # fewer kernel launches. "auto": on a GPU (measured there: 1.33x vs 1.25x dense at gpt2-medium, 1.50x vs 1.46x
-    # at llama-1b); off on the CPU, where compiling costs more than the launches it saves on a tiny model.
+    # How: "mask" updates the sliced parameters under a keep mask (one pass, as much traffic as AdamW's own step);
+    # "stash" saves the omitted slices and moments, lets AdamW step everything, and puts them back. The same values.
+    freeze_by: str = "mask"  # mask | stash
+    # Freeze (and score) with compiled calls: the masked update one fused pass per tensor, the stash two calls
+    # (gather, scatter) instead of one per tensor. "auto": on a GPU; off on the CPU, where compiling costs more than
+    # it saves on a tiny model (and the uncompiled mask is bit-identical to the stash).
     compiled_stash: bool | str = "auto"  # auto | true | false
 
 
@@ -95,6 +100,11 @@ def _optimistic(total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.where(seen, mean, fill)
 
 
+def _wanda_rows(weights: list[torch.Tensor], rms: torch.Tensor) -> torch.Tensor:
+    """sum_j |W_ij| rms_j for each layer's weight [rows, d] and its row of rms [L, d] -> [L, rows]."""
+    return torch.stack([(w.abs() * r.to(w.dtype)).sum(1) for w, r in zip(weights, rms)])
+
+
 class SAT(Method):
     name = "sat"
     Options = SATOptions
@@ -110,7 +120,7 @@ class SAT(Method):
         self.kept: dict[str, torch.Tensor | None] = {"ffn": None, "head": None}  # [len(layers), k] this step
         self.gathering = False  # read by the hooks: statistics are wanted on this step
         self._gather_ffn_now = self._gather_head_now = False
-        self._stash: SliceStash | None = None
+        self._frozen: FrozenSlices | None = None
         self._hooks: list = []
         self._stats_before: dict[str, torch.Tensor] | None = None
 
@@ -126,7 +136,8 @@ class SAT(Method):
                 raise UserError(
                     f"method.{key}={rate} keeps none of the {n} {what} per layer; use a rate of at most {largest:.4g}"
                 )
-        for key, allowed in [("metric", METRICS), ("select", SELECTS), ("schedule", SCHEDULES)]:
+        for key, allowed in [("metric", METRICS), ("select", SELECTS), ("schedule", SCHEDULES),
+                             ("freeze_by", FREEZE_BY)]:
             if getattr(o, key) not in allowed:
                 raise UserError(f"unknown method.{key} '{getattr(o, key)}'; choose one of {', '.join(allowed)}")
         if o.compiled_stash not in (True, False, "auto"):
@@ -201,8 +212,9 @@ class SAT(Method):
     def start(self, model: Transformer, optimizer: torch.optim.Optimizer, run: RunInfo) -> None:
         super().start(model, optimizer, run)
         device = model.wte.weight.device
-        self._compiled_stash = self.options.compiled_stash is True or (
+        self._compiled = self.options.compiled_stash is True or (
             self.options.compiled_stash == "auto" and device.type == "cuda")
+        self._frozen = FrozenSlices(optimizer, compiled=self._compiled, masked=self.options.freeze_by == "mask")
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(self.options.seed)
         Ls, d = len(self.layers), self.args.d_model
@@ -292,7 +304,10 @@ class SAT(Method):
             rms = torch.where(s[key + "_w"] > 0, (s[key] / s[key + "_w"].clamp_min(1e-30)).sqrt(), 1.0)
             if isinstance(ins[0], DTensor):  # each process scores its own rows: all with rank 0's statistics
                 rms = same_on_all_ranks(rms, self.run.distributed)
-            rows = torch.stack([whole(torch.mv(w.abs(), replicated(w, r.to(w.dtype)))) for w, r in zip(ins, rms)])
+            if self._compiled and not isinstance(ins[0], DTensor):
+                rows = compiled(_wanda_rows)(ins, rms)  # |W| never materialised, every layer in one call
+            else:
+                rows = torch.stack([whole(torch.mv(w.abs(), replicated(w, r.to(w.dtype)))) for w, r in zip(ins, rms)])
             return fold(self.args, kind, rows.float(), None)
         outs = [unit_params(unit_module(b, kind), kind)[1] for b in blocks]
         rows = torch.stack([whole(torch.linalg.vector_norm(w, dim=1, dtype=torch.float32)) for w in ins]).square()
@@ -342,30 +357,33 @@ class SAT(Method):
         self._stats_before = None
 
     def before_optimizer(self, step: int) -> None:
-        """Stash the omitted slices of every sliced parameter and of its optimizer moments."""
+        """Hold the omitted slices of every sliced parameter (and of its optimizer moments) through the step."""
         if not self.options.freeze_omitted:
             return
-        self._stash = SliceStash(self.optimizer, compiled=self._compiled_stash)
         with torch.no_grad():
             for kind in KINDS:
                 if self.kept[kind] is None:
                     continue
-                # the omitted units' rows and columns, found for all layers at once
+                # the omitted units' rows and columns, and keep masks over them, found for all layers at once
                 omitted = complement(self.kept[kind], unit_count(self.args, kind))
                 first = unit_module(self.model.blocks[self.layers[0]], kind)
                 rows, cols = layered_rows_cols(first, kind, omitted)
+                ins, out = unit_params(first, kind)
+                keep_rows = torch.ones(len(self.layers), ins[0].shape[0], dtype=torch.bool, device=rows.device)
+                keep_cols = torch.ones(len(self.layers), out.shape[1], dtype=torch.bool, device=rows.device)
+                keep_rows.scatter_(1, rows, False)
+                keep_cols.scatter_(1, cols, False)
                 for j, i in enumerate(self.layers):
                     ins, out = unit_params(unit_module(self.model.blocks[i], kind), kind)
                     for p in ins:
-                        self._stash.save(p, 0, rows[j])
-                    self._stash.save(out, 1, cols[j])
-            self._stash.take()
+                        self._frozen.freeze(p, 0, rows[j], keep_rows[j])
+                    self._frozen.freeze(out, 1, cols[j], keep_cols[j])
+        self._frozen.before_step()
 
     def after_optimizer(self, step: int) -> None:
-        """Put the omitted slices back (see frozen.SliceStash)."""
-        if self._stash is not None:
-            self._stash.restore()
-            self._stash = None
+        """Update the held parameters under their masks, or put the stashed slices back (see frozen.FrozenSlices)."""
+        if self.options.freeze_omitted:
+            self._frozen.after_step()
         self._dense()
 
     def before_eval(self) -> None:

@@ -180,9 +180,15 @@ def finished(out_dir: Path, step: int, steps: int, main: bool) -> dict[str, Any]
 
 
 def my_micro_batches(xs: torch.Tensor, ys: torch.Tensor, rt: Runtime, micro: int, accum: int):
-    """This process's rows of the global batch, in micro-batches, each moved to the device when it is drawn."""
+    """This process's rows of the global batch, in micro-batches, each moved to the device when it is drawn.
+
+    On a GPU the rows go through pinned memory: a copy from pageable memory waits for the GPU to finish all the
+    work queued before it, so the host could never run ahead of the GPU (and every step's host time would show)."""
     mine = slice(rt.rank * micro * accum, (rt.rank + 1) * micro * accum)
-    for x, y in zip(xs[mine].split(micro), ys[mine].split(micro)):
+    xs, ys = xs[mine], ys[mine]
+    if rt.device.type == "cuda":
+        xs, ys = xs.pin_memory(), ys.pin_memory()
+    for x, y in zip(xs.split(micro), ys.split(micro)):
         yield x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
 
 

@@ -14,6 +14,8 @@ import torch.distributed as dist
 from sparsetrain.errors import UserError
 from sparsetrain.nn.model import Transformer
 
+DDP_BUCKET_MB = 100
+
 # bf16 dense peak per GPU, for MFU (datasheet numbers, no sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
@@ -73,7 +75,11 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool) -> torch.nn.Module:
-    """Wrap for several processes (DDP or FSDP2) and compile; the raw model stays what methods see."""
+    """Wrap for several processes (DDP or FSDP2) and compile; the raw model stays what methods see.
+
+    DDP is wrapped first and compiled around: dynamo then splits the graph at DDP's gradient buckets, so each
+    bucket's all-reduce starts while the backward goes on. (Compiled first and wrapped, the whole backward is one
+    autograd node and every all-reduce waits for its end.) FSDP2 shards block by block, each block compiled."""
     if compile_model:
         from torch import _dynamo
 
@@ -83,19 +89,24 @@ def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool) -> t
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
-        for block in model.blocks:
+        last = len(model.blocks) - 1
+        for i, block in enumerate(model.blocks):
             if compile_model:
                 block.compile()
-            fully_shard(block, mp_policy=mp)
+            # The last block's parameters are needed again at once by the backward: keep them gathered.
+            fully_shard(block, mp_policy=mp, reshard_after_forward=i < last)
         fully_shard(model, mp_policy=mp)
         return model
-    if compile_model:
-        model.compile()
-    if rt.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    if not rt.distributed:
+        if compile_model:
+            model.compile()
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    return model
+    # Gradients live in the all-reduce buckets (no copy in or out); 100 MB buckets: a few large all-reduces.
+    wrapped = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                  bucket_cap_mb=DDP_BUCKET_MB, gradient_as_bucket_view=True)
+    return torch.compile(wrapped) if compile_model else wrapped
 
 
 def no_grad_sync(wrapped: torch.nn.Module, model: Transformer, rt: Runtime, tcfg, last: bool):
@@ -106,7 +117,8 @@ def no_grad_sync(wrapped: torch.nn.Module, model: Transformer, rt: Runtime, tcfg
         # A flag, not a context: it must be on again before the last backward, or nothing is reduced this step.
         model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
-    return contextlib.nullcontext() if last else wrapped.no_sync()
+    ddp = getattr(wrapped, "_orig_mod", wrapped)  # compiled around DDP: the DDP module inside
+    return contextlib.nullcontext() if last else ddp.no_sync()
 
 
 def model_state(model: torch.nn.Module, rt: Runtime) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 import sparsetrain.nn.attention_masks as attention_masks
 from sparsetrain.errors import UserError
 from sparsetrain.methods.base import Method, RunInfo
-from sparsetrain.methods.frozen import SliceStash, moments
+from sparsetrain.methods.frozen import FrozenSlices, moments
 from sparsetrain.methods.mst.topology import erk_densities, next_active, round_half_up, sparse_weights
 from sparsetrain.methods.shards import local, local_part, local_view, whole
 from sparsetrain.methods.units import keep_count, same_on_all_ranks, unit_count, unit_module, unit_params, unit_slices
@@ -77,7 +77,7 @@ class MST(Method):
         self._unit_maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # unit of each input row, proj column
         self._grow_scores: dict[str, list[torch.Tensor]] = {}  # gradient norms per unit on dense update steps
         self._dense_step = False
-        self._stash: SliceStash | None = None
+        self._frozen: FrozenSlices | None = None
         self._keep_cache: dict[float, tuple[int, ...]] = {}
 
     # --- options ------------------------------------------------------------------------------------------------
@@ -207,7 +207,8 @@ class MST(Method):
         device = model.wte.weight.device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(self.options.seed)
-        self._stash = SliceStash(optimizer)
+        # pruned units held under a keep mask (compiled on a GPU), see frozen.FrozenSlices
+        self._frozen = FrozenSlices(optimizer, compiled=device.type == "cuda")
         fresh = run.first_step == 0
         if self.options.granularity == "weight":
             self._start_weights(model, device, fresh)
@@ -391,7 +392,8 @@ class MST(Method):
                 for i, omitted in enumerate(self._omitted_idx[kind]):
                     if omitted is not None:
                         for p, dim, idx in self._slices(kind, i, omitted):
-                            self._stash.save(p, dim, idx)
+                            self._frozen.freeze(p, dim, idx)
+            self._frozen.before_step()
 
     def discard_step(self, step: int) -> None:
         """Drop the gradients a dense-gradient step gathered for the next topology update."""
@@ -410,7 +412,7 @@ class MST(Method):
                     self._apply_masks(with_moments=False)
             self._dense_grads = {}
             return
-        self._stash.restore()
+        self._frozen.after_step()
         self.before_eval()
         if self.is_update(step):
             self._update_units(self.target(step), self.drop_fraction(step))
