@@ -9,7 +9,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Bottom to top. A module may import from its own layer or a lower one; `nn` and `data` share a layer but are
 # independent of each other.
 LAYERS = [
-    ["sparsetrain", "sparsetrain.errors", "sparsetrain.config", "sparsetrain.progress", "sparsetrain.plots"],
+    ["sparsetrain", "sparsetrain.errors", "sparsetrain.config", "sparsetrain.progress", "sparsetrain.plots",
+     "sparsetrain.frontier"],
     ["sparsetrain.nn", "sparsetrain.data"],
     ["sparsetrain.store"],
     ["sparsetrain.methods"],

@@ -316,9 +316,10 @@ def test_pretrain_parts_train_every_contender_on_the_same_tokens(env, results, m
             monkeypatch.setitem(REGISTRY, m, StandIn)
         part = run_part(name, quick=True, **{**env, "out": tmp_path})
     cs = check_contenders(part)
-    assert list(cs) == contenders
-    assert len({c["tokens"] for c in cs.values()}) == 1
+    assert list(cs) == ["dense-0.5x", "dense", "dense-1.5x", "dense-2x", *contenders[1:]]  # dense's frontier first
+    assert len({cs[c]["tokens"] for c in contenders}) == 1
     assert len({json.dumps(c["config"]["model"]) for c in cs.values()}) == 1  # the same model for all
+    assert all(c["config"]["model"]["activation"] == "relu2" for c in cs.values())  # one frontier for both parts
     # --quick makes the methods switch phases / update their topology within its few steps.
     if name == "ssd-pretrain":
         assert cs["ssd"]["config"]["model"]["activation"] == "relu2"
@@ -520,3 +521,31 @@ def test_run_parts_script_packs_every_part_and_keeps_what_a_cut_part_logged(env,
     assert "sat-cpt.json" not in names
     log = res.stdout
     assert "== dense-step: exit 0" in log and "== sat-cpt: exit 124" in log
+
+
+def test_pretrain_parts_read_each_method_against_a_dense_frontier(env, results):
+    """ssd-pretrain and mst-pretrain train dense at four budgets (a wsd trunk and branches off it) and report each
+    method's speed-up at equal quality in wall-clock and FLOPs; the report draws the frontiers and the bars."""
+    for name, methods in (("ssd-pretrain", ["ssd"]), ("mst-pretrain", ["mst-weight", "mst-neuron"])):
+        part = results[name]
+        frontier = [c for c in part["contenders"] if c.get("role") == "frontier"]
+        assert [c["name"] for c in frontier] == ["dense-0.5x", "dense", "dense-1.5x", "dense-2x"]
+        assert [c["steps"] for c in frontier] == [10, 20, 30, 40]
+        assert all(c["config"]["train"]["schedule"] == "wsd" for c in part["contenders"])
+        trunk = frontier[-1]
+        for c in frontier[:-1]:  # a branch: the trunk's curve up to its decay start, then its own steps
+            start = c["branched_at"]
+            assert [r["loss"] for r in c["curve"] if r["step"] <= start] == \
+                [r["loss"] for r in trunk["curve"] if r["step"] <= start]
+            assert c["flops"] == pytest.approx(trunk["flops"] * c["steps"] / trunk["steps"])  # dense: fixed per step
+            assert 0 < c["wallclock"] < trunk["wallclock"]
+        for m in methods:
+            for cost in ("wallclock", "flops"):
+                iso = part["iso_loss"][m][cost]
+                assert iso["status"] in ("on", "below", "beyond") and iso["speedup"] > 0
+                assert next(c for c in part["contenders"] if c["name"] == m)[f"iso_{cost}"] == iso["label"]
+    report = write_report([env["out"] / "ssd-pretrain.json", env["out"] / "mst-pretrain.json"], env["out"] / "iso")
+    text = report.read_text()
+    assert "speed-up at equal quality" in text.lower() and "(iso-loss.png)" in text
+    for f in ("iso-loss.png", "ssd-pretrain-frontier-wallclock.png", "mst-pretrain-frontier-flops.png"):
+        assert (env["out"] / "iso" / f).stat().st_size > 1000

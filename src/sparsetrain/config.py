@@ -60,8 +60,16 @@ class TrainConfig:
     micro_batch_size: int = 0  # sequences per forward pass on one device; 0 = batch_size / world size
     seq_len: int = 256
     lr: float = 6e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    warmup_steps: int = 20  # linear warm-up to lr over the first warmup_steps steps
+    # The learning rate after warm-up (training/loop.py's lr_at): "cosine" decays from lr to lr * min_lr_ratio over
+    # all the remaining steps; "wsd" (warmup-stable-decay) holds lr, then decays linearly over the last
+    # decay_fraction of the steps, from step decay_start = steps - max(1, round(decay_fraction * steps)) (Python's
+    # round; not before warm-up ends), so that the last step trains at exactly lr * min_lr_ratio. Before decay_start
+    # a wsd schedule does not depend on train.steps: a checkpoint at another budget's decay_start, resumed with that
+    # train.steps, trains what a run of that budget trains.
+    schedule: str = "cosine"  # cosine | wsd
+    decay_fraction: float = 0.2  # wsd: the fraction of train.steps that decays, in (0, 1]
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -223,6 +231,11 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.compile must be auto, true or false, got '{t.compile}'")
     if t.parallel not in ("ddp", "fsdp"):
         raise UserError(f"train.parallel must be ddp or fsdp, got '{t.parallel}'")
+    if t.schedule not in ("cosine", "wsd"):
+        raise UserError(f"train.schedule must be cosine or wsd, got '{t.schedule}'")
+    if not 0 < t.decay_fraction <= 1:
+        raise UserError(f"train.decay_fraction must be in (0, 1] (the fraction of train.steps that decays), "
+                        f"got {t.decay_fraction}")
 
 
 def to_dict(cfg: RunConfig) -> dict:

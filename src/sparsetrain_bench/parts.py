@@ -21,6 +21,7 @@ from sparsetrain.training.loop import evaluate
 from sparsetrain.training.runtime import setup_runtime
 from sparsetrain_bench.context import STEP_FULL, STEP_QUICK, Context
 from sparsetrain_bench.corpora import corpus_dir, same_tokenizer, sft_dir
+from sparsetrain_bench.isoloss import dense_frontier, iso_loss, with_wsd
 from sparsetrain_bench.report import STEP_COLUMNS
 from sparsetrain_bench.runs import (SEED, code_base, compare, eval_run, release_memory, run_config, start_point,
                                     train_run)
@@ -131,15 +132,18 @@ def run_upcycle(ctx: Context) -> dict[str, Any]:
 
 def run_pretrain(ctx: Context, contenders: list[tuple[str, dict[str, Any]]], model: dict[str, Any] | None = None,
                  steps: int = 2000, quick_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Dense and each method from scratch on code, the same tokens. `quick_options` are added to every method's
-    options under --quick (so that a run of a few steps still goes through the method's schedule)."""
+    """Dense at four budgets (the frontier, `isoloss.dense_frontier`) and each method at the middle one, from scratch
+    on code, the same tokens, all on the `wsd` schedule; each method's speed-up at equal quality ("iso_loss").
+    `quick_options` are added to every method's options under --quick (so that a run of a few steps still goes
+    through the method's schedule)."""
     n = ctx.steps(steps, 20)
-    runs = [train_run(ctx, "dense", run_config(ctx, corpus="code", steps=n, model=model))]
+    runs = dense_frontier(ctx, run_config(ctx, corpus="code", steps=n, model=model))
     for name, method in contenders:
         if ctx.quick:
             method = {**method, **(quick_options or {})}
-        runs.append(train_run(ctx, name, run_config(ctx, corpus="code", steps=n, model=model, method=method)))
-    return {"contenders": runs}
+        raw = with_wsd(run_config(ctx, corpus="code", steps=n, model=model, method=method))
+        runs.append(train_run(ctx, name, raw))
+    return {"contenders": runs, "iso_loss": iso_loss(runs)}
 
 
 @torch.no_grad()
@@ -197,7 +201,7 @@ def run_ssd_pretrain(ctx: Context) -> dict[str, Any]:
     result = run_pretrain(ctx, [("ssd", {"name": "ssd"})], model={"activation": "relu2"}, steps=2000,
                           quick_options={"schedule": "fixed", "sparse_windows": [[0.3, 0.7]]})
     result["moe_inference"] = {}
-    for c in result["contenders"]:
+    for c in [c for c in result["contenders"] if c["name"] in ("dense", "ssd")]:
         r = moe_inference(ctx, c["run_dir"])
         result["moe_inference"][c["name"]] = r
         print(f"ssd-pretrain: {c['name']} as MoE top-{r['top_k']}/{r['experts']}: val loss {r['val_loss_dense']:.4f} "

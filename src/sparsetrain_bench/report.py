@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from sparsetrain.errors import UserError
+from sparsetrain.frontier import IsoLoss, plot_frontier, plot_speedups
 from sparsetrain.plots import Panel, markdown_table, plot_panels, run_series
 
 # Logged per-step values that are schedules worth drawing, with their axis labels. A method that logs another
@@ -33,7 +34,8 @@ CONTENDER_COLUMNS = [
     ("name", "contender", ""), ("steps", "steps", "d"), ("tokens", "tokens", ",d"), ("val_loss", "val loss", ".4f"),
     ("val_gap", "vs dense", "+.2%"), ("wallclock", "wall-clock s", ".1f"), ("train_time", "with compile s", ".1f"),
     ("speedup", "speed-up", ".2f"), ("flops", "FLOPs", ".3g"), ("flops_ratio", "FLOP reduction", ".2f"),
-    ("mfu", "MFU (counted FLOPs)", ".1%"),
+    ("mfu", "MFU (counted FLOPs)", ".1%"), ("iso_wallclock", "at equal quality (wall-clock)", ""),
+    ("iso_flops", "at equal quality (FLOPs)", ""),
 ]
 STEP_COLUMNS = [
     ("preset", "model", ""), ("method", "method", ""), ("batch_size", "batch", "d"), ("seq_len", "seq", "d"),
@@ -156,6 +158,33 @@ def _check_two_gpus(part: dict) -> tuple[str, bool | None]:
     return text, all(not r.get("error") and r["scaling"] >= 1.8 and r["loss_match"] for r in rows)
 
 
+# Issue 19's targets, speed-up at equal validation loss: (part, method, cost) -> minimum.
+ISO_TARGETS = {("ssd-pretrain", "ssd", "wallclock"): 1.2, ("mst-pretrain", "mst-neuron", "wallclock"): 1.2,
+               ("mst-pretrain", "mst-weight", "flops"): 3.0}
+COST_WORDS = {"wallclock": "wall-clock", "flops": "counted FLOPs"}
+
+
+def _iso_text(r: dict) -> str:
+    where = {"on": "on dense's frontier",
+             "below": f"below dense's frontier (val loss {r['loss_gap']:+.2%} vs its smallest budget)",
+             "beyond": f"beyond dense's frontier (val loss {r['loss_gap']:+.2%} vs its largest budget)"}[r["status"]]
+    return f"{r['label']} {where}"
+
+
+def _check_iso(method: str, cost: str, minimum: float) -> Callable[[dict], tuple[str, bool | None]]:
+    """A method's speed-up at equal quality in `cost` (the other cost beside it); met when it is at least
+    `minimum`, exactly or as a lower bound (an upper bound never meets a target)."""
+    def check(part: dict) -> tuple[str, bool | None]:
+        iso = part.get("iso_loss", {}).get(method)
+        if not iso:
+            return f"no {method} iso-loss result", None
+        r, other = iso[cost], iso["flops" if cost == "wallclock" else "wallclock"]
+        text = (f"{_iso_text(r)} in {COST_WORDS[cost]}; {other['label']} in "
+                f"{COST_WORDS['flops' if cost == 'wallclock' else 'wallclock']}")
+        return text, r["bound"] != "upper bound" and r["speedup"] >= minimum
+    return check
+
+
 @dataclass(frozen=True)
 class Target:
     what: str
@@ -173,17 +202,17 @@ TARGETS = [
     Target("SAT continual pre-training, wall-clock at val loss within 1%", ">= 1.45x", "sat-cpt",
            _check_quality("sat", "sat-topk", ratio_key="speedup", minimum=1.45, tol=0.01)),
     Target("SSD sparse-phase step (E=16, top-4)", ">= 1.4x", "ssd-step", _check_step_speedup("ssd", minimum=1.4)),
-    Target("SSD pre-training, wall-clock at val loss within 1%", ">= 1.25x", "ssd-pretrain",
-           _check_quality("ssd", ratio_key="speedup", minimum=1.25, tol=0.01)),
+    Target("SSD pre-training (relu2): speed-up at equal quality, wall-clock", ">= 1.2x", "ssd-pretrain",
+           _check_iso("ssd", "wallclock", 1.2)),
     Target("SSD model run as MoE, FFN speed at val loss within 2%", ">= 2x", "ssd-pretrain", _check_moe_inference),
     Target("MoE layer time vs equal-FLOP dense FFN, d >= 1024", "within 1.25x", None,
            elsewhere="by bench/moe_layer.py, see BENCHMARKS.md"),
     Target("Upcycled vs dense continuation, equal wall-clock", "lower val loss; active-parameter MFU >= 40%",
            "upcycle", _check_upcycle),
-    Target("MST weight-level: counted training FLOPs at val loss within 2%", ">= 4x", "mst-pretrain",
-           _check_quality("mst-weight", ratio_key="flops_ratio", minimum=4.0, tol=0.02)),
-    Target("MST neuron-level: wall-clock at val loss within 2%", ">= 1.3x", "mst-pretrain",
-           _check_quality("mst-neuron", ratio_key="speedup", minimum=1.3, tol=0.02)),
+    Target("MST weight level, pre-training: speed-up at equal quality, counted FLOPs", ">= 3x", "mst-pretrain",
+           _check_iso("mst-weight", "flops", 3.0)),
+    Target("MST neuron level, pre-training: speed-up at equal quality, wall-clock", ">= 1.2x", "mst-pretrain",
+           _check_iso("mst-neuron", "wallclock", 1.2)),
     Target("Two GPUs (2 x H200, torchrun) vs one, every method", ">= 1.8x tokens/s", "two-gpu", _check_two_gpus),
 ]
 
@@ -323,6 +352,29 @@ def _env_line(part: dict) -> str:
     return f"{device}, torch {env.get('torch', '?')}, {env.get('date', '?')}"
 
 
+def plot_iso(parts: dict[str, dict], out_dir: Path) -> list[tuple[str, str]]:
+    """Per part with an iso-loss comparison: dense's frontier with each method, against wall-clock and against
+    counted FLOPs; then one bar chart of every speed-up at equal quality, with the targets marked."""
+    figures, bars, targets = [], {}, {}
+    for name, part in parts.items():
+        if not part.get("iso_loss"):
+            continue
+        dense = [c for c in part["contenders"] if c.get("role") == "frontier"]
+        methods = [c for c in part["contenders"] if c.get("role") not in ("frontier", "base")]
+        for cost in ("wallclock", "flops"):
+            file = f"{name}-frontier-{cost}.png"
+            plot_frontier(dense, methods, cost, out_dir / file, f"{name}: dense's frontier ({COST_WORDS[cost]})")
+            figures.append((f"{name}: speed-up at equal quality, {COST_WORDS[cost]}", file))
+            for method, iso in part["iso_loss"].items():
+                key = f"{method}\n{COST_WORDS[cost]}"
+                bars[key] = IsoLoss(**{k: v for k, v in iso[cost].items() if k != "label"})
+                if (name, method, cost) in ISO_TARGETS:
+                    targets[key] = ISO_TARGETS[(name, method, cost)]
+    if plot_speedups(bars, targets, out_dir / "iso-loss.png"):
+        figures.insert(0, ("speed-ups at equal quality, targets marked", "iso-loss.png"))
+    return figures
+
+
 def write_report(paths: list[Path], out_dir: Path) -> Path:
     """report.md (+ loss.png, steps.png, schedules.png when there is something to draw) in `out_dir`."""
     parts = load_results(paths)
@@ -346,6 +398,7 @@ def write_report(paths: list[Path], out_dir: Path) -> Path:
         figures.append(("validation loss", "loss.png"))
     if plot_steps(parts, out_dir / "steps.png"):
         figures.append(("step speed-ups", "steps.png"))
+    figures += plot_iso(parts, out_dir)
     sched = schedule_panels(trained)
     if sched:
         plot_panels(sched, out_dir / "schedules.png")
@@ -363,6 +416,11 @@ def write_report(paths: list[Path], out_dir: Path) -> Path:
             lines += ["Quick run (tiny model, few steps): a smoke test, not a measurement.", ""]
         if part.get("contenders"):
             lines += [markdown_table(part["contenders"], CONTENDER_COLUMNS), ""]
+        if part.get("iso_loss"):
+            lines += ["Speed-up at equal quality (dense's frontier: " + ", ".join(
+                f"{c['name']} {c['steps']} steps" for c in part["contenders"] if c.get("role") == "frontier") + "):",
+                "", *[f"- {m}: {_iso_text(iso['wallclock'])} in wall-clock; {_iso_text(iso['flops'])} in counted "
+                      "FLOPs" for m, iso in part["iso_loss"].items()], ""]
         if part.get("rows"):
             lines += [markdown_table(part["rows"], STEP_COLUMNS), ""]
         if part.get("scaling"):

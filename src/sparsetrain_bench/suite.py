@@ -81,12 +81,15 @@ PARTS: dict[str, Part] = {
     "sat-sft": Part("fine-tuning on kernel-doc pairs (comment -> function), dense vs SAT (LORS; sampled and top-k "
                     "selection)", run_sat_sft, ("sat",)),
     "upcycle": Part("dense vs upcycled continuation at equal wall-clock", run_upcycle, ("upcycle",)),
-    "ssd-pretrain": Part("pre-training dense vs SSD (relu2), both then run as MoEs", run_ssd_pretrain, ("ssd",)),
-    "mst-pretrain": Part("pre-training dense vs MST (weight and neuron level)",
+    "ssd-pretrain": Part("pre-training dense (four budgets) vs SSD (relu2), dense and SSD then run as MoEs",
+                         run_ssd_pretrain, ("ssd",)),
+    # relu2 as ssd-pretrain: the pre-training contenders share one kind of dense frontier
+    "mst-pretrain": Part("pre-training dense (four budgets) vs MST (weight and neuron level), relu2",
                          functools.partial(run_pretrain,
                                            contenders=[("mst-weight", {"name": "mst", "granularity": "weight"}),
                                                        ("mst-neuron", {"name": "mst", "granularity": "neuron"})],
-                                           steps=1200, quick_options={"update_every": 4}),
+                                           model={"activation": "relu2"}, steps=1200,
+                                           quick_options={"update_every": 4}),
                          ("mst",)),
 }
 

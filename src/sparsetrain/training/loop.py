@@ -32,13 +32,33 @@ from sparsetrain.training.runtime import (Runtime, load_optimizer_state, model_s
 from sparsetrain.training.step import StepParts, StepResult, train_step
 
 
+def decay_start(tcfg) -> int:
+    """The first step (counting from 0) of a "wsd" schedule's decay: steps - max(1, round(decay_fraction * steps))
+    (Python's round: halves to even), and not before warm-up ends. A checkpoint `step_N` holds N trained steps, so
+    the checkpoint at decay_start has trained only warm-up and stable steps."""
+    return max(tcfg.warmup_steps, tcfg.steps - max(1, round(tcfg.decay_fraction * tcfg.steps)))
+
+
 def lr_at(step: int, tcfg) -> float:
-    """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step. `step` counts from 0."""
+    """The learning rate of step `step` (counting from 0): a pure function of the step and train config.
+
+    Both schedules warm up linearly: lr * (step + 1) / warmup_steps for step < warmup_steps. Then
+    "cosine": min_lr + (lr - min_lr) * (1 + cos(pi * (step - warmup_steps) / (steps - warmup_steps))) / 2, where
+    min_lr = lr * min_lr_ratio (it reaches min_lr at `steps`, one past the last step);
+    "wsd": lr until decay_start(tcfg) = D, then min_lr + (lr - min_lr) * (steps - 1 - step) / (steps - D): every
+    one of the steps - D decay steps is below lr and the last step (steps - 1) trains at exactly min_lr. Before D
+    the value does not depend on train.steps (D never falls inside warm-up, and grows with steps), so runs that
+    differ only in train.steps train the same steps up to the smaller run's D."""
     if step < tcfg.warmup_steps:
         return tcfg.lr * (step + 1) / tcfg.warmup_steps
+    min_lr = tcfg.lr * tcfg.min_lr_ratio
+    if tcfg.schedule == "wsd":
+        start = decay_start(tcfg)
+        if step < start:
+            return tcfg.lr
+        return min_lr + (tcfg.lr - min_lr) * max(0, tcfg.steps - 1 - step) / max(1, tcfg.steps - start)
     span = max(1, tcfg.steps - tcfg.warmup_steps)
     progress = min(1.0, (step - tcfg.warmup_steps) / span)
-    min_lr = tcfg.lr * tcfg.min_lr_ratio
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (tcfg.lr - min_lr)
 
 

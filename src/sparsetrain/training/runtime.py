@@ -89,12 +89,12 @@ def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool) -> t
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
-        last = len(model.blocks) - 1
-        for i, block in enumerate(model.blocks):
+        for block in model.blocks:
             if compile_model:
                 block.compile()
-            # The last block's parameters are needed again at once by the backward: keep them gathered.
-            fully_shard(block, mp_policy=mp, reshard_after_forward=i < last)
+            # Every block resharded after its forward (the default), the last too: a forward without a backward
+            # (evaluation, a method's probe) would otherwise leave stale gathered weights for the next step.
+            fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
     if not rt.distributed:

@@ -1,0 +1,98 @@
+"""Speed-up at equal quality (issue 19): dense trained at several budgets makes the frontier each method is read
+against (`frontier.py`: how much wall-clock, and how many counted FLOPs, dense needs to reach a method's final
+validation loss, over what the method spent).
+
+The budgets are 0.5x, 1x, 1.5x and 2x the contenders' steps, trained as one warmup-stable-decay trunk of the largest
+with a decay branched off at each other (`sparsetrain.training.budgets`): about 2.6 runs of the contenders' length
+instead of 5. Every contender uses the same schedule family (`wsd`, the same decay fraction).
+
+A branch's wall-clock is the trunk's up to the branch point (its compilation taken out, as for every contender) plus
+the branch's own steps; its FLOPs likewise.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparsetrain import config as config_mod
+from sparsetrain.frontier import compare as iso_compare
+from sparsetrain.plots import read_metrics
+from sparsetrain.training.budgets import branch_folder, budget_configs
+from sparsetrain.training.budgets import with_wsd as cfg_with_wsd
+from sparsetrain.training.loop import train
+from sparsetrain_bench.context import Context
+from sparsetrain_bench.runs import CURVE_KEYS, CompileClock, keep_metrics, release_memory, steady_times, train_run
+
+BUDGETS = (0.5, 1.0, 1.5, 2.0)  # dense's budgets, in multiples of the contenders' steps
+COSTS = ("wallclock", "flops")
+
+
+def with_wsd(raw: dict[str, Any]) -> dict[str, Any]:
+    """A contender's raw config on the frontier's schedule family."""
+    return config_mod.to_dict(cfg_with_wsd(config_mod.from_dict(raw)))
+
+
+def budget_name(fraction: float) -> str:
+    """The frontier's run at the contenders' own budget keeps the name "dense" (the equal-step baseline)."""
+    return "dense" if fraction == 1.0 else f"dense-{fraction:g}x"
+
+
+def dense_frontier(ctx: Context, raw: dict[str, Any], budgets: tuple[float, ...] = BUDGETS) -> list[dict[str, Any]]:
+    """Dense at each budget (fractions of raw's steps), the largest trained as the trunk (`training.budgets`), each
+    other one resumed from its checkpoint. Results in budget order, role "frontier"."""
+    configs, starts = budget_configs(config_mod.from_dict(raw), budgets)
+    largest = max(configs)
+    trunk = train_run(ctx, budget_name(largest), config_mod.to_dict(configs[largest]), role="frontier")
+    runs = [branch(ctx, trunk, budget_name(f), configs[f], starts[f]) for f in configs if f != largest]
+    return [*runs, trunk]
+
+
+def branch(ctx: Context, trunk: dict[str, Any], name: str, cfg: config_mod.RunConfig, start: int) -> dict[str, Any]:
+    """`cfg`'s budget resumed from the trunk's checkpoint at `start`. Its wall-clock: the trunk's up to `start`
+    (compilation taken out, as for every contender) plus its own steps'; its FLOPs likewise (the checkpoint's)."""
+    run_dir = ctx.work / ctx.part / name
+    branch_folder(trunk["run_dir"], run_dir, start)
+    print(f"{ctx.part}: training {name} (dense, {cfg.train.steps} steps: the trunk's first {start}, then its own "
+          "decay)", flush=True)
+    with CompileClock() as clock:
+        summary = train(cfg, run_dir, resume=True)
+    records = read_metrics(run_dir)
+    trunk_curve = trunk["curve"]
+    at = [0, *[r["step"] for r in trunk_curve]]
+    # The trunk's cumulative times at the branch point (interpolated between its logged steps).
+    t0 = float(np.interp(start, at, [0.0, *[r["train_time"] for r in trunk_curve]]))
+    w0 = float(np.interp(start, at, [0.0, *[r["wallclock"] for r in trunk_curve]]))
+    own = [r for r in records if r["step"] > start]
+    shifted = [{"step": r["step"] - start, "train_time": r["train_time"] - t0} for r in own]
+    for r, t in zip(own, steady_times(shifted, clock.seconds)):
+        r["wallclock"] = w0 + t
+    curve = [r for r in trunk_curve if r["step"] <= start] + [{k: r[k] for k in CURVE_KEYS if k in r} for r in own]
+    metrics = keep_metrics(ctx, name, run_dir)
+    release_memory()
+    result = {
+        "name": name, "role": "frontier", "corpus": Path(cfg.data.dir).name, "method": "dense",
+        "config": config_mod.to_dict(cfg), "summary": summary, "steps": summary["steps"], "tokens": summary["tokens"],
+        "val_loss": summary["val_loss"], "train_time": summary["train_time"], "wallclock": curve[-1]["wallclock"],
+        "compile_s": trunk["compile_s"] + clock.seconds, "compilations": trunk["compilations"] + clock.count,
+        "flops": summary["flops"], "curve": curve, "metrics": metrics, "run_dir": str(run_dir),
+        "branched_at": start,
+    }
+    print(f"{ctx.part}: {name}: val loss {result['val_loss']:.4f}, {result['wallclock']:.1f} s", flush=True)
+    return result
+
+
+def iso_loss(contenders: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each method's speed-up at equal quality against the contenders with role "frontier", per cost (wall-clock,
+    counted FLOPs); also stored in each method's result as "iso_<cost>"."""
+    dense = [c for c in contenders if c.get("role") == "frontier"]
+    methods = [c for c in contenders if c.get("role") not in ("frontier", "base")]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    by_name = {c["name"]: c for c in methods}
+    for cost in COSTS:
+        for name, result in iso_compare(dense, methods, cost).items():
+            out.setdefault(name, {})[cost] = asdict(result) | {"label": result.label()}
+            by_name[name][f"iso_{cost}"] = result.label()
+    return out
