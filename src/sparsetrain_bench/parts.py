@@ -11,9 +11,7 @@ from typing import Any
 
 import torch
 
-from sparsetrain import config as config_mod
 from sparsetrain.data.batches import TrainingData
-from sparsetrain.data.tokens import TokenData
 from sparsetrain.methods.ssd.ffn import SSDFFN
 from sparsetrain.methods.ssd.moefy import fit_routers, prepare_moe, run_dense
 from sparsetrain.training.build import load_model
@@ -61,21 +59,21 @@ def run_steps(ctx: Context, methods: list[tuple[str, dict[str, Any]]], presets: 
 
 def dense_vs_sat_from_a_base(ctx: Context, *, corpus: str, data: Path, steps: int,
                              lr: float) -> tuple[list[dict[str, Any]], float]:
-    """A dense base trained on code, its validation loss on `data` (the continuation's held-out set), then dense and
-    SAT (LORS) continued from it on `corpus` for the same steps: the contenders, with that loss at the head of
-    every curve, and the loss. SAT runs twice: with its default selection (sampling in proportion to the score)
+    """A dense base trained on code, its validation loss on `data` (the continuation's held-out set), then SAT (LORS)
+    continued from it on `corpus` and dense at four budgets around SAT's steps (the frontier, `isoloss`), all on the
+    `wsd` schedule: the contenders, with that loss at the head of every curve, and the loss. SAT runs twice: with its default selection (sampling in proportion to the score)
     and with top-k, which lost less validation loss in CPU runs of the tiny preset (+1.8% vs +3.1% after 100 steps
     of the demo's continuation, three seeds of sampling within 0.002)."""
     base = code_base(ctx)
     start = eval_run(base["run_dir"], data)
     print(f"{ctx.part}: the base model's validation loss on {data.name} before continuing: {start:.4f}")
     common = dict(corpus=corpus, steps=steps, init_from=base["run_dir"], seed=SEED + 1, lr=lr)
-    dense = train_run(ctx, "dense", run_config(ctx, **common))
-    sats = [train_run(ctx, name, run_config(ctx, method=method, **common))
+    dense = dense_frontier(ctx, run_config(ctx, **common))
+    sats = [train_run(ctx, name, with_wsd(run_config(ctx, method=method, **common)))
             for name, method in (("sat", SAT_CPT), ("sat-topk", {**SAT_CPT, "select": "topk"}))]
-    for c in (dense, *sats):
+    for c in (*dense, *sats):
         start_point(c, start)
-    return [base, dense, *sats], start
+    return [base, *dense, *sats], start
 
 
 def run_sat_cpt(ctx: Context) -> dict[str, Any]:
@@ -85,8 +83,8 @@ def run_sat_cpt(ctx: Context) -> dict[str, Any]:
     contenders, start = dense_vs_sat_from_a_base(ctx, corpus="english", data=english, steps=ctx.steps(400, 16),
                                                  lr=3e-4)
     note = (f"The base model (code, {contenders[0]['steps']} steps) has English validation loss {start:.4f} before "
-            "continuing: the first point of both curves.")
-    return {"contenders": contenders, "start_val_loss": start, "notes": [note]}
+            "continuing: the first point of every curve.")
+    return {"contenders": contenders, "start_val_loss": start, "notes": [note], "iso_loss": iso_loss(contenders)}
 
 
 def run_sat_sft(ctx: Context) -> dict[str, Any]:
@@ -102,32 +100,21 @@ def run_sat_sft(ctx: Context) -> dict[str, Any]:
             f"{steps * ctx.shape.batch_size / meta['train']['sequences']:.1f} epochs); the base (code, "
             f"{contenders[0]['steps']} steps) starts at validation loss {start:.4f} on the held-out functions. The "
             "base may have seen some of these functions in pre-training, dense and SAT alike.")
-    return {"contenders": contenders, "start_val_loss": start, "notes": [note]}
+    return {"contenders": contenders, "start_val_loss": start, "notes": [note], "iso_loss": iso_loss(contenders)}
 
 
 def run_upcycle(ctx: Context) -> dict[str, Any]:
-    """Dense base, then dense vs upcycled continuation for the same wall-clock."""
+    """Dense base, then the upcycled MoE continued for 800 steps against dense continued at four budgets around that
+    (the frontier), all on the `wsd` schedule: the MoE's speed-up at equal quality (its slower steps included)."""
     base = code_base(ctx)
     steps = ctx.steps(800, 16)
-    common = dict(corpus="code", init_from=base["run_dir"], seed=SEED + 1, lr=3e-4)
-    dense = train_run(ctx, "dense", run_config(ctx, steps=steps, **common))
-    # Equal wall-clock: the MoE's schedule gets as many steps as fit in dense's time, from step times measured the
-    # same way for both (the trainer's step on this device, compiled as the runs are).
-    timed, q = {}, STEP_QUICK if ctx.quick else STEP_FULL
-    for name, method in (("dense", None), ("upcycle", UPCYCLE)):
-        cfg = config_mod.from_dict(run_config(ctx, steps=steps, method=method, **common))
-        cfg.model.vocab_size = TokenData(cfg.data.dir).vocab_size
-        timed[name] = measure_steps(cfg, steps=q.steps, warmup=q.warmup, compile_model=ctx.cuda)["step_s"]
-        release_memory()
-    moe_steps = max(1, round(steps * timed["dense"] / timed["upcycle"]))
-    print(f"upcycle: step {timed['dense']:.4f} s dense, {timed['upcycle']:.4f} s MoE -> {moe_steps} MoE steps")
-    moe = train_run(ctx, "upcycle", run_config(ctx, steps=moe_steps, method=UPCYCLE, **common))
-    for c in (dense, moe):
+    common = dict(corpus="code", init_from=base["run_dir"], seed=SEED + 1, lr=3e-4, steps=steps)
+    dense = dense_frontier(ctx, run_config(ctx, **common))
+    moe = train_run(ctx, "upcycle", with_wsd(run_config(ctx, method=UPCYCLE, **common)))
+    for c in (*dense, moe):
         start_point(c, base["val_loss"])
-    note = (f"Equal wall-clock: one step takes {timed['dense']:.4f} s dense and {timed['upcycle']:.4f} s upcycled "
-            f"(measure_steps, this process), so the MoE trains {moe_steps} steps for dense's {steps}.")
-    return {"contenders": [base, dense, moe], "notes": [note],
-            "calibration": {"dense_step_s": timed["dense"], "moe_step_s": timed["upcycle"], "moe_steps": moe_steps}}
+    contenders = [base, *dense, moe]
+    return {"contenders": contenders, "iso_loss": iso_loss(contenders)}
 
 
 def run_pretrain(ctx: Context, contenders: list[tuple[str, dict[str, Any]]], model: dict[str, Any] | None = None,
