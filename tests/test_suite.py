@@ -500,7 +500,12 @@ def test_report_shows_the_link_between_the_gpus(results, tmp_path):
 def test_hsa_part_compares_each_pattern_with_dense_at_its_sequence_length(results):
     part = results["hsa-attention"]
     cs = {c["name"]: c for c in part["contenders"]}
-    assert set(cs) == {f"{n}-{t}" for n in ("dense", "local", "hybrid") for t in (64, 128)}
+    assert set(cs) == ({f"{n}-{t}" for n in ("dense", "local", "hybrid") for t in (64, 128)}
+                       | {f"dense-{t}-{f}x" for f in ("0.5", "1.5", "2") for t in (64, 128)})  # dense's frontiers
+    for t in (64, 128):  # each pattern against the frontier of its own sequence length
+        for n in ("local", "hybrid"):
+            assert cs[f"{n}-{t}"]["frontier"] == [f"dense-{t}-0.5x", f"dense-{t}", f"dense-{t}-1.5x", f"dense-{t}-2x"]
+            assert set(part["iso_loss"][f"{n}-{t}"]) == {"wallclock", "flops"}
     for t in (64, 128):
         dense = cs[f"dense-{t}"]
         assert dense["config"]["train"]["seq_len"] == t and dense["speedup"] == 1.0

@@ -35,18 +35,19 @@ def with_wsd(raw: dict[str, Any]) -> dict[str, Any]:
     return config_mod.to_dict(cfg_with_wsd(config_mod.from_dict(raw)))
 
 
-def budget_name(fraction: float) -> str:
-    """The frontier's run at the contenders' own budget keeps the name "dense" (the equal-step baseline)."""
-    return "dense" if fraction == 1.0 else f"dense-{fraction:g}x"
+def budget_name(fraction: float, prefix: str = "dense") -> str:
+    """The frontier's run at the contenders' own budget keeps the plain name (the equal-step baseline)."""
+    return prefix if fraction == 1.0 else f"{prefix}-{fraction:g}x"
 
 
-def dense_frontier(ctx: Context, raw: dict[str, Any], budgets: tuple[float, ...] = BUDGETS) -> list[dict[str, Any]]:
+def dense_frontier(ctx: Context, raw: dict[str, Any], budgets: tuple[float, ...] = BUDGETS,
+                   prefix: str = "dense") -> list[dict[str, Any]]:
     """Dense at each budget (fractions of raw's steps), the largest trained as the trunk (`training.budgets`), each
-    other one resumed from its checkpoint. Results in budget order, role "frontier"."""
+    other one resumed from its checkpoint. Results in budget order, role "frontier", named after `prefix`."""
     configs, starts = budget_configs(config_mod.from_dict(raw), budgets)
     largest = max(configs)
-    trunk = train_run(ctx, budget_name(largest), config_mod.to_dict(configs[largest]), role="frontier")
-    runs = [branch(ctx, trunk, budget_name(f), configs[f], starts[f]) for f in configs if f != largest]
+    trunk = train_run(ctx, budget_name(largest, prefix), config_mod.to_dict(configs[largest]), role="frontier")
+    runs = [branch(ctx, trunk, budget_name(f, prefix), configs[f], starts[f]) for f in configs if f != largest]
     return [*runs, trunk]
 
 
@@ -86,9 +87,12 @@ def branch(ctx: Context, trunk: dict[str, Any], name: str, cfg: config_mod.RunCo
 
 def iso_loss(contenders: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """Each method's speed-up at equal quality against the contenders with role "frontier", per cost (wall-clock,
-    counted FLOPs); also stored in each method's result as "iso_<cost>"."""
+    counted FLOPs); also stored in each method's result as "iso_<cost>", with the names of its frontier's runs
+    ("frontier": a part may hold several frontiers, one per group)."""
     dense = [c for c in contenders if c.get("role") == "frontier"]
     methods = [c for c in contenders if c.get("role") not in ("frontier", "base")]
+    for c in methods:
+        c["frontier"] = [d["name"] for d in dense]
     out: dict[str, dict[str, dict[str, Any]]] = {}
     by_name = {c["name"]: c for c in methods}
     for cost in COSTS:

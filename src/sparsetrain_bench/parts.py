@@ -208,19 +208,23 @@ HSA_SHAPES = {"full": ((1024, 16), (4096, 4), (8192, 2)), "quick": ((64, 8), (12
 
 def run_hsa(ctx: Context) -> dict[str, Any]:
     """Dense (causal SDPA) vs sparse attention patterns (FlexAttention block masks, every layer, the whole run) at
-    each sequence length, the same tokens: validation loss and wall-clock, ratios to the dense run of that length."""
+    each sequence length, the same tokens: validation loss and wall-clock, ratios to the dense run of that length,
+    and each pattern's speed-up at equal quality against dense at four budgets of that length."""
     steps = ctx.steps(300, 12)
-    contenders = []
+    contenders, iso = [], {}
     for seq, batch in HSA_SHAPES["quick" if ctx.quick else "full"]:
         common = dict(corpus="code", steps=steps, seq_len=seq, batch_size=batch, model={"max_seq_len": seq})
-        group = [train_run(ctx, f"dense-{seq}", run_config(ctx, **common))]
+        group = dense_frontier(ctx, run_config(ctx, **common), prefix=f"dense-{seq}")
         for name, pattern in HSA_PATTERNS:
             method = {"name": "mst", "sparsity": 0.0, "final_sparsity": 0.0, "update_every": steps,
                       "attention_start": 0.0, "attention_end": 1.0, **pattern}
             if ctx.quick:
                 method.update(window=16, stride=32)
-            group.append(train_run(ctx, f"{name}-{seq}", run_config(ctx, method=method, **common)))
+            group.append(train_run(ctx, f"{name}-{seq}", with_wsd(run_config(ctx, method=method, **common))))
         compare(ctx, group, baseline=f"dense-{seq}")
+        iso |= iso_loss(group)
         contenders += group
-    return {"contenders": contenders, "compared": True,
-            "notes": ["Each pattern's ratios are to the dense run of the same sequence length (same tokens a step)."]}
+    return {"contenders": contenders, "compared": True, "iso_loss": iso,
+            "notes": ["Each pattern is read against dense at its own sequence length (the same tokens a step): "
+                      "ratios to the dense run of the pattern's steps, and the speed-up at equal quality against "
+                      "dense at 0.5x-2x those steps."]}

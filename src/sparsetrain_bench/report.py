@@ -121,7 +121,9 @@ def _check_two_gpus(part: dict) -> tuple[str, bool | None]:
 ISO_TARGETS = {("ssd-pretrain", "ssd", "wallclock"): 1.2, ("mst-pretrain", "mst-neuron", "wallclock"): 1.2,
                ("mst-pretrain", "mst-weight", "flops"): 3.0, ("sat-cpt", "sat", "wallclock"): 1.3,
                ("sat-cpt", "sat-topk", "wallclock"): 1.3, ("sat-sft", "sat", "wallclock"): 1.25,
-               ("sat-sft", "sat-topk", "wallclock"): 1.25, ("upcycle", "upcycle", "wallclock"): 1.2}
+               ("sat-sft", "sat-topk", "wallclock"): 1.25, ("upcycle", "upcycle", "wallclock"): 1.2,
+               **{("hsa-attention", f"{p}-{t}", "wallclock"): m for p in ("local", "hybrid")
+                  for t, m in ((4096, 1.2), (8192, 1.4))}}
 COST_WORDS = {"wallclock": "wall-clock", "flops": "counted FLOPs"}
 
 
@@ -178,6 +180,10 @@ TARGETS = [
            _check_iso("mst-weight", cost="flops", minimum=3.0)),
     Target("MST neuron level, pre-training: speed-up at equal quality, wall-clock", ">= 1.2x", "mst-pretrain",
            _check_iso("mst-neuron", cost="wallclock", minimum=1.2)),
+    Target("MST hybrid sparse attention alone at sequence 4096: speed-up at equal quality, wall-clock", ">= 1.2x",
+           "hsa-attention", _check_iso("local-4096", "hybrid-4096", cost="wallclock", minimum=1.2)),
+    Target("MST hybrid sparse attention alone at sequence 8192: speed-up at equal quality, wall-clock", ">= 1.4x",
+           "hsa-attention", _check_iso("local-8192", "hybrid-8192", cost="wallclock", minimum=1.4)),
     Target("Two GPUs (2 x H200, torchrun) vs one, every method", ">= 1.8x tokens/s", "two-gpu", _check_two_gpus),
 ]
 
@@ -318,19 +324,27 @@ def _env_line(part: dict) -> str:
 
 
 def plot_iso(parts: dict[str, dict], out_dir: Path) -> list[tuple[str, str]]:
-    """Per part with an iso-loss comparison: dense's frontier with each method, against wall-clock and against
-    counted FLOPs; then one bar chart of every speed-up at equal quality, with the targets marked."""
+    """Per frontier of a part (one, or one per group such as hsa's sequence lengths): dense's frontier with its
+    methods, against wall-clock and against counted FLOPs; then one bar chart of every speed-up at equal quality,
+    with the targets marked."""
     figures, bars, targets = [], {}, {}
     for name, part in parts.items():
         if not part.get("iso_loss"):
             continue
-        dense = [c for c in part["contenders"] if c.get("role") == "frontier"]
-        methods = [c for c in part["contenders"] if c.get("role") not in ("frontier", "base")]
-        for cost in ("wallclock", "flops"):
-            file = f"{name}-frontier-{cost}.png"
-            plot_frontier(dense, methods, cost, out_dir / file, f"{name}: dense's frontier ({COST_WORDS[cost]})")
-            figures.append((f"{name}: speed-up at equal quality, {COST_WORDS[cost]}", file))
-            for method, iso in part["iso_loss"].items():
+        runs = {c["name"]: c for c in part["contenders"]}
+        groups: dict[tuple[str, ...], list[dict]] = {}
+        for c in part["contenders"]:
+            if c.get("frontier"):
+                groups.setdefault(tuple(c["frontier"]), []).append(c)
+        for i, (frontier, methods) in enumerate(groups.items()):
+            dense = [runs[n] for n in frontier]
+            tag = f"{name}-{i + 1}" if len(groups) > 1 else name
+            for cost in ("wallclock", "flops"):
+                file = f"{tag}-frontier-{cost}.png"
+                plot_frontier(dense, methods, cost, out_dir / file, f"{tag}: dense's frontier ({COST_WORDS[cost]})")
+                figures.append((f"{tag}: speed-up at equal quality, {COST_WORDS[cost]}", file))
+        for method, iso in part["iso_loss"].items():
+            for cost in ("wallclock", "flops"):
                 key = f"{method}\n{COST_WORDS[cost]}"
                 bars[key] = IsoLoss(**{k: v for k, v in iso[cost].items() if k != "label"})
                 if (name, method, cost) in ISO_TARGETS:
@@ -382,10 +396,12 @@ def write_report(paths: list[Path], out_dir: Path) -> Path:
         if part.get("contenders"):
             lines += [markdown_table(part["contenders"], CONTENDER_COLUMNS), ""]
         if part.get("iso_loss"):
-            lines += ["Speed-up at equal quality (dense's frontier: " + ", ".join(
-                f"{c['name']} {c['steps']} steps" for c in part["contenders"] if c.get("role") == "frontier") + "):",
-                "", *[f"- {m}: {_iso_text(iso['wallclock'])} in wall-clock; {_iso_text(iso['flops'])} in counted "
-                      "FLOPs" for m, iso in part["iso_loss"].items()], ""]
+            steps = {c["name"]: c["steps"] for c in part["contenders"]}
+            frontier = {c["name"]: c["frontier"] for c in part["contenders"] if c.get("frontier")}
+            lines += ["Speed-up at equal quality, each method against its dense frontier:", "",
+                      *[f"- {m} (dense at " + ", ".join(f"{steps[d]}" for d in frontier[m]) + " steps): "
+                        f"{_iso_text(iso['wallclock'])} in wall-clock; {_iso_text(iso['flops'])} in counted FLOPs"
+                        for m, iso in part["iso_loss"].items()], ""]
         if part.get("rows"):
             lines += [markdown_table(part["rows"], STEP_COLUMNS), ""]
         if part.get("scaling"):
