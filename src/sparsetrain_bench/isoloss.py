@@ -12,7 +12,6 @@ the branch's own steps; its FLOPs likewise.
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,7 @@ from sparsetrain.training.budgets import branch_folder, budget_configs
 from sparsetrain.training.budgets import with_wsd as cfg_with_wsd
 from sparsetrain.training.loop import train
 from sparsetrain_bench.context import Context
-from sparsetrain_bench.runs import CURVE_KEYS, CompileClock, keep_metrics, release_memory, steady_times, train_run
+from sparsetrain_bench.runs import CURVE_KEYS, CompileClock, run_result, steady_times, train_run
 
 BUDGETS = (0.5, 1.0, 1.5, 2.0)  # dense's budgets, in multiples of the contenders' steps
 COSTS = ("wallclock", "flops")
@@ -71,18 +70,8 @@ def branch(ctx: Context, trunk: dict[str, Any], name: str, cfg: config_mod.RunCo
     for r, t in zip(own, steady_times(shifted, clock.seconds)):
         r["wallclock"] = w0 + t
     curve = [r for r in trunk_curve if r["step"] <= start] + [{k: r[k] for k in CURVE_KEYS if k in r} for r in own]
-    metrics = keep_metrics(ctx, name, run_dir)
-    release_memory()
-    result = {
-        "name": name, "role": "frontier", "corpus": Path(cfg.data.dir).name, "method": "dense",
-        "config": config_mod.to_dict(cfg), "summary": summary, "steps": summary["steps"], "tokens": summary["tokens"],
-        "val_loss": summary["val_loss"], "train_time": summary["train_time"], "wallclock": curve[-1]["wallclock"],
-        "compile_s": trunk["compile_s"] + clock.seconds, "compilations": trunk["compilations"] + clock.count,
-        "flops": summary["flops"], "curve": curve, "metrics": metrics, "run_dir": str(run_dir),
-        "branched_at": start,
-    }
-    print(f"{ctx.part}: {name}: val loss {result['val_loss']:.4f}, {result['wallclock']:.1f} s", flush=True)
-    return result
+    return run_result(ctx, name, "frontier", cfg, summary, curve, run_dir, trunk["compile_s"] + clock.seconds,
+                      trunk["compilations"] + clock.count) | {"branched_at": start}
 
 
 def iso_loss(contenders: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
