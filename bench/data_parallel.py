@@ -28,7 +28,8 @@ from sparsetrain_bench.two_gpu import TWO_GPU_RUNS
 METHODS = {name: (method, model) for name, method, model, _ in TWO_GPU_RUNS if not name.endswith("accum4")}
 COLUMNS = [("preset", "model", ""), ("method", "method", ""), ("parallel", "parallel", ""),
            ("processes", "GPUs", "d"), ("rows", "rows/GPU", "d"), ("stream_step_s", "step s", ".4f"),
-           ("stream_tokens_per_s", "tokens/s", ",.0f"), ("scaling", "vs 1 GPU", ".2f"), ("step_s", "synced step s", ".4f"),
+           ("stream_tokens_per_s", "tokens/s", ",.0f"), ("scaling", "vs 1 GPU", ".2f"),
+           ("step_s", "synced step s", ".4f"),
            ("memory_gb", "mem GB", ".1f"), ("error", "error", "")]
 
 

@@ -1,9 +1,9 @@
 """Where a SAT step's time goes: before_step (selection), forward+backward, optimizer (with stash/restore).
 
-Dense and SAT variants side by side in one process, built as the trainer builds them (compiled model on a GPU, bf16
-autocast, fused AdamW with its weight-decay groups, gradient clipping) and stepped by the trainer's own step
-(`train_step`), each phase timed with CUDA events (CPU: perf_counter) at its phase marks. Prints a table and writes
-JSON. ("optimizer" includes clipping and the stash/restore of omitted slices.)
+Dense and SAT variants side by side in one process, each timed by `sparsetrain_bench.steps.measure_steps` (built and
+stepped as the trainer does: compiled model on a GPU, bf16 autocast, fused AdamW with its weight-decay groups,
+gradient clipping, `train_step`), which times every phase at the step's phase marks. Prints a table and writes JSON.
+("optimizer" includes clipping and the freeze of omitted slices.)
 
     PYTHONPATH=src python3 bench/sat_phases.py --out $OUT/sat_phases.json            # GPU, gpt2-medium
     PYTHONPATH=src python3 bench/sat_phases.py --device cpu --quick --out /tmp/p.json # smoke test
@@ -12,16 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
-from sparsetrain.methods import RunInfo
-from sparsetrain.training.build import build_model, make_optimizer
-from sparsetrain.training.runtime import parallelize, setup_runtime
-from sparsetrain.training.step import StepParts, train_step
-from sparsetrain_bench.steps import bench_config, print_table, write_rows
+from sparsetrain_bench.steps import bench_config, measure_steps, print_table, write_rows
 
 # name -> SAT options (None: dense); --variants picks some, in this order.
 VARIANTS = {
@@ -39,54 +33,16 @@ VARIANTS = {
 }
 
 
-class Clock:
-    """Marks between phases: CUDA events on a GPU, wall-clock on the CPU."""
-
-    def __init__(self, cuda: bool):
-        self.cuda, self.marks = cuda, []
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.marks.append(e)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def phases_ms(self) -> list[float]:
-        if self.cuda:
-            self.marks[-1].synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
-
-
 def run(variant, *, preset, batch, seq, vocab, steps, warmup, device, compile_model):
-    """The trainer's model, optimizer and step (`train_step`) for dense (`variant` None) or SAT with `variant`'s
-    options, each phase timed by `train_step`'s phase marks."""
+    """Dense (`variant` None) or SAT with `variant`'s options at a constant rate: median phase times, step time."""
     method = {"name": "dense"} if variant is None else {
         "name": "sat", "schedule": "constant", "dense_final": 0.0, **variant}
     cfg = bench_config(preset, batch_size=batch, seq_len=seq, vocab_size=vocab, method=method)
     cfg.train.device = device.type
-    rt = setup_runtime(cfg.train)
-    torch.manual_seed(0)
-    model, sat, _ = build_model(cfg, None)
-    model.to(rt.device)
-    wrapped = parallelize(model, rt, cfg.train, compile_model)
-    opt = make_optimizer(model, cfg.train, rt.device)
-    sat.start(model, opt, RunInfo(total_steps=10**6, tokens_per_step=batch * seq))
-    parts = StepParts(model, wrapped, sat, opt, cfg.train.grad_clip, rt.autocast)
-    x = torch.randint(0, vocab, (batch, seq), device=rt.device)
-    y = torch.randint(0, vocab, (batch, seq), device=rt.device)
-    rows = []
-    for i in range(warmup + steps):
-        clock = Clock(rt.device.type == "cuda")
-        clock.mark()
-        train_step(parts, i, [(x, y)], 1, on_phase=lambda phase: clock.mark())
-        if i >= warmup:
-            rows.append(clock.phases_ms())
-    before, fwdbwd, optim = (statistics.median(r[j] for r in rows) for j in range(3))
-    return {"options": "dense" if variant is None else json.dumps(variant), "before_ms": before,
-            "fwd_bwd_ms": fwdbwd, "optimizer_ms": optim, "step_ms": before + fwdbwd + optim}
+    r = measure_steps(cfg, steps=steps, warmup=warmup, compile_model=compile_model)
+    return {"options": "dense" if variant is None else json.dumps(variant), "before_ms": r["select_ms"],
+            "fwd_bwd_ms": r["fwd_bwd_ms"], "optimizer_ms": r["optimizer_ms"], "step_ms": r["step_s"] * 1e3,
+            "stream_step_ms": r["stream_step_s"] * 1e3}
 
 
 def main() -> None:
@@ -115,7 +71,8 @@ def main() -> None:
         r["speedup"] = dense / r["step_ms"]
     print_table(rows, [("variant", "SAT variant (rates 0.5)", ""), ("before_ms", "select ms", ".2f"),
                        ("fwd_bwd_ms", "fwd+bwd ms", ".2f"), ("optimizer_ms", "optimizer ms", ".2f"),
-                       ("step_ms", "step ms", ".2f"), ("speedup", "speed-up", ".2f")])
+                       ("step_ms", "step ms", ".2f"), ("speedup", "speed-up", ".2f"),
+                       ("stream_step_ms", "streamed step ms", ".2f")])
     write_rows(rows, a.out, vars(a))
 
 

@@ -61,9 +61,10 @@ def dense_vs_sat_from_a_base(ctx: Context, *, corpus: str, data: Path, steps: in
                              lr: float) -> tuple[list[dict[str, Any]], float]:
     """A dense base trained on code, its validation loss on `data` (the continuation's held-out set), then SAT (LORS)
     continued from it on `corpus` and dense at four budgets around SAT's steps (the frontier, `isoloss`), all on the
-    `wsd` schedule: the contenders, with that loss at the head of every curve, and the loss. SAT runs twice: with its default selection (sampling in proportion to the score)
-    and with top-k, which lost less validation loss in CPU runs of the tiny preset (+1.8% vs +3.1% after 100 steps
-    of the demo's continuation, three seeds of sampling within 0.002)."""
+    `wsd` schedule: the contenders, with that loss at the head of every curve, and the loss. SAT runs twice: with
+    its default selection (sampling in proportion to the score) and with top-k, which lost less validation loss in
+    CPU runs of the tiny preset (+1.8% vs +3.1% after 100 steps of the demo's continuation, three seeds of sampling
+    within 0.002)."""
     base = code_base(ctx)
     start = eval_run(base["run_dir"], data)
     print(f"{ctx.part}: the base model's validation loss on {data.name} before continuing: {start:.4f}")

@@ -208,7 +208,8 @@ class FrozenSlices:
         out: dict[int, list[tuple]] = {}
         for (p, keep), grad in zip(self.keep.items(), self.grads):
             s = self.optimizer.state[p]
-            out.setdefault(self.group_of[id(p)], []).append((p.detach(), grad, s["exp_avg"], s["exp_avg_sq"], keep, s["step"]))
+            member = (p.detach(), grad, s["exp_avg"], s["exp_avg_sq"], keep, s["step"])
+            out.setdefault(self.group_of[id(p)], []).append(member)
         return out
 
     def _compiled_update(self) -> None:
