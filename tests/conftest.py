@@ -1,8 +1,13 @@
 """Shared fixtures: one tiny prepared corpus per test session, a tiny training config, and a way to interrupt a
 run right after a checkpoint."""
 import contextlib
+import os
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # the Triton kernels' tests run through Triton's interpreter on the CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sparsetrain import config
 from sparsetrain.data.prepare import prepare

@@ -9,13 +9,15 @@ Experts of width f are stored stacked, ready for grouped GEMMs and easy to map t
 
 Routing and expert compute are separate steps, so another router can be plugged in (override `route`):
     route(x [N, d]) -> expert_ids [N, k], weights [N, k]        token choice, optional capacity limit
-    experts(x, expert_ids, weights) -> [N, d]                   sort by expert, two grouped GEMMs, combine
+    experts(x, expert_ids, weights) -> [N, d]                   plan, two grouped GEMMs, combine
 Expert choice (each expert takes its top-C tokens) gives every expert exactly C rows: a batched matmul.
 
-The dispatch: one stable sort of the N*k expert ids (8-bit keys: one radix pass), one row gather, two grouped
-GEMMs over the expert-contiguous rows with int32 cumulative `offs`, then the rows go back to token order and the
-k outputs of a token are summed with their weights. Both gathers have gathers as backward (`GatherRows`), not
-atomic scatter-adds: deterministic, and fast in bf16.
+The dispatch (`dispatch`, `Plan`): the N*k assignments are planned (which sorted row is which token's choice,
+where each expert's group ends), each row goes through its expert's two GEMMs, and the k outputs of a token are
+summed with their weights. `kernel` picks how (`KERNELS`): on a GPU the Triton kernels of `kernels.moe_gemm` plan
+with one counting-sort kernel and gather rows inside the first GEMM and scatter them inside the second, so no
+permuted copy of the activations exists; the reference paths sort the ids, gather rows (`GatherRows`: gathers
+as backward, not atomic scatter-adds) and run torch's grouped GEMM or one GEMM per expert.
 `offs[-1]` always equals the number of rows: tokens over an expert's capacity are still multiplied, with weight
 0, so no grouped GEMM ever leaves rows past `offs[-1]` uninitialised (forward output or gradient), and an
 uninitialised NaN can never meet a 0 weight. Experts with no tokens are empty groups.
@@ -30,11 +32,13 @@ several ranks, `Upcycle.aux_loss` counts f_e over all of them (from the layer's 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsetrain.nn.kernels import moe_gemm
 from sparsetrain.nn.model import ModelArgs, Transformer, activate
 
 # Public from torch 2.10; the private op before that.
@@ -142,24 +146,83 @@ def group_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, grouped: bo
     return torch.cat([a[start:end] @ w[e] for e, (start, end) in enumerate(zip([0] + ends[:-1], ends))])
 
 
+# How the expert GEMMs run. "triton": rows gathered and scattered inside the GEMMs (`kernels.moe_gemm`);
+# "grouped_mm": permuted copies of the rows around torch's grouped GEMM; "loop": one GEMM per expert (the oracle).
+# "auto" takes triton on a GPU in bf16/fp16, else grouped_mm where its alignment holds, else the loop.
+KERNELS = ("auto", "triton", "grouped_mm", "loop")
+
+
+def choose_kernel(choice: str, dtype: torch.dtype, device: torch.device, grouped_mm_ok: bool) -> str:
+    if choice not in KERNELS:
+        raise ValueError(f"unknown MoE kernel {choice!r}: choose one of {', '.join(KERNELS)}")
+    if choice == "auto":
+        if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and moe_gemm.available(device):
+            return "triton"
+        return "grouped_mm" if grouped_mm_ok else "loop"
+    if choice == "triton" and not moe_gemm.available(device):
+        raise ValueError(f"the triton MoE kernels cannot run on {device.type} here: install triton (GPU), or set "
+                         "TRITON_INTERPRET=1 (CPU, slow), or choose kernel 'grouped_mm' or 'loop'")
+    if choice == "grouped_mm" and not grouped_mm_ok:
+        return "loop"  # grouped_mm needs bf16 (any dtype in CPU eager) and 16-byte aligned rows
+    return choice
+
+
+class Plan(NamedTuple):
+    """Where each of a routing's N*k assignments goes (layouts: `kernels.moe_gemm`). int32 or int64 indices."""
+    order: torch.Tensor  # [N*k] slot of sorted row r
+    inverse: torch.Tensor  # [N*k] sorted row of slot s
+    offs: torch.Tensor  # [E] int32 group ends
+    sorted_ids: torch.Tensor  # [N*k] expert of sorted row r
+    slot_ids: torch.Tensor  # [N*k] expert of slot s
+    k: int
+
+    def input(self, x: torch.Tensor, kernel: str) -> tuple[torch.Tensor, bool]:
+        """(rows, gather) for the first expert GEMM of token rows x: the triton kernels gather inside the GEMM;
+        the others get a sorted copy, made once however many GEMMs read it."""
+        if kernel == "triton":
+            return x, True
+        return GatherRows.apply(x, self.order // self.k, self.inverse, self.k), False
+
+
+def routing_plan(expert_ids: torch.Tensor, num_experts: int, fused: bool) -> Plan:
+    """The plan of token choice routing `expert_ids` [N, k]: by the counting-sort kernel (`fused`), or by a stable
+    sort of the N*k ids (8-bit keys when E <= 256: one radix pass)."""
+    N, k = expert_ids.shape
+    slot_ids = expert_ids.reshape(-1)
+    if fused:
+        order, inverse, offs, sorted_ids = moe_gemm.routing_plan(expert_ids, num_experts)
+        return Plan(order, inverse, offs, sorted_ids, slot_ids, k)
+    key_dtype = torch.uint8 if num_experts <= 256 else torch.int32
+    sorted_ids, order = slot_ids.to(key_dtype).sort(stable=True)
+    offs = torch.searchsorted(
+        sorted_ids, torch.arange(num_experts, device=expert_ids.device, dtype=key_dtype), right=True,
+        out_int32=True,
+    )
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return Plan(order, inverse, offs, sorted_ids.long(), slot_ids, k)
+
+
+def expert_linear(x: torch.Tensor, w: torch.Tensor, plan: Plan, kernel: str, *, gather: bool,
+                  scatter: bool) -> torch.Tensor:
+    """Each assignment's row times its expert's w[e] ([E, K, N], any strides). `gather`: x holds token rows (else
+    sorted rows); `scatter`: return slot rows (else sorted rows)."""
+    if kernel == "triton":
+        return moe_gemm.expert_gemm(x, w, plan.order, plan.offs, plan.k, gather=gather, scatter=scatter)
+    if gather:
+        x = GatherRows.apply(x, plan.order // plan.k, plan.inverse, plan.k)
+    y = group_gemm(x, w, plan.offs, kernel == "grouped_mm")
+    return GatherRows.apply(y, plan.inverse, plan.order, 1) if scatter else y
+
+
 def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
-             expert_rows) -> torch.Tensor:
-    """sum_j weights[:, j] * expert_{expert_ids[:, j]}(x) for rows x [N, d]: sort the N*k assignments by expert,
-    run `expert_rows(xs, offs, sorted_ids, dtype)` on the grouped rows, and put the results back in token order.
+             expert_rows, kernel: str) -> torch.Tensor:
+    """sum_j weights[:, j] * expert_{expert_ids[:, j]}(x) for rows x [N, d]: plan the N*k assignments, run
+    `expert_rows(x, plan, kernel)` (token rows in, slot rows [N*k, d] out) and combine each token's k rows.
     Shared by every MoE layout (stacked experts here, SSD's views of a dense FFN)."""
     N, k = expert_ids.shape
-    # Row r of the expert-sorted layout is assignment order[r] (token order[r] // k); inverse undoes it.
-    # Narrow keys make the radix sort short: one pass over 8-bit keys when E <= 256.
-    key_dtype = torch.uint8 if num_experts <= 256 else torch.int32
-    sorted_ids, order = expert_ids.reshape(-1).to(key_dtype).sort(stable=True)
-    offs = torch.searchsorted(
-        sorted_ids, torch.arange(num_experts, device=x.device, dtype=key_dtype), right=True, out_int32=True,
-    )
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-    dtype = compute_dtype(x)
-    xs = GatherRows.apply(x.to(dtype), order // k, inverse, k)
-    ys = expert_rows(xs, offs, sorted_ids, dtype)
-    ys = GatherRows.apply(ys, inverse, order, 1).view(N, k, -1)  # back to token order
+    fused = kernel == "triton" or (x.device.type == "cuda" and moe_gemm.available(x.device))
+    plan = routing_plan(expert_ids, num_experts, fused)
+    ys = expert_rows(x.to(compute_dtype(x)), plan, kernel).view(N, k, -1)
     return (ys * weights.to(ys.dtype).unsqueeze(-1)).sum(dim=1)
 
 
@@ -190,7 +253,7 @@ class MoEFFN(nn.Module):
         self.router_type, self.renormalize = router, renormalize
         self.capacity_factor = capacity_factor  # token choice: 0 = dropless; expert choice: must be > 0
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
-        self.grouped = True  # False forces the per-expert loop (the reference the tests compare with)
+        self.kernel = "auto"  # how the expert GEMMs run (`KERNELS`); "loop" is the reference the tests compare with
 
         self.router = nn.Linear(d_model, experts, bias=False)
         self.w_in = nn.Parameter(torch.empty(experts, d_model, self.n_in))
@@ -246,25 +309,31 @@ class MoEFFN(nn.Module):
 
     def experts(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_j weights[:, j] * expert_{expert_ids[:, j]}(x): [N, d] in the compute dtype."""
-        return dispatch(x, expert_ids, weights, self.num_experts, self.expert_rows)
+        kernel = self.expert_kernel(compute_dtype(x), x.device)
+        return dispatch(x, expert_ids, weights, self.num_experts, self.expert_rows, kernel)
 
-    def expert_rows(self, xs, offs, sorted_ids, dtype) -> torch.Tensor:
-        """The expert MLP of rows already grouped by expert (`offs`: int32 ends of the groups; `sorted_ids`: each
-        row's expert)."""
-        grouped = self.use_grouped_mm(dtype, xs.device)
-        h = group_gemm(xs, self.w_in.to(dtype), offs, grouped)
+    def expert_rows(self, x: torch.Tensor, plan: Plan, kernel: str) -> torch.Tensor:
+        """The expert MLP of token rows x for every assignment of `plan`: slot rows [N*k, d]."""
+        dtype = x.dtype
+        x, gather = plan.input(x, kernel)
+        h = expert_linear(x, self.w_in.to(dtype), plan, kernel, gather=gather, scatter=False)
         # Biases are added in fp32 (the sum promotes): their gradient, a sum over many rows, then accumulates in
         # fp32 too, as a dense Linear's does.
         if self.in_bias is not None:
-            h = h + self.in_bias.float().view(self.num_experts, -1).index_select(0, sorted_ids.long())
-        y = group_gemm(activate(h, self.activation).to(dtype), self.w_out.to(dtype), offs, grouped)
+            h = h + self.in_bias.float().view(self.num_experts, -1).index_select(0, plan.sorted_ids)
+        a = activate(h, self.activation).to(dtype)
+        y = expert_linear(a, self.w_out.to(dtype), plan, kernel, gather=False, scatter=True)
         if self.out_bias is not None:
-            y = y + self.out_bias.float().view(self.num_experts, -1).index_select(0, sorted_ids.long())
+            y = y + self.out_bias.float().view(self.num_experts, -1).index_select(0, plan.slot_ids)
         return y
 
-    def use_grouped_mm(self, dtype: torch.dtype, device: torch.device) -> bool:
+    def expert_kernel(self, dtype: torch.dtype, device: torch.device) -> str:
+        """The kernel the expert GEMMs run with now (`self.kernel` resolved)."""
+        return choose_kernel(self.kernel, dtype, device, self.grouped_mm_ok(dtype, device))
+
+    def grouped_mm_ok(self, dtype: torch.dtype, device: torch.device) -> bool:
         """Grouped GEMMs need bf16 (any dtype in CPU eager) and row strides of a multiple of 16 bytes."""
-        if not self.grouped or grouped_mm is None:
+        if grouped_mm is None:
             return False
         if dtype != torch.bfloat16 and (device.type != "cpu" or torch.compiler.is_compiling()):
             return False

@@ -12,7 +12,8 @@ from sparsetrain.methods.frozen import moments
 from sparsetrain.methods.shards import index_select_, whole
 from sparsetrain.methods.ssd.cluster import cluster_means
 from sparsetrain.nn.model import FFN, Transformer, activate
-from sparsetrain.nn.moe import MoEFFN, dispatch, expert_counts, group_gemm, grouped_mm
+from sparsetrain.nn.moe import (MoEFFN, Plan, choose_kernel, compute_dtype, dispatch, expert_counts, expert_linear,
+                                grouped_mm)
 
 
 def neuron_rows(ffn: FFN) -> torch.Tensor:
@@ -71,7 +72,7 @@ class SSDFFN(FFN):
         self.sparse = False
         self.num_experts = self.top_k = 0
         self.router_grad = True
-        self.grouped = True  # False forces the per-expert loop (a reference)
+        self.kernel = "auto"  # how the expert GEMMs run (`moe.KERNELS`); "loop" is a reference
         self.register_buffer("centroids", None, persistent=False)  # [E, d] router vectors
         self.register_buffer("load", None, persistent=False)  # [E] assignments since the last reset
 
@@ -96,10 +97,10 @@ class SSDFFN(FFN):
             self.load += expert_counts(expert_ids, self.num_experts)
         return expert_ids, (s - s.detach()) + 1.0
 
-    def use_grouped_mm(self, dtype: torch.dtype, device: torch.device) -> bool:
-        """As `MoEFFN.use_grouped_mm`, for these views: their non-unit strides are d (`fc`) and d_ff (`proj`), and
+    def grouped_mm_ok(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """As `MoEFFN.grouped_mm_ok`, for these views: their non-unit strides are d (`fc`) and d_ff (`proj`), and
         each expert starts f elements after the previous one in `proj`."""
-        if not self.grouped or grouped_mm is None:
+        if grouped_mm is None:
             return False
         if dtype != torch.bfloat16 and (device.type != "cpu" or torch.compiler.is_compiling()):
             return False
@@ -107,18 +108,18 @@ class SSDFFN(FFN):
         f = self.d_ff // self.num_experts
         return all(n % align == 0 for n in (self.fc.in_features, f))
 
-    def expert_rows(self, xs, offs, sorted_ids, dtype) -> torch.Tensor:
-        """The expert MLP of rows grouped by expert (called by `moe.dispatch`): grouped GEMMs on views of the
-        dense weights (the cast to `dtype` is the one an autocast Linear makes)."""
+    def expert_rows(self, x: torch.Tensor, plan: Plan, kernel: str) -> torch.Tensor:
+        """The expert MLP of token rows x for every assignment of `plan` (called by `moe.dispatch`): grouped GEMMs
+        on views of the dense weights (the cast to x's dtype is the one an autocast Linear makes). Slot rows out."""
         E, f, d = self.num_experts, self.d_ff // self.num_experts, self.fc.in_features
-        grouped = self.use_grouped_mm(dtype, xs.device)
+        dtype = x.dtype
         w_in = self.fc.weight.to(dtype).view(-1, E, f, d).transpose(2, 3)  # [1 or 2 (gate, up), E, d, f]
-        ids = sorted_ids.long()
+        x, gather = plan.input(x, kernel)
 
         def pre_activation(part: int) -> torch.Tensor:
-            h = group_gemm(xs, w_in[part], offs, grouped)
+            h = expert_linear(x, w_in[part], plan, kernel, gather=gather, scatter=False)
             if self.fc.bias is not None:  # added in fp32, as in MoEFFN
-                h = h + self.fc.bias.float().view(-1, E, f)[part].index_select(0, ids)
+                h = h + self.fc.bias.float().view(-1, E, f)[part].index_select(0, plan.sorted_ids)
             return h
 
         if self.activation == "swiglu":
@@ -126,14 +127,16 @@ class SSDFFN(FFN):
         else:
             a = activate(pre_activation(0), self.activation)
         w_out = self.proj.weight.to(dtype).view(d, E, f).permute(1, 2, 0)  # [E, f, d]
-        return group_gemm(a.to(dtype), w_out, offs, grouped)
+        return expert_linear(a.to(dtype), w_out, plan, kernel, gather=False, scatter=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.sparse:
             return super().forward(x)
         B, T, d = x.shape
         x2 = x.reshape(B * T, d)
-        y = dispatch(x2, *self.route(x2), self.num_experts, self.expert_rows)
+        dtype = compute_dtype(x2)
+        kernel = choose_kernel(self.kernel, dtype, x2.device, self.grouped_mm_ok(dtype, x2.device))
+        y = dispatch(x2, *self.route(x2), self.num_experts, self.expert_rows, kernel)
         if self.proj.bias is not None:  # once per token, not once per expert
             y = y + self.proj.bias
         return y.to(x.dtype).view(B, T, d)

@@ -1,0 +1,243 @@
+"""Grouped GEMMs for Mixture-of-Experts layers in Triton: rows are gathered and results scattered inside the GEMM.
+
+A layer with N tokens and top-k routing has N*k assignments ("rows"), held in one of three layouts:
+    token   [N, K]      row t is a token (an assignment reads row slot // k)
+    slot    [N*k, K]    row t*k + j is token t's j-th choice (the router's output order)
+    sorted  [N*k, K]    rows grouped by expert: sorted row r is slot order[r]; group e ends at offs[e]
+`routing_plan` makes (order, inverse, offs, sorted_ids) from the expert ids in one kernel (a counting sort, stable:
+no radix passes, no host sync). `expert_gemm(x, w, plan, ...)` multiplies every sorted row by its expert's weight
+w[e] ([E, K, N], any strides: stacked experts or views of a dense FFN), reading its input row through `order`
+(gather) and writing its output row through `order` (scatter) where asked, so no permuted copy of the activations
+is ever made. Its backward is two kernels of the same kind: the input gradient is the same GEMM against w^T with the
+roles of gather and scatter swapped (a token's k copies summed afterwards, no atomics), the weight gradient a GEMM
+per expert over its rows (`_weight_grad_kernel`).
+
+The kernels run compiled on a GPU and, with TRITON_INTERPRET=1, on the CPU (slowly: the tests use tiny shapes).
+`moe.group_gemm` with GatherRows is the reference these are tested against.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # the CPU wheel of torch comes without Triton: the layers then use the reference path
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernels can run on `device`: a CUDA GPU with Triton, or the CPU under Triton's interpreter."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and INTERPRET)
+
+
+def _configs(configs: list[dict], interpret: list[dict]):
+    """Autotuning candidates: `configs` on a GPU; tiny blocks under the interpreter (tl.dot needs >= 16)."""
+    chosen = interpret if INTERPRET else configs
+    return [triton.Config({k: v for k, v in c.items() if k not in ("warps", "stages")},
+                          num_warps=c.get("warps", 4), num_stages=c.get("stages", 3)) for c in chosen]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _plan_kernel(ids_ptr, order_ptr, inverse_ptr, sorted_ids_ptr, offs_ptr, n, BLOCK: tl.constexpr):
+        """Program e places expert e's assignments: after all assignments to experts < e, in slot order."""
+        e = tl.program_id(0)
+        start = tl.zeros((), dtype=tl.int32)
+        for b in range(0, n, BLOCK):
+            idx = b + tl.arange(0, BLOCK)
+            ids = tl.load(ids_ptr + idx, mask=idx < n, other=2147483647)
+            start += tl.sum((ids < e).to(tl.int32), axis=0)
+        for b in range(0, n, BLOCK):
+            idx = b + tl.arange(0, BLOCK)
+            hit = tl.load(ids_ptr + idx, mask=idx < n, other=-1) == e
+            pos = start + tl.cumsum(hit.to(tl.int32), axis=0) - 1
+            tl.store(order_ptr + pos, idx, mask=hit)
+            tl.store(inverse_ptr + idx, pos, mask=hit)
+            tl.store(sorted_ids_ptr + pos, tl.zeros_like(pos) + e, mask=hit)
+            start += tl.sum(hit.to(tl.int32), axis=0)
+        tl.store(offs_ptr + e, start)
+
+    @triton.autotune(
+        configs=_configs(
+            [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8, stages=3),
+             dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, warps=8, stages=3),
+             dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, warps=4, stages=4),
+             dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, warps=4, stages=4),
+             dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, warps=8, stages=3)],
+            [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, warps=1, stages=1)]),
+        key=["K", "N", "E"],
+    )
+    @triton.jit
+    def _rows_kernel(x_ptr, w_ptr, y_ptr, order_ptr, offs_ptr, rows, K, N, div,
+                     sxm, sxk, swe, swk, swn, sym, syn,
+                     E: tl.constexpr, E_POW2: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[dst(r)] = x[src(r)] @ w[e(r)] for the sorted rows r of one tile. Tiles never straddle two experts:
+        each expert's rows are cut into its own BLOCK_M tiles, found from the group ends in registers, and the
+        grid's spare tiles (one per expert at most) return at once."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        experts = tl.arange(0, E_POW2)
+        ends = tl.load(offs_ptr + experts, mask=experts < E, other=0)
+        starts = tl.load(offs_ptr + experts - 1, mask=(experts > 0) & (experts < E), other=0)
+        tiles = tl.where(experts < E, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+        tile_ends = tl.cumsum(tiles, axis=0)
+        if pid_m >= tl.max(tile_ends, axis=0):
+            return
+        e = tl.sum((tile_ends <= pid_m).to(tl.int32), axis=0)
+        mine = experts == e
+        first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), axis=0)
+        r = tl.sum(tl.where(mine, starts, 0), axis=0) + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_group = r < tl.sum(tl.where(mine, ends, 0), axis=0)
+        if GATHER:
+            src = tl.load(order_ptr + r, mask=in_group, other=0) // div
+        else:
+            src = r
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        kk = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + src.to(tl.int64)[:, None] * sxm + kk[None, :] * sxk
+        b_ptrs = w_ptr + e.to(tl.int64) * swe + kk[:, None] * swk + n[None, :] * swn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + kk) < K
+            a = tl.load(a_ptrs, mask=in_group[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & (n < N)[None, :], other=0.0)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * sxk
+            b_ptrs += BLOCK_K * swk
+        if SCATTER:
+            dst = tl.load(order_ptr + r, mask=in_group, other=0)
+        else:
+            dst = r
+        y_ptrs = y_ptr + dst.to(tl.int64)[:, None] * sym + n[None, :] * syn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_group[:, None] & (n < N)[None, :])
+
+    @triton.autotune(
+        configs=_configs(
+            [dict(BLOCK_K=128, BLOCK_N=128, BLOCK_R=64, warps=8, stages=3),
+             dict(BLOCK_K=128, BLOCK_N=128, BLOCK_R=32, warps=8, stages=4),
+             dict(BLOCK_K=64, BLOCK_N=128, BLOCK_R=64, warps=4, stages=4),
+             dict(BLOCK_K=128, BLOCK_N=64, BLOCK_R=64, warps=4, stages=4)],
+            [dict(BLOCK_K=32, BLOCK_N=32, BLOCK_R=32, warps=1, stages=1)]),
+        key=["K", "N", "E"],
+    )
+    @triton.jit
+    def _weight_grad_kernel(x_ptr, dy_ptr, dw_ptr, order_ptr, offs_ptr, K, N, div,
+                            sxm, sxk, sdm, sdn, swe, swk, swn,
+                            E: tl.constexpr, X_GATHER: tl.constexpr, DY_GATHER: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """dw[e] = x[rows of e]^T @ dy[rows of e]: one [BLOCK_K, BLOCK_N] tile of one expert per program, the
+        expert's rows read through `order` where the operand is not in sorted layout. An expert without rows gets
+        zeros."""
+        pid = tl.program_id(0)
+        e = tl.program_id(1)
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        kk = (pid // n_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+        n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        end = tl.load(offs_ptr + e)
+        start = tl.load(offs_ptr + tl.maximum(e - 1, 0))
+        start = tl.where(e > 0, start, 0)
+        rr = tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for r0 in range(start, end, BLOCK_R):
+            r = r0 + rr
+            ok = r < end
+            if X_GATHER:
+                xs = tl.load(order_ptr + r, mask=ok, other=0) // div
+            else:
+                xs = r
+            if DY_GATHER:
+                ds = tl.load(order_ptr + r, mask=ok, other=0)
+            else:
+                ds = r
+            a = tl.load(x_ptr + xs.to(tl.int64)[None, :] * sxm + kk[:, None] * sxk,
+                        mask=ok[None, :] & (kk < K)[:, None], other=0.0)
+            b = tl.load(dy_ptr + ds.to(tl.int64)[:, None] * sdm + n[None, :] * sdn,
+                        mask=ok[:, None] & (n < N)[None, :], other=0.0)
+            acc = tl.dot(a, b, acc)
+        dw_ptrs = dw_ptr + e.to(tl.int64) * swe + kk[:, None] * swk + n[None, :] * swn
+        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(kk < K)[:, None] & (n < N)[None, :])
+
+    @triton_op("sparsetrain::routing_plan", mutates_args=())
+    def _routing_plan(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+        ids = expert_ids.reshape(-1).to(torch.int32)
+        n = ids.numel()
+        order = torch.empty(n, dtype=torch.int32, device=ids.device)
+        inverse = torch.empty_like(order)
+        sorted_ids = torch.empty_like(order)
+        offs = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
+        wrap_triton(_plan_kernel)[(num_experts,)](ids, order, inverse, sorted_ids, offs, n,
+                                                  BLOCK=256 if INTERPRET else 1024)
+        return order, inverse, offs, sorted_ids
+
+    @triton_op("sparsetrain::expert_gemm", mutates_args=())
+    def _expert_gemm(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, div: int,
+                     gather: bool, scatter: bool) -> torch.Tensor:
+        E, K, N = w.shape
+        rows = order.numel()
+        y = x.new_empty(rows, N)
+
+        def grid(meta):
+            return triton.cdiv(rows, meta["BLOCK_M"]) + E, triton.cdiv(N, meta["BLOCK_N"])
+
+        wrap_triton(_rows_kernel)[grid](
+            x, w, y, order, offs, rows, K, N, div, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+            y.stride(0), y.stride(1), E=E, E_POW2=triton.next_power_of_2(E), GATHER=gather, SCATTER=scatter)
+        return y
+
+    @triton_op("sparsetrain::expert_weight_grad", mutates_args=())
+    def _expert_weight_grad(x: torch.Tensor, dy: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, div: int,
+                            x_gather: bool, dy_gather: bool) -> torch.Tensor:
+        E, K, N = offs.numel(), x.shape[1], dy.shape[1]
+        dw = x.new_empty(E, K, N)
+
+        def grid(meta):
+            return triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]), E
+
+        wrap_triton(_weight_grad_kernel)[grid](
+            x, dy, dw, order, offs, K, N, div, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+            dw.stride(0), dw.stride(1), dw.stride(2), E=E, X_GATHER=x_gather, DY_GATHER=dy_gather)
+        return dw
+
+    def _setup_context(ctx, inputs, output):
+        x, w, order, offs, div, gather, scatter = inputs
+        ctx.save_for_backward(x, w, order, offs)
+        ctx.div, ctx.gather, ctx.scatter = div, gather, scatter
+
+    def _backward(ctx, dy):
+        x, w, order, offs = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            # The same GEMM against w^T: read dy where y was written, write where x was read (in slot layout).
+            dx = _expert_gemm(dy, w.transpose(1, 2), order, offs, 1, ctx.scatter, ctx.gather)
+            if ctx.gather and ctx.div > 1:  # token layout: sum each token's k copies (fp32, deterministic)
+                dx = dx.view(-1, ctx.div, dx.shape[-1]).sum(dim=1, dtype=torch.float32).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = _expert_weight_grad(x, dy, order, offs, ctx.div, ctx.gather, ctx.scatter).to(w.dtype)
+        return dx, dw, None, None, None, None, None
+
+    _expert_gemm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def routing_plan(expert_ids: torch.Tensor, num_experts: int):
+    """(order, inverse, offs, sorted_ids), all int32: `order[r]` the slot of sorted row r (stable: slot order within
+    an expert), `inverse` its inverse, `offs[e]` the end of expert e's group, `sorted_ids[r]` row r's expert."""
+    return _routing_plan(expert_ids, num_experts)
+
+
+def expert_gemm(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, k: int, *,
+                gather: bool, scatter: bool) -> torch.Tensor:
+    """Sorted row r times w[its expert] -> [N*k, w.shape[2]]. `gather`: x is in token layout (read row order[r] //
+    k), else sorted; `scatter`: the output is in slot layout (row r written to order[r]), else sorted. Differentiable
+    in x and w."""
+    return _expert_gemm(x, w, order, offs, k, gather, scatter)

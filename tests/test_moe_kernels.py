@@ -1,0 +1,152 @@
+"""The Triton MoE kernels (`nn.kernels.moe_gemm`) against the reference paths: on the CPU through Triton's
+interpreter (conftest sets TRITON_INTERPRET=1 where there is no GPU) at tiny shapes, on a GPU at real shapes."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from test_moe import make  # noqa: E402
+from test_ssd import as_moe, grads, make_model, ssd_layers, tokens  # noqa: E402
+
+from sparsetrain.nn.kernels import moe_gemm  # noqa: E402
+from sparsetrain.nn.moe import MoEFFN, expert_linear, routing_plan  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not moe_gemm.available(DEVICE), reason="needs a GPU, or TRITON_INTERPRET=1")
+gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="real shapes need a GPU")
+
+
+def routing(kind: str, N: int, E: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Expert ids [N, k] (distinct per token): `uneven` leaves experts empty, `one_expert` sends every token's
+    first choice to expert 0, `all` is k = E."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    if kind == "uneven":  # experts 1 and 3 get nothing, expert 0 most
+        ids = torch.stack([torch.randperm(E - 2, generator=g)[:k] for _ in range(N)])
+        ids = torch.tensor([0, 2, 4, 5, 6, 7])[ids]
+        ids[: N // 2, 0] = 0
+        ids[: N // 2, 1:] = torch.where(ids[: N // 2, 1:] == 0, 2, ids[: N // 2, 1:])
+    elif kind == "one_expert":
+        ids[:, 0] = 0
+        ids[:, 1:] = torch.where(ids[:, 1:] == 0, ids[:, :1].roll(1, 0) + 1, ids[:, 1:]) % E
+        ids = ids[:, :1]
+    return ids.to(DEVICE)
+
+
+@pytest.mark.parametrize("kind,E,k", [("uneven", 8, 2), ("one_expert", 4, 1), ("all", 4, 4), ("random", 64, 8)])
+def test_plan_is_the_stable_sort(kind, E, k):
+    ids = routing(kind, 120 if DEVICE.type == "cpu" else 5000, E, k)
+    fused, ref = routing_plan(ids, E, fused=True), routing_plan(ids, E, fused=False)
+    for name in ("order", "inverse", "offs", "sorted_ids"):
+        assert torch.equal(getattr(fused, name).long(), getattr(ref, name).long()), name
+
+
+@pytest.mark.parametrize("gather,scatter", [(True, False), (False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("k", [1, 3])
+def test_expert_gemm_and_its_gradients_equal_the_loop(gather, scatter, k):
+    """Odd widths (masks on every edge), an empty expert, one transposed (strided) weight."""
+    torch.manual_seed(0)
+    N, E, K, M = 21, 5, 24, 40
+    ids = routing("random", N, E, k)
+    ids[ids == 3] = 4 if k == 1 else ids[ids == 3]
+    plans = {"triton": routing_plan(ids, E, fused=True), "loop": routing_plan(ids, E, fused=False)}
+    x = torch.randn(N if gather else N * k, K, device=DEVICE)
+    w = torch.randn(E, M, K, device=DEVICE).transpose(1, 2)  # [E, K, M], not contiguous
+    dy = torch.randn(N * k, M, device=DEVICE)
+    out = {}
+    for kernel, plan in plans.items():
+        xi, wi = x.clone().requires_grad_(), w.detach().clone().requires_grad_()
+        y = expert_linear(xi, wi, plan, kernel, gather=gather, scatter=scatter)
+        y.backward(dy)
+        out[kernel] = (y, xi.grad, wi.grad)
+    for a, b in zip(out["triton"], out["loop"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("activation,bias,kind,E,k", [
+    ("swiglu", False, "uneven", 8, 2), ("gelu", True, "one_expert", 4, 1), ("relu2", False, "all", 4, 4)])
+def test_moe_layer_through_the_kernels_equals_the_loop(activation, bias, kind, E, k):
+    m = make(activation, bias, experts=E, top_k=k).to(DEVICE)
+    N = 24
+    x = torch.randn(N, 32, device=DEVICE)
+    ids, weights = routing(kind, N, E, k), torch.rand(N, k, device=DEVICE)
+    results = {}
+    for kernel in ("triton", "loop"):
+        m.kernel = kernel
+        m.zero_grad(set_to_none=True)
+        xi, wi = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        y = m.experts(xi, ids, wi)
+        y.backward(torch.randn_like(y, generator=torch.Generator(DEVICE.type).manual_seed(1)))
+        results[kernel] = [y, xi.grad, wi.grad] + [p.grad for p in m.parameters() if p.grad is not None]
+    assert len(results["triton"]) == len(results["loop"]) == (7 if bias else 5)
+    for a, b in zip(results["triton"], results["loop"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_capacity_drops_through_the_kernels():
+    m = make("gelu", experts=4, top_k=2, capacity_factor=0.5).to(DEVICE)
+    x = torch.randn(2, 12, 32, device=DEVICE)
+    out = {}
+    for kernel in ("triton", "loop"):
+        m.kernel = kernel
+        m.zero_grad(set_to_none=True)
+        y = m(x)
+        (y.square().sum() + m.aux_loss).backward()
+        out[kernel] = [y] + [p.grad for p in m.parameters()]
+    assert m.stats()["dropped"] > 0
+    for a, b in zip(out["triton"], out["loop"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("preset,activation", [("tiny", "relu2"), ("tiny-llama", "swiglu")])
+def test_ssd_views_through_the_kernels(preset, activation):
+    """SSD's experts are strided views of the dense weights: the kernels take them as they are."""
+    moe, _ = as_moe(make_model(preset, activation, n_layer=1).to(DEVICE), top_k=2)
+    x, y = (t.to(DEVICE) for t in tokens(n=2))
+    out = {}
+    for kernel in ("triton", "loop"):
+        for m in ssd_layers(moe):
+            m.kernel = kernel
+        out[kernel] = (moe(x, y).item(), grads(moe, x, y))
+    assert out["triton"][0] == pytest.approx(out["loop"][0], abs=1e-5)
+    for name, g in out["loop"][1].items():
+        torch.testing.assert_close(out["triton"][1][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_kernel_choice():
+    m = make("gelu")
+    assert m.expert_kernel(torch.float32, torch.device("cpu")) == "grouped_mm"
+    m.kernel = "fast"
+    with pytest.raises(ValueError, match="unknown MoE kernel 'fast'"):
+        m.expert_kernel(torch.float32, torch.device("cpu"))
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@gpu
+@pytest.mark.parametrize("d,E,k,activation,kind", [
+    (768, 8, 2, "gelu", "random"), (1024, 16, 4, "swiglu", "uneven"), (768, 64, 8, "relu2", "random"),
+    (768, 8, 1, "gelu", "one_expert"), (512, 4, 4, "gelu", "all")])
+def test_real_shapes_bf16_compiled_against_the_fp32_loop(d, E, k, activation, kind):
+    """The compiled layer in bf16 through the kernels (no graph break: fullgraph) against the per-expert loop in
+    fp32, outputs and every gradient within bf16 rounding."""
+    torch.manual_seed(0)
+    f = 4 * d // k // (2 if activation == "swiglu" else 1)
+    m = MoEFFN(d, f, E, k, activation).cuda()
+    N = 8192
+    x = torch.randn(N, d, device="cuda")
+    ids, weights = routing(kind, N, E, k), torch.rand(N, k, device="cuda")
+    dy = torch.randn(N, d, device="cuda")
+    results = {}
+    for kernel, dtype in (("triton", torch.bfloat16), ("loop", torch.float32)):
+        layer = m.to(dtype)
+        layer.kernel = kernel
+        layer.zero_grad(set_to_none=True)
+        xi, wi = x.to(dtype).requires_grad_(), weights.to(dtype).requires_grad_()
+        run = torch.compile(layer.experts, fullgraph=True) if kernel == "triton" else layer.experts
+        y = run(xi, ids, wi)
+        y.backward(dy.to(dtype))
+        results[kernel] = [y, xi.grad, wi.grad, layer.w_in.grad, layer.w_out.grad]
+    for name, a, b in zip(["y", "x", "weights", "w_in", "w_out"], results["triton"], results["loop"]):
+        assert relative_error(a, b) < 1e-2, name
