@@ -19,7 +19,7 @@ import sys
 import torch
 
 from sparsetrain.nn.model import FFN, ModelArgs
-from sparsetrain.nn.moe import MoEFFN
+from sparsetrain.nn.moe import MoEFFN, routing_plan
 from sparsetrain_bench.steps import median_ms, write_rows
 
 
@@ -45,24 +45,34 @@ def train_step(module: torch.nn.Module, layer, x: torch.Tensor, gy: torch.Tensor
     return run
 
 
-def gemm_only_step(moe: MoEFFN, x: torch.Tensor):
-    """The two grouped GEMMs of one routing of `x`, forward + backward, without routing or dispatch."""
-    x2 = x.detach().reshape(-1, x.shape[-1])
+def gemm_only_step(moe: MoEFFN, x: torch.Tensor, kernel: str):
+    """The expert MLP of one routing of `x` (its two GEMMs with the rows' gathers and scatters, activation),
+    forward + backward, without router, planning or combine."""
+    x2 = x.detach().reshape(-1, x.shape[-1]).clone().requires_grad_(True)
     with torch.no_grad():
         ids, _ = moe.route(x2)
-        sorted_ids, order = ids.reshape(-1).sort(stable=True)
-        offs = torch.searchsorted(sorted_ids, torch.arange(moe.num_experts, device=x.device), right=True,
-                                  out_int32=True)
-        xs = x2.index_select(0, order // ids.shape[1])
-    xs.requires_grad_(True)
-    gy = torch.randn(xs.shape[0], moe.d_model, device=x.device, dtype=x.dtype)
+        plan = routing_plan(ids, moe.num_experts, fused=kernel == "triton")
+    gy = torch.randn(ids.numel(), moe.d_model, device=x.device, dtype=x.dtype)
 
     def run():
         for p in moe.parameters():
             p.grad = None
-        xs.grad = None
-        moe.expert_rows(xs, offs, sorted_ids, x.dtype).backward(gy)
+        x2.grad = None
+        moe.expert_rows(x2, plan, kernel).backward(gy)
     return run
+
+
+def kernel_table(fn, steps: int = 5, rows: int = 14) -> str:
+    """The profiler's table of the CUDA kernels of `fn`, most time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60)
 
 
 def kernel_ms(fn, steps: int = 5) -> float:
@@ -94,13 +104,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--activation", default="gelu", choices=["gelu", "relu", "relu2", "swiglu"])
     p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile", "cudagraphs"],
                    help="cudagraphs = torch.compile(mode='reduce-overhead'): no launch overhead")
+    p.add_argument("--kernels", nargs="+", default=["triton", "grouped_mm"],
+                   help="how the MoE's expert GEMMs run (sparsetrain.nn.moe.KERNELS), one contender each")
+    p.add_argument("--profile", action="store_true", help="print each contender's CUDA kernel table")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--out", help="write the rows as JSON here")
     a = p.parse_args(argv)
     if a.quick:
         a.d, a.experts, a.top_k, a.tokens, a.seq, a.warmup, a.iters = [64], [4], [1, 2], 512, 128, 1, 3
-        a.modes = ["eager"]
+        a.modes, a.kernels = ["eager"], ["grouped_mm", "loop"]
     device = torch.device(a.device)
     dtype = torch.bfloat16
     torch.manual_seed(0)
@@ -121,26 +134,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             step = train_step(dense, layer, x, gy)
             dense_ms = median_ms(step, warmup=a.warmup, iters=a.iters, cuda=device.type == "cuda")
             dense_kernel_ms = kernel_ms(step) if timed_kernels and mode != "cudagraphs" else None
+            if a.profile and timed_kernels:
+                print(f"dense d={d} {mode}\n{kernel_table(step)}", flush=True)
             for E in a.experts:
                 for k in a.top_k:
                     if k > E or width % k:
                         continue
-                    moe = MoEFFN(d, width // k, E, k, a.activation).to(device, dtype)
-                    torch._dynamo.reset()
-                    layer = moe if kw is None else torch.compile(moe, **kw)
-                    step = train_step(moe, layer, x, gy)
-                    moe_ms = median_ms(step, warmup=a.warmup, iters=a.iters, cuda=device.type == "cuda")
-                    gemm_ms = median_ms(gemm_only_step(moe, x), warmup=a.warmup, iters=a.iters,
-                                        cuda=device.type == "cuda")
-                    row = dict(d=d, experts=E, top_k=k, expert_width=width // k, dense_width=width, mode=mode,
-                               grouped_mm=moe.use_grouped_mm(dtype, device), dense_ms=dense_ms, moe_ms=moe_ms,
-                               ratio=moe_ms / dense_ms, gemm_ms=gemm_ms)
-                    if dense_kernel_ms is not None:
-                        row.update(dense_kernel_ms=dense_kernel_ms, moe_kernel_ms=kernel_ms(step))
-                        row["kernel_ratio"] = row["moe_kernel_ms"] / dense_kernel_ms
-                    rows.append(row)
-                    del moe, layer, step
-                    print_row(rows[-1], header=len(rows) == 1)
+                    for kernel in a.kernels:
+                        row = moe_row(a, d, E, k, kernel, mode, x, gy, device, dtype, kw, dense_ms, dense_kernel_ms)
+                        rows.append(row)
+                        print_row(row, header=len(rows) == 1)
 
     print("\nMoE layer fwd+bwd time / dense FFN of equal active FLOPs (ratio < 1: MoE faster)")
     for i, r in enumerate(rows):
@@ -151,13 +154,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def moe_row(a, d, E, k, kernel, mode, x, gy, device, dtype, kw, dense_ms, dense_kernel_ms) -> dict:
+    """One MoE contender timed against the dense numbers of the same width."""
+    width = a.ffn_mult * d
+    moe = MoEFFN(d, width // k, E, k, a.activation).to(device, dtype)
+    moe.kernel = kernel
+    torch._dynamo.reset()
+    layer = moe if kw is None else torch.compile(moe, **kw)
+    step = train_step(moe, layer, x, gy)
+    cuda = device.type == "cuda"
+    moe_ms = median_ms(step, warmup=a.warmup, iters=a.iters, cuda=cuda)
+    gemm_ms = median_ms(gemm_only_step(moe, x, kernel), warmup=a.warmup, iters=a.iters, cuda=cuda)
+    row = dict(d=d, experts=E, top_k=k, expert_width=width // k, dense_width=width, mode=mode, kernel=kernel,
+               dense_ms=dense_ms, moe_ms=moe_ms, ratio=moe_ms / dense_ms, gemm_ms=gemm_ms)
+    if dense_kernel_ms is not None:
+        row.update(dense_kernel_ms=dense_kernel_ms, moe_kernel_ms=kernel_ms(step))
+        row["kernel_ratio"] = row["moe_kernel_ms"] / dense_kernel_ms
+        if a.profile:
+            print(f"moe d={d} E={E} k={k} {kernel} {mode}\n{kernel_table(step)}", flush=True)
+    return row
+
+
 def print_row(r: dict, header: bool):
     if header:
-        print(f"{'d':>5} {'E':>3} {'k':>2} {'f_e':>5} {'mode':>10} {'dense ms':>9} {'moe ms':>8} {'ratio':>6} "
+        print(f"{'d':>5} {'E':>3} {'k':>2} {'f_e':>5} {'kernel':>10} {'mode':>10} {'dense ms':>9} {'moe ms':>8} {'ratio':>6} "
               f"{'gemm ms':>8} {'dense gpu':>9} {'moe gpu':>8} {'ratio':>6}")
     gpu = (f"{r['dense_kernel_ms']:>9.3f} {r['moe_kernel_ms']:>8.3f} {r['kernel_ratio']:>6.2f}"
            if "kernel_ratio" in r else f"{'-':>9} {'-':>8} {'-':>6}")
-    print(f"{r['d']:>5} {r['experts']:>3} {r['top_k']:>2} {r['expert_width']:>5} {r['mode']:>10} "
+    print(f"{r['d']:>5} {r['experts']:>3} {r['top_k']:>2} {r['expert_width']:>5} {r['kernel']:>10} {r['mode']:>10} "
           f"{r['dense_ms']:>9.3f} {r['moe_ms']:>8.3f} {r['ratio']:>6.2f} {r['gemm_ms']:>8.3f} {gpu}", flush=True)
 
 

@@ -33,7 +33,7 @@ import sparsetrain.nn.moe as nn_moe
 from sparsetrain.errors import UserError
 from sparsetrain.methods.base import Method
 from sparsetrain.nn.model import ModelArgs, Transformer, flops_per_token
-from sparsetrain.nn.moe import ROUTERS, MoEFFN, balance_loss, moe_for
+from sparsetrain.nn.moe import KERNELS, ROUTERS, MoEFFN, balance_loss, moe_for
 from sparsetrain.store.checkpoint import load_weights
 
 
@@ -50,6 +50,7 @@ class UpcycleOptions:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     seed: int = 0  # router init and Drop-Upcycling's choice of neurons
+    kernel: str = "auto"  # how the expert GEMMs run: auto | triton | grouped_mm | loop (nn.moe.KERNELS)
 
 
 def moe_layers(model: Transformer) -> list[MoEFFN]:
@@ -95,6 +96,8 @@ def check_options(o: UpcycleOptions, args: ModelArgs) -> None:
         raise UserError("method.router = \"expert_choice\" needs method.capacity_factor > 0 (the paper used 2.0)")
     if o.aux_loss_coef < 0 or o.z_loss_coef < 0:
         raise UserError("method.aux_loss_coef and method.z_loss_coef must be >= 0")
+    if o.kernel not in KERNELS:
+        raise UserError(f"unknown method.kernel '{o.kernel}'; choose one of {', '.join(KERNELS)}")
     resolve_layers(o.layers, args.n_layer)
 
 
@@ -109,9 +112,11 @@ def output_scale(o: UpcycleOptions) -> float:
 
 
 def make_moe(args: ModelArgs, o: UpcycleOptions) -> MoEFFN:
-    return moe_for(args, experts=o.experts, top_k=o.top_k, granularity=o.granularity, router=o.router,
-                   renormalize=o.renormalize, capacity_factor=o.capacity_factor, aux_loss_coef=o.aux_loss_coef,
-                   z_loss_coef=o.z_loss_coef)
+    moe = moe_for(args, experts=o.experts, top_k=o.top_k, granularity=o.granularity, router=o.router,
+                  renormalize=o.renormalize, capacity_factor=o.capacity_factor, aux_loss_coef=o.aux_loss_coef,
+                  z_loss_coef=o.z_loss_coef)
+    moe.kernel = o.kernel
+    return moe
 
 
 def replace_ffns(model: Transformer, o: UpcycleOptions) -> list[int]:

@@ -51,6 +51,8 @@ class SSD(Method):
     def start(self, model: Transformer, optimizer: torch.optim.Optimizer, run: RunInfo) -> None:
         super().start(model, optimizer, run)
         self.layers = ssd_layers(model)
+        for m in self.layers:
+            m.kernel = self.options.kernel
         device = self.layers[0].fc.weight.device
         if self.order is None:
             self.order = torch.arange(self.args.d_ff, device=device).repeat(self.args.n_layer, 1)

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from sparsetrain.errors import UserError
 from sparsetrain.nn.model import ModelArgs
+from sparsetrain.nn.moe import KERNELS
 
 SCHEDULES = ("adaptive", "fixed")
 PHASES = ("dense", "sparse")
@@ -41,6 +42,7 @@ class SSDOptions:
     router_steps: int = 100
     freeze_unrouted: bool = True  # experts that no token chose on a step keep their weights and moments
     seed: int = 0  # fresh k-means starts
+    kernel: str = "auto"  # how the sparse phase's expert GEMMs run: auto | triton | grouped_mm | loop
 
 
 def resolve_top_k(o: SSDOptions) -> int:
@@ -56,7 +58,7 @@ def check_options(o: SSDOptions, args: ModelArgs) -> None:
     if not 1 <= k <= o.experts:
         raise UserError(f"method.top_k={k} must be in [1, method.experts={o.experts}]")
     for key, allowed in [("schedule", SCHEDULES), ("final_phase", PHASES), ("cluster", CLUSTERINGS),
-                         ("router", ROUTERS)]:
+                         ("router", ROUTERS), ("kernel", KERNELS)]:
         if getattr(o, key) not in allowed:
             raise UserError(f"unknown method.{key} '{getattr(o, key)}'; choose one of {', '.join(allowed)}")
     if o.schedule == "fixed":

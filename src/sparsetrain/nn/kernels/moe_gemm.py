@@ -29,6 +29,8 @@ except ImportError:  # the CPU wheel of torch comes without Triton: the layers t
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ROWS_BLOCK_K = 32 if INTERPRET else 64  # one depth for every config: the host knows whether K needs masks
+PLAN_BLOCK = 256 if INTERPRET else 4096
 
 
 def available(device: torch.device) -> bool:
@@ -36,6 +38,11 @@ def available(device: torch.device) -> bool:
     if triton is None:
         return False
     return device.type == "cuda" or (device.type == "cpu" and INTERPRET)
+
+
+def _precision(x: torch.Tensor) -> str:
+    """fp32 operands are multiplied in full fp32 ("ieee", as the reference does), not TF32."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def _configs(configs: list[dict], interpret: list[dict]):
@@ -68,18 +75,20 @@ if triton is not None:
 
     @triton.autotune(
         configs=_configs(
-            [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8, stages=3),
-             dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, warps=8, stages=3),
-             dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, warps=4, stages=4),
-             dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, warps=4, stages=4),
-             dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, warps=8, stages=3)],
-            [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, warps=1, stages=1)]),
+            [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=ROWS_BLOCK_K, warps=8, stages=3),
+             dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=ROWS_BLOCK_K, warps=4, stages=4),
+             dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=ROWS_BLOCK_K, warps=8, stages=3),
+             dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=ROWS_BLOCK_K, warps=8, stages=4),
+             dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=ROWS_BLOCK_K, warps=8, stages=3),
+             dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=ROWS_BLOCK_K, warps=4, stages=4)],
+            [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=ROWS_BLOCK_K, warps=1, stages=1)]),
         key=["K", "N", "E"],
     )
     @triton.jit
     def _rows_kernel(x_ptr, w_ptr, y_ptr, order_ptr, offs_ptr, rows, K, N, div,
                      sxm, sxk, swe, swk, swn, sym, syn,
                      E: tl.constexpr, E_POW2: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
+                     EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """y[dst(r)] = x[src(r)] @ w[e(r)] for the sorted rows r of one tile. Tiles never straddle two experts:
         each expert's rows are cut into its own BLOCK_M tiles, found from the group ends in registers, and the
@@ -108,10 +117,14 @@ if triton is not None:
         b_ptrs = w_ptr + e.to(tl.int64) * swe + kk[:, None] * swk + n[None, :] * swn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + kk) < K
-            a = tl.load(a_ptrs, mask=in_group[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & (n < N)[None, :], other=0.0)
-            acc = tl.dot(a, b, acc)
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=in_group[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=(n < N)[None, :], other=0.0)
+            else:
+                k_ok = (k0 + kk) < K
+                a = tl.load(a_ptrs, mask=in_group[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & (n < N)[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * sxk
             b_ptrs += BLOCK_K * swk
         if SCATTER:
@@ -124,9 +137,10 @@ if triton is not None:
     @triton.autotune(
         configs=_configs(
             [dict(BLOCK_K=128, BLOCK_N=128, BLOCK_R=64, warps=8, stages=3),
-             dict(BLOCK_K=128, BLOCK_N=128, BLOCK_R=32, warps=8, stages=4),
-             dict(BLOCK_K=64, BLOCK_N=128, BLOCK_R=64, warps=4, stages=4),
-             dict(BLOCK_K=128, BLOCK_N=64, BLOCK_R=64, warps=4, stages=4)],
+             dict(BLOCK_K=128, BLOCK_N=128, BLOCK_R=64, warps=4, stages=4),
+             dict(BLOCK_K=128, BLOCK_N=256, BLOCK_R=64, warps=8, stages=3),
+             dict(BLOCK_K=256, BLOCK_N=128, BLOCK_R=64, warps=8, stages=3),
+             dict(BLOCK_K=128, BLOCK_N=256, BLOCK_R=32, warps=8, stages=4)],
             [dict(BLOCK_K=32, BLOCK_N=32, BLOCK_R=32, warps=1, stages=1)]),
         key=["K", "N", "E"],
     )
@@ -134,7 +148,7 @@ if triton is not None:
     def _weight_grad_kernel(x_ptr, dy_ptr, dw_ptr, order_ptr, offs_ptr, K, N, div,
                             sxm, sxk, sdm, sdn, swe, swk, swn,
                             E: tl.constexpr, X_GATHER: tl.constexpr, DY_GATHER: tl.constexpr,
-                            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                            PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         """dw[e] = x[rows of e]^T @ dy[rows of e]: one [BLOCK_K, BLOCK_N] tile of one expert per program, the
         expert's rows read through `order` where the operand is not in sorted layout. An expert without rows gets
         zeros."""
@@ -163,7 +177,7 @@ if triton is not None:
                         mask=ok[None, :] & (kk < K)[:, None], other=0.0)
             b = tl.load(dy_ptr + ds.to(tl.int64)[:, None] * sdm + n[None, :] * sdn,
                         mask=ok[:, None] & (n < N)[None, :], other=0.0)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         dw_ptrs = dw_ptr + e.to(tl.int64) * swe + kk[:, None] * swk + n[None, :] * swn
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(kk < K)[:, None] & (n < N)[None, :])
 
@@ -176,8 +190,8 @@ if triton is not None:
         inverse = torch.empty_like(order)
         sorted_ids = torch.empty_like(order)
         offs = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
-        wrap_triton(_plan_kernel)[(num_experts,)](ids, order, inverse, sorted_ids, offs, n,
-                                                  BLOCK=256 if INTERPRET else 1024)
+        wrap_triton(_plan_kernel)[(num_experts,)](ids, order, inverse, sorted_ids, offs, n, BLOCK=PLAN_BLOCK,
+                                                  num_warps=1 if INTERPRET else 16)
         return order, inverse, offs, sorted_ids
 
     @triton_op("sparsetrain::expert_gemm", mutates_args=())
@@ -192,7 +206,8 @@ if triton is not None:
 
         wrap_triton(_rows_kernel)[grid](
             x, w, y, order, offs, rows, K, N, div, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-            y.stride(0), y.stride(1), E=E, E_POW2=triton.next_power_of_2(E), GATHER=gather, SCATTER=scatter)
+            y.stride(0), y.stride(1), E=E, E_POW2=triton.next_power_of_2(E), GATHER=gather, SCATTER=scatter,
+            EVEN_K=K % ROWS_BLOCK_K == 0, PRECISION=_precision(x))
         return y
 
     @triton_op("sparsetrain::expert_weight_grad", mutates_args=())
@@ -206,7 +221,8 @@ if triton is not None:
 
         wrap_triton(_weight_grad_kernel)[grid](
             x, dy, dw, order, offs, K, N, div, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-            dw.stride(0), dw.stride(1), dw.stride(2), E=E, X_GATHER=x_gather, DY_GATHER=dy_gather)
+            dw.stride(0), dw.stride(1), dw.stride(2), E=E, X_GATHER=x_gather, DY_GATHER=dy_gather,
+            PRECISION=_precision(x))
         return dw
 
     def _setup_context(ctx, inputs, output):
