@@ -167,6 +167,11 @@ def moe_row(a, d, E, k, kernel, mode, x, gy, device, dtype, kw, dense_ms, dense_
     gemm_ms = median_ms(gemm_only_step(moe, x, kernel), warmup=a.warmup, iters=a.iters, cuda=cuda)
     row = dict(d=d, experts=E, top_k=k, expert_width=width // k, dense_width=width, mode=mode, kernel=kernel,
                dense_ms=dense_ms, moe_ms=moe_ms, ratio=moe_ms / dense_ms, gemm_ms=gemm_ms)
+    with torch.no_grad():  # planning alone: the counting-sort kernel and the stable sort
+        ids, _ = moe.route(x.detach().reshape(-1, d))
+    for fused in (True, False) if cuda else (False,):
+        row["plan_ms" if fused else "sort_plan_ms"] = median_ms(
+            lambda: routing_plan(ids, E, fused=fused), warmup=a.warmup, iters=a.iters, cuda=cuda)
     if dense_kernel_ms is not None:
         row.update(dense_kernel_ms=dense_kernel_ms, moe_kernel_ms=kernel_ms(step))
         row["kernel_ratio"] = row["moe_kernel_ms"] / dense_kernel_ms
@@ -178,11 +183,12 @@ def moe_row(a, d, E, k, kernel, mode, x, gy, device, dtype, kw, dense_ms, dense_
 def print_row(r: dict, header: bool):
     if header:
         print(f"{'d':>5} {'E':>3} {'k':>2} {'f_e':>5} {'kernel':>10} {'mode':>10} {'dense ms':>9} {'moe ms':>8} {'ratio':>6} "
-              f"{'gemm ms':>8} {'dense gpu':>9} {'moe gpu':>8} {'ratio':>6}")
+              f"{'gemm ms':>8} {'dense gpu':>9} {'moe gpu':>8} {'ratio':>6} {'plan ms':>7} {'sort ms':>7}")
     gpu = (f"{r['dense_kernel_ms']:>9.3f} {r['moe_kernel_ms']:>8.3f} {r['kernel_ratio']:>6.2f}"
            if "kernel_ratio" in r else f"{'-':>9} {'-':>8} {'-':>6}")
     print(f"{r['d']:>5} {r['experts']:>3} {r['top_k']:>2} {r['expert_width']:>5} {r['kernel']:>10} {r['mode']:>10} "
-          f"{r['dense_ms']:>9.3f} {r['moe_ms']:>8.3f} {r['ratio']:>6.2f} {r['gemm_ms']:>8.3f} {gpu}", flush=True)
+          f"{r['dense_ms']:>9.3f} {r['moe_ms']:>8.3f} {r['ratio']:>6.2f} {r['gemm_ms']:>8.3f} {gpu} "
+          f"{r.get('plan_ms', float('nan')):>7.3f} {r['sort_plan_ms']:>7.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -146,9 +146,11 @@ def group_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, grouped: bo
     return torch.cat([a[start:end] @ w[e] for e, (start, end) in enumerate(zip([0] + ends[:-1], ends))])
 
 
-# How the expert GEMMs run. "triton": rows gathered and scattered inside the GEMMs (`kernels.moe_gemm`);
-# "grouped_mm": permuted copies of the rows around torch's grouped GEMM; "loop": one GEMM per expert (the oracle).
-# "auto" takes triton on a GPU in bf16/fp16, else grouped_mm where its alignment holds, else the loop.
+# How the expert GEMMs run. "grouped_mm": sorted copies of the rows around torch's grouped GEMM (cuBLAS/CUTLASS);
+# "triton": rows gathered and scattered inside Triton GEMMs (`kernels.moe_gemm`), no copies; "loop": one GEMM per
+# expert (the oracle). "auto" takes grouped_mm where its dtype and alignment rules hold (on the H200 it was faster
+# than the Triton GEMMs at every width measured, BENCHMARKS.md), else triton on a GPU, else the loop. On a GPU every
+# kernel plans the routing with the counting-sort kernel.
 KERNELS = ("auto", "triton", "grouped_mm", "loop")
 
 
@@ -156,9 +158,11 @@ def choose_kernel(choice: str, dtype: torch.dtype, device: torch.device, grouped
     if choice not in KERNELS:
         raise ValueError(f"unknown MoE kernel {choice!r}: choose one of {', '.join(KERNELS)}")
     if choice == "auto":
+        if grouped_mm_ok:
+            return "grouped_mm"
         if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and moe_gemm.available(device):
             return "triton"
-        return "grouped_mm" if grouped_mm_ok else "loop"
+        return "loop"
     if choice == "triton" and not moe_gemm.available(device):
         raise ValueError(f"the triton MoE kernels cannot run on {device.type} here: install triton (GPU), or set "
                          "TRITON_INTERPRET=1 (CPU, slow), or choose kernel 'grouped_mm' or 'loop'")

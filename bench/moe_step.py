@@ -1,0 +1,77 @@
+"""Where an MoE training step's time goes: SSD's sparse phase and an upcycled model against dense, per kernel.
+
+Dense and the MoE contenders side by side in one process, each timed by `sparsetrain_bench.steps.measure_steps` (the
+trainer's own step: compiled model, bf16 autocast, fused AdamW, clipping), with the expert GEMMs in each kernel of
+`sparsetrain.nn.moe.KERNELS` asked for. `--profile DIR` writes the torch profiler's kernel table of each contender
+(DIR/<contender>.txt), the profile a missed target needs. Prints a table and writes JSON.
+
+    PYTHONPATH=src python3 bench/moe_step.py --preset gpt2-medium --activation relu2 --contenders ssd \\
+        --out $OUT/ssd_step.json                                        # SSD's sparse phase, 16 experts top-4
+    PYTHONPATH=src python3 bench/moe_step.py --preset gpt2-small --contenders upcycle --out $OUT/upcycle_step.json
+    PYTHONPATH=src python3 bench/moe_step.py --device cpu --quick --out /tmp/m.json   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from sparsetrain_bench.steps import bench_config, measure_steps, print_table, write_rows
+from sparsetrain_bench.suite import SSD_STEP
+
+UPCYCLE_STEP = {"name": "upcycle", "experts": 8, "top_k": 2, "layers": "every-other"}
+METHODS = {"ssd": SSD_STEP, "upcycle": UPCYCLE_STEP}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="gpt2-medium")
+    p.add_argument("--activation", help="the model's activation (SSD's step runs relu2); default: the preset's")
+    p.add_argument("--contenders", nargs="+", choices=list(METHODS), default=["ssd"])
+    p.add_argument("--kernels", nargs="+", default=["auto", "grouped_mm", "triton"])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=50304)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--quick", action="store_true", help="tiny model, few steps, no compile (smoke test)")
+    p.add_argument("--profile", help="a folder for each contender's kernel table")
+    p.add_argument("--out", default="bench_out/moe_step.json")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    preset, batch, seq, vocab, steps, warmup = a.preset, a.batch, a.seq, a.vocab, a.steps, a.warmup
+    if a.quick:
+        preset, batch, seq, vocab, steps, warmup = "tiny", 4, 64, 512, 2, 1
+    model = {"activation": a.activation} if a.activation else None
+    if a.profile:
+        Path(a.profile).mkdir(parents=True, exist_ok=True)
+    contenders = [("dense", {"name": "dense"})] + [
+        (f"{name}-{kernel}", {**METHODS[name], "kernel": kernel}) for name in a.contenders for kernel in a.kernels]
+    if a.quick:
+        contenders = [(n, {**m, "experts": 4, "top_k": 2} if m["name"] == "ssd" else m) for n, m in contenders]
+    rows = []
+    for label, method in contenders:
+        cfg = bench_config(preset, batch_size=batch, seq_len=seq, vocab_size=vocab, method=method,
+                           model_overrides=model)
+        cfg.train.device = device.type
+        profile = Path(a.profile) / f"{label}.txt" if a.profile else None
+        r = measure_steps(cfg, steps=steps, warmup=warmup, compile_model=device.type == "cuda" and not a.quick,
+                          profile_to=profile)
+        r["contender"] = label
+        r["speedup"] = rows[0]["step_s"] / r["step_s"] if rows else 1.0
+        r["stream_speedup"] = rows[0]["stream_step_s"] / r["stream_step_s"] if rows else 1.0
+        r["flops_ratio"] = r["dense_flops_per_token"] / r["flops_per_token"]
+        rows.append(r)
+        print(label, {k: r[k] for k in ("step_s", "stream_step_s", "fwd_bwd_ms", "optimizer_ms")}, flush=True)
+    print_table(rows, [("contender", "contender", ""), ("step_s", "step s", ".4f"),
+                       ("stream_step_s", "streamed s", ".4f"), ("speedup", "speed-up", ".2f"),
+                       ("stream_speedup", "streamed", ".2f"), ("flops_ratio", "dense/method FLOPs", ".2f"),
+                       ("fwd_bwd_ms", "fwd+bwd ms", ".1f"), ("optimizer_ms", "optimizer ms", ".1f"),
+                       ("mfu_method", "MFU (active)", ".1%")])
+    write_rows(rows, a.out, vars(a))
+
+
+if __name__ == "__main__":
+    main()
