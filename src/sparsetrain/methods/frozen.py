@@ -172,11 +172,12 @@ class FrozenSlices:
         return not self.compiled or state["step"].device == p.device
 
     @torch.no_grad()
-    def freeze(self, p: torch.Tensor, dim: int, idx: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+    def freeze(self, p: torch.Tensor, dim: int, idx: torch.Tensor | None, keep: torch.Tensor | None = None) -> None:
         """Hold `p`'s entries at `idx` along `dim`. `keep`: the same as a boolean vector along `dim` (False at
-        `idx`), when the caller has it (saves building it)."""
+        `idx`), when the caller has it (saves building it); with `keep`, `idx` may be None: it is then found (a host
+        sync) only where the stash needs it."""
         if not self._maskable(p):
-            self.stash.save(p, dim, idx)
+            self.stash.save(p, dim, (~keep).nonzero().flatten() if idx is None else idx)
             return
         if keep is None:
             keep = torch.ones(p.shape[dim], dtype=torch.bool, device=p.device).index_fill_(0, idx, False)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from sparsetrain.errors import UserError
 from sparsetrain.methods.base import Method, RunInfo
-from sparsetrain.methods.frozen import SliceStash
+from sparsetrain.methods.frozen import FrozenSlices
 from sparsetrain.methods.ssd.cluster import contiguous_labels
 from sparsetrain.methods.ssd.ffn import SSDFFN, permute_ffn_, router_centroids, ssd_layers
 from sparsetrain.methods.ssd.monitor import Check, Monitor
@@ -41,7 +41,7 @@ class SSD(Method):
         self.check_step = self.reported_check = -1
         self.overhead = self.overhead_total = 0.0  # FLOPs: not yet in flops_per_token / all of them
         self._probe_hook = None
-        self._stash: SliceStash | None = None
+        self._frozen: FrozenSlices | None = None  # holds unrouted experts through the optimizer step
 
     @classmethod
     def validate(cls, options: SSDOptions, args: ModelArgs, seq_len: int) -> None:
@@ -51,6 +51,7 @@ class SSD(Method):
     def start(self, model: Transformer, optimizer: torch.optim.Optimizer, run: RunInfo) -> None:
         super().start(model, optimizer, run)
         self.layers = ssd_layers(model)
+        self._frozen = FrozenSlices(optimizer, compiled=model.wte.weight.device.type == "cuda")
         for m in self.layers:
             m.kernel = self.options.kernel
         device = self.layers[0].fc.weight.device
@@ -147,42 +148,31 @@ class SSD(Method):
         values = {k: [None if math.isnan(v) else v for v in row] for k, row in zip(Check.KEYS, packed.tolist())}
         return Check(**values, flops=check.flops)
 
-    def after_optimizer(self, step: int) -> None:
-        self._restore()
-        every = self.options.monitor_every
-        if every and (step + 1) % every == 0 and self.probe is not None:
-            self.run_check(step + 1, light=True)
-
     # --- only the chosen experts are updated -------------------------------------------------------------------
     def before_optimizer(self, step: int) -> None:
         """Experts no token chose this step have zero gradients, but AdamW would still move them (momentum, weight
-        decay): stash their weights and moments, put back after the step."""
-        self._stash = SliceStash(self.optimizer)
+        decay): their rows and columns are held (`frozen.FrozenSlices`: AdamW's update under a keep mask on a
+        GPU, no host sync; the stash where the mask does not apply)."""
         if self.phase != "sparse" or not self.options.freeze_unrouted:
             return
         loads = torch.stack([m.load for m in self.layers])
         if self.run.distributed:
             dist.all_reduce(loads)
-        idle = loads == 0
-        if not bool(idle.any()):
-            return
-        E = self.options.experts
-        f = self.args.d_ff // E
+        f = self.args.d_ff // self.options.experts
         with torch.no_grad():
-            for i, m in enumerate(self.layers):
-                experts = idle[i].nonzero().flatten()
-                if not experts.numel():
-                    continue
-                neurons = (experts[:, None] * f + torch.arange(f, device=experts.device)).flatten()
-                rows = m.in_rows(neurons)
-                for p, dim, idx in [(m.fc.weight, 0, rows), (m.fc.bias, 0, rows), (m.proj.weight, 1, neurons)]:
+            for routed, m in zip(loads > 0, self.layers):
+                keep = routed.repeat_interleave(f)  # [d_ff], one entry per neuron
+                keep_rows = keep.repeat(2) if m.activation == "swiglu" else keep  # fc: [gate | up] rows
+                for p, dim, k in [(m.fc.weight, 0, keep_rows), (m.fc.bias, 0, keep_rows), (m.proj.weight, 1, keep)]:
                     if p is not None:
-                        self._stash.save(p, dim, idx)
+                        self._frozen.freeze(p, dim, None, k)
+        self._frozen.before_step()
 
-    def _restore(self) -> None:
-        if self._stash is not None:
-            self._stash.restore()
-            self._stash = None
+    def after_optimizer(self, step: int) -> None:
+        self._frozen.after_step()  # nothing to do where nothing was held
+        every = self.options.monitor_every
+        if every and (step + 1) % every == 0 and self.probe is not None:
+            self.run_check(step + 1, light=True)
 
     def before_eval(self) -> None:
         """Evaluate the dense model (what training produces), also in a sparse phase."""

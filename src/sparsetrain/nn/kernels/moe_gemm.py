@@ -4,8 +4,9 @@ A layer with N tokens and top-k routing has N*k assignments ("rows"), held in on
     token   [N, K]      row t is a token (an assignment reads row slot // k)
     slot    [N*k, K]    row t*k + j is token t's j-th choice (the router's output order)
     sorted  [N*k, K]    rows grouped by expert: sorted row r is slot order[r]; group e ends at offs[e]
-`routing_plan` makes (order, inverse, offs, sorted_ids) from the expert ids in one kernel (a counting sort, stable:
-no radix passes, no host sync). `expert_gemm(x, w, plan, ...)` multiplies every sorted row by its expert's weight
+`routing_plan` makes (order, inverse, offs, sorted_ids) from the expert ids by a counting sort (stable, no host
+sync): one kernel counts each chunk's ids per expert, a cumulative sum places the chunks, a second kernel places the
+ids. `expert_gemm(x, w, plan, ...)` multiplies every sorted row by its expert's weight
 w[e] ([E, K, N], any strides: stacked experts or views of a dense FFN), reading its input row through `order`
 (gather) and writing its output row through `order` (scatter) where asked, so no permuted copy of the activations
 is ever made. Its backward is two kernels of the same kind: the input gradient is the same GEMM against w^T with the
@@ -30,7 +31,7 @@ except ImportError:  # the CPU wheel of torch comes without Triton: the layers t
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ROWS_BLOCK_K = 32 if INTERPRET else 64  # one depth for every config: the host knows whether K needs masks
-PLAN_BLOCK = 256 if INTERPRET else 4096
+PLAN_CELLS = 8192  # ids x experts a planning program compares at once
 
 
 def available(device: torch.device) -> bool:
@@ -55,23 +56,32 @@ def _configs(configs: list[dict], interpret: list[dict]):
 if triton is not None:
 
     @triton.jit
-    def _plan_kernel(ids_ptr, order_ptr, inverse_ptr, sorted_ids_ptr, offs_ptr, n, BLOCK: tl.constexpr):
-        """Program e places expert e's assignments: after all assignments to experts < e, in slot order."""
-        e = tl.program_id(0)
-        start = tl.zeros((), dtype=tl.int32)
-        for b in range(0, n, BLOCK):
-            idx = b + tl.arange(0, BLOCK)
-            ids = tl.load(ids_ptr + idx, mask=idx < n, other=2147483647)
-            start += tl.sum((ids < e).to(tl.int32), axis=0)
-        for b in range(0, n, BLOCK):
-            idx = b + tl.arange(0, BLOCK)
-            hit = tl.load(ids_ptr + idx, mask=idx < n, other=-1) == e
-            pos = start + tl.cumsum(hit.to(tl.int32), axis=0) - 1
-            tl.store(order_ptr + pos, idx, mask=hit)
-            tl.store(inverse_ptr + idx, pos, mask=hit)
-            tl.store(sorted_ids_ptr + pos, tl.zeros_like(pos) + e, mask=hit)
-            start += tl.sum(hit.to(tl.int32), axis=0)
-        tl.store(offs_ptr + e, start)
+    def _count_kernel(ids_ptr, counts_ptr, n, chunks, E: tl.constexpr, E_POW2: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        """counts[e, c]: how many of chunk c's BLOCK ids are e."""
+        c = tl.program_id(0)
+        idx = c * BLOCK + tl.arange(0, BLOCK)
+        ids = tl.load(ids_ptr + idx, mask=idx < n, other=-1)
+        experts = tl.arange(0, E_POW2)
+        counts = tl.sum((ids[None, :] == experts[:, None]).to(tl.int32), axis=1)
+        tl.store(counts_ptr + experts * chunks + c, counts, mask=experts < E)
+
+    @triton.jit
+    def _place_kernel(ids_ptr, starts_ptr, order_ptr, inverse_ptr, sorted_ids_ptr, n, chunks, E: tl.constexpr,
+                      E_POW2: tl.constexpr, BLOCK: tl.constexpr):
+        """Chunk c's ids go to their experts' places: the chunk's start in its expert's group (`starts[e, c]`, all
+        earlier experts and earlier chunks before it) plus the id's rank among the chunk's ids of that expert."""
+        c = tl.program_id(0)
+        idx = c * BLOCK + tl.arange(0, BLOCK)
+        ok = idx < n
+        ids = tl.load(ids_ptr + idx, mask=ok, other=-1)
+        experts = tl.arange(0, E_POW2)
+        hits = (ids[None, :] == experts[:, None]).to(tl.int32)  # [E_POW2, BLOCK]
+        starts = tl.load(starts_ptr + experts * chunks + c, mask=experts < E, other=0)
+        pos = tl.sum(hits * (starts[:, None] + tl.cumsum(hits, axis=1) - 1), axis=0)
+        tl.store(order_ptr + pos, idx, mask=ok)
+        tl.store(inverse_ptr + idx, pos, mask=ok)
+        tl.store(sorted_ids_ptr + pos, ids, mask=ok)
 
     @triton.autotune(
         configs=_configs(
@@ -185,13 +195,20 @@ if triton is not None:
     def _routing_plan(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                              torch.Tensor]:
         ids = expert_ids.reshape(-1).to(torch.int32)
-        n = ids.numel()
+        n, E = ids.numel(), num_experts
+        e_pow2 = triton.next_power_of_2(E)
+        block = max(16, PLAN_CELLS // e_pow2)  # a chunk's [E, BLOCK] hit matrix stays in registers
+        chunks = triton.cdiv(n, block)
+        counts = torch.empty(E, chunks, dtype=torch.int32, device=ids.device)
+        wrap_triton(_count_kernel)[(chunks,)](ids, counts, n, chunks, E=E, E_POW2=e_pow2, BLOCK=block)
+        flat = counts.view(-1)
+        starts = (flat.cumsum(0, dtype=torch.int32) - flat).view(E, chunks)  # expert-major: stable
+        offs = counts.sum(dim=1, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         order = torch.empty(n, dtype=torch.int32, device=ids.device)
         inverse = torch.empty_like(order)
         sorted_ids = torch.empty_like(order)
-        offs = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
-        wrap_triton(_plan_kernel)[(num_experts,)](ids, order, inverse, sorted_ids, offs, n, BLOCK=PLAN_BLOCK,
-                                                  num_warps=1 if INTERPRET else 16)
+        wrap_triton(_place_kernel)[(chunks,)](ids, starts, order, inverse, sorted_ids, n, chunks, E=E,
+                                              E_POW2=e_pow2, BLOCK=block)
         return order, inverse, offs, sorted_ids
 
     @triton_op("sparsetrain::expert_gemm", mutates_args=())
