@@ -8,6 +8,8 @@ import torch
 
 if not torch.cuda.is_available():  # the Triton kernels' tests run through Triton's interpreter on the CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# One tile configuration per kernel: autotuning every test's shapes over all of them took minutes on the GPU.
+os.environ.setdefault("SPARSETRAIN_KERNEL_TUNING", "off")
 
 from sparsetrain import config
 from sparsetrain.data.prepare import prepare

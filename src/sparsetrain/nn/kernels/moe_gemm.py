@@ -47,8 +47,11 @@ def _precision(x: torch.Tensor) -> str:
 
 
 def _configs(configs: list[dict], interpret: list[dict]):
-    """Autotuning candidates: `configs` on a GPU; tiny blocks under the interpreter (tl.dot needs >= 16)."""
-    chosen = interpret if INTERPRET else configs
+    """Autotuning candidates: `configs` on a GPU (only the first with SPARSETRAIN_KERNEL_TUNING=off: the tests,
+    where every new shape would compile and time them all); tiny blocks under the interpreter (tl.dot needs
+    >= 16)."""
+    chosen = interpret if INTERPRET else configs[:1] if os.environ.get("SPARSETRAIN_KERNEL_TUNING") == "off" \
+        else configs
     return [triton.Config({k: v for k, v in c.items() if k not in ("warps", "stages")},
                           num_warps=c.get("warps", 4), num_stages=c.get("stages", 3)) for c in chosen]
 
