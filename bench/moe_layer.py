@@ -62,8 +62,8 @@ def gemm_only_step(moe: MoEFFN, x: torch.Tensor, kernel: str):
     return run
 
 
-def kernel_table(fn, steps: int = 5, rows: int = 14) -> str:
-    """The profiler's table of the CUDA kernels of `fn`, most time first."""
+def profiled(fn, steps: int = 5):
+    """The profiler's record of `steps` calls of `fn` (after one call outside it), CUDA activity only."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -72,22 +72,21 @@ def kernel_table(fn, steps: int = 5, rows: int = 14) -> str:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60)
+    return prof
+
+
+def kernel_table(fn, steps: int = 5, rows: int = 14) -> str:
+    """The profiler's table of the CUDA kernels of `fn`, most time first."""
+    return profiled(fn, steps).key_averages().table(sort_by="self_cuda_time_total", row_limit=rows,
+                                                    max_name_column_width=60)
 
 
 def kernel_ms(fn, steps: int = 5) -> float:
     """GPU time of one call of `fn`: the sum of its kernels' (and copies') durations, gaps left out. This is what
     the layer costs inside a model step that keeps the GPU busy, where launch overhead overlaps other work."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    events = [e for e in profiled(fn, steps).key_averages() if e.device_type == DeviceType.CUDA]
     return sum(e.self_device_time_total for e in events) / steps / 1e3
 
 

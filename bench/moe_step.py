@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from sparsetrain_bench.steps import bench_config, measure_steps, print_table, write_rows
+from sparsetrain_bench.steps import bench_config, measure_steps, print_table, step_arguments, step_shape, write_rows
 from sparsetrain_bench.suite import SSD_STEP
 
 UPCYCLE_STEP = {"name": "upcycle", "experts": 8, "top_k": 2, "layers": "every-other"}
@@ -26,24 +24,14 @@ METHODS = {"ssd": SSD_STEP, "upcycle": UPCYCLE_STEP}
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="gpt2-medium")
+    step_arguments(p)
     p.add_argument("--activation", help="the model's activation (SSD's step runs relu2); default: the preset's")
     p.add_argument("--contenders", nargs="+", choices=list(METHODS), default=["ssd"])
     p.add_argument("--kernels", nargs="+", default=["auto", "grouped_mm", "triton"])
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--vocab", type=int, default=50304)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=8)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--quick", action="store_true", help="tiny model, few steps, no compile (smoke test)")
     p.add_argument("--profile", help="a folder for each contender's kernel table")
     p.add_argument("--out", default="bench_out/moe_step.json")
     a = p.parse_args()
-    device = torch.device(a.device)
-    preset, batch, seq, vocab, steps, warmup = a.preset, a.batch, a.seq, a.vocab, a.steps, a.warmup
-    if a.quick:
-        preset, batch, seq, vocab, steps, warmup = "tiny", 4, 64, 512, 2, 1
+    shape = step_shape(a)
     model = {"activation": a.activation} if a.activation else None
     if a.profile:
         Path(a.profile).mkdir(parents=True, exist_ok=True)
@@ -53,11 +41,11 @@ def main() -> None:
         contenders = [(n, {**m, "experts": 4, "top_k": 2} if m["name"] == "ssd" else m) for n, m in contenders]
     rows = []
     for label, method in contenders:
-        cfg = bench_config(preset, batch_size=batch, seq_len=seq, vocab_size=vocab, method=method,
-                           model_overrides=model)
-        cfg.train.device = device.type
+        cfg = bench_config(shape["preset"], batch_size=shape["batch"], seq_len=shape["seq"],
+                           vocab_size=shape["vocab"], method=method, model_overrides=model)
+        cfg.train.device = shape["device"].type
         profile = Path(a.profile) / f"{label}.txt" if a.profile else None
-        r = measure_steps(cfg, steps=steps, warmup=warmup, compile_model=device.type == "cuda" and not a.quick,
+        r = measure_steps(cfg, steps=shape["steps"], warmup=shape["warmup"], compile_model=shape["compile_model"],
                           profile_to=profile)
         r["contender"] = label
         r["speedup"] = rows[0]["step_s"] / r["step_s"] if rows else 1.0

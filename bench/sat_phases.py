@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from sparsetrain_bench.steps import bench_config, measure_steps, print_table, write_rows
+from sparsetrain_bench.steps import bench_config, measure_steps, print_table, step_arguments, step_shape, write_rows
 
 # name -> SAT options (None: dense); --variants picks some, in this order.
 VARIANTS = {
@@ -47,23 +45,12 @@ def run(variant, *, preset, batch, seq, vocab, steps, warmup, device, compile_mo
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="gpt2-medium")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--vocab", type=int, default=50304)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=8)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--quick", action="store_true", help="tiny model, few steps, no compile (smoke test)")
+    step_arguments(p)
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                    help="which contenders (dense is always first)")
     p.add_argument("--out", default="bench_out/sat_phases.json")
     a = p.parse_args()
-    device = torch.device(a.device)
-    kw = dict(preset=a.preset, batch=a.batch, seq=a.seq, vocab=a.vocab, steps=a.steps, warmup=a.warmup,
-              device=device, compile_model=device.type == "cuda")
-    if a.quick:
-        kw.update(preset="tiny", batch=4, seq=64, vocab=512, steps=2, warmup=1, compile_model=False)
+    kw = step_shape(a)
     names = ["dense"] + [v for v in a.variants if v != "dense"]
     rows = [{"variant": name, **run(VARIANTS[name], **kw)} for name in names]
     dense = rows[0]["step_ms"]

@@ -567,3 +567,24 @@ def test_pretrain_parts_read_each_method_against_a_dense_frontier(env, results):
     assert "speed-up at equal quality" in text.lower() and "(iso-loss.png)" in text
     for f in ("iso-loss.png", "ssd-pretrain-frontier-wallclock.png", "mst-pretrain-frontier-flops.png"):
         assert (env["out"] / "iso" / f).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("script,args", [
+    ("moe_layer.py", ["--device", "cpu", "--quick"]),
+    ("moe_step.py", ["--device", "cpu", "--quick", "--contenders", "ssd", "upcycle", "--kernels", "auto", "loop"]),
+    ("sat_phases.py", ["--device", "cpu", "--quick", "--variants", "uniform"]),
+])
+def test_gpu_bench_scripts_run_their_cpu_smoke_test(script, args, tmp_path):
+    """The GPU scripts of bench/ on tiny shapes: they run and write rows for every contender."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "rows.json"
+    env = {**os.environ, "PYTHONPATH": str(repo / "src")}
+    res = subprocess.run([sys.executable, str(repo / "bench" / script), *args, "--out", str(out)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    expected = {"moe_layer.py": 4, "moe_step.py": 5, "sat_phases.py": 2}[script]
+    assert len(rows) == expected

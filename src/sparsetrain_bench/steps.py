@@ -161,6 +161,29 @@ def bench_config(preset: str, *, batch_size: int, seq_len: int, vocab_size: int,
     return config_mod.from_dict(raw)
 
 
+def step_arguments(parser, preset: str = "gpt2-medium") -> None:
+    """The step shape of a bench script's contenders (`step_shape` reads them back)."""
+    parser.add_argument("--preset", default=preset)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=50304)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few steps, no compile (smoke test)")
+
+
+def step_shape(a) -> dict[str, Any]:
+    """preset, batch, seq, vocab, steps, warmup, device and compile_model from `step_arguments`' options (--quick: a
+    tiny model on few steps, eager)."""
+    device = torch.device(a.device)
+    shape = dict(preset=a.preset, batch=a.batch, seq=a.seq, vocab=a.vocab, steps=a.steps, warmup=a.warmup,
+                 device=device, compile_model=device.type == "cuda")
+    if a.quick:
+        shape.update(preset="tiny", batch=4, seq=64, vocab=512, steps=2, warmup=1, compile_model=False)
+    return shape
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
     """columns: (key, header, format). Prints the Markdown table the report writes, and returns it."""
     text = markdown_table(rows, columns)
