@@ -4,9 +4,12 @@ Each expert is f_e = ffn_mult * d / k wide, so a token's k experts do the work o
 ffn_mult * d (the dense contender). Both run in bf16 on the same input; the MoE includes its router, losses,
 statistics and dispatch. `ms`: wall time of the layer's step alone, CUDA events after warm-up, median of many
 steps (launch overhead included: a lone layer can wait on the CPU). `gpu`: the sum of the step's kernel times
-(profiler), what the layer costs inside a model step that keeps the GPU busy. `gemm ms`: the MoE's two grouped
-GEMMs alone (forward + backward on rows already sorted by expert), so moe - gemm is what routing, losses and
-dispatch cost. Modes: eager, torch.compile, and torch.compile with CUDA graphs (no launch overhead).
+(profiler), what the layer costs inside a model step that keeps the GPU busy. `gemm ms`: the expert MLP alone
+on a fixed routing (its two GEMMs, with the gathers and scatters of its rows, and the activation; forward +
+backward), so moe - gemm is what routing, planning, losses and the combine cost. `plan ms` / `sort ms`: planning a
+routing by the Triton counting sort / by a stable sort, eager, launch included. `--kernels` gives one contender per
+way of running the expert GEMMs (`sparsetrain.nn.moe.KERNELS`). Modes: eager, torch.compile, and torch.compile with
+CUDA graphs (no launch overhead).
 
     python bench/moe_layer.py --out bench_out/moe_layer.json           # the full grid on a GPU
     python bench/moe_layer.py --device cpu --quick                     # a smoke test
@@ -181,8 +184,8 @@ def moe_row(a, d, E, k, kernel, mode, x, gy, device, dtype, kw, dense_ms, dense_
 
 def print_row(r: dict, header: bool):
     if header:
-        print(f"{'d':>5} {'E':>3} {'k':>2} {'f_e':>5} {'kernel':>10} {'mode':>10} {'dense ms':>9} {'moe ms':>8} {'ratio':>6} "
-              f"{'gemm ms':>8} {'dense gpu':>9} {'moe gpu':>8} {'ratio':>6} {'plan ms':>7} {'sort ms':>7}")
+        print(f"{'d':>5} {'E':>3} {'k':>2} {'f_e':>5} {'kernel':>10} {'mode':>10} {'dense ms':>9} {'moe ms':>8} "
+              f"{'ratio':>6} {'gemm ms':>8} {'dense gpu':>9} {'moe gpu':>8} {'ratio':>6} {'plan ms':>7} {'sort ms':>7}")
     gpu = (f"{r['dense_kernel_ms']:>9.3f} {r['moe_kernel_ms']:>8.3f} {r['kernel_ratio']:>6.2f}"
            if "kernel_ratio" in r else f"{'-':>9} {'-':>8} {'-':>6}")
     print(f"{r['d']:>5} {r['experts']:>3} {r['top_k']:>2} {r['expert_width']:>5} {r['kernel']:>10} {r['mode']:>10} "

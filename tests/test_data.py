@@ -499,6 +499,68 @@ def test_stdlib_source(tmp_path):
     assert meta["train_tokens"] > 1000 and meta["val_docs"] >= 1
 
 
+def names_only(monkeypatch, src) -> list[str]:
+    """Every document name of a source of files, none of them read (all of site-packages takes a while)."""
+    monkeypatch.setattr(sources, "_read_file_docs", lambda path, name, *a, **kw: iter([(name, "")]))
+    return [n for n, _ in src.docs()]
+
+
+def test_site_packages_source(monkeypatch):
+    src = open_source("site-packages", progress=False)
+    assert src.info["kind"] == "site-packages" and src.info["roots"] and src.info["files"] > 100
+    assert src.total_bytes > 1_000_000
+    dists = src.info["distributions"]
+    assert any(d.startswith(("numpy==", "torch==")) for d in dists) and dists == sorted(set(dists), key=str.lower)
+    assert not any(d.lower().startswith("sparsetrain") for d in dists)  # its dist-info is there, its code is not
+    names = names_only(monkeypatch, src)
+    assert len(names) == src.info["files"] and names == sorted(set(names))
+    assert all(n.endswith(".py") for n in names)
+    assert not any("sparsetrain/" in n or "sparsetrain_bench/" in n for n in names)
+
+
+def test_site_packages_max_bytes():
+    docs = [(d.name, d.text, d.truncated) for d in iter_documents(open_source("site-packages"), max_bytes=200_000)]
+    names = [n for n, _, _ in docs]
+    assert len(docs) > 1 and names == sorted(set(names))
+    # max_bytes is read and no more: the first documents, the last one cut where the limit falls.
+    assert [cut for _, _, cut in docs] == [False] * (len(docs) - 1) + [True]
+    assert 200_000 - 4 < sum(len(t.encode()) for _, t, _ in docs) <= 200_000  # a char may not fit
+
+
+def test_site_packages_roots_names_and_exclusions(tmp_path, monkeypatch):
+    roots = [tmp_path / "a" / "site-packages", tmp_path / "b" / "site-packages"]
+    for root in roots:
+        write_corpus(root, {"pkg/__init__.py": "x = 1\n", "pkg/m.py": "y = 2\n", "top.py": "z = 3\n",
+                            "pkg/data.txt": "not python\n", "sparsetrain/core.py": "own code\n",
+                            "sparsetrain_bench/run.py": "own code\n", "__editable___sparsetrain_finder.py": "p\n",
+                            "fakepkg-1.2.dist-info/METADATA": "Metadata-Version: 2.1\nName: fakepkg\nVersion: 1.2\n",
+                            "sparsetrain-0.1.0.dist-info/METADATA":
+                                "Metadata-Version: 2.1\nName: sparsetrain\nVersion: 0.1.0\n"})
+    (roots[1] / "pkg" / "latin1.py").write_bytes("s = 'caf\u00e9'\n".encode("latin-1"))
+    monkeypatch.setattr(sources, "_site_packages_roots", lambda: roots)
+    src = open_source("site-packages")
+    assert src.info["roots"] == [str(r) for r in roots] and src.info["files"] == 7
+    assert src.info["distributions"] == ["fakepkg==1.2"]  # once, though in both roots; the toolkit's left out
+    assert src.total_bytes == 3 * 6 + 3 * 6 + len("s = 'caf\u00e9'\n")
+    # Both roots end in site-packages: the names say a/ and b/, so none repeats.
+    assert docs_of("site-packages") == [(f"{r}/site-packages/{f}", t) for r in "ab"
+                                        for f, t in [("pkg/__init__.py", "x = 1\n"), ("pkg/m.py", "y = 2\n"),
+                                                     ("top.py", "z = 3\n")]]
+    list(iter_documents(src))
+    assert src.skipped["non_utf8"] == 1  # skipped, not failed
+    assert sources._root_labels([roots[0]]) == ["site-packages"]
+
+
+def test_site_packages_without_python_files(tmp_path, monkeypatch):
+    write_corpus(tmp_path / "site-packages", {"README.txt": "no code here\n"})
+    monkeypatch.setattr(sources, "_site_packages_roots", lambda: [tmp_path / "site-packages"])
+    with pytest.raises(UserError, match="no .py files in the site-packages.*install packages"):
+        open_source("site-packages")
+    monkeypatch.setattr(sources, "_site_packages_roots", lambda: [])
+    with pytest.raises(UserError, match="none exists"):
+        open_source("site-packages")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # linux-source, from a small synthetic .deb laid out like Debian's
 

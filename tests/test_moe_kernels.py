@@ -118,6 +118,9 @@ def test_kernel_choice():
     m.kernel = "fast"
     with pytest.raises(ValueError, match="unknown MoE kernel 'fast'"):
         m.expert_kernel(torch.float32, torch.device("cpu"))
+    m.kernel = "triton"
+    with pytest.raises(ValueError, match="not torch.float64: choose kernel 'loop'"):
+        m.expert_kernel(torch.float64, DEVICE)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -364,6 +364,7 @@ def test_adaptive_schedule_phases():
     ({"cluster": "spectral"}, "cluster"),
     ({"final_fraction": 1.0}, "final_fraction"),
     ({"stable_mass": 2.0}, "stable_mass"),
+    ({"kernel": "fast"}, "method.kernel"),
     ({"experts_count": 4}, "unknown config key"),
 ])
 def test_bad_options_are_user_errors(options, match):

@@ -144,6 +144,7 @@ def test_flops_count_the_active_experts():
     {"layers": []},
     {"layers": "odd"},
     {"experts": "8"},
+    {"kernel": "cuda"},
     {"unknown_key": 1},
 ])
 def test_bad_options_raise_user_error(bad):

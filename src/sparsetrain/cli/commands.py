@@ -334,8 +334,8 @@ def add_data_commands(sub) -> None:
     data = _command(sub, "data", help="prepare token shards").add_subparsers(dest="data_command", required=True)
     prep = _command(data, "prepare", help="text -> train.bin / val.bin / meta.json / tokenizer.json")
     prep.add_argument("--source", required=True,
-                      help="a file or folder (.txt .jsonl .parquet, .xz/.gz), stdlib, linux-source, "
-                           "a saved Hugging Face dataset folder, or hf:NAME[:CONFIG]")
+                      help="a file or folder (.txt .jsonl .parquet, .xz/.gz), stdlib, site-packages, "
+                           "linux-source, a saved Hugging Face dataset folder, or hf:NAME[:CONFIG]")
     prep.add_argument("--out", required=True, help="the data folder to write (new or empty)")
     prep.add_argument("--tokenizer", help="a tokenizer.json or a folder holding one: a data, run or model folder "
                       "(default: train a byte-level BPE of --vocab-size on the text)")

@@ -6,8 +6,8 @@ A prepared data dir (nanoGPT-style flat token files):
     tokenizer.json       the Hugging Face `tokenizers` file that produced them
     meta.json            counts, dtype, eot_id, sha256 of the shards and where the text came from
 
-Sources (files, folders, stdlib, linux-source, Hugging Face datasets) live in sources.py; documents are read in
-parts (documents.py) and tokenized in pieces (bpe.py), so memory stays bounded for a document of any size.
+Sources (files, folders, stdlib, site-packages, linux-source, Hugging Face datasets) live in sources.py; documents
+are read in parts (documents.py) and tokenized in pieces (bpe.py), so memory stays bounded for a document of any size.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Where documents come from: local files, the Python stdlib, Debian's linux-source package, Hugging Face datasets.
+"""Where documents come from: local files, the Python stdlib or site-packages, Debian's linux-source package,
+Hugging Face datasets.
 
 Every source yields documents (name, text) in a fixed order. The name is stable across machines (a relative
 path, `path:line`, a row index, or the `name` field of an exported jsonl line) because the train/val split is
@@ -13,12 +14,15 @@ reader and is handed on in parts. max_bytes is spent while reading, and cuts the
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import io
 import json
 import lzma
 import os
 import platform
+import re
 import shutil
+import site
 import subprocess
 import sys
 import sysconfig
@@ -34,7 +38,7 @@ from sparsetrain.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".c", ".h", ".rst")  # each file is one document
 COMPRESSED_SUFFIXES = (".xz", ".gz")  # of text and jsonl files: x.jsonl.xz, x.txt.gz
-NAMED_SOURCES = ("stdlib", "linux-source", "hf:NAME[:CONFIG]")
+NAMED_SOURCES = ("stdlib", "site-packages", "linux-source", "hf:NAME[:CONFIG]")
 
 # Debian's kernel source package: a big (~800 MB of C), real-world, license-clean code corpus that any Debian
 # box can fetch with apt. Pinned, so every machine tokenizes exactly the same bytes.
@@ -70,6 +74,8 @@ def open_source(source: str, *, subset: str = "code", text_field: str = "text", 
     source = str(source)
     if source == "stdlib":
         return _stdlib_source()
+    if source == "site-packages":
+        return _site_packages_source()
     if source == "linux-source":
         return _linux_source(subset, progress)
     if source.startswith("hf:"):
@@ -270,6 +276,86 @@ def _stdlib_source() -> Source:
         for rel, p in files:
             # A few test modules are deliberately not UTF-8 (Lib/test/encoded_modules): skip, don't fail.
             yield from _read_file_docs(p, rel, "text", strict=False, skipped=src.skipped)
+
+    src.docs = docs
+    src.total_bytes = sum(p.stat().st_size for _, p in files)
+    return src
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# site-packages: the installed third-party code, a large corpus on a machine with no internet
+
+# The toolkit itself (never trained on, should a non-editable install put it here) and pip's editable-install hooks
+# (absolute paths of one machine), each directly under a root.
+SITE_PACKAGES_EXCLUDE = ("sparsetrain", "sparsetrain_bench")
+EDITABLE_HOOK_PREFIX = "__editable__"
+
+
+def _site_packages_roots() -> list[Path]:
+    """The running interpreter's existing package folders (purelib, platlib, site's), each once, in that order."""
+    paths = sysconfig.get_paths()
+    # getsitepackages is missing in some virtualenv-made site.py versions
+    candidates = [paths["purelib"], paths["platlib"], *getattr(site, "getsitepackages", list)()]
+    roots, seen = [], set()
+    for c in candidates:
+        p = Path(c)
+        if p.is_dir() and p.resolve() not in seen:  # lib64 is often a link to lib
+            seen.add(p.resolve())
+            roots.append(p)
+    return roots
+
+
+def _root_labels(roots: list[Path]) -> list[str]:
+    """Each root's shortest trailing path that no other root ends with: `site-packages` when there is one root,
+    `local/lib/python3.11/dist-packages` beside `usr/lib/python3.11/dist-packages`, so document names differ."""
+    parts = [r.absolute().parts[1:] or ("root",) for r in roots]
+    labels = []
+    for i, mine in enumerate(parts):
+        k = 1
+        while k < len(mine) and any(o[-k:] == mine[-k:] for j, o in enumerate(parts) if j != i):
+            k += 1
+        labels.append("/".join(mine[-k:]))
+    return labels
+
+
+def _norm_dist(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503: sparsetrain_bench and Sparsetrain-Bench are one
+
+
+def _site_distributions(roots: list[Path]) -> list[str]:
+    """Sorted "name==version" of the distributions installed in the roots, the toolkit's own left out."""
+    excluded = {_norm_dist(n) for n in SITE_PACKAGES_EXCLUDE}
+    found = set()
+    for d in importlib.metadata.distributions(path=[str(r) for r in roots]):  # the roots only, not all of sys.path
+        name = d.metadata["Name"]  # None for a broken .dist-info
+        if name and _norm_dist(name) not in excluded:
+            found.add(f"{name}=={d.version}")
+    return sorted(found, key=str.lower)
+
+
+def _site_packages_source() -> Source:
+    roots = _site_packages_roots()
+
+    def wanted(p: Path, root: Path) -> bool:
+        top = p.relative_to(root).parts[0]
+        return p.suffix == ".py" and top not in SITE_PACKAGES_EXCLUDE and not top.startswith(EDITABLE_HOOK_PREFIX)
+
+    files = []
+    for root, label in zip(roots, _root_labels(roots)):
+        files += [(f"{label}/{rel}", p) for rel, p in _walk(root, lambda p, root=root: wanted(p, root))]
+    files.sort()  # across roots too
+    if not files:
+        where = ", ".join(map(str, roots)) or "none exists"
+        raise UserError(f"no .py files in the site-packages of {sys.executable} ({where}); install packages into "
+                        "that interpreter (pip install ...) or run sparsetrain with a Python that has some")
+    info = {"kind": "site-packages", "python": platform.python_version(), "roots": [str(r) for r in roots],
+            "files": len(files), "distributions": _site_distributions(roots)}
+    src = Source(label="site-packages", info=info, docs=lambda: None)
+
+    def docs():
+        for name, p in files:
+            # Packages ship test data in other encodings (latin-1 fixtures, ...): skip, don't fail.
+            yield from _read_file_docs(p, name, "text", strict=False, skipped=src.skipped)
 
     src.docs = docs
     src.total_bytes = sum(p.stat().st_size for _, p in files)

@@ -166,6 +166,8 @@ def choose_kernel(choice: str, dtype: torch.dtype, device: torch.device, grouped
     if choice == "triton" and not moe_gemm.available(device):
         raise ValueError(f"the triton MoE kernels cannot run on {device.type} here: install triton (GPU), or set "
                          "TRITON_INTERPRET=1 (CPU, slow), or choose kernel 'grouped_mm' or 'loop'")
+    if choice == "triton" and dtype not in moe_gemm.DTYPES:
+        raise ValueError(f"the triton MoE kernels take bf16, fp16 or fp32, not {dtype}: choose kernel 'loop'")
     if choice == "grouped_mm" and not grouped_mm_ok:
         return "loop"  # grouped_mm needs bf16 (any dtype in CPU eager) and 16-byte aligned rows
     return choice

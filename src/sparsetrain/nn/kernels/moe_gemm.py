@@ -30,6 +30,7 @@ except ImportError:  # the CPU wheel of torch comes without Triton: the layers t
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what tl.dot multiplies (fp32 in full precision)
 ROWS_BLOCK_K = 32 if INTERPRET else 64  # one depth for every config: the host knows whether K needs masks
 PLAN_CELLS = 8192  # ids x experts a planning program compares at once
 
@@ -161,7 +162,8 @@ if triton is not None:
     def _weight_grad_kernel(x_ptr, dy_ptr, dw_ptr, order_ptr, offs_ptr, K, N, div,
                             sxm, sxk, sdm, sdn, swe, swk, swn,
                             E: tl.constexpr, X_GATHER: tl.constexpr, DY_GATHER: tl.constexpr,
-                            PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                            PRECISION: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         """dw[e] = x[rows of e]^T @ dy[rows of e]: one [BLOCK_K, BLOCK_N] tile of one expert per program, the
         expert's rows read through `order` where the operand is not in sorted layout. An expert without rows gets
         zeros."""
