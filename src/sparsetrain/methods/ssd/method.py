@@ -160,9 +160,11 @@ class SSD(Method):
             dist.all_reduce(loads)
         f = self.args.d_ff // self.options.experts
         with torch.no_grad():
-            for routed, m in zip(loads > 0, self.layers):
-                keep = routed.repeat_interleave(f)  # [d_ff], one entry per neuron
-                keep_rows = keep.repeat(2) if m.activation == "swiglu" else keep  # fc: [gate | up] rows
+            keeps = (loads > 0).repeat_interleave(f, dim=1)  # [L, d_ff], one entry per neuron: one kernel for all
+            if self.args.activation == "swiglu":
+                keeps = torch.cat([keeps, keeps], dim=1)  # fc's rows: [gate | up]
+            for keep_rows, m in zip(keeps, self.layers):
+                keep = keep_rows[: self.args.d_ff]
                 for p, dim, k in [(m.fc.weight, 0, keep_rows), (m.fc.bias, 0, keep_rows), (m.proj.weight, 1, keep)]:
                     if p is not None:
                         self._frozen.freeze(p, dim, None, k)
