@@ -6,10 +6,9 @@ A layer with N tokens and top-k routing has N*k assignments ("rows"), held in on
     sorted  [N*k, K]    rows grouped by expert: sorted row r is slot order[r]; group e ends at offs[e]
 `routing_plan` makes (order, inverse, offs, sorted_ids) from the expert ids by a counting sort (stable, no host
 sync): one kernel counts each chunk's ids per expert, a cumulative sum places the chunks, a second kernel places the
-ids. `expert_gemm(x, w, plan, ...)` multiplies every sorted row by its expert's weight
-w[e] ([E, K, N], any strides: stacked experts or views of a dense FFN), reading its input row through `order`
-(gather) and writing its output row through `order` (scatter) where asked, so no permuted copy of the activations
-is ever made. Its backward is two kernels of the same kind: the input gradient is the same GEMM against w^T with the
+ids. `expert_gemm(x, w, order, offs, k, ...)` multiplies every sorted row by its expert's weight w[e] ([E, K, N],
+any strides: stacked experts or views of a dense FFN), reading its input row through `order` (gather) and writing
+its output row through `order` (scatter) where asked, so no permuted copy of the activations is ever made. Its backward is two kernels of the same kind: the input gradient is the same GEMM against w^T with the
 roles of gather and scatter swapped (a token's k copies summed afterwards, no atomics), the weight gradient a GEMM
 per expert over its rows (`_weight_grad_kernel`).
 
