@@ -98,13 +98,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (a smoke test)")
     p.add_argument("--d", type=int, nargs="+", default=[768, 1024, 2048])
-    p.add_argument("--experts", type=int, nargs="+", default=[8, 64])
-    p.add_argument("--top-k", type=int, nargs="+", default=[1, 2, 8])
+    p.add_argument("--experts", type=int, nargs="+", default=[8, 16], help="the issue-17 grid by default")
+    p.add_argument("--top-k", type=int, nargs="+", default=[2, 4])
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence (the input is [tokens/seq, seq, d])")
     p.add_argument("--ffn-mult", type=int, default=4, help="dense width / d; expert width = ffn_mult * d / k")
     p.add_argument("--activation", default="gelu", choices=["gelu", "relu", "relu2", "swiglu"])
-    p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile", "cudagraphs"],
+    p.add_argument("--modes", nargs="+", default=["compile"], choices=["eager", "compile", "cudagraphs"],
                    help="cudagraphs = torch.compile(mode='reduce-overhead'): no launch overhead")
     p.add_argument("--kernels", nargs="+", default=["triton", "grouped_mm"],
                    help="how the MoE's expert GEMMs run (sparsetrain.nn.moe.KERNELS), one contender each")
