@@ -8,7 +8,7 @@ from test_moe import make  # noqa: E402
 from test_ssd import as_moe, grads, make_model, ssd_layers, tokens  # noqa: E402
 
 from sparsetrain.nn.kernels import moe_gemm  # noqa: E402
-from sparsetrain.nn.moe import MoEFFN, expert_linear, routing_plan  # noqa: E402
+from sparsetrain.nn.moe import MoEFFN, choose_kernel, expert_linear, routing_plan  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not moe_gemm.available(DEVICE), reason="needs a GPU, or TRITON_INTERPRET=1")
@@ -114,13 +114,13 @@ def test_ssd_views_through_the_kernels(preset, activation):
 
 def test_kernel_choice():
     m = make("gelu")
-    assert m.expert_kernel(torch.float32, torch.device("cpu")) == "grouped_mm"
+    assert choose_kernel(m, torch.float32, torch.device("cpu")) == "grouped_mm"
     m.kernel = "fast"
     with pytest.raises(ValueError, match="unknown MoE kernel 'fast'"):
-        m.expert_kernel(torch.float32, torch.device("cpu"))
+        choose_kernel(m, torch.float32, torch.device("cpu"))
     m.kernel = "triton"
     with pytest.raises(ValueError, match="not torch.float64: choose kernel 'loop'"):
-        m.expert_kernel(torch.float64, DEVICE)
+        choose_kernel(m, torch.float64, DEVICE)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -14,10 +14,10 @@ Expert choice (each expert takes its top-C tokens) gives every expert exactly C 
 
 The dispatch (`dispatch`, `Plan`): the N*k assignments are planned (which sorted row is which token's choice,
 where each expert's group ends), each row goes through its expert's two GEMMs, and the k outputs of a token are
-summed with their weights. `kernel` picks how (`KERNELS`): on a GPU the Triton kernels of `kernels.moe_gemm` plan
-with one counting-sort kernel and gather rows inside the first GEMM and scatter them inside the second, so no
-permuted copy of the activations exists; the reference paths sort the ids, gather rows (`GatherRows`: gathers
-as backward, not atomic scatter-adds) and run torch's grouped GEMM or one GEMM per expert.
+summed with their weights. On a GPU the plan is a Triton counting sort (`kernels.moe_gemm`), elsewhere a stable
+sort. `kernel` picks how the GEMMs run (`KERNELS`): the Triton GEMMs gather rows inside the first GEMM and scatter
+them inside the second, so no permuted copy of the activations exists; the others gather rows into sorted copies
+(`GatherRows`: gathers as backward, not atomic scatter-adds) around torch's grouped GEMM or one GEMM per expert.
 `offs[-1]` always equals the number of rows: tokens over an expert's capacity are still multiplied, with weight
 0, so no grouped GEMM ever leaves rows past `offs[-1]` uninitialised (forward output or gradient), and an
 uninitialised NaN can never meet a 0 weight. Experts with no tokens are empty groups.
@@ -154,7 +154,9 @@ def group_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, grouped: bo
 KERNELS = ("auto", "triton", "grouped_mm", "loop")
 
 
-def choose_kernel(choice: str, dtype: torch.dtype, device: torch.device, grouped_mm_ok: bool) -> str:
+def choose_kernel(layer: nn.Module, dtype: torch.dtype, device: torch.device) -> str:
+    """The kernel an MoE layer (`MoEFFN`, SSD's FFN: a `kernel` choice and a `grouped_mm_ok` rule) runs with now."""
+    choice, grouped_mm_ok = layer.kernel, layer.grouped_mm_ok(dtype, device)
     if choice not in KERNELS:
         raise ValueError(f"unknown MoE kernel {choice!r}: choose one of {', '.join(KERNELS)}")
     if choice == "auto":
@@ -182,12 +184,14 @@ class Plan(NamedTuple):
     slot_ids: torch.Tensor  # [N*k] expert of slot s
     k: int
 
+    def sorted_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Token rows x [N, K] copied into sorted order [N*k, K]."""
+        return GatherRows.apply(x, self.order // self.k, self.inverse, self.k)
+
     def input(self, x: torch.Tensor, kernel: str) -> tuple[torch.Tensor, bool]:
         """(rows, gather) for the first expert GEMM of token rows x: the triton kernels gather inside the GEMM;
         the others get a sorted copy, made once however many GEMMs read it."""
-        if kernel == "triton":
-            return x, True
-        return GatherRows.apply(x, self.order // self.k, self.inverse, self.k), False
+        return (x, True) if kernel == "triton" else (self.sorted_rows(x), False)
 
 
 def routing_plan(expert_ids: torch.Tensor, num_experts: int, fused: bool) -> Plan:
@@ -215,7 +219,7 @@ def expert_linear(x: torch.Tensor, w: torch.Tensor, plan: Plan, kernel: str, *, 
     if kernel == "triton":
         return moe_gemm.expert_gemm(x, w, plan.order, plan.offs, plan.k, gather=gather, scatter=scatter)
     if gather:
-        x = GatherRows.apply(x, plan.order // plan.k, plan.inverse, plan.k)
+        x = plan.sorted_rows(x)
     y = group_gemm(x, w, plan.offs, kernel == "grouped_mm")
     return GatherRows.apply(y, plan.inverse, plan.order, 1) if scatter else y
 
@@ -315,7 +319,7 @@ class MoEFFN(nn.Module):
 
     def experts(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_j weights[:, j] * expert_{expert_ids[:, j]}(x): [N, d] in the compute dtype."""
-        kernel = self.expert_kernel(compute_dtype(x), x.device)
+        kernel = choose_kernel(self, compute_dtype(x), x.device)
         return dispatch(x, expert_ids, weights, self.num_experts, self.expert_rows, kernel)
 
     def expert_rows(self, x: torch.Tensor, plan: Plan, kernel: str) -> torch.Tensor:
@@ -332,10 +336,6 @@ class MoEFFN(nn.Module):
         if self.out_bias is not None:
             y = y + self.out_bias.float().view(self.num_experts, -1).index_select(0, plan.slot_ids)
         return y
-
-    def expert_kernel(self, dtype: torch.dtype, device: torch.device) -> str:
-        """The kernel the expert GEMMs run with now (`self.kernel` resolved)."""
-        return choose_kernel(self.kernel, dtype, device, self.grouped_mm_ok(dtype, device))
 
     def grouped_mm_ok(self, dtype: torch.dtype, device: torch.device) -> bool:
         """Grouped GEMMs need bf16 (any dtype in CPU eager) and row strides of a multiple of 16 bytes."""

@@ -134,8 +134,7 @@ class SSDFFN(FFN):
             return super().forward(x)
         B, T, d = x.shape
         x2 = x.reshape(B * T, d)
-        dtype = compute_dtype(x2)
-        kernel = choose_kernel(self.kernel, dtype, x2.device, self.grouped_mm_ok(dtype, x2.device))
+        kernel = choose_kernel(self, compute_dtype(x2), x2.device)
         y = dispatch(x2, *self.route(x2), self.num_experts, self.expert_rows, kernel)
         if self.proj.bias is not None:  # once per token, not once per expert
             y = y + self.proj.bias
