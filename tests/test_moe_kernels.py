@@ -153,3 +153,20 @@ def test_real_shapes_bf16_compiled_against_the_fp32_loop(d, E, k, activation, ki
         results[kernel] = [y, xi.grad, wi.grad, layer.w_in.grad, layer.w_out.grad]
     for name, a, b in zip(["y", "x", "weights", "w_in", "w_out"], results["triton"], results["loop"]):
         assert relative_error(a, b) < 1e-2, name
+
+
+
+@pytest.mark.parametrize("method,model", [
+    ({"name": "upcycle"}, None),
+    ({"name": "ssd", "schedule": "fixed", "sparse_windows": [[0.0, 1.0]], "monitor_every": 0},
+     {"activation": "relu2"})])
+def test_triton_kernel_option_where_it_cannot_run_is_a_user_error(method, model, make_config, tmp_path,
+                                                                   monkeypatch):
+    """method.kernel = "triton" where the kernels cannot run: one line before the first step, not a traceback."""
+    from sparsetrain.errors import UserError
+    from sparsetrain.training.loop import train
+
+    monkeypatch.setattr(moe_gemm, "available", lambda device: False)
+    with pytest.raises(UserError, match='method.kernel = "triton" needs a GPU'):
+        train(make_config(method={**method, "kernel": "triton"}, model=model, steps=2), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()

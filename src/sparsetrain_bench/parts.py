@@ -41,6 +41,9 @@ def run_steps(ctx: Context, methods: list[tuple[str, dict[str, Any]]], presets: 
     for preset in s.presets:
         dense = None
         for label, method in [("dense", {"name": "dense"}), *methods]:
+            if method.get("kernel") == "triton" and not ctx.cuda:  # the interpreter takes minutes a step
+                print(f"{ctx.part}: {label} skipped: the Triton kernels run on a GPU")
+                continue
             cfg = bench_config(preset, batch_size=s.batch_size, seq_len=s.seq_len, vocab_size=s.vocab_size,
                                method=method, model_overrides=model)
             cfg.train.device = ctx.device

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 import sparsetrain.nn.moe as nn_moe
 from sparsetrain.errors import UserError
-from sparsetrain.methods.base import Method
+from sparsetrain.methods.base import Method, RunInfo
 from sparsetrain.nn.model import ModelArgs, Transformer, flops_per_token
 from sparsetrain.nn.moe import KERNELS, ROUTERS, MoEFFN, balance_loss, moe_for
 from sparsetrain.store.checkpoint import load_weights
@@ -215,6 +215,10 @@ class Upcycle(Method):
     def setup(self, model: Transformer) -> None:
         replace_ffns(model, self.options)
         self.model = model
+
+    def start(self, model: Transformer, optimizer: torch.optim.Optimizer, run: RunInfo) -> None:
+        super().start(model, optimizer, run)
+        nn_moe.check_kernel(self.options.kernel, model.wte.weight.device)
 
     def convert(self, model: Transformer) -> Transformer:
         """Upcycle a dense model with this method's options (before `setup`, which then leaves it as it is)."""

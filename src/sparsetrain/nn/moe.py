@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsetrain.errors import UserError
 from sparsetrain.nn.kernels import moe_gemm
 from sparsetrain.nn.model import ModelArgs, Transformer, activate
 
@@ -173,6 +174,13 @@ def choose_kernel(layer: nn.Module, dtype: torch.dtype, device: torch.device) ->
     if choice == "grouped_mm" and not grouped_mm_ok:
         return "loop"  # grouped_mm needs bf16 (any dtype in CPU eager) and 16-byte aligned rows
     return choice
+
+
+def check_kernel(choice: str, device: torch.device) -> None:
+    """A user error, before training, where a method's `kernel` option names kernels that cannot run on `device`."""
+    if choice == "triton" and not moe_gemm.available(device):
+        raise UserError(f"method.kernel = \"triton\" needs a GPU with Triton (or TRITON_INTERPRET=1 on the CPU, "
+                        f"slowly); this run is on {device.type}: set method.kernel = \"auto\"")
 
 
 class Plan(NamedTuple):

@@ -16,6 +16,7 @@ from sparsetrain.methods.ssd.ffn import SSDFFN, permute_ffn_, router_centroids, 
 from sparsetrain.methods.ssd.monitor import Check, Monitor
 from sparsetrain.methods.ssd.options import SSDOptions, check_options, resolve_top_k
 from sparsetrain.nn.model import ModelArgs, Transformer, flops_per_token
+from sparsetrain.nn.moe import check_kernel
 
 
 def _num(value: float | None) -> str:
@@ -50,6 +51,7 @@ class SSD(Method):
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def start(self, model: Transformer, optimizer: torch.optim.Optimizer, run: RunInfo) -> None:
         super().start(model, optimizer, run)
+        check_kernel(self.options.kernel, model.wte.weight.device)
         self.layers = ssd_layers(model)
         self._frozen = FrozenSlices(optimizer, compiled=model.wte.weight.device.type == "cuda")
         for m in self.layers:
