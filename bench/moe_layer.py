@@ -7,7 +7,7 @@ steps (launch overhead included: a lone layer can wait on the CPU). `gpu`: the s
 (profiler), what the layer costs inside a model step that keeps the GPU busy. `gemm ms`: the expert MLP alone
 on a fixed routing (its two GEMMs, with the gathers and scatters of its rows, and the activation; forward +
 backward), so moe - gemm is what routing, planning, losses and the combine cost. `plan ms` / `sort ms`: planning a
-routing by the Triton counting sort / by a stable sort, eager, launch included. `--kernels` gives one contender per
+routing by the Triton counting sort / by a stable sort, the GPU time of their kernels (CPU: wall time). `--kernels` gives one contender per
 way of running the expert GEMMs (`sparsetrain.nn.moe.KERNELS`). Modes: eager, torch.compile, and torch.compile with
 CUDA graphs (no launch overhead).
 
@@ -169,11 +169,12 @@ def moe_row(a, d, E, k, kernel, mode, x, gy, device, dtype, kw, dense_ms, dense_
     gemm_ms = median_ms(gemm_only_step(moe, x, kernel), warmup=a.warmup, iters=a.iters, cuda=cuda)
     row = dict(d=d, experts=E, top_k=k, expert_width=width // k, dense_width=width, mode=mode, kernel=kernel,
                dense_ms=dense_ms, moe_ms=moe_ms, ratio=moe_ms / dense_ms, gemm_ms=gemm_ms)
-    with torch.no_grad():  # planning alone: the counting-sort kernel and the stable sort
+    with torch.no_grad():  # planning alone: the counting-sort kernels and the stable sort, their kernels' GPU time
         ids, _ = moe.route(x.detach().reshape(-1, d))
     for fused in (True, False) if cuda else (False,):
-        row["plan_ms" if fused else "sort_plan_ms"] = median_ms(
-            lambda: routing_plan(ids, E, fused=fused), warmup=a.warmup, iters=a.iters, cuda=cuda)
+        plan = lambda: routing_plan(ids, E, fused=fused)  # noqa: E731
+        row["plan_ms" if fused else "sort_plan_ms"] = (kernel_ms(plan) if cuda else
+                                                        median_ms(plan, warmup=a.warmup, iters=a.iters, cuda=False))
     if dense_kernel_ms is not None:
         row.update(dense_kernel_ms=dense_kernel_ms, moe_kernel_ms=kernel_ms(step))
         row["kernel_ratio"] = row["moe_kernel_ms"] / dense_kernel_ms
