@@ -229,7 +229,7 @@ def test_two_processes_match_one(make_config, tiny_data, tmp_path, method, paral
     ("upcycle", "ddp"), ("upcycle", "fsdp"), ("upcycle-accum", "ddp"), ("upcycle-accum", "fsdp"),
     ("ssd", "ddp"), ("ssd", "fsdp"), ("ssd-accum", "fsdp"),
     ("mst", "ddp"), ("mst", "fsdp"), ("mst-accum", "ddp"), ("mst-accum", "fsdp"), ("mst-neuron", "ddp"),
-    ("mst-neuron", "fsdp"),
+    ("mst-neuron", "fsdp"), ("upcycle-triton", "fsdp"),
 ])
 def test_every_method_on_two_processes_matches_one(make_config, tmp_path, method, parallel):
     """Each method under torchrun with 2 gloo processes at the same global batch: the same losses and final weights
@@ -243,12 +243,17 @@ def test_every_method_on_two_processes_matches_one(make_config, tmp_path, method
                # process and two group different rows into a micro-batch, so it is a different loss; without it
                # (and the router z-loss) the MoE trains the same.
                "upcycle-accum": {**METHODS["upcycle"], "aux_loss_coef": 0.0, "z_loss_coef": 0.0},
+               # The Triton expert GEMMs (through Triton's interpreter on the CPU) on FSDP2's gathered weights.
+               "upcycle-triton": {**METHODS["upcycle"], "kernel": "triton"},
                }.get(method) or METHODS[method.removesuffix("-accum")]
     # -accum: micro-batches of 2 rows, gradients accumulated over backward passes (without a sync but the last).
     micro = {"micro_batch_size": 2} if method.endswith("-accum") else {}
 
+    # The interpreter is slow: fewer steps of a narrower model.
+    steps, model = (3, {"d_model": 32, "n_head": 2, "d_ff": 64}) if method.endswith("-triton") else (8, None)
+
     def make(**kw):
-        return make_config(method=options, steps=8, eval_every=0, checkpoint_every=0, **micro, **kw)
+        return make_config(method=options, steps=steps, model=model, eval_every=0, checkpoint_every=0, **micro, **kw)
 
     one = tmp_path / "one"
     train(make(), one)
