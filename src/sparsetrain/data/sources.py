@@ -269,13 +269,18 @@ def _stdlib_source() -> Source:
     root = Path(sysconfig.get_paths()["stdlib"])
     excluded = {"site-packages", "dist-packages"}  # third-party code, differs between machines
     files = _walk(root, lambda p: p.suffix == ".py" and not excluded.intersection(p.relative_to(root).parts))
-    src = Source(label="stdlib", info={"kind": "stdlib", "python": platform.python_version(), "path": str(root),
-                                       "files": len(files)}, docs=lambda: None)
+    return _python_files(files, "stdlib", {"kind": "stdlib", "python": platform.python_version(),
+                                           "path": str(root), "files": len(files)})
+
+
+def _python_files(files: list[tuple[str, Path]], label: str, info: dict) -> Source:
+    """A source of (name, path) Python files, one document each. Files that are not UTF-8 are skipped and counted,
+    not fatal: the stdlib's Lib/test/encoded_modules are so on purpose, packages ship latin-1 fixtures."""
+    src = Source(label=label, info=info, docs=lambda: None)
 
     def docs():
-        for rel, p in files:
-            # A few test modules are deliberately not UTF-8 (Lib/test/encoded_modules): skip, don't fail.
-            yield from _read_file_docs(p, rel, "text", strict=False, skipped=src.skipped)
+        for name, p in files:
+            yield from _read_file_docs(p, name, "text", strict=False, skipped=src.skipped)
 
     src.docs = docs
     src.total_bytes = sum(p.stat().st_size for _, p in files)
@@ -350,16 +355,7 @@ def _site_packages_source() -> Source:
                         "that interpreter (pip install ...) or run sparsetrain with a Python that has some")
     info = {"kind": "site-packages", "python": platform.python_version(), "roots": [str(r) for r in roots],
             "files": len(files), "distributions": _site_distributions(roots)}
-    src = Source(label="site-packages", info=info, docs=lambda: None)
-
-    def docs():
-        for name, p in files:
-            # Packages ship test data in other encodings (latin-1 fixtures, ...): skip, don't fail.
-            yield from _read_file_docs(p, name, "text", strict=False, skipped=src.skipped)
-
-    src.docs = docs
-    src.total_bytes = sum(p.stat().st_size for _, p in files)
-    return src
+    return _python_files(files, "site-packages", info)
 
 
 # ---------------------------------------------------------------------------------------------------------------
