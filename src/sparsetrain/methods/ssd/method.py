@@ -51,12 +51,12 @@ class SSD(Method):
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def start(self, model: Transformer, optimizer: torch.optim.Optimizer, run: RunInfo) -> None:
         super().start(model, optimizer, run)
-        check_kernel(self.options.kernel, model.wte.weight.device)
         self.layers = ssd_layers(model)
-        self._frozen = FrozenSlices(optimizer, compiled=model.wte.weight.device.type == "cuda")
+        device = self.layers[0].fc.weight.device
+        check_kernel(self.options.kernel, device)
         for m in self.layers:
             m.kernel = self.options.kernel
-        device = self.layers[0].fc.weight.device
+        self._frozen = FrozenSlices(optimizer, compiled=device.type == "cuda")
         if self.order is None:
             self.order = torch.arange(self.args.d_ff, device=device).repeat(self.args.n_layer, 1)
         if self.probe is None and self._probe_hook is None:
