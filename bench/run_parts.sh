@@ -7,7 +7,8 @@
 # read DATA (default data/suite, prepared by the prepare-data part from CARRY, default .carry), and everything the
 # parts wrote goes into $OUT/results.tgz: each PART.json, the runs' metrics, a log, and the metrics.jsonl of runs a
 # time limit cut short (partial/, from the scratch run folders). A device call returns at most 8 files, hence the tar.
-# QUICK=1 adds --quick (a CPU smoke test); PYTHON names the interpreter (default python3).
+# QUICK=1 adds --quick (a CPU smoke test); PYTHON names the interpreter (default python3); PART_ARGS adds arguments to
+# every training part (e.g. "--contenders dense --budgets 0.5 1 1.5": one part split over the GPUs of a call).
 # Example (one device call, carry [".carry"]):
 #
 #   bash bench/run_parts.sh prepare-data:120 sat-cpt:420 upcycle:300:0.5
@@ -28,7 +29,7 @@ for spec in "$@"; do
     case "$part" in
         prepare-data) args+=(--data-dir "$DATA" --carry "$CARRY") ;;
         *-step) ;;
-        *) args+=(--data-dir "$DATA" --work-dir "$WORK" ${scale:+--scale "$scale"}) ;;
+        *) args+=(--data-dir "$DATA" --work-dir "$WORK" ${scale:+--scale "$scale"} ${PART_ARGS:-}) ;;
     esac
     echo "== $part (limit ${limit:-540} s): sparsetrain ${args[*]}" | tee -a "$RESULTS/log.txt"
     timeout "${limit:-540}" "$PYTHON" -m sparsetrain.cli "${args[@]}" 2>&1 | grep -v '^{' | tee -a "$RESULTS/log.txt"

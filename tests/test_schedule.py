@@ -136,3 +136,15 @@ def test_wsd_branch_equals_a_run_of_that_budget(make_config, tmp_path):
     # The trunk itself went on at full lr past step 8: the branch really decayed where the trunk did not.
     trunk_lr = {r["step"]: r["lr"] for r in metrics(trunk)}
     assert trunk_lr[9] == 3e-3 and want[8]["lr"] < 3e-3 and want[-1]["lr"] == pytest.approx(3e-4)
+
+
+def test_a_frontier_trunk_checkpoints_at_its_branch_points_and_keeps_them(make_config):
+    """Budgets whose decay starts share no common divisor (6,104 steps: 2,442, 4,883) checkpoint there, not every
+    step; each is kept until its branch."""
+    from sparsetrain.training.budgets import budget_configs
+
+    configs, starts = budget_configs(make_config(steps=6104, warmup_steps=305, checkpoint_every=0), (0.5, 1.0, 1.5))
+    trunk = configs[1.5].train
+    assert starts == {0.5: 2442, 1.0: 4883, 1.5: 7325}
+    assert trunk.checkpoint_at == [2442, 4883] and trunk.checkpoint_every == 0 and trunk.keep_checkpoints >= 3
+    assert configs[0.5].train.checkpoint_at == []

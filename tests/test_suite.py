@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparsetrain.cli import main
 from sparsetrain.data.prepare import export_jsonl, prepare
 from sparsetrain.data.tokens import TokenData
 from sparsetrain.errors import UserError
 from sparsetrain.methods import REGISTRY
 from sparsetrain.methods.base import Dense, DenseOptions
+from sparsetrain_bench.comparison import iso_loss
 from sparsetrain_bench.context import Context
 from sparsetrain_bench.corpora import prepare_corpus
 from sparsetrain_bench.report import TARGETS, evaluate_targets, load_results, write_report
@@ -588,3 +590,79 @@ def test_gpu_bench_scripts_run_their_cpu_smoke_test(script, args, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     expected = {"moe_layer.py": 4, "moe_step.py": 5, "sat_phases.py": 2}[script]
     assert len(rows) == expected
+
+
+def test_a_pretrain_part_split_over_two_processes_merges_into_one_comparison(env, tmp_path):
+    """--contenders runs the frontier in one process and a method in another (two GPUs at once on the machine);
+    each calibrates its device; the report merges them, the method put in the frontier's device time by the ratio of
+    the calibrations, and reads the method off the frontier as an unsplit run would."""
+    common = {**env, "budgets": (0.5, 1.0, 1.5)}
+    runs = {}
+    for name, contenders in (("a", ("dense",)), ("b", ("mst-neuron",))):
+        runs[name] = run_part("mst-pretrain", quick=True, contenders=contenders,
+                              **{**common, "out": tmp_path / name, "work_dir": tmp_path / f"work-{name}"})
+    a, b = runs["a"], runs["b"]
+    assert [c["name"] for c in a["contenders"]] == ["dense-0.5x", "dense", "dense-1.5x"]
+    assert [c["name"] for c in b["contenders"]] == ["mst-neuron"] and b["iso_loss"] == {}
+    assert "--contenders mst-neuron --budgets 0.5 1 1.5" in b["command"]
+    assert a["calibration"]["step_s"] > 0 and b["calibration"]["device"] == "cpu"
+    merged = load_results([tmp_path / "a" / "mst-pretrain.json", tmp_path / "b" / "mst-pretrain.json"])["mst-pretrain"]
+    factor = a["calibration"]["step_s"] / b["calibration"]["step_s"]
+    (m,) = [c for c in merged["contenders"] if c["name"] == "mst-neuron"]
+    assert m["calibration_factor"] == pytest.approx(factor)
+    assert m["wallclock"] == pytest.approx(b["contenders"][0]["wallclock"] * factor)
+    assert m["curve"][-1]["wallclock"] == pytest.approx(b["contenders"][0]["curve"][-1]["wallclock"] * factor)
+    assert m["flops_ratio"] == pytest.approx(a["contenders"][1]["flops"] / m["flops"])
+    # The merged speed-up is the one an unsplit comparison of the same numbers gives.
+    alone = iso_loss([*json.loads(json.dumps(a["contenders"])), json.loads(json.dumps(m))])
+    assert merged["iso_loss"]["mst-neuron"] == alone["mst-neuron"]
+    assert m["iso_wallclock"] == alone["mst-neuron"]["wallclock"]["label"]
+    assert any("calibration" in n for n in merged["notes"])
+    write_report([tmp_path / "a" / "mst-pretrain.json", tmp_path / "b" / "mst-pretrain.json"], tmp_path / "r")
+    with pytest.raises(UserError, match="2 of the 2 results hold the dense frontier"):
+        load_results([tmp_path / "a" / "mst-pretrain.json", tmp_path / "a" / "mst-pretrain.json"])
+    with pytest.raises(UserError, match="more than one result"):
+        load_results([tmp_path / name / "mst-pretrain.json" for name in ("a", "b", "b")])
+
+
+def test_split_and_budget_mistakes_are_one_line_errors(env, tmp_path):
+    with pytest.raises(UserError, match="mst-nueron not in mst-pretrain; pick from dense, mst-weight, mst-neuron"):
+        run_part("mst-pretrain", quick=True, contenders=("mst-nueron",), **env)
+    with pytest.raises(UserError, match="is not split over GPUs"):
+        run_part("sat-step", quick=True, contenders=("sat",), **env)
+    with pytest.raises(UserError, match="with 1 among them"):
+        run_part("ssd-pretrain", quick=True, budgets=(0.5, 2.0), **env)
+    assert main(["bench", "--contenders", "ssd"]) == 2
+
+
+def test_pretrain_methods_split_off_are_read_against_the_other_pretrain_parts_frontier(env, tmp_path):
+    """ssd-pretrain and mst-pretrain train the same dense runs: MST's methods run in their own process merge with
+    the frontier that ssd-pretrain's process trained."""
+    common = {**env, "budgets": (0.5, 1.0, 1.5)}
+    run_part("ssd-pretrain", quick=True, contenders=("dense",), **{**common, "out": tmp_path / "a",
+                                                                   "work_dir": tmp_path / "wa"})
+    run_part("mst-pretrain", quick=True, contenders=("mst-weight",), **{**common, "out": tmp_path / "b",
+                                                                        "work_dir": tmp_path / "wb"})
+    parts = load_results([tmp_path / "a" / "ssd-pretrain.json", tmp_path / "b" / "mst-pretrain.json"])
+    mst = parts["mst-pretrain"]
+    assert [c["name"] for c in mst["contenders"]] == ["dense-0.5x", "dense", "dense-1.5x", "mst-weight"]
+    assert set(mst["iso_loss"]) == {"mst-weight"} and "ssd-pretrain's" in mst["notes"][-1]
+    assert "moe_inference" not in mst
+    # A method trained on other tokens (another seed) is not read against that frontier.
+    other = json.loads((tmp_path / "b" / "mst-pretrain.json").read_text())
+    other["contenders"][0]["config"]["train"]["seed"] += 1
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "mst-pretrain.json").write_text(json.dumps(other))
+    parts = load_results([tmp_path / "a" / "ssd-pretrain.json", tmp_path / "c" / "mst-pretrain.json"])
+    assert parts["mst-pretrain"]["iso_loss"] == {}
+
+
+def test_ssd_pretrain_split_keeps_each_processs_moe_inference(env, tmp_path):
+    common = {**env, "budgets": (0.5, 1.0)}
+    for name, contenders in (("a", ("dense",)), ("b", ("ssd",))):
+        run_part("ssd-pretrain", quick=True, contenders=contenders,
+                 **{**common, "out": tmp_path / name, "work_dir": tmp_path / f"w{name}"})
+    merged = load_results([tmp_path / n / "ssd-pretrain.json" for n in ("a", "b")])["ssd-pretrain"]
+    assert set(merged["moe_inference"]) == {"dense", "ssd"}
+    assert [c["name"] for c in merged["contenders"]] == ["dense-0.5x", "dense", "ssd"]
+    assert set(merged["iso_loss"]) == {"ssd"}

@@ -77,6 +77,7 @@ class TrainConfig:
     eval_every: int = 100  # 0 = only at the end
     eval_tokens: int = 65536  # validation tokens per evaluation (the same tokens every time)
     checkpoint_every: int = 100  # 0 = only at the end
+    checkpoint_at: list[int] = field(default_factory=list)  # steps that checkpoint as well (a frontier trunk's)
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 1337
@@ -217,6 +218,8 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(t, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"train.{f.name} must be a finite number, got {value}")
+    if any(step <= 0 for step in t.checkpoint_at):
+        raise UserError(f"train.checkpoint_at takes positive step numbers, got {t.checkpoint_at}")
     if not t.lr > 0:
         raise UserError(f"train.lr must be positive, got {t.lr}")
     if t.on_nonfinite not in ("stop", "skip"):

@@ -55,6 +55,12 @@ class Context:
     device: str
     scale: float
     presets: tuple[str, ...] = ()  # the models of the step parts, when the command names them
+    contenders: tuple[str, ...] = ()  # --contenders: run only these of the part ("dense": its frontier); () = all
+    budgets: tuple[float, ...] = ()  # --budgets: dense's frontier budgets (multiples of the methods'); () = default
+
+    def wants(self, name: str) -> bool:
+        """Whether this process runs contender `name` (a part split over GPUs runs some of them in each)."""
+        return not self.contenders or name in self.contenders
 
     @property
     def shape(self) -> Shape:

@@ -1,8 +1,8 @@
 """Speed-up at equal quality (issue 19): dense trained at several budgets makes the frontier each method is read
-against (`frontier.py`: how much wall-clock, and how many counted FLOPs, dense needs to reach a method's final
+against (`sparsetrain.frontier`, through `comparison.iso_loss`: how much wall-clock, and how many counted FLOPs, dense needs to reach a method's final
 validation loss, over what the method spent).
 
-The budgets are 0.5x, 1x, 1.5x and 2x the contenders' steps, trained as one warmup-stable-decay trunk of the largest
+The budgets are 0.5x, 1x, 1.5x and 2x the contenders' steps (a part's --budgets changes them), trained as one warmup-stable-decay trunk of the largest
 with a decay branched off at each other (`sparsetrain.training.budgets`): about 2.6 runs of the contenders' length
 instead of 5. Every contender uses the same schedule family (`wsd`, the same decay fraction).
 
@@ -11,13 +11,11 @@ the branch's own steps; its FLOPs likewise.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
 from sparsetrain import config as config_mod
-from sparsetrain.frontier import compare as iso_compare
 from sparsetrain.plots import read_metrics
 from sparsetrain.training.budgets import branch_folder, budget_configs
 from sparsetrain.training.budgets import with_wsd as cfg_with_wsd
@@ -26,7 +24,6 @@ from sparsetrain_bench.context import Context
 from sparsetrain_bench.runs import CURVE_KEYS, CompileClock, run_result, steady_times, train_run
 
 BUDGETS = (0.5, 1.0, 1.5, 2.0)  # dense's budgets, in multiples of the contenders' steps
-COSTS = ("wallclock", "flops")
 
 
 def with_wsd(raw: dict[str, Any]) -> dict[str, Any]:
@@ -39,11 +36,11 @@ def budget_name(fraction: float, prefix: str = "dense") -> str:
     return prefix if fraction == 1.0 else f"{prefix}-{fraction:g}x"
 
 
-def dense_frontier(ctx: Context, raw: dict[str, Any], budgets: tuple[float, ...] = BUDGETS,
-                   prefix: str = "dense") -> list[dict[str, Any]]:
-    """Dense at each budget (fractions of raw's steps), the largest trained as the trunk (`training.budgets`), each
-    other one resumed from its checkpoint. Results in budget order, role "frontier", named after `prefix`."""
-    configs, starts = budget_configs(config_mod.from_dict(raw), budgets)
+def dense_frontier(ctx: Context, raw: dict[str, Any], prefix: str = "dense") -> list[dict[str, Any]]:
+    """Dense at each budget (fractions of raw's steps: the part's --budgets, else `BUDGETS`), the largest trained as
+    the trunk (`training.budgets`), each other one resumed from its checkpoint. Results in budget order, role
+    "frontier", named after `prefix`."""
+    configs, starts = budget_configs(config_mod.from_dict(raw), ctx.budgets or BUDGETS)
     largest = max(configs)
     trunk = train_run(ctx, budget_name(largest, prefix), config_mod.to_dict(configs[largest]), role="frontier")
     runs = [branch(ctx, trunk, budget_name(f, prefix), configs[f], starts[f]) for f in configs if f != largest]
@@ -72,20 +69,3 @@ def branch(ctx: Context, trunk: dict[str, Any], name: str, cfg: config_mod.RunCo
     curve = [r for r in trunk_curve if r["step"] <= start] + [{k: r[k] for k in CURVE_KEYS if k in r} for r in own]
     return run_result(ctx, name, "frontier", cfg, summary, curve, run_dir, trunk["compile_s"] + clock.seconds,
                       trunk["compilations"] + clock.count) | {"branched_at": start}
-
-
-def iso_loss(contenders: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Each method's speed-up at equal quality against the contenders with role "frontier", per cost (wall-clock,
-    counted FLOPs); also stored in each method's result as "iso_<cost>", with the names of its frontier's runs
-    ("frontier": a part may hold several frontiers, one per group)."""
-    dense = [c for c in contenders if c.get("role") == "frontier"]
-    methods = [c for c in contenders if c.get("role") not in ("frontier", "base")]
-    for c in methods:
-        c["frontier"] = [d["name"] for d in dense]
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    by_name = {c["name"]: c for c in methods}
-    for cost in COSTS:
-        for name, result in iso_compare(dense, methods, cost).items():
-            out.setdefault(name, {})[cost] = asdict(result) | {"label": result.label()}
-            by_name[name][f"iso_{cost}"] = result.label()
-    return out

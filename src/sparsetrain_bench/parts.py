@@ -17,16 +17,19 @@ from sparsetrain.methods.ssd.moefy import fit_routers, prepare_moe, run_dense
 from sparsetrain.training.build import load_model
 from sparsetrain.training.loop import evaluate
 from sparsetrain.training.runtime import setup_runtime
+from sparsetrain_bench.comparison import compare, iso_loss
 from sparsetrain_bench.context import STEP_FULL, STEP_QUICK, Context
 from sparsetrain_bench.corpora import corpus_dir, same_tokenizer, sft_dir
-from sparsetrain_bench.isoloss import dense_frontier, iso_loss, with_wsd
+from sparsetrain_bench.isoloss import dense_frontier, with_wsd
 from sparsetrain_bench.report import STEP_COLUMNS
-from sparsetrain_bench.runs import (SEED, code_base, compare, eval_run, release_memory, run_config, start_point,
+from sparsetrain_bench.runs import (SEED, code_base, eval_run, part_peak, release_memory, run_config, start_point,
                                     train_run)
 from sparsetrain_bench.steps import bench_config, measure_steps, median_ms, print_table
 
 SAT_CPT = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "ladder"}
 UPCYCLE = {"name": "upcycle", "experts": 8, "top_k": 2, "layers": "every-other"}
+# Pre-training from scratch at the protocol's scale: 100M tokens a method (6,104 steps of 16 x 1024).
+PROTOCOL_STEPS = 6104
 
 
 def run_steps(ctx: Context, methods: list[tuple[str, dict[str, Any]]], presets: tuple[str, ...] | None = None,
@@ -72,12 +75,12 @@ def dense_vs_sat_from_a_base(ctx: Context, *, corpus: str, data: Path, steps: in
     start = eval_run(base["run_dir"], data)
     print(f"{ctx.part}: the base model's validation loss on {data.name} before continuing: {start:.4f}")
     common = dict(corpus=corpus, steps=steps, init_from=base["run_dir"], seed=SEED + 1, lr=lr)
-    dense = dense_frontier(ctx, run_config(ctx, **common))
-    sats = [train_run(ctx, name, with_wsd(run_config(ctx, method=method, **common)))
-            for name, method in (("sat", SAT_CPT), ("sat-topk", {**SAT_CPT, "select": "topk"}))]
-    for c in (*dense, *sats):
+    runs = dense_frontier(ctx, run_config(ctx, **common)) if ctx.wants("dense") else []
+    runs += [train_run(ctx, name, with_wsd(run_config(ctx, method=method, **common)))
+             for name, method in (("sat", SAT_CPT), ("sat-topk", {**SAT_CPT, "select": "topk"})) if ctx.wants(name)]
+    for c in runs:
         start_point(c, start)
-    return [base, *dense, *sats], start
+    return [base, *runs], start
 
 
 def run_sat_cpt(ctx: Context) -> dict[str, Any]:
@@ -113,23 +116,26 @@ def run_upcycle(ctx: Context) -> dict[str, Any]:
     base = code_base(ctx)
     steps = ctx.steps(800, 16)
     common = dict(corpus="code", init_from=base["run_dir"], seed=SEED + 1, lr=3e-4, steps=steps)
-    dense = dense_frontier(ctx, run_config(ctx, **common))
-    moe = train_run(ctx, "upcycle", with_wsd(run_config(ctx, method=UPCYCLE, **common)))
-    for c in (*dense, moe):
+    runs = dense_frontier(ctx, run_config(ctx, **common)) if ctx.wants("dense") else []
+    if ctx.wants("upcycle"):
+        runs.append(train_run(ctx, "upcycle", with_wsd(run_config(ctx, method=UPCYCLE, **common))))
+    for c in runs:
         start_point(c, base["val_loss"])
-    contenders = [base, *dense, moe]
+    contenders = [base, *runs]
     return {"contenders": contenders, "iso_loss": iso_loss(contenders)}
 
 
 def run_pretrain(ctx: Context, contenders: list[tuple[str, dict[str, Any]]], model: dict[str, Any] | None = None,
-                 steps: int = 2000, quick_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                 steps: int = PROTOCOL_STEPS, quick_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Dense at four budgets (the frontier, `isoloss.dense_frontier`) and each method at the middle one, from scratch
     on code, the same tokens, all on the `wsd` schedule; each method's speed-up at equal quality ("iso_loss").
     `quick_options` are added to every method's options under --quick (so that a run of a few steps still goes
     through the method's schedule)."""
     n = ctx.steps(steps, 20)
-    runs = dense_frontier(ctx, run_config(ctx, corpus="code", steps=n, model=model))
+    runs = dense_frontier(ctx, run_config(ctx, corpus="code", steps=n, model=model)) if ctx.wants("dense") else []
     for name, method in contenders:
+        if not ctx.wants(name):
+            continue
         if ctx.quick:
             method = {**method, **(quick_options or {})}
         raw = with_wsd(run_config(ctx, corpus="code", steps=n, model=model, method=method))
@@ -189,7 +195,7 @@ def moe_inference(ctx: Context, run_dir: str, top_k: int = 4, experts: int = 16)
 
 def run_ssd_pretrain(ctx: Context) -> dict[str, Any]:
     """Dense vs SSD from scratch (relu2), then both trained models run as MoEs (top-4 of 16): SSD's inference."""
-    result = run_pretrain(ctx, [("ssd", {"name": "ssd"})], model={"activation": "relu2"}, steps=2000,
+    result = run_pretrain(ctx, [("ssd", {"name": "ssd"})], model={"activation": "relu2"},
                           quick_options={"schedule": "fixed", "sparse_windows": [[0.3, 0.7]]})
     result["moe_inference"] = {}
     for c in [c for c in result["contenders"] if c["name"] in ("dense", "ssd")]:
@@ -225,7 +231,7 @@ def run_hsa(ctx: Context) -> dict[str, Any]:
             if ctx.quick:
                 method.update(window=16, stride=32)
             group.append(train_run(ctx, f"{name}-{seq}", with_wsd(run_config(ctx, method=method, **common))))
-        compare(ctx, group, baseline=f"dense-{seq}")
+        compare(group, part_peak(ctx), baseline=f"dense-{seq}")
         iso |= iso_loss(group)
         contenders += group
     return {"contenders": contenders, "compared": True, "iso_loss": iso,

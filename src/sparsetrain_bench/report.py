@@ -17,6 +17,7 @@ from typing import Callable
 from sparsetrain.errors import UserError
 from sparsetrain.frontier import IsoLoss, plot_frontier, plot_speedups
 from sparsetrain.plots import Panel, markdown_table, plot_panels, run_series
+from sparsetrain_bench.comparison import frontier_for, has_frontier, merge_split
 
 # Logged per-step values that are schedules worth drawing, with their axis labels. A method that logs another
 # schedule adds its key here (the suite keeps these keys in each run's curve).
@@ -283,8 +284,9 @@ def schedule_panels(parts: dict[str, dict]) -> list[Panel]:
 
 
 def load_results(paths: list[Path]) -> dict[str, dict]:
-    """Part name -> its JSON; a later file of the same part replaces an earlier one."""
-    parts = {}
+    """Part name -> its JSON. Results of one part split over GPUs (`--contenders`) are merged into one comparison
+    (`comparison.merge_split`); otherwise a later file of the same part replaces an earlier one."""
+    parts, split = {}, {}
     for p in paths:
         p = Path(p)
         try:
@@ -296,7 +298,17 @@ def load_results(paths: list[Path]) -> dict[str, dict]:
         if not isinstance(data, dict) or "part" not in data or "status" not in data:
             raise UserError(f"{p} is not a suite result (no 'part'/'status'); pass files written by "
                             "`sparsetrain bench --suite PART`")
+        if data.get("selected"):
+            split.setdefault(data["part"], []).append(data)
         parts[data["part"]] = data
+    for part, results in split.items():
+        if any(has_frontier(r) for r in results):
+            if len(results) > 1:
+                parts[part] = merge_split(results)
+            continue
+        # Methods alone: the frontier of another part that trained the same dense runs (the pre-training parts).
+        donor = next((r for rs in split.values() for r in rs if has_frontier(r) and frontier_for(results[0], r)), None)
+        parts[part] = merge_split(results, frontier_from=donor) if donor else results[-1]
     return parts
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import statistics
 import time
@@ -33,9 +34,11 @@ from sparsetrain.training.runtime import peak_flops, setup_runtime
 from sparsetrain_bench.context import Context, scratch_dir
 from sparsetrain_bench.corpora import corpus_dir, sft_dir
 from sparsetrain_bench.report import SCHEDULE_KEYS
+from sparsetrain_bench.steps import bench_config, measure_steps
 
 SEED = 1337
 BASE_STEPS = 2000  # the code base of the continuation parts: 32.8M tokens
+CALIBRATION_VOCAB = 32768  # the suite tokenizer's: the calibration is the same job on every GPU
 CURVE_KEYS = ("step", "tokens", "flops", "train_time", "wallclock", "loss", "val_loss", "mfu", *SCHEDULE_KEYS)
 
 
@@ -184,18 +187,26 @@ def code_base(ctx: Context) -> dict[str, Any]:
     return result
 
 
-def compare(ctx: Context, contenders: list[dict[str, Any]], baseline: str = "dense") -> None:
-    """Ratios to the baseline, and MFU of the counted FLOPs, in place."""
-    base = next(c for c in contenders if c["name"] == baseline)
-    peak = peak_flops(torch.device("cuda")) if ctx.cuda else None
-    for c in contenders:
-        c["mfu"] = c["flops"] / c["wallclock"] / peak if peak else None
-        if c.get("role") == "base":
-            continue
-        c["val_gap"] = (c["val_loss"] - base["val_loss"]) / base["val_loss"]
-        c["speedup"] = base["wallclock"] / c["wallclock"]
-        c["speedup_raw"] = base["train_time"] / c["train_time"]
-        c["flops_ratio"] = base["flops"] / c["flops"]
+def part_peak(ctx: Context) -> float | None:
+    return peak_flops(torch.device("cuda")) if ctx.cuda else None
+
+
+def calibrate(ctx: Context) -> dict[str, Any]:
+    """The GPU's speed on a fixed job, for contenders of one comparison trained on different GPUs at once: the dense
+    step of the part's model and shape, eager (no compile to pay for), median of 30 steps. A method trained on
+    another GPU is put in the frontier's GPU time by the ratio of the two calibrations (`isoloss.merge_split`)."""
+    s = ctx.shape
+    cfg = bench_config(s.preset, batch_size=s.batch_size, seq_len=s.seq_len, vocab_size=CALIBRATION_VOCAB,
+                       method={"name": "dense"})
+    cfg.train.device = ctx.device
+    r = measure_steps(cfg, steps=3 if ctx.quick else 30, warmup=1 if ctx.quick else 5, compile_model=False)
+    release_memory()
+    gpu = torch.cuda.get_device_name() if ctx.cuda else "cpu"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    print(f"{ctx.part}: calibration on {gpu} (CUDA_VISIBLE_DEVICES={visible or 'unset'}): dense {s.preset} eager "
+          f"step {1000 * r['step_s']:.1f} ms", flush=True)
+    return {"step_s": r["step_s"], "preset": s.preset, "device": gpu, "cuda_visible_devices": visible,
+            "compiled": False, "steps": 3 if ctx.quick else 30}
 
 
 def eval_run(run_dir: str, data: Path) -> float:

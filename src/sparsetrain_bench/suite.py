@@ -28,12 +28,13 @@ import torch
 from sparsetrain.errors import UserError
 from sparsetrain.methods import REGISTRY
 from sparsetrain.training.runtime import peak_flops
+from sparsetrain_bench.comparison import compare
 from sparsetrain_bench.context import Context, scratch_dir
 from sparsetrain_bench.corpora import run_prepare_data
 from sparsetrain_bench.parts import (run_hsa, run_pretrain, run_sat_cpt, run_sat_sft, run_ssd_pretrain, run_steps,
                                      run_upcycle)
 from sparsetrain_bench.report import CONTENDER_COLUMNS
-from sparsetrain_bench.runs import compare
+from sparsetrain_bench.runs import calibrate, part_peak
 from sparsetrain_bench.steps import environment, print_table
 from sparsetrain_bench.two_gpu import run_two_gpus
 
@@ -44,6 +45,8 @@ class Part:
     run: Callable[[Context], dict[str, Any]]
     methods: tuple[str, ...] = ()  # methods the part trains; unregistered ones skip the part with a message
     trains: bool = True  # runs the trainer (needs prepared data and a scratch folder)
+    # Contenders that --contenders can pick, to split the part over GPUs ("dense": the frontier); () = no split.
+    contenders: tuple[str, ...] = ()
 
 
 SAT_STEP = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "constant", "dense_final": 0.0}
@@ -76,29 +79,47 @@ PARTS: dict[str, Part] = {
                                        presets=("gpt2-medium",),
                                        model={"activation": "relu2"}), ("ssd",), trains=False),
     "sat-cpt": Part("continual pre-training code -> English, dense vs SAT (LORS; sampled and top-k selection)",
-                    run_sat_cpt, ("sat",)),
+                    run_sat_cpt, ("sat",), contenders=("dense", "sat", "sat-topk")),
     "two-gpu": Part("every method on one GPU vs two (torchrun DDP / FSDP2), same global batch", run_two_gpus,
                     ("sat", "upcycle", "ssd", "mst")),
     "hsa-attention": Part("hybrid sparse attention alone (MST, no weight sparsity) vs dense at 1024, 4096, 8192",
                           run_hsa, ("mst",)),
     "sat-sft": Part("fine-tuning on kernel-doc pairs (comment -> function), dense vs SAT (LORS; sampled and top-k "
-                    "selection)", run_sat_sft, ("sat",)),
-    "upcycle": Part("dense vs upcycled continuation at equal wall-clock", run_upcycle, ("upcycle",)),
+                    "selection)", run_sat_sft, ("sat",), contenders=("dense", "sat", "sat-topk")),
+    "upcycle": Part("dense (four budgets) vs the upcycled MoE continued from the code base", run_upcycle,
+                    ("upcycle",), contenders=("dense", "upcycle")),
     "ssd-pretrain": Part("pre-training dense (four budgets) vs SSD (relu2), dense and SSD then run as MoEs",
-                         run_ssd_pretrain, ("ssd",)),
+                         run_ssd_pretrain, ("ssd",), contenders=("dense", "ssd")),
     # relu2 as ssd-pretrain: the pre-training contenders share one kind of dense frontier
     "mst-pretrain": Part("pre-training dense (four budgets) vs MST (weight and neuron level), relu2",
                          functools.partial(run_pretrain,
                                            contenders=[("mst-weight", {"name": "mst", "granularity": "weight"}),
                                                        ("mst-neuron", {"name": "mst", "granularity": "neuron"})],
-                                           model={"activation": "relu2"}, steps=1200,
-                                           quick_options={"update_every": 4}),
-                         ("mst",)),
+                                           model={"activation": "relu2"}, quick_options={"update_every": 4}),
+                         ("mst",), contenders=("dense", "mst-weight", "mst-neuron")),
 }
 
 
+def check_selection(part: str, contenders: tuple[str, ...], budgets: tuple[float, ...]) -> None:
+    """--contenders and --budgets, checked before anything runs."""
+    names = PARTS[part].contenders
+    if contenders and not names:
+        raise UserError(f"--contenders: the part '{part}' is not split over GPUs; parts that are: "
+                        f"{', '.join(p for p, spec in PARTS.items() if spec.contenders)}")
+    unknown = [c for c in contenders if c not in names]
+    if unknown:
+        raise UserError(f"--contenders: {', '.join(unknown)} not in {part}; pick from {', '.join(names)} (dense = "
+                        "its frontier)")
+    if budgets and not names and part != "hsa-attention":
+        raise UserError(f"--budgets: the part '{part}' trains no dense frontier")
+    if budgets and (len(budgets) < 2 or 1.0 not in budgets or min(budgets) <= 0):
+        raise UserError(f"--budgets takes two or more positive multiples of the methods' steps with 1 among them "
+                        f"(dense's run at the methods' budget), got {' '.join(f'{b:g}' for b in budgets)}")
+
+
 def command_line(part: str, *, out: Path, data_dir: Path, work_dir: Path, carry: Path, quick: bool, device: str,
-                 scale: float, presets: tuple[str, ...] = ()) -> str:
+                 scale: float, presets: tuple[str, ...] = (), contenders: tuple[str, ...] = (),
+                 budgets: tuple[float, ...] = ()) -> str:
     args = ["sparsetrain", "bench", "--suite", part]
     if quick:
         args.append("--quick")
@@ -111,6 +132,10 @@ def command_line(part: str, *, out: Path, data_dir: Path, work_dir: Path, carry:
         args += ["--data-dir", str(data_dir), "--work-dir", str(work_dir)]
         if scale != 1.0:
             args += ["--scale", f"{scale:g}"]
+        if contenders:
+            args += ["--contenders", *contenders]
+        if budgets:
+            args += ["--budgets", *(f"{b:g}" for b in budgets)]
     if device != "auto":
         args += ["--device", device]
     return shlex.join(args)
@@ -118,18 +143,23 @@ def command_line(part: str, *, out: Path, data_dir: Path, work_dir: Path, carry:
 
 def run_part(part: str, *, out: str | Path = "bench_out", data_dir: str | Path = "data/suite",
              work_dir: str | Path = "runs/suite", carry: str | Path = ".carry", quick: bool = False,
-             device: str = "auto", scale: float = 1.0, presets: tuple[str, ...] = ()) -> dict[str, Any]:
+             device: str = "auto", scale: float = 1.0, presets: tuple[str, ...] = (),
+             contenders: tuple[str, ...] = (), budgets: tuple[float, ...] = ()) -> dict[str, Any]:
     """Run one part; writes OUT/PART.json (and OUT/PART/ for trained runs) and returns what it wrote. `presets`
-    replaces the models of a step part (-step)."""
+    replaces the models of a step part (-step); `contenders` runs only those of a training part (the part split over
+    GPUs, each process with its own OUT and work folder; `sparsetrain report` merges the results); `budgets` sets
+    dense's frontier (multiples of the methods' steps, 1 among them)."""
     if part not in PARTS:
         raise UserError(f"unknown suite part '{part}'; parts: {', '.join(PARTS)}")
+    check_selection(part, tuple(contenders), tuple(budgets))
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got '{device}'")
     if not scale > 0:
         raise UserError(f"--scale must be positive, got {scale}")
     out, data_dir, work_dir, carry = Path(out), Path(data_dir), Path(work_dir), Path(carry)
     command = command_line(part, out=out, data_dir=data_dir, work_dir=work_dir, carry=carry, quick=quick,
-                           device=device, scale=scale, presets=tuple(presets))
+                           device=device, scale=scale, presets=tuple(presets), contenders=tuple(contenders),
+                           budgets=tuple(budgets))
     spec = PARTS[part]
     result: dict[str, Any] = {"part": part, "summary": spec.summary, "command": command, "quick": quick,
                               "env": environment(), "status": "done"}
@@ -146,17 +176,21 @@ def run_part(part: str, *, out: str | Path = "bench_out", data_dir: str | Path =
                              "this part runs once it is")
         print(f"{part}: skipped: {result['message']}")
     else:
-        ctx = Context(part, out, data_dir, work_dir, carry, quick, device, scale, tuple(presets))
+        ctx = Context(part, out, data_dir, work_dir, carry, quick, device, scale, tuple(presets),
+                      tuple(contenders), tuple(budgets))
         if spec.trains:
             scratch_dir(work_dir / part)  # run folders (checkpoints)
             scratch_dir(out / part)  # the runs' metrics, copied beside PART.json
             result["shape"] = dataclasses.asdict(ctx.shape) | {"scale": scale}
+        if contenders:  # split over GPUs: this GPU's speed on a fixed job, to merge the processes by
+            result["selected"] = list(contenders)
+            result["calibration"] = calibrate(ctx)
         t0 = time.perf_counter()
         result.update(spec.run(ctx))
         result["elapsed_s"] = time.perf_counter() - t0
         if result.get("contenders"):
             if not result.get("compared"):  # a part with several baselines compares its groups itself
-                compare(ctx, result["contenders"])
+                compare(result["contenders"], part_peak(ctx))
             print_table(result["contenders"], CONTENDER_COLUMNS)
         print(f"{part}: done in {result['elapsed_s']:.0f} s")
     path = out / f"{part}.json"

@@ -267,13 +267,16 @@ def cmd_bench(a) -> None:
         parts = list(PARTS) if a.suite == "all" else [a.suite]
         for part in parts:
             run_part(part, out=a.out or "bench_out", data_dir=a.data_dir, work_dir=a.work_dir, carry=a.carry,
-                     quick=a.quick, device=a.device, scale=a.scale, presets=tuple(a.preset or ()))
+                     quick=a.quick, device=a.device, scale=a.scale, presets=tuple(a.preset or ()),
+                     contenders=tuple(a.contenders or ()), budgets=tuple(a.budgets or ()))
         if a.suite == "all":
             from sparsetrain_bench.report import write_report
 
             out = Path(a.out or "bench_out")
             print(f"report: {write_report([out / f'{p}.json' for p in parts], out / 'report')}")
         return
+    if a.contenders or a.budgets:
+        raise UserError("--contenders and --budgets go with --suite PART (a training part of the suite)")
     a.out = a.out or "bench_out/dense.json"
     a.preset = a.preset or ["gpt2-small", "gpt2-medium"]
     from sparsetrain.config import apply_overrides
@@ -497,6 +500,12 @@ def add_benchmark_commands(sub) -> None:
                     help="with --suite prepare-data: code.jsonl.xz, english.jsonl.xz and tokenizer.json")
     be.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="with --suite")
     be.add_argument("--scale", type=float, default=1.0, help="with --suite: multiply a part's training steps")
+    be.add_argument("--contenders", nargs="+", metavar="NAME",
+                    help="with --suite: run only these contenders of a training part (dense = its frontier), to "
+                    "split it over GPUs run at once; `sparsetrain report` merges the processes' results")
+    be.add_argument("--budgets", nargs="+", type=float, metavar="X",
+                    help="with --suite: dense's frontier budgets in multiples of the methods' steps, 1 among them "
+                    "(default 0.5 1 1.5 2)")
     be.set_defaults(func=cmd_bench)
 
     rp = _command(sub, "report", help="merge benchmark-suite results (PART.json) into report.md and plots")

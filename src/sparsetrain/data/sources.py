@@ -43,8 +43,8 @@ NAMED_SOURCES = ("stdlib", "site-packages", "linux-source", "hf:NAME[:CONFIG]")
 # Debian's kernel source package: a big (~800 MB of C), real-world, license-clean code corpus that any Debian
 # box can fetch with apt. Pinned, so every machine tokenizes exactly the same bytes.
 LINUX_SOURCE_PACKAGE = "linux-source-6.1"
-LINUX_SOURCE_VERSION = "6.1.192-2"
-LINUX_SOURCE_SHA256 = "ae95fe63d4c553f8d0e6c86cb1ab566f3894a43743eb19ab585cd97d82f26514"  # 139,331,676 bytes
+LINUX_SOURCE_VERSION = "6.1.192-3"
+LINUX_SOURCE_SHA256 = "5259c57ca92092da39bd2ea803046da0e3c28f2b6a11ea20f6297468188ceb67"  # 139,330,232 bytes
 LINUX_SOURCE_MAX_FILE_BYTES = 1_000_000  # larger .c/.h files are generated tables, not code
 # Machine-generated register definitions (~100s of MB of #defines) would swamp the real code.
 LINUX_CODE_EXCLUDE = ("drivers/gpu/drm/amd/include/asic_reg/",)

@@ -9,7 +9,6 @@ the benchmark suite both train it this way.
 from __future__ import annotations
 
 import copy
-import math
 import shutil
 from pathlib import Path
 
@@ -42,8 +41,10 @@ def budget_configs(cfg: RunConfig, fractions: tuple[float, ...]) -> tuple[dict[f
     largest = max(configs)
     points = sorted({starts[f] for f in configs if f != largest})
     trunk = configs[largest].train
-    trunk.checkpoint_every = math.gcd(*points) if points else 0
-    trunk.keep_checkpoints = max(trunk.keep_checkpoints, trunk.steps)  # none is deleted before its branch
+    trunk.checkpoint_at = points
+    # None is deleted before its branch: every checkpoint of the trunk is kept (its own cadence's too).
+    cadence = trunk.steps // trunk.checkpoint_every if trunk.checkpoint_every else 0
+    trunk.keep_checkpoints = max(trunk.keep_checkpoints, len(points) + cadence + 1)
     return configs, starts
 
 

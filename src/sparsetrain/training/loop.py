@@ -281,7 +281,8 @@ def run_steps(parts: StepParts, data: TrainingData, rt: Runtime, tcfg, out_dir: 
         done = step + 1
         is_log = done % tcfg.log_every == 0 or done == tcfg.steps
         is_eval = (tcfg.eval_every and done % tcfg.eval_every == 0) or done == tcfg.steps
-        is_ckpt = (tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0) or done == tcfg.steps
+        is_ckpt = ((tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0) or done == tcfg.steps
+                   or done in tcfg.checkpoint_at)
         if is_log or is_eval or is_ckpt:
             nonfinite.check()
             if rt.distributed:
