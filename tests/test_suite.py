@@ -575,6 +575,7 @@ def test_pretrain_parts_read_each_method_against_a_dense_frontier(env, results):
     ("moe_layer.py", ["--device", "cpu", "--quick"]),
     ("moe_step.py", ["--device", "cpu", "--quick", "--contenders", "ssd", "upcycle", "--kernels", "auto", "loop"]),
     ("sat_phases.py", ["--device", "cpu", "--quick", "--variants", "uniform"]),
+    ("step_in_training.py", ["--device", "cpu", "--quick", "--contenders", "sat", "mst-neuron-run"]),
 ])
 def test_gpu_bench_scripts_run_their_cpu_smoke_test(script, args, tmp_path):
     """The GPU scripts of bench/ on tiny shapes: they run and write rows for every contender."""
@@ -588,7 +589,7 @@ def test_gpu_bench_scripts_run_their_cpu_smoke_test(script, args, tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    expected = {"moe_layer.py": 4, "moe_step.py": 5, "sat_phases.py": 2}[script]
+    expected = {"moe_layer.py": 4, "moe_step.py": 5, "sat_phases.py": 2, "step_in_training.py": 3}[script]
     assert len(rows) == expected
 
 
@@ -666,3 +667,14 @@ def test_ssd_pretrain_split_keeps_each_processs_moe_inference(env, tmp_path):
     assert set(merged["moe_inference"]) == {"dense", "ssd"}
     assert [c["name"] for c in merged["contenders"]] == ["dense-0.5x", "dense", "ssd"]
     assert set(merged["iso_loss"]) == {"ssd"}
+
+
+def test_a_merged_comparison_names_every_process_command(env, tmp_path):
+    common = {**env, "budgets": (0.5, 1.0)}
+    for name, contenders in (("a", ("dense",)), ("b", ("mst-weight",))):
+        run_part("mst-pretrain", quick=True, contenders=contenders,
+                 **{**common, "out": tmp_path / name, "work_dir": tmp_path / f"w{name}"})
+    merged = load_results([tmp_path / n / "mst-pretrain.json" for n in ("a", "b")])["mst-pretrain"]
+    assert "--contenders dense" in merged["command"] and "--contenders mst-weight" in merged["command"]
+    row = next(r for r in evaluate_targets({"mst-pretrain": merged}) if r["what"].startswith("MST weight level"))
+    assert "--contenders mst-weight" in row["command"]

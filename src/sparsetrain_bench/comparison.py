@@ -106,7 +106,8 @@ def merge_split(results: list[dict[str, Any]], frontier_from: dict[str, Any] | N
                     if key in point:
                         point[key] *= factor
             contenders.append(c)
-    merged = copy.deepcopy(own) | {"contenders": contenders, "merged_from": [r.get("command") for r in (ref, *others)]}
+    commands = [r.get("command") for r in (ref, *others)]
+    merged = copy.deepcopy(own) | {"contenders": contenders, "merged_from": commands, "command": " & ".join(commands)}
     for r in others:  # results kept per contender beside the runs (ssd-pretrain's MoE inference)
         for key in PER_CONTENDER:
             if key in r:
