@@ -678,3 +678,44 @@ def test_a_merged_comparison_names_every_process_command(env, tmp_path):
     assert "--contenders dense" in merged["command"] and "--contenders mst-weight" in merged["command"]
     row = next(r for r in evaluate_targets({"mst-pretrain": merged}) if r["what"].startswith("MST weight level"))
     assert "--contenders mst-weight" in row["command"]
+
+
+def test_a_training_part_takes_one_model_preset(env, tmp_path):
+    ctx = Context("sat-cpt", tmp_path, tmp_path, tmp_path, tmp_path, False, "cpu", 1.0, ("gpt2-medium",))
+    assert ctx.shape.preset == "gpt2-medium" and ctx.shape.batch_size == 16
+    assert Context("sat-cpt", tmp_path, tmp_path, tmp_path, tmp_path, False, "cpu", 1.0).shape.preset == "gpt2-small"
+    r = run_part("sat-cpt", quick=True, presets=("gpt2-medium",), **{**env, "out": tmp_path / "o"})
+    assert "--preset gpt2-medium" in r["command"]
+    with pytest.raises(UserError, match="takes one model preset"):
+        run_part("sat-cpt", quick=True, presets=("gpt2-small", "gpt2-medium"), **env)
+    with pytest.raises(UserError, match="trains no model"):
+        run_part("prepare-data", quick=True, presets=("gpt2-medium",), **env)
+
+
+def test_resume_reads_finished_runs_back_and_continues_a_cut_one_exactly(env, tmp_path):
+    """--resume keeps the work folder: a finished run is read back as it was; a run cut after a checkpoint continues
+    from it and ends where the uninterrupted run ended (resume equals uninterrupted)."""
+    from sparsetrain.store.checkpoint import list_checkpoints
+
+    common = {**env, "budgets": (0.5, 1.0), "out": tmp_path / "o", "work_dir": tmp_path / "w"}
+    first = run_part("mst-pretrain", quick=True, contenders=("dense", "mst-neuron"), **common)
+    again = run_part("mst-pretrain", quick=True, contenders=("dense", "mst-neuron"), resume=True, **common)
+    assert "--resume" in again["command"]
+    for a, b in zip(first["contenders"], again["contenders"]):
+        assert (a["name"], a["val_loss"], a["wallclock"], a["flops"]) == (b["name"], b["val_loss"], b["wallclock"],
+                                                                         b["flops"])
+    # Cut the method's run after its first checkpoint (what a call's time limit leaves).
+    run = tmp_path / "w" / "mst-pretrain" / "mst-neuron"
+    checkpoints = list_checkpoints(run)
+    assert len(checkpoints) == 2
+    shutil.rmtree(checkpoints[-1])
+    (run / "summary.json").unlink()
+    resumed = run_part("mst-pretrain", quick=True, contenders=("dense", "mst-neuron"), resume=True, **common)
+    (m0,) = [c for c in first["contenders"] if c["name"] == "mst-neuron"]
+    (m1,) = [c for c in resumed["contenders"] if c["name"] == "mst-neuron"]
+    assert m1["val_loss"] == m0["val_loss"] and m1["steps"] == m0["steps"]
+    assert [r["loss"] for r in m1["curve"]] == [r["loss"] for r in m0["curve"]]
+    # Without --resume the part starts over.
+    fresh = run_part("mst-pretrain", quick=True, contenders=("mst-neuron",), **common)
+    assert fresh["contenders"][0]["val_loss"] == m0["val_loss"]
+    assert main(["bench", "--resume"]) == 2  # not a suite part: one line, exit 2

@@ -3,6 +3,7 @@ device and `--scale`), and the scratch folders the suite empties, marked so that
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +55,10 @@ class Context:
     quick: bool
     device: str
     scale: float
-    presets: tuple[str, ...] = ()  # the models of the step parts, when the command names them
+    presets: tuple[str, ...] = ()  # --preset: the models of a step part, the model of a training part
     contenders: tuple[str, ...] = ()  # --contenders: run only these of the part ("dense": its frontier); () = all
     budgets: tuple[float, ...] = ()  # --budgets: dense's frontier budgets (multiples of the methods'); () = default
+    resume: bool = False  # --resume: keep the run folders, read finished runs back and continue cut ones
 
     def wants(self, name: str) -> bool:
         """Whether this process runs contender `name` (a part split over GPUs runs some of them in each)."""
@@ -64,7 +66,10 @@ class Context:
 
     @property
     def shape(self) -> Shape:
-        return QUICK if self.quick else FULL
+        """The training shape; a training part's --preset replaces the model (SAT's continuation at gpt2-medium)."""
+        if self.quick:
+            return QUICK
+        return dataclasses.replace(FULL, preset=self.presets[0]) if self.presets else FULL
 
     @property
     def cuda(self) -> bool:
@@ -74,11 +79,13 @@ class Context:
         return quick if self.quick else max(1, round(full * self.scale))
 
 
-def scratch_dir(path: Path) -> Path:
-    """Empty the suite's own scratch folder `path` (refusing one it did not make) and return it."""
+def scratch_dir(path: Path, empty: bool = True) -> Path:
+    """The suite's own scratch folder `path`, emptied (refusing one it did not make; `empty=False`: kept as it is)."""
     if path.exists() and any(path.iterdir()):
         if not (path / MARKER).is_file():
             raise UserError(f"{path} is not empty and was not made by the suite; pass another --work-dir")
+        if not empty:
+            return path
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / MARKER).touch()

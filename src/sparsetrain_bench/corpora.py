@@ -54,7 +54,7 @@ def run_prepare_data(ctx: Context) -> dict[str, Any]:
         source = ctx.carry / f"{corpus}.jsonl.xz"
         if not source.is_file():
             raise UserError(f"{source} not found; make it with `sparsetrain data export --source linux-source "
-                            f"--subset {corpus} --out {source}` (code: add --max-bytes 200M)")
+                            f"--subset {corpus} --out {source}` (code: add --max-bytes 400M)")
         meta = prepare_corpus(source, ctx.data / corpus, tokenizer, ctx.shape.eval_tokens + 1, fraction)
         corpora[corpus] = {k: meta[k] for k in ("train_tokens", "val_tokens", "val_fraction", "vocab_size",
                                                 "text_bytes", "sha256")}

@@ -11,6 +11,8 @@ the branch's own steps; its FLOPs likewise.
 """
 from __future__ import annotations
 
+import json
+import shutil
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,8 @@ from sparsetrain.training.budgets import branch_folder, budget_configs
 from sparsetrain.training.budgets import with_wsd as cfg_with_wsd
 from sparsetrain.training.loop import train
 from sparsetrain_bench.context import Context
-from sparsetrain_bench.runs import CURVE_KEYS, CompileClock, run_result, steady_times, train_run
+from sparsetrain_bench.runs import (COMPILE_FILE, CURVE_KEYS, RUN_FILE, CompileClock, run_result, run_state,
+                                    steady_times, train_run)
 
 BUDGETS = (0.5, 1.0, 1.5, 2.0)  # dense's budgets, in multiples of the contenders' steps
 
@@ -51,11 +54,22 @@ def branch(ctx: Context, trunk: dict[str, Any], name: str, cfg: config_mod.RunCo
     """`cfg`'s budget resumed from the trunk's checkpoint at `start`. Its wall-clock: the trunk's up to `start`
     (compilation taken out, as for every contender) plus its own steps'; its FLOPs likewise (the checkpoint's)."""
     run_dir = ctx.work / ctx.part / name
-    branch_folder(trunk["run_dir"], run_dir, start)
-    print(f"{ctx.part}: training {name} (dense, {cfg.train.steps} steps: the trunk's first {start}, then its own "
-          "decay)", flush=True)
-    with CompileClock() as clock:
-        summary = train(cfg, run_dir, resume=True)
+    raw = config_mod.to_dict(cfg)
+    state = run_state(ctx, run_dir, raw)  # a branch cut short starts again from the trunk: it is short
+    if state == "done":
+        print(f"{ctx.part}: {name}: finished in an earlier call, read back", flush=True)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        clock = CompileClock(**CompileClock.saved(run_dir / COMPILE_FILE))
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        branch_folder(trunk["run_dir"], run_dir, start)
+        (run_dir / COMPILE_FILE).unlink(missing_ok=True)  # the trunk's, copied: the branch counts its own
+        (run_dir / RUN_FILE).write_text(json.dumps(raw))
+        print(f"{ctx.part}: training {name} (dense, {cfg.train.steps} steps: the trunk's first {start}, then its "
+              "own decay)", flush=True)
+        with CompileClock(run_dir / COMPILE_FILE) as clock:
+            summary = train(cfg, run_dir, resume=True)
     records = read_metrics(run_dir)
     trunk_curve = trunk["curve"]
     at = [0, *[r["step"] for r in trunk_curve]]

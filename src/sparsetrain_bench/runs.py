@@ -28,6 +28,7 @@ from sparsetrain import config as config_mod
 from sparsetrain.data.batches import TrainingData
 from sparsetrain.data.tokens import TokenData
 from sparsetrain.plots import read_metrics
+from sparsetrain.store.checkpoint import list_checkpoints
 from sparsetrain.training.build import load_model
 from sparsetrain.training.loop import evaluate, train
 from sparsetrain.training.runtime import peak_flops, setup_runtime
@@ -38,6 +39,11 @@ from sparsetrain_bench.steps import bench_config, measure_steps
 
 SEED = 1337
 BASE_STEPS = 2000  # the code base of the continuation parts: 32.8M tokens
+# A suite run checkpoints every CHECKPOINT_STEPS steps (--quick: twice) and keeps two: a call cut by its time limit
+# continues there in the next (--resume), and the run folder says what it trained (RUN_FILE: its config; COMPILE_FILE:
+# its compilations so far).
+CHECKPOINT_STEPS = 1000
+RUN_FILE, COMPILE_FILE = "suite_run.json", "compile_clock.json"
 CALIBRATION_VOCAB = 32768  # the suite tokenizer's: the calibration is the same job on every GPU
 CURVE_KEYS = ("step", "tokens", "flops", "train_time", "wallclock", "loss", "val_loss", "mfu", *SCHEDULE_KEYS)
 
@@ -49,8 +55,13 @@ class CompileClock:
     under no_grad are for evaluation, which the trainer's `train_time` leaves out already.
     """
 
+    def __init__(self, path: Path | None = None, seconds: float = 0.0, count: int = 0):
+        """`path`: a file the running totals are written to after each compilation (a run cut short keeps them);
+        `seconds`, `count`: the totals of the run's earlier segments (a resumed run)."""
+        self.path, self.seconds, self.count = path, seconds, count
+
     def __enter__(self) -> "CompileClock":
-        self.seconds, self.count, self._started = 0.0, 0, None
+        self._started = None
         self._handler = dynamo_callback.callback_handler
         self._lazy_backward = dynamo_callback.CallbackTrigger.LAZY_BACKWARD
         self._handler.register_start_callback(self._start)
@@ -66,6 +77,13 @@ class CompileClock:
             self.seconds += time.perf_counter() - self._started
             self.count += 1
             self._started = None
+            if self.path is not None and self.path.parent.is_dir():
+                self.path.write_text(json.dumps({"seconds": self.seconds, "count": self.count}))
+
+    @classmethod
+    def saved(cls, path: Path) -> dict[str, float]:
+        """The totals a clock wrote to `path` (none: zero)."""
+        return json.loads(path.read_text()) if path.is_file() else {"seconds": 0.0, "count": 0}
 
     def __exit__(self, *exc) -> None:
         self._handler.remove_start_callback(self._start)
@@ -116,21 +134,53 @@ def run_config(ctx: Context, *, corpus: str, steps: int, method: dict | None = N
         "train": {"steps": steps, "batch_size": batch_size or s.batch_size, "lr": lr,
                   "seq_len": seq_len or (s.sft_seq_len if corpus == "sft" else s.seq_len),
                   "warmup_steps": max(1, steps // 20), "eval_every": steps // evals if evals else 0,
-                  "eval_tokens": s.eval_tokens, "checkpoint_every": 0, "keep_checkpoints": 1,
+                  "eval_tokens": s.eval_tokens, "keep_checkpoints": 2,
+                  "checkpoint_every": max(1, steps // 2) if ctx.quick else CHECKPOINT_STEPS,
                   "log_every": s.log_every, "seed": seed, "device": ctx.device, "progress": False,
                   "init_from": init_from},
         "method": method or {"name": "dense"},
     }
 
 
+def run_state(ctx: Context, run_dir: Path, raw: dict[str, Any]) -> str:
+    """What to do with a contender's run folder: "fresh" (train from the start; a folder of another config or without
+    a checkpoint is emptied), "resume" (--resume: continue from its last checkpoint) or "done" (--resume: it trained
+    every step of this config)."""
+    if not run_dir.exists():
+        return "fresh"
+    saved = run_dir / RUN_FILE
+    same = ctx.resume and saved.is_file() and json.loads(saved.read_text()) == json.loads(json.dumps(raw))
+    summary = run_dir / "summary.json"
+    if same and summary.is_file() and json.loads(summary.read_text()).get("steps") == raw["train"]["steps"]:
+        return "done"
+    if same and list_checkpoints(run_dir):
+        return "resume"
+    if ctx.resume:
+        print(f"{ctx.part}: {run_dir.name}: " + ("no checkpoint yet" if same else "another config") + ": trained again")
+    shutil.rmtree(run_dir)
+    return "fresh"
+
+
 def train_run(ctx: Context, name: str, raw: dict[str, Any], role: str = "contender",
               run_dir: Path | None = None) -> dict[str, Any]:
-    """Train one contender in the part's scratch folder (or `run_dir`); its result with the curve for the report."""
+    """Train one contender in the part's scratch folder (or `run_dir`); its result with the curve for the report.
+    With --resume a finished run is read back and a cut one continues from its last checkpoint (its compilations
+    summed over its segments)."""
     run_dir = run_dir or ctx.work / ctx.part / name
     cfg = config_mod.from_dict(raw)
-    print(f"{ctx.part}: training {name} ({cfg.method['name']}, {cfg.train.steps} steps)", flush=True)
-    with CompileClock() as clock:
-        summary = train(cfg, run_dir)
+    state = run_state(ctx, run_dir, raw)
+    clock_file = run_dir / COMPILE_FILE
+    if state == "done":
+        print(f"{ctx.part}: {name}: finished in an earlier call, read back", flush=True)
+        summary, clock = json.loads((run_dir / "summary.json").read_text()), CompileClock(**CompileClock.saved(clock_file))
+    else:
+        print(f"{ctx.part}: training {name} ({cfg.method['name']}, {cfg.train.steps} steps"
+              + (", resumed" if state == "resume" else "") + ")", flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_FILE).write_text(json.dumps(raw))
+        prior = CompileClock.saved(clock_file) if state == "resume" else {}
+        with CompileClock(clock_file, **prior) as clock:
+            summary = train(cfg, run_dir, resume=state == "resume")
     records = read_metrics(run_dir)
     for r, t in zip(records, steady_times(records, clock.seconds)):
         r["wallclock"] = t
@@ -181,7 +231,7 @@ def code_base(ctx: Context) -> dict[str, Any]:
             print(f"{ctx.part}: reusing the code base of {result['part']} ({result['run_dir']})", flush=True)
             result["metrics"] = keep_metrics(ctx, "base", Path(result["run_dir"]))
             return result | {"reused": True}
-    scratch_dir(folder)
+    scratch_dir(folder, empty=not ctx.resume)  # --resume: a base a call's limit cut continues
     result = train_run(ctx, "base", raw, role="base", run_dir=folder / "run") | {"part": ctx.part, "asked": asked}
     saved.write_text(json.dumps(result))
     return result

@@ -119,11 +119,11 @@ def check_selection(part: str, contenders: tuple[str, ...], budgets: tuple[float
 
 def command_line(part: str, *, out: Path, data_dir: Path, work_dir: Path, carry: Path, quick: bool, device: str,
                  scale: float, presets: tuple[str, ...] = (), contenders: tuple[str, ...] = (),
-                 budgets: tuple[float, ...] = ()) -> str:
+                 budgets: tuple[float, ...] = (), resume: bool = False) -> str:
     args = ["sparsetrain", "bench", "--suite", part]
     if quick:
         args.append("--quick")
-    if presets and part.endswith("-step"):
+    if presets and (part.endswith("-step") or PARTS[part].trains):
         args += ["--preset", *presets]
     args += ["--out", str(out)]
     if part == "prepare-data":
@@ -136,6 +136,8 @@ def command_line(part: str, *, out: Path, data_dir: Path, work_dir: Path, carry:
             args += ["--contenders", *contenders]
         if budgets:
             args += ["--budgets", *(f"{b:g}" for b in budgets)]
+        if resume:
+            args.append("--resume")
     if device != "auto":
         args += ["--device", device]
     return shlex.join(args)
@@ -144,14 +146,20 @@ def command_line(part: str, *, out: Path, data_dir: Path, work_dir: Path, carry:
 def run_part(part: str, *, out: str | Path = "bench_out", data_dir: str | Path = "data/suite",
              work_dir: str | Path = "runs/suite", carry: str | Path = ".carry", quick: bool = False,
              device: str = "auto", scale: float = 1.0, presets: tuple[str, ...] = (),
-             contenders: tuple[str, ...] = (), budgets: tuple[float, ...] = ()) -> dict[str, Any]:
+             contenders: tuple[str, ...] = (), budgets: tuple[float, ...] = (), resume: bool = False) -> dict[str, Any]:
     """Run one part; writes OUT/PART.json (and OUT/PART/ for trained runs) and returns what it wrote. `presets`
-    replaces the models of a step part (-step); `contenders` runs only those of a training part (the part split over
+    replaces the models of a step part (-step), or the model of a training part (one preset); `contenders` runs only those of a training part (the part split over
     GPUs, each process with its own OUT and work folder; `sparsetrain report` merges the results); `budgets` sets
-    dense's frontier (multiples of the methods' steps, 1 among them)."""
+    dense's frontier (multiples of the methods' steps, 1 among them); `resume` keeps the work folder's runs (finished
+    ones are read back, cut ones continue from their last checkpoint: a comparison longer than one call)."""
     if part not in PARTS:
         raise UserError(f"unknown suite part '{part}'; parts: {', '.join(PARTS)}")
     check_selection(part, tuple(contenders), tuple(budgets))
+    if presets and PARTS[part].trains and (len(presets) > 1 or part == "two-gpu"):
+        raise UserError(f"--preset: the training part '{part}' takes one model preset"
+                        + (" (two-gpu trains its own models)" if part == "two-gpu" else f", got {' '.join(presets)}"))
+    if presets and not PARTS[part].trains and not part.endswith("-step"):
+        raise UserError(f"--preset: the part '{part}' trains no model")
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got '{device}'")
     if not scale > 0:
@@ -159,7 +167,7 @@ def run_part(part: str, *, out: str | Path = "bench_out", data_dir: str | Path =
     out, data_dir, work_dir, carry = Path(out), Path(data_dir), Path(work_dir), Path(carry)
     command = command_line(part, out=out, data_dir=data_dir, work_dir=work_dir, carry=carry, quick=quick,
                            device=device, scale=scale, presets=tuple(presets), contenders=tuple(contenders),
-                           budgets=tuple(budgets))
+                           budgets=tuple(budgets), resume=resume)
     spec = PARTS[part]
     result: dict[str, Any] = {"part": part, "summary": spec.summary, "command": command, "quick": quick,
                               "env": environment(), "status": "done"}
@@ -177,9 +185,9 @@ def run_part(part: str, *, out: str | Path = "bench_out", data_dir: str | Path =
         print(f"{part}: skipped: {result['message']}")
     else:
         ctx = Context(part, out, data_dir, work_dir, carry, quick, device, scale, tuple(presets),
-                      tuple(contenders), tuple(budgets))
+                      tuple(contenders), tuple(budgets), resume)
         if spec.trains:
-            scratch_dir(work_dir / part)  # run folders (checkpoints)
+            scratch_dir(work_dir / part, empty=not resume)  # run folders (checkpoints)
             scratch_dir(out / part)  # the runs' metrics, copied beside PART.json
             result["shape"] = dataclasses.asdict(ctx.shape) | {"scale": scale}
         if contenders:  # split over GPUs: this GPU's speed on a fixed job, to merge the processes by

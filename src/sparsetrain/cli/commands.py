@@ -268,15 +268,15 @@ def cmd_bench(a) -> None:
         for part in parts:
             run_part(part, out=a.out or "bench_out", data_dir=a.data_dir, work_dir=a.work_dir, carry=a.carry,
                      quick=a.quick, device=a.device, scale=a.scale, presets=tuple(a.preset or ()),
-                     contenders=tuple(a.contenders or ()), budgets=tuple(a.budgets or ()))
+                     contenders=tuple(a.contenders or ()), budgets=tuple(a.budgets or ()), resume=a.resume)
         if a.suite == "all":
             from sparsetrain_bench.report import write_report
 
             out = Path(a.out or "bench_out")
             print(f"report: {write_report([out / f'{p}.json' for p in parts], out / 'report')}")
         return
-    if a.contenders or a.budgets:
-        raise UserError("--contenders and --budgets go with --suite PART (a training part of the suite)")
+    if a.contenders or a.budgets or a.resume:
+        raise UserError("--contenders, --budgets and --resume go with --suite PART (a training part of the suite)")
     a.out = a.out or "bench_out/dense.json"
     a.preset = a.preset or ["gpt2-small", "gpt2-medium"]
     from sparsetrain.config import apply_overrides
@@ -479,7 +479,8 @@ def add_benchmark_commands(sub) -> None:
     be = _command(sub, "bench", help="training-step speed on the GPU (tokens/s, MFU), a method against dense")
     be.add_argument("--preset", nargs="+", choices=PRESET_NAMES, metavar="PRESET",
                     help=f"model presets to time, one or more of: {', '.join(PRESET_NAMES)} (default gpt2-small "
-                    "gpt2-medium; with a --suite step part: its own models)")
+                    "gpt2-medium; with a --suite step part: its own models; with a training part: its one model, e.g. "
+                    "sat-cpt at gpt2-medium)")
     be.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     be.add_argument("--micro-batch-size", type=int, default=0, help="0 = the whole batch in one pass")
     be.add_argument("--model-set", action="append", metavar="model.KEY=VALUE", help="override a model key")
@@ -506,6 +507,9 @@ def add_benchmark_commands(sub) -> None:
     be.add_argument("--budgets", nargs="+", type=float, metavar="X",
                     help="with --suite: dense's frontier budgets in multiples of the methods' steps, 1 among them "
                     "(default 0.5 1 1.5 2)")
+    be.add_argument("--resume", action="store_true",
+                    help="with --suite: keep the part's run folders from an earlier call: finished runs are read back, "
+                    "runs its time limit cut continue from their last checkpoint")
     be.set_defaults(func=cmd_bench)
 
     rp = _command(sub, "report", help="merge benchmark-suite results (PART.json) into report.md and plots")
