@@ -18,7 +18,7 @@ from sparsetrain.cli.demo import demo_config
 from sparsetrain.training.loop import train
 from sparsetrain_bench.steps import print_table, write_rows
 
-SAT = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5}  # ladder schedule, wanda scores, sampled selection
+SAT = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "select": "sample"}  # ladder, wanda scores, sampled
 VARIANTS = {
     "sat": SAT,
     "sat-seed1": {**SAT, "seed": 1},

@@ -232,11 +232,11 @@ def check_contenders(part, baseline="dense"):
 def test_sat_cpt_continues_the_code_base_on_english_with_the_same_tokens(env, results):
     cs = check_contenders(results["sat-cpt"])
     assert cs["base"]["corpus"] == "code" and cs["dense"]["corpus"] == "english"
-    assert list(cs) == ["base", "dense-0.5x", "dense", "dense-1.5x", "dense-2x", "sat", "sat-topk"]
-    assert cs["dense"]["tokens"] == cs["sat"]["tokens"] == cs["sat-topk"]["tokens"]
-    assert cs["sat"]["config"]["method"].get("select", "sample") == "sample"  # the default
-    assert cs["sat-topk"]["config"]["method"]["select"] == "topk"
-    for name in ("dense", "sat", "sat-topk"):
+    assert list(cs) == ["base", "dense-0.5x", "dense", "dense-1.5x", "dense-2x", "sat", "sat-sample"]
+    assert cs["dense"]["tokens"] == cs["sat"]["tokens"] == cs["sat-sample"]["tokens"]
+    assert cs["sat"]["config"]["method"].get("select", "topk") == "topk"  # the default
+    assert cs["sat-sample"]["config"]["method"]["select"] == "sample"
+    for name in ("dense", "sat", "sat-sample"):
         train_cfg = cs[name]["config"]["train"]
         assert train_cfg["init_from"] == cs["base"]["run_dir"]
         assert train_cfg["seed"] == cs["dense"]["config"]["train"]["seed"] != cs["base"]["config"]["train"]["seed"]
@@ -251,9 +251,9 @@ def test_sat_sft_fine_tunes_the_code_base_on_kernel_doc_pairs(env, results):
     part = results["sat-sft"]
     cs = check_contenders(part)
     assert cs["base"]["corpus"] == "code" and cs["dense"]["corpus"] == cs["sat"]["corpus"] == "sft"
-    assert cs["dense"]["tokens"] == cs["sat"]["tokens"] == cs["sat-topk"]["tokens"]
-    assert cs["sat"]["config"]["method"]["name"] == cs["sat-topk"]["config"]["method"]["name"] == "sat"
-    for name in ("dense", "sat", "sat-topk"):
+    assert cs["dense"]["tokens"] == cs["sat"]["tokens"] == cs["sat-sample"]["tokens"]
+    assert cs["sat"]["config"]["method"]["name"] == cs["sat-sample"]["config"]["method"]["name"] == "sat"
+    for name in ("dense", "sat", "sat-sample"):
         assert cs[name]["config"]["train"]["init_from"] == cs["base"]["run_dir"]
         assert cs[name]["curve"][0]["val_loss"] == pytest.approx(part["start_val_loss"])
         assert cs[name]["val_loss"] < part["start_val_loss"]  # the format is learnt: loss on the functions falls
@@ -264,7 +264,7 @@ def test_sat_sft_fine_tunes_the_code_base_on_kernel_doc_pairs(env, results):
 def test_continuations_are_read_against_a_dense_continuation_frontier(results):
     """sat-cpt, sat-sft and upcycle continue the base dense at four budgets (a wsd trunk and its branches, every
     curve starting at the base's loss) and report each method's speed-up at equal quality."""
-    for name, methods in (("sat-cpt", ["sat", "sat-topk"]), ("sat-sft", ["sat", "sat-topk"]), ("upcycle", ["upcycle"])):
+    for name, methods in (("sat-cpt", ["sat", "sat-sample"]), ("sat-sft", ["sat", "sat-sample"]), ("upcycle", ["upcycle"])):
         part = results[name]
         cs = check_contenders(part)
         assert list(cs) == ["base", "dense-0.5x", "dense", "dense-1.5x", "dense-2x", *methods]
@@ -402,7 +402,7 @@ def test_report_judges_iso_loss_targets_exactly_or_by_a_lower_bound(results, tmp
              (("lower bound", 1.2), ("upper bound", 1.9), "**no**")]
     status = {"exact": "on", "upper bound": "below", "lower bound": "beyond"}
     for (bound, speedup), (topk_bound, topk_speedup), met in cases:
-        for name, b, x in (("sat", bound, speedup), ("sat-topk", topk_bound, topk_speedup)):
+        for name, b, x in (("sat", bound, speedup), ("sat-sample", topk_bound, topk_speedup)):
             sign = {"exact": "", "upper bound": "<= ", "lower bound": ">= "}[b]
             part["iso_loss"][name]["wallclock"].update(bound=b, speedup=x, status=status[b], label=f"{sign}{x:.2f}x")
         path = tmp_path / "sat-cpt.json"

@@ -78,14 +78,14 @@ PARTS: dict[str, Part] = {
                      functools.partial(run_steps, methods=[("ssd", SSD_STEP), ("ssd-triton", SSD_STEP_TRITON)],
                                        presets=("gpt2-medium",),
                                        model={"activation": "relu2"}), ("ssd",), trains=False),
-    "sat-cpt": Part("continual pre-training code -> English, dense vs SAT (LORS; sampled and top-k selection)",
-                    run_sat_cpt, ("sat",), contenders=("dense", "sat", "sat-topk")),
+    "sat-cpt": Part("continual pre-training code -> English, dense vs SAT (LORS; top-k and sampled selection)",
+                    run_sat_cpt, ("sat",), contenders=("dense", "sat", "sat-sample")),
     "two-gpu": Part("every method on one GPU vs two (torchrun DDP / FSDP2), same global batch", run_two_gpus,
                     ("sat", "upcycle", "ssd", "mst")),
     "hsa-attention": Part("hybrid sparse attention alone (MST, no weight sparsity) vs dense at 1024, 4096, 8192",
                           run_hsa, ("mst",)),
-    "sat-sft": Part("fine-tuning on kernel-doc pairs (comment -> function), dense vs SAT (LORS; sampled and top-k "
-                    "selection)", run_sat_sft, ("sat",), contenders=("dense", "sat", "sat-topk")),
+    "sat-sft": Part("fine-tuning on kernel-doc pairs (comment -> function), dense vs SAT (LORS; top-k and sampled "
+                    "selection)", run_sat_sft, ("sat",), contenders=("dense", "sat", "sat-sample")),
     "upcycle": Part("dense (four budgets) vs the upcycled MoE continued from the code base", run_upcycle,
                     ("upcycle",), contenders=("dense", "upcycle")),
     "ssd-pretrain": Part("pre-training dense (four budgets) vs SSD (relu2), dense and SSD then run as MoEs",

@@ -54,8 +54,10 @@ class SATOptions:
     head_rate: float = 0.5  # share of kv-head groups omitted per layer (each with its query heads), in [0, 1)
     # wanda by default: its statistics (block inputs) are complete every step whatever was omitted, and cost no GEMM.
     metric: str = "wanda"  # uniform | magnitude | wanda | maxip
-    # sample by default: with topk a neuron that is omitted is never updated, so it stays unimportant and frozen.
-    select: str = "sample"  # topk | sample (in proportion to the score, without replacement)
+    # topk by default: it lost less validation loss than sampling in both comparisons run (BENCHMARKS.md: sat-cpt on
+    # an H200; bench/sat_selection.py on the CPU). Its risk: an omitted neuron is not updated, so under a weight-only
+    # metric (magnitude) it stays omitted until the ladder lowers the rate; sampling gives every neuron a chance.
+    select: str = "topk"  # topk | sample (in proportion to the score, without replacement)
     ffn_multiple: int = 64  # kept neurons rounded to a multiple of this (GEMM-friendly shapes)
     head_multiple: int = 1  # kept head groups rounded to a multiple of this
     exempt_layers: list[int] = field(default_factory=list)  # layers kept dense; negative indices count from the end
