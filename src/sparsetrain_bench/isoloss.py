@@ -23,7 +23,7 @@ from sparsetrain.training.budgets import branch_folder, budget_configs
 from sparsetrain.training.budgets import with_wsd as cfg_with_wsd
 from sparsetrain.training.loop import train
 from sparsetrain_bench.context import Context
-from sparsetrain_bench.runs import (COMPILE_FILE, CURVE_KEYS, RUN_FILE, CompileClock, run_result, run_state,
+from sparsetrain_bench.runs import (COMPILE_FILE, CURVE_KEYS, RUN_FILE, CompileClock, read_back, run_result, run_state,
                                     steady_times, train_run)
 
 BUDGETS = (0.5, 1.0, 1.5, 2.0)  # dense's budgets, in multiples of the contenders' steps
@@ -57,9 +57,7 @@ def branch(ctx: Context, trunk: dict[str, Any], name: str, cfg: config_mod.RunCo
     raw = config_mod.to_dict(cfg)
     state = run_state(ctx, run_dir, raw)  # a branch cut short starts again from the trunk: it is short
     if state == "done":
-        print(f"{ctx.part}: {name}: finished in an earlier call, read back", flush=True)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        clock = CompileClock(**CompileClock.saved(run_dir / COMPILE_FILE))
+        summary, clock = read_back(ctx, name, run_dir)
     else:
         if run_dir.exists():
             shutil.rmtree(run_dir)

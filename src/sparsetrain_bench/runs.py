@@ -161,6 +161,13 @@ def run_state(ctx: Context, run_dir: Path, raw: dict[str, Any]) -> str:
     return "fresh"
 
 
+def read_back(ctx: Context, name: str, run_dir: Path) -> tuple[dict[str, Any], CompileClock]:
+    """A run finished in an earlier call (--resume): its summary and its compilation totals."""
+    print(f"{ctx.part}: {name}: finished in an earlier call, read back", flush=True)
+    return (json.loads((run_dir / "summary.json").read_text()),
+            CompileClock(**CompileClock.saved(run_dir / COMPILE_FILE)))
+
+
 def train_run(ctx: Context, name: str, raw: dict[str, Any], role: str = "contender",
               run_dir: Path | None = None) -> dict[str, Any]:
     """Train one contender in the part's scratch folder (or `run_dir`); its result with the curve for the report.
@@ -171,8 +178,7 @@ def train_run(ctx: Context, name: str, raw: dict[str, Any], role: str = "contend
     state = run_state(ctx, run_dir, raw)
     clock_file = run_dir / COMPILE_FILE
     if state == "done":
-        print(f"{ctx.part}: {name}: finished in an earlier call, read back", flush=True)
-        summary, clock = json.loads((run_dir / "summary.json").read_text()), CompileClock(**CompileClock.saved(clock_file))
+        summary, clock = read_back(ctx, name, run_dir)
     else:
         print(f"{ctx.part}: training {name} ({cfg.method['name']}, {cfg.train.steps} steps"
               + (", resumed" if state == "resume" else "") + ")", flush=True)
