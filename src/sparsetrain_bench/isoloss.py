@@ -1,10 +1,10 @@
 """Speed-up at equal quality (issue 19): dense trained at several budgets makes the frontier each method is read
-against (`sparsetrain.frontier`, through `comparison.iso_loss`: how much wall-clock, and how many counted FLOPs, dense needs to reach a method's final
-validation loss, over what the method spent).
+against (`sparsetrain.frontier`, through `comparison.iso_loss`: how much wall-clock, and how many counted FLOPs,
+dense needs to reach a method's final validation loss, over what the method spent).
 
-The budgets are 0.5x, 1x, 1.5x and 2x the contenders' steps (a part's --budgets changes them), trained as one warmup-stable-decay trunk of the largest
-with a decay branched off at each other (`sparsetrain.training.budgets`): about 2.6 runs of the contenders' length
-instead of 5. Every contender uses the same schedule family (`wsd`, the same decay fraction).
+The budgets are 0.5x, 1x, 1.5x and 2x the contenders' steps (a part's --budgets changes them), trained as one
+warmup-stable-decay trunk of the largest with a decay branched off at each other (`sparsetrain.training.budgets`):
+about 2.6 runs of the contenders' length instead of 5. Every contender uses the same schedule family (`wsd`, the same decay fraction).
 
 A branch's wall-clock is the trunk's up to the branch point (its compilation taken out, as for every contender) plus
 the branch's own steps; its FLOPs likewise.

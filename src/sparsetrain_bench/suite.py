@@ -86,12 +86,12 @@ PARTS: dict[str, Part] = {
                           run_hsa, ("mst",)),
     "sat-sft": Part("fine-tuning on kernel-doc pairs (comment -> function), dense vs SAT (LORS; top-k and sampled "
                     "selection)", run_sat_sft, ("sat",), contenders=("dense", "sat", "sat-sample")),
-    "upcycle": Part("dense (four budgets) vs the upcycled MoE continued from the code base", run_upcycle,
+    "upcycle": Part("dense (several budgets) vs the upcycled MoE continued from the code base", run_upcycle,
                     ("upcycle",), contenders=("dense", "upcycle")),
-    "ssd-pretrain": Part("pre-training dense (four budgets) vs SSD (relu2), dense and SSD then run as MoEs",
+    "ssd-pretrain": Part("pre-training dense (several budgets) vs SSD (relu2), dense and SSD then run as MoEs",
                          run_ssd_pretrain, ("ssd",), contenders=("dense", "ssd")),
     # relu2 as ssd-pretrain: the pre-training contenders share one kind of dense frontier
-    "mst-pretrain": Part("pre-training dense (four budgets) vs MST (weight and neuron level), relu2",
+    "mst-pretrain": Part("pre-training dense (several budgets) vs MST (weight and neuron level), relu2",
                          functools.partial(run_pretrain,
                                            contenders=[("mst-weight", {"name": "mst", "granularity": "weight"}),
                                                        ("mst-neuron", {"name": "mst", "granularity": "neuron"})],
@@ -147,11 +147,13 @@ def run_part(part: str, *, out: str | Path = "bench_out", data_dir: str | Path =
              work_dir: str | Path = "runs/suite", carry: str | Path = ".carry", quick: bool = False,
              device: str = "auto", scale: float = 1.0, presets: tuple[str, ...] = (),
              contenders: tuple[str, ...] = (), budgets: tuple[float, ...] = (), resume: bool = False) -> dict[str, Any]:
-    """Run one part; writes OUT/PART.json (and OUT/PART/ for trained runs) and returns what it wrote. `presets`
-    replaces the models of a step part (-step), or the model of a training part (one preset); `contenders` runs only those of a training part (the part split over
-    GPUs, each process with its own OUT and work folder; `sparsetrain report` merges the results); `budgets` sets
-    dense's frontier (multiples of the methods' steps, 1 among them); `resume` keeps the work folder's runs (finished
-    ones are read back, cut ones continue from their last checkpoint: a comparison longer than one call)."""
+    """Run one part; writes OUT/PART.json (and OUT/PART/ for trained runs) and returns what it wrote.
+
+    `presets` replaces the models of a step part (-step), or the model of a training part (one preset); `contenders`
+    runs only those of a training part (the part split over GPUs, each process with its own OUT and work folder;
+    `sparsetrain report` merges the results); `budgets` sets dense's frontier (multiples of the methods' steps, 1
+    among them); `resume` keeps the work folder's runs (finished ones are read back, cut ones continue from their
+    last checkpoint: a comparison longer than one call)."""
     if part not in PARTS:
         raise UserError(f"unknown suite part '{part}'; parts: {', '.join(PARTS)}")
     check_selection(part, tuple(contenders), tuple(budgets))
