@@ -543,6 +543,27 @@ def test_run_parts_script_packs_every_part_and_keeps_what_a_cut_part_logged(env,
     assert "== dense-step: exit 0" in log and "== sat-cpt: exit 124" in log
 
 
+def test_run_parts_script_passes_part_args_to_training_parts(env, tmp_path):
+    """PART_ARGS reaches a training part (a split contender with its budgets), as a 2-GPU call runs each half."""
+    import json as json_mod
+    import subprocess
+    import sys
+    import tarfile
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    run_env = {**os.environ, "OUT": str(out), "DATA": str(env["data_dir"]), "WORK": str(tmp_path / "work"),
+               "QUICK": "1", "PYTHON": sys.executable, "PART_ARGS": "--contenders dense --budgets 0.5 1"}
+    res = subprocess.run(["bash", "bench/run_parts.sh", "mst-pretrain:300"], cwd=repo, env=run_env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    with tarfile.open(out / "results.tgz") as tar:
+        part = json_mod.load(tar.extractfile("./mst-pretrain.json"))
+    assert part["selected"] == ["dense"] and "--contenders dense --budgets 0.5 1" in part["command"]
+    assert [c["name"] for c in part["contenders"]] == ["dense-0.5x", "dense"]
+
+
 def test_pretrain_parts_read_each_method_against_a_dense_frontier(env, results):
     """ssd-pretrain and mst-pretrain train dense at four budgets (a wsd trunk and branches off it) and report each
     method's speed-up at equal quality in wall-clock and FLOPs; the report draws the frontiers and the bars."""
