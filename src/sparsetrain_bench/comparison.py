@@ -91,12 +91,16 @@ def merge_split(results: list[dict[str, Any]], frontier_from: dict[str, Any] | N
     if len(set(names)) != len(names):
         raise UserError(f"{own['part']}: a contender appears in more than one result ({sorted(names)}); each "
                         "process of a split part runs other contenders (--contenders)")
-    contenders = copy.deepcopy([c for c in ref["contenders"] if ref is own or c.get("role") == "frontier"])
+    from_ref = [c for c in ref["contenders"] if ref is own or c.get("role") == "frontier"]
+    contenders = copy.deepcopy(from_ref)
+    taken = [(ref["calibration"], [c["name"] for c in from_ref if c.get("role") != "base"])]  # for the note
     for r in others:
         factor = ref["calibration"]["step_s"] / r["calibration"]["step_s"]
+        taken.append((r["calibration"], []))
         for c in r["contenders"]:
             if c.get("role") == "base":
                 continue  # the continuation parts' base: the frontier's process holds its own
+            taken[-1][1].append(c["name"])
             c = copy.deepcopy(c)
             c["wallclock_own_gpu"], c["calibration_factor"] = c["wallclock"], factor
             c["wallclock"] *= factor
@@ -114,14 +118,10 @@ def merge_split(results: list[dict[str, Any]], frontier_from: dict[str, Any] | N
                 merged[key] = {**merged.get(key, {}), **copy.deepcopy(r[key])}
     compare(merged["contenders"], ref["env"].get("peak_flops"))
     merged["iso_loss"] = iso_loss(merged["contenders"])
-    taken = [(ref, [c["name"] for c in ref["contenders"]
-                    if c.get("role") == "frontier" or (ref is own and c.get("role") != "base")])]
-    taken += [(r, [c["name"] for c in r["contenders"] if c.get("role") != "base"]) for r in others]
-    cal = [(r["calibration"], names) for r, names in taken]
     merged.setdefault("notes", []).append(
         "Split over processes, run at once: " + "; ".join(
             f"{', '.join(names)} on {c['device']} (CUDA_VISIBLE_DEVICES={c['cuda_visible_devices'] or '-'}, "
-            f"calibration step {1000 * c['step_s']:.1f} ms)" for c, names in cal)
+            f"calibration step {1000 * c['step_s']:.1f} ms)" for c, names in taken)
         + ". Methods trained beside the frontier are put in its GPU's time by the ratio of the calibrations."
         + ("" if ref is own else f" The frontier is {ref['part']}'s (the same model, tokens, steps and schedule)."))
     return merged
