@@ -12,17 +12,21 @@ stand out as slow windows and are counted apart). Ratios to dense of the same pr
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 
 from sparsetrain import config as config_mod
 from sparsetrain.plots import read_metrics
+from sparsetrain.training import loop
 from sparsetrain.training.loop import train
+from sparsetrain.training.step import train_step as step_module_train_step
 from sparsetrain_bench.runs import release_memory
 from sparsetrain_bench.steps import bench_config, measure_steps, print_table, step_arguments, step_shape, write_rows
 from sparsetrain_bench.suite import MST_NEURON_STEP, SAT_STEP, SSD_STEP
@@ -59,13 +63,50 @@ def windows(run_dir: Path) -> list[tuple[int, float]]:
     return out
 
 
+def profile_run(cfg, run_dir: Path, out: Path, *, first: int, steps: int) -> None:
+    """Train with the profiler on `steps` steps from `first` (compiled by then): their CPU operations (host time)
+    and kernels as tables, a Chrome trace, and the share of the window in which the GPU ran a kernel."""
+    prof = torch.profiler.profile(schedule=torch.profiler.schedule(wait=first - 1, warmup=1, active=steps, repeat=1),
+                                  record_shapes=False)
+
+    def stepped(*args, **kwargs):  # the trainer's step, with the profiler told each step's end
+        result = step_module_train_step(*args, **kwargs)
+        prof.step()
+        return result
+
+    with prof, mock.patch.object(loop, "train_step", stepped):
+        train(cfg, run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    averages = prof.key_averages()
+    (out / "tables.txt").write_text(averages.table(sort_by="self_cpu_time_total", row_limit=40) + "\n"
+                                    + averages.table(sort_by="self_device_time_total", row_limit=40))
+    trace = out / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "kernel" and "dur" in e)
+    busy, end = 0.0, 0.0
+    for a, b in kernels:  # the union of kernel intervals
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    span = kernels[-1][1] - kernels[0][0] if kernels else 0.0
+    (out / "gpu_busy.json").write_text(json.dumps({"kernels": len(kernels), "span_ms": span / 1e3,
+                                                   "busy_ms": busy / 1e3, "busy_share": busy / span if span else None,
+                                                   "steps": steps}))
+    with gzip.open(f"{trace}.gz", "wt") as f:
+        f.write(trace.read_text())
+    trace.unlink()
+
+
 def run(name: str, *, preset, batch, seq, vocab, steps, warmup, device, compile_model, train_steps, data, work,
         sync_debug: bool = False, profile: Path | None = None):
     method = CONTENDERS[name]
     model = {"activation": "relu2"} if method["name"] == "ssd" else None
     cfg = bench_config(preset, batch_size=batch, seq_len=seq, vocab_size=vocab, method=method, model_overrides=model)
     cfg.train.device = device.type
-    bench = measure_steps(cfg, steps=steps, warmup=warmup, compile_model=compile_model)
+    if profile is not None:
+        (profile / name).mkdir(parents=True, exist_ok=True)
+    bench = measure_steps(cfg, steps=steps, warmup=warmup, compile_model=compile_model,
+                          profile_to=profile / name / "bench_table.txt" if profile is not None else None)
     release_memory()
     raw = config_mod.to_dict(cfg)
     raw["data"]["dir"] = str(data)
@@ -79,14 +120,8 @@ def run(name: str, *, preset, batch, seq, vocab, steps, warmup, device, compile_
     try:
         if profile is None:
             train(cfg, run_dir)
-        else:  # the whole run: its CPU-side operations (host time) and kernels, as tables
-            with torch.profiler.profile() as prof:
-                train(cfg, run_dir)
-            profile.mkdir(parents=True, exist_ok=True)
-            averages = prof.key_averages()
-            (profile / f"{name}.txt").write_text(
-                averages.table(sort_by="self_cpu_time_total", row_limit=40) + "\n"
-                + averages.table(sort_by="self_device_time_total", row_limit=40))
+        else:
+            profile_run(cfg, run_dir, profile / name, first=train_steps // 2, steps=10)
     finally:
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode(0)
@@ -110,7 +145,8 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=300, help="steps of each training run")
     p.add_argument("--sync-debug", action="store_true",
                    help="warn (with the line) at every operation of the training runs that waits for the GPU")
-    p.add_argument("--profile", metavar="DIR", help="a profiler table of each training run (CPU ops and kernels)")
+    p.add_argument("--profile", metavar="DIR", help="profile 10 steps from the middle of each training run (tables, a "
+                   "Chrome trace, the GPU's busy share) and the step benchmark's last window (a table)")
     p.add_argument("--out", default="bench_out/step_in_training.json")
     a = p.parse_args()
     kw = step_shape(a)
