@@ -98,11 +98,12 @@ def profile_run(cfg, run_dir: Path, out: Path, *, first: int, steps: int) -> Non
 
 
 def run(name: str, *, preset, batch, seq, vocab, steps, warmup, device, compile_model, train_steps, data, work,
-        sync_debug: bool = False, profile: Path | None = None):
+        sync_debug: bool = False, profile: Path | None = None, cuda_graphs: str = "auto"):
     method = CONTENDERS[name]
     model = {"activation": "relu2"} if method["name"] == "ssd" else None
     cfg = bench_config(preset, batch_size=batch, seq_len=seq, vocab_size=vocab, method=method, model_overrides=model)
     cfg.train.device = device.type
+    cfg.train.cuda_graphs = cuda_graphs
     if profile is not None:
         (profile / name).mkdir(parents=True, exist_ok=True)
     bench = measure_steps(cfg, steps=steps, warmup=warmup, compile_model=compile_model,
@@ -130,7 +131,7 @@ def run(name: str, *, preset, batch, seq, vocab, steps, warmup, device, compile_
     per_step = [s / n for n, s in w]
     median = statistics.median(per_step)
     slow = [(n, s) for n, s in w if s / n > 1.5 * median]
-    return {"contender": name, "bench_step_ms": bench["step_s"] * 1e3, "bench_stream_ms": bench["stream_step_s"] * 1e3,
+    return {"contender": name, "cuda_graphs": bench["cuda_graphs"], "bench_step_ms": bench["step_s"] * 1e3, "bench_stream_ms": bench["stream_step_s"] * 1e3,
             "select_ms": bench["select_ms"], "fwd_bwd_ms": bench["fwd_bwd_ms"], "optimizer_ms": bench["optimizer_ms"],
             "run_median_ms": median * 1e3, "run_mean_ms": 1e3 * sum(s for _, s in w) / sum(n for n, _ in w),
             "slow_windows": len(slow), "slow_excess_s": sum(s - median * n for n, s in slow),
@@ -147,6 +148,8 @@ def main() -> None:
                    help="warn (with the line) at every operation of the training runs that waits for the GPU")
     p.add_argument("--profile", metavar="DIR", help="profile 10 steps from the middle of each training run (tables, a "
                    "Chrome trace, the GPU's busy share) and the step benchmark's last window (a table)")
+    p.add_argument("--cuda-graphs", choices=["auto", "false"], default="auto",
+                   help="train.cuda_graphs of both the benchmark and the run (auto: on for one GPU)")
     p.add_argument("--out", default="bench_out/step_in_training.json")
     a = p.parse_args()
     kw = step_shape(a)
@@ -157,7 +160,7 @@ def main() -> None:
         rows = []
         for n in names:  # each row as it comes: a call cut by its time limit keeps what finished
             r = run(n, **kw, train_steps=train_steps, data=data, work=Path(tmp) / "runs", sync_debug=a.sync_debug,
-                    profile=Path(a.profile) if a.profile else None)
+                    profile=Path(a.profile) if a.profile else None, cuda_graphs=a.cuda_graphs)
             r["bench_speedup"] = (rows or [r])[0]["bench_stream_ms"] / r["bench_stream_ms"]
             r["run_speedup"] = (rows or [r])[0]["run_median_ms"] / r["run_median_ms"]
             rows.append(r)

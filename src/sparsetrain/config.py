@@ -84,6 +84,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     compile: str = "auto"  # auto (on for GPU) | true | false
+    # Replay the compiled forward and backward as CUDA graphs (torch.compile's "reduce-overhead"): the host launches
+    # a graph instead of hundreds of kernels, which a sliced method's step needs to keep the GPU busy. auto: on where
+    # it applies (compiled, one CUDA process, one micro-batch a step).
+    cuda_graphs: str = "auto"  # auto | true | false
     parallel: str = "ddp"  # ddp | fsdp, when started by torchrun with more than one process
     progress: bool = True
     init_from: str = ""  # a run, checkpoint or model folder whose weights start this run (fresh optimizer)
@@ -232,6 +236,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.dtype must be auto, bf16 or fp32, got '{t.dtype}'")
     if t.compile not in ("auto", "true", "false"):
         raise UserError(f"train.compile must be auto, true or false, got '{t.compile}'")
+    if t.cuda_graphs not in ("auto", "true", "false"):
+        raise UserError(f"train.cuda_graphs must be auto, true or false, got '{t.cuda_graphs}'")
     if t.parallel not in ("ddp", "fsdp"):
         raise UserError(f"train.parallel must be ddp or fsdp, got '{t.parallel}'")
     if t.schedule not in ("cosine", "wsd"):

@@ -20,7 +20,7 @@ from sparsetrain.methods import RunInfo
 from sparsetrain.nn.model import flops_per_token
 from sparsetrain.plots import markdown_table
 from sparsetrain.training.build import build_model, make_optimizer
-from sparsetrain.training.runtime import no_grad_sync, parallelize, peak_flops, setup_runtime
+from sparsetrain.training.runtime import no_grad_sync, parallelize, peak_flops, setup_runtime, use_cuda_graphs
 from sparsetrain.training.step import StepParts, train_step
 
 
@@ -39,15 +39,16 @@ def measure_steps(cfg: config_mod.RunConfig, *, steps: int = 30, warmup: int = 1
     torch.manual_seed(tcfg.seed)
     model, method, args = build_model(cfg, None)
     model.to(rt.device)
-    wrapped = parallelize(model, rt, tcfg, compile_model)
+    micro = tcfg.micro_batch_size or tcfg.batch_size
+    accum = tcfg.batch_size // micro
+    cuda_graphs = use_cuda_graphs(tcfg, rt, compile_model, accum)
+    wrapped = parallelize(model, rt, tcfg, compile_model, cuda_graphs)
     optimizer = make_optimizer(model, tcfg, rt.device)
     n_windows = max(3, steps // (2 * window))
     total = warmup + steps + (n_windows + 1) * window
     method.start(model, optimizer, RunInfo(total_steps=total, tokens_per_step=tcfg.batch_size * tcfg.seq_len,
                                            world=rt.world, rank=rt.rank, parallel=tcfg.parallel))
     parts = StepParts(model, wrapped, method, optimizer, tcfg.grad_clip, rt.autocast)
-    micro = tcfg.micro_batch_size or tcfg.batch_size
-    accum = tcfg.batch_size // micro
     if rt.distributed and accum > 1:
         parts.grad_sync = lambda last: no_grad_sync(wrapped, model, rt, tcfg, last)
     gen = torch.Generator(device=rt.device).manual_seed(rt.rank)
@@ -107,7 +108,8 @@ def measure_steps(cfg: config_mod.RunConfig, *, steps: int = 30, warmup: int = 1
     out = {
         "preset": cfg.model.preset, "method": method.name, "params": sum(p.numel() for p in model.parameters()),
         "processes": rt.world, "parallel": tcfg.parallel if rt.distributed else None,
-        "batch_size": tcfg.batch_size, "micro_batch_size": micro, "seq_len": tcfg.seq_len, "step_s": step_s,
+        "batch_size": tcfg.batch_size, "micro_batch_size": micro, "cuda_graphs": cuda_graphs, "seq_len": tcfg.seq_len,
+        "step_s": step_s,
         "step_s_min": min(times), "step_s_max": max(times), "stream_step_s": stream_s,
         "tokens_per_s": rt.world * tokens / step_s, "stream_tokens_per_s": rt.world * tokens / stream_s,
         "flops_per_token": statistics.mean(flops), "dense_flops_per_token": dense_fpt, "warmup_s": warmup_s,

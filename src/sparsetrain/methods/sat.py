@@ -229,6 +229,9 @@ class SAT(Method):
         elif self.options.metric == "maxip":
             self.stats = {"ffn_ip": zeros(Ls, self.args.d_ff), "ffn_ip_w": zeros(Ls, self.args.d_ff),
                           "head_out": zeros(Ls, self.args.n_kv_head), "head_out_w": zeros(Ls, self.args.n_kv_head)}
+        if device.type == "cuda":  # written by the compiled forward's hooks: CUDA graphs replay at fixed addresses
+            for t in self.stats.values():
+                torch._dynamo.mark_static_address(t)
         self.scores = {}
         for handle in self._hooks:
             handle.remove()

@@ -28,7 +28,7 @@ from sparsetrain.training.build import build_model, make_optimizer
 from sparsetrain.training.lock import RunLock
 from sparsetrain.training.records import MetricsLog, keep_metrics_until, warn, write_config, write_summary
 from sparsetrain.training.runtime import (Runtime, load_optimizer_state, model_state, no_grad_sync, optimizer_state,
-                                          parallelize, peak_flops, setup_runtime)
+                                          parallelize, peak_flops, setup_runtime, use_cuda_graphs)
 from sparsetrain.training.step import StepParts, StepResult, train_step
 
 
@@ -74,6 +74,7 @@ def evaluate(model: torch.nn.Module, data: TrainingData, tcfg, rt: Runtime, meth
     total, count = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
     for x, y in data.eval_batches(micro, max_tokens or tcfg.eval_tokens):
         x, y = x.to(rt.device), y.to(rt.device)
+        torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are all read (CUDA graphs)
         with rt.autocast():
             loss = model(x, y)
         n = (y != -100).sum()  # SFT targets without loss are -100
@@ -133,6 +134,8 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> dict[str, Any]:
     data = TrainingData(cfg.data.dir, tcfg)
     data.check()
     micro, accum = micro_batching(tcfg, rt.world)
+    compile_model = tcfg.compile == "true" or (tcfg.compile == "auto" and rt.device.type == "cuda")
+    cuda_graphs = use_cuda_graphs(tcfg, rt, compile_model, accum)
     torch.manual_seed(tcfg.seed)
     model, method, args = build_model(cfg, data.vocab_size)
     if args.vocab_size < data.vocab_size:
@@ -151,8 +154,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> dict[str, Any]:
     if state is not None:
         load_weights(model, state["model"], "in " + str(out_dir))
     model.to(rt.device)
-    compile_model = tcfg.compile == "true" or (tcfg.compile == "auto" and rt.device.type == "cuda")
-    wrapped = parallelize(model, rt, tcfg, compile_model)
+    wrapped = parallelize(model, rt, tcfg, compile_model, cuda_graphs)
     optimizer = make_optimizer(model, tcfg, rt.device)
     if state is not None:
         load_optimizer_state(model, optimizer, state["optimizer"])

@@ -74,8 +74,23 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool) -> torch.nn.Module:
-    """Wrap for several processes (DDP or FSDP2) and compile; the raw model stays what methods see.
+def use_cuda_graphs(tcfg, rt: Runtime, compile_model: bool, accum: int) -> bool:
+    """Whether the compiled model replays as CUDA graphs (train.cuda_graphs). They need the compiled model on one
+    GPU, and one micro-batch a step: a replay overwrites the gradients an earlier micro-batch left to accumulate."""
+    fits = {"compiled": compile_model, "on a GPU": rt.device.type == "cuda", "in one process": not rt.distributed,
+            "with one micro-batch a step": accum == 1}
+    if tcfg.cuda_graphs == "true" and not all(fits.values()):
+        missing = ", ".join(k for k, ok in fits.items() if not ok)
+        raise UserError(f"train.cuda_graphs=true needs the model compiled, on a GPU, in one process, with one "
+                        f"micro-batch a step; this run is not {missing}. Set train.cuda_graphs=auto (on where it "
+                        "applies) or false")
+    return tcfg.cuda_graphs != "false" and all(fits.values())
+
+
+def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool,
+                cuda_graphs: bool = False) -> torch.nn.Module:
+    """Wrap for several processes (DDP or FSDP2) and compile; the raw model stays what methods see. `cuda_graphs`
+    (one process only, `use_cuda_graphs`): the compiled forward and backward replay as CUDA graphs.
 
     DDP is wrapped first and compiled around: dynamo then splits the graph at DDP's gradient buckets, so each
     bucket's all-reduce starts while the backward goes on. (Compiled first and wrapped, the whole backward is one
@@ -99,7 +114,7 @@ def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool) -> t
         return model
     if not rt.distributed:
         if compile_model:
-            model.compile()
+            model.compile(mode="reduce-overhead" if cuda_graphs else None)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -63,6 +63,8 @@ def train_step(parts: StepParts, step: int, micro_batches: Iterable[tuple[torch.
         on_phase("selected")
     step_loss = None
     for i, (x, y) in enumerate(micro_batches):
+        # With CUDA graphs (train.cuda_graphs) the next replay may reuse the last one's outputs' memory: all read.
+        torch.compiler.cudagraph_mark_step_begin()
         with p.grad_sync(i == count - 1), p.autocast():
             loss = p.forward(x, y)
             aux = p.method.aux_loss(p.model)

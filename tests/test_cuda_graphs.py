@@ -1,0 +1,65 @@
+"""train.cuda_graphs: where it applies, the clear refusal where it cannot, and (on a GPU) a run replayed as CUDA
+graphs equals the same run launched kernel by kernel, for every method."""
+import json
+
+import pytest
+import torch
+from test_train import METHODS
+
+from sparsetrain.errors import UserError
+from sparsetrain.training.loop import train
+from sparsetrain.training.runtime import Runtime, use_cuda_graphs
+
+
+class Train:
+    def __init__(self, cuda_graphs):
+        self.cuda_graphs = cuda_graphs
+
+
+GPU = Runtime(device=torch.device("cuda"), dtype=torch.bfloat16)  # a device object: no GPU is needed to build it
+
+
+def test_auto_is_on_only_where_graphs_apply():
+    assert use_cuda_graphs(Train("auto"), GPU, compile_model=True, accum=1)
+    assert use_cuda_graphs(Train("true"), GPU, compile_model=True, accum=1)
+    assert not use_cuda_graphs(Train("false"), GPU, compile_model=True, accum=1)
+    cpu = Runtime(device=torch.device("cpu"), dtype=torch.float32)
+    two = Runtime(device=torch.device("cuda"), dtype=torch.bfloat16, world=2)
+    for rt, compiled, accum in [(cpu, True, 1), (GPU, False, 1), (two, True, 1), (GPU, True, 2)]:
+        assert not use_cuda_graphs(Train("auto"), rt, compile_model=compiled, accum=accum)
+
+
+@pytest.mark.parametrize("rt, compiled, accum, named", [
+    (Runtime(device=torch.device("cpu"), dtype=torch.float32), True, 1, "on a GPU"),
+    (GPU, False, 1, "compiled"),
+    (Runtime(device=torch.device("cuda"), dtype=torch.bfloat16, world=2), True, 1, "in one process"),
+    (GPU, True, 4, "with one micro-batch a step"),
+])
+def test_true_where_graphs_cannot_apply_names_what_is_missing(rt, compiled, accum, named):
+    with pytest.raises(UserError, match=f"not {named}.*train.cuda_graphs=auto"):
+        use_cuda_graphs(Train("true"), rt, compile_model=compiled, accum=accum)
+
+
+def test_a_cpu_run_refuses_true_before_writing_anything(make_config, tmp_path):
+    with pytest.raises(UserError, match="cuda_graphs=true"):
+        train(make_config(cuda_graphs="true", device="cpu"), tmp_path / "run")
+    assert not (tmp_path / "run" / "config.toml").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_bad_value_is_a_user_error(make_config):
+    with pytest.raises(UserError, match="train.cuda_graphs must be auto, true or false"):
+        make_config(cuda_graphs="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("method", METHODS)
+def test_replayed_run_equals_launched_run(make_config, tmp_path, method):
+    """Compiled either way (same kernels); the replays must not change a loss, an evaluation or a weight."""
+    runs = {}
+    for graphs in ("true", "false"):
+        run = tmp_path / graphs
+        train(make_config(method=METHODS[method], compile="true", cuda_graphs=graphs, device="cuda"), run)
+        runs[graphs] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    a, b = runs["true"], runs["false"]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+    assert [r.get("val_loss") for r in a] == pytest.approx([r.get("val_loss") for r in b], rel=1e-5)
