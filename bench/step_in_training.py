@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import logging
 import statistics
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from torch._dynamo.utils import counters
 
 from sparsetrain import config as config_mod
 from sparsetrain.plots import read_metrics
@@ -97,6 +99,32 @@ def profile_run(cfg, run_dir: Path, out: Path, *, first: int, steps: int) -> Non
     trace.unlink()
 
 
+class GraphRecords(logging.Handler):
+    """Counts CUDA-graph re-recordings (torch's debug log of them), keeping the first reasons."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.count, self.reasons = 0, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "Re-recording" in text:
+            self.count += 1
+            if len(self.reasons) < 3:
+                self.reasons.append(text[:400])
+
+    def __enter__(self):
+        self.logger = logging.getLogger("torch._inductor.cudagraph_trees")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
+
+
 def run(name: str, *, preset, batch, seq, vocab, steps, warmup, device, compile_model, train_steps, data, work,
         sync_debug: bool = False, profile: Path | None = None, cuda_graphs: str = "auto"):
     method = CONTENDERS[name]
@@ -118,11 +146,13 @@ def run(name: str, *, preset, batch, seq, vocab, steps, warmup, device, compile_
     cfg = config_mod.from_dict(raw)
     if sync_debug and device.type == "cuda":  # torch warns at every operation that waits for the GPU
         torch.cuda.set_sync_debug_mode("warn")
+    skips = counters["inductor"]["cudagraph_skips"]
     try:
-        if profile is None:
-            train(cfg, run_dir)
-        else:
-            profile_run(cfg, run_dir, profile / name, first=train_steps // 2, steps=10)
+        with GraphRecords() as records:
+            if profile is None:
+                train(cfg, run_dir)
+            else:
+                profile_run(cfg, run_dir, profile / name, first=train_steps // 2, steps=10)
     finally:
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode(0)
@@ -135,7 +165,8 @@ def run(name: str, *, preset, batch, seq, vocab, steps, warmup, device, compile_
             "select_ms": bench["select_ms"], "fwd_bwd_ms": bench["fwd_bwd_ms"], "optimizer_ms": bench["optimizer_ms"],
             "run_median_ms": median * 1e3, "run_mean_ms": 1e3 * sum(s for _, s in w) / sum(n for n, _ in w),
             "slow_windows": len(slow), "slow_excess_s": sum(s - median * n for n, s in slow),
-            "train_steps": train_steps}
+            "train_steps": train_steps, "run_graph_rerecords": records.count, "rerecord_reasons": records.reasons,
+            "run_graph_skips": counters["inductor"]["cudagraph_skips"] - skips}
 
 
 def main() -> None:

@@ -62,4 +62,5 @@ def test_replayed_run_equals_launched_run(make_config, tmp_path, method):
         runs[graphs] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     a, b = runs["true"], runs["false"]
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
-    assert [r.get("val_loss") for r in a] == pytest.approx([r.get("val_loss") for r in b], rel=1e-5)
+    # Evaluation sums bf16 losses over batches of another shape: its own graphs, a little looser.
+    assert [r.get("val_loss") for r in a] == pytest.approx([r.get("val_loss") for r in b], rel=1e-4)

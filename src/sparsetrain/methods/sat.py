@@ -118,6 +118,7 @@ class SAT(Method):
         self.layers = [i for i in range(L) if i not in exempt]  # the layers SAT makes sparse
         self.generator: torch.Generator | None = None
         self.stats: dict[str, torch.Tensor] = {}
+        self._kept_buffers: dict[str, torch.Tensor] = {}  # kept indices by kind, at a fixed address (CUDA graphs)
         self.scores: dict[str, torch.Tensor] = {}  # cached between refreshes (stats_every > 1)
         self.kept: dict[str, torch.Tensor | None] = {"ffn": None, "head": None}  # [len(layers), k] this step
         self.gathering = False  # read by the hooks: statistics are wanted on this step
@@ -336,6 +337,14 @@ class SAT(Method):
             kept = torch.multinomial(weights, k, replacement=False, generator=self.generator)
         return kept.sort(dim=1).values
 
+    def _at_fixed_address(self, kind: str, kept: torch.Tensor) -> torch.Tensor:
+        """`kept` copied into one buffer per kind (a new one only when the kept count changes): CUDA graphs read the
+        modules' `active` indices where they were recorded, and re-record when they move."""
+        buffer = self._kept_buffers.get(kind)
+        if buffer is None or buffer.shape != kept.shape:
+            buffer = self._kept_buffers[kind] = torch.empty_like(kept)
+        return buffer.copy_(kept)
+
     # --- per step -----------------------------------------------------------------------------------------------
     def before_step(self, step: int) -> None:
         keep = dict(zip(KINDS, self.keep_counts(step)))
@@ -344,7 +353,8 @@ class SAT(Method):
             n, k = unit_count(self.args, kind), keep[kind]
             kept = None
             if k < n and self.layers:
-                kept = same_on_all_ranks(self._select(kind, n, k, refresh), self.run.distributed)
+                kept = self._at_fixed_address(kind, same_on_all_ranks(self._select(kind, n, k, refresh),
+                                                                       self.run.distributed))
             self.kept[kind] = kept
             for j, i in enumerate(self.layers):
                 unit_module(self.model.blocks[i], kind).active = None if kept is None else kept[j]
