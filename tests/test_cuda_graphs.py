@@ -1,5 +1,5 @@
 """train.cuda_graphs: where it applies, the clear refusal where it cannot, and (on a GPU) a run replayed as CUDA
-graphs equals the same run launched kernel by kernel, for every method."""
+graphs equals the same run launched kernel by kernel, for every method that runs under them."""
 import json
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 from test_train import METHODS
 
 from sparsetrain.errors import UserError
+from sparsetrain.methods import REGISTRY, Dense
 from sparsetrain.training.loop import train
 from sparsetrain.training.runtime import Runtime, use_cuda_graphs
 
@@ -20,13 +21,21 @@ GPU = Runtime(device=torch.device("cuda"), dtype=torch.bfloat16)  # a device obj
 
 
 def test_auto_is_on_only_where_graphs_apply():
-    assert use_cuda_graphs(Train("auto"), GPU, compile_model=True, accum=1)
-    assert use_cuda_graphs(Train("true"), GPU, compile_model=True, accum=1)
-    assert not use_cuda_graphs(Train("false"), GPU, compile_model=True, accum=1)
+    assert use_cuda_graphs(Train("auto"), GPU, compile_model=True, accum=1, method=Dense)
+    assert use_cuda_graphs(Train("true"), GPU, compile_model=True, accum=1, method=Dense)
+    assert not use_cuda_graphs(Train("false"), GPU, compile_model=True, accum=1, method=Dense)
     cpu = Runtime(device=torch.device("cpu"), dtype=torch.float32)
     two = Runtime(device=torch.device("cuda"), dtype=torch.bfloat16, world=2)
     for rt, compiled, accum in [(cpu, True, 1), (GPU, False, 1), (two, True, 1), (GPU, True, 2)]:
-        assert not use_cuda_graphs(Train("auto"), rt, compile_model=compiled, accum=accum)
+        assert not use_cuda_graphs(Train("auto"), rt, compile_model=compiled, accum=accum, method=Dense)
+    on = {name for name, cls in REGISTRY.items()
+          if use_cuda_graphs(Train("auto"), GPU, compile_model=True, accum=1, method=cls)}
+    assert on == {"dense", "sat", "mst"}  # the methods the GPU test below runs under them
+
+
+def test_true_for_a_method_not_run_under_graphs_names_it():
+    with pytest.raises(UserError, match="method upcycle is not yet.*train.cuda_graphs=auto"):
+        use_cuda_graphs(Train("true"), GPU, compile_model=True, accum=1, method=REGISTRY["upcycle"])
 
 
 @pytest.mark.parametrize("rt, compiled, accum, named", [
@@ -37,7 +46,7 @@ def test_auto_is_on_only_where_graphs_apply():
 ])
 def test_true_where_graphs_cannot_apply_names_what_is_missing(rt, compiled, accum, named):
     with pytest.raises(UserError, match=f"not {named}.*train.cuda_graphs=auto"):
-        use_cuda_graphs(Train("true"), rt, compile_model=compiled, accum=accum)
+        use_cuda_graphs(Train("true"), rt, compile_model=compiled, accum=accum, method=Dense)
 
 
 def test_a_cpu_run_refuses_true_before_writing_anything(make_config, tmp_path):
@@ -52,15 +61,15 @@ def test_a_bad_value_is_a_user_error(make_config):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if REGISTRY[METHODS[m]["name"]].cuda_graphs])
 def test_replayed_run_equals_launched_run(make_config, tmp_path, method):
-    """Compiled either way (same kernels); the replays must not change a loss, an evaluation or a weight."""
+    """Compiled either way. "reduce-overhead" compiles graphs of its own (SAT's losses differ in the fifth digit), so
+    equal within a tolerance far below bf16's resolution, not bit for bit."""
     runs = {}
     for graphs in ("true", "false"):
         run = tmp_path / graphs
         train(make_config(method=METHODS[method], compile="true", cuda_graphs=graphs, device="cuda"), run)
         runs[graphs] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     a, b = runs["true"], runs["false"]
-    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
-    # Evaluation sums bf16 losses over batches of another shape: its own graphs, a little looser.
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4)
     assert [r.get("val_loss") for r in a] == pytest.approx([r.get("val_loss") for r in b], rel=1e-4)

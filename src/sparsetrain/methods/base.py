@@ -57,6 +57,9 @@ class DenseOptions:
 class Method:
     name = "dense"
     Options = DenseOptions
+    # Run and checked under CUDA graphs (train.cuda_graphs; tests/test_cuda_graphs.py on a GPU). Module attributes
+    # the compiled forward reads (kept indices, statistics) must then stay at one address from step to step.
+    cuda_graphs = True
 
     def __init__(self, options, args: ModelArgs, seq_len: int):
         self.options = options

@@ -135,13 +135,13 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> dict[str, Any]:
     data.check()
     micro, accum = micro_batching(tcfg, rt.world)
     compile_model = tcfg.compile == "true" or (tcfg.compile == "auto" and rt.device.type == "cuda")
-    cuda_graphs = use_cuda_graphs(tcfg, rt, compile_model, accum)
     torch.manual_seed(tcfg.seed)
     model, method, args = build_model(cfg, data.vocab_size)
     if args.vocab_size < data.vocab_size:
         raise UserError(f"model.vocab_size={args.vocab_size} is smaller than the data's vocabulary "
                         f"({data.vocab_size}); remove model.vocab_size or raise it")
     cfg.model.vocab_size = args.vocab_size  # saved with the run, so the model can be rebuilt without the data
+    cuda_graphs = use_cuda_graphs(tcfg, rt, compile_model, accum, method)
     if tcfg.init_from and not resume:
         _, weights = find_weights(tcfg.init_from)
         method.init_weights(model, read_tensors(weights), tcfg.init_from)

@@ -74,16 +74,18 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def use_cuda_graphs(tcfg, rt: Runtime, compile_model: bool, accum: int) -> bool:
+def use_cuda_graphs(tcfg, rt: Runtime, compile_model: bool, accum: int, method) -> bool:
     """Whether the compiled model replays as CUDA graphs (train.cuda_graphs). They need the compiled model on one
-    GPU, and one micro-batch a step: a replay overwrites the gradients an earlier micro-batch left to accumulate."""
+    GPU, one micro-batch a step (a replay overwrites the gradients an earlier micro-batch left to accumulate), and a
+    method verified under them (`Method.cuda_graphs`)."""
     fits = {"compiled": compile_model, "on a GPU": rt.device.type == "cuda", "in one process": not rt.distributed,
-            "with one micro-batch a step": accum == 1}
+            "with one micro-batch a step": accum == 1,
+            f"of a method run under them (method {method.name} is not yet)": method.cuda_graphs}
     if tcfg.cuda_graphs == "true" and not all(fits.values()):
         missing = ", ".join(k for k, ok in fits.items() if not ok)
         raise UserError(f"train.cuda_graphs=true needs the model compiled, on a GPU, in one process, with one "
-                        f"micro-batch a step; this run is not {missing}. Set train.cuda_graphs=auto (on where it "
-                        "applies) or false")
+                        f"micro-batch a step, and a method run under them (dense, sat, mst); this run is not "
+                        f"{missing}. Set train.cuda_graphs=auto (on where it applies) or false")
     return tcfg.cuda_graphs != "false" and all(fits.values())
 
 

@@ -26,6 +26,7 @@ def _num(value: float | None) -> str:
 class SSD(Method):
     name = "ssd"
     Options = SSDOptions
+    cuda_graphs = False  # its phases and monitor checks have not been run under CUDA graphs yet
 
     def __init__(self, options: SSDOptions, args: ModelArgs, seq_len: int):
         super().__init__(options, args, seq_len)
