@@ -7,10 +7,10 @@ ln(vocab)).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import numpy as np
+from sparsetrain.errors import UserError
+from sparsetrain_bench.corpora import random_tokens
 
 
 def main() -> None:
@@ -21,16 +21,10 @@ def main() -> None:
     p.add_argument("--val-tokens", type=int, default=300_000)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    if not 2 <= a.vocab_size <= 2**16:
-        raise SystemExit(f"random_tokens: --vocab-size must be in [2, 65536] (uint16 tokens), got {a.vocab_size}")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(a.seed)
-    for split, n in (("train", a.train_tokens), ("val", a.val_tokens)):
-        rng.integers(0, a.vocab_size, n, dtype=np.uint16).tofile(out / f"{split}.bin")
-    meta = {"dtype": "uint16", "vocab_size": a.vocab_size, "eot_id": 0, "train_tokens": a.train_tokens,
-            "val_tokens": a.val_tokens, "note": "uniformly random tokens (bench/random_tokens.py): for speed only"}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    try:
+        out = random_tokens(Path(a.out), a.vocab_size, a.train_tokens, a.val_tokens, a.seed)
+    except UserError as e:
+        raise SystemExit(str(e))
     print(f"wrote {out}: {a.train_tokens:,} train and {a.val_tokens:,} validation tokens")
 
 

@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import torch
 from torch._dynamo.utils import counters
 
@@ -29,6 +28,7 @@ from sparsetrain.plots import read_metrics
 from sparsetrain.training import loop
 from sparsetrain.training.loop import train
 from sparsetrain.training.step import train_step as step_module_train_step
+from sparsetrain_bench.corpora import random_tokens
 from sparsetrain_bench.runs import release_memory
 from sparsetrain_bench.steps import bench_config, measure_steps, print_table, step_arguments, step_shape, write_rows
 from sparsetrain_bench.suite import MST_NEURON_STEP, SAT_STEP, SSD_STEP
@@ -41,18 +41,6 @@ CONTENDERS = {
     "mst-neuron-run": {"name": "mst", "granularity": "neuron"},  # the pre-training default schedule
     "ssd-sparse": SSD_STEP,
 }
-
-
-def random_tokens(folder: Path, vocab: int, tokens: int, seed: int = 0) -> Path:
-    """A prepared corpus of uniform random tokens (speed only: a step's cost does not depend on the tokens)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", tokens), ("val", max(4096, tokens // 50))):
-        rng.integers(1, vocab, n, dtype=np.uint16).tofile(folder / f"{split}.bin")
-    meta = {"dtype": "uint16", "vocab_size": vocab, "eot_id": 0, "train_tokens": tokens,
-            "val_tokens": max(4096, tokens // 50), "note": "uniform random tokens: a speed test only"}
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return folder
 
 
 def windows(run_dir: Path) -> list[tuple[int, float]]:
@@ -187,7 +175,8 @@ def main() -> None:
     train_steps = 8 if a.quick else a.train_steps
     names = ["dense"] + [c for c in a.contenders if c != "dense"]
     with tempfile.TemporaryDirectory(prefix="step-in-training-") as tmp:
-        data = random_tokens(Path(tmp) / "data", kw["vocab"], (train_steps + 2) * kw["batch"] * (kw["seq"] + 1) + 1)
+        tokens = (train_steps + 2) * kw["batch"] * (kw["seq"] + 1) + 1
+        data = random_tokens(Path(tmp) / "data", kw["vocab"], tokens, max(4096, tokens // 50))
         rows = []
         for n in names:  # each row as it comes: a call cut by its time limit keeps what finished
             r = run(n, **kw, train_steps=train_steps, data=data, work=Path(tmp) / "runs", sync_debug=a.sync_debug,

@@ -1,6 +1,6 @@
 """The suite's data: the prepare-data part (the code and English corpora as token shards with one shared tokenizer,
 each with a held-out set of at least the tokens every contender is evaluated on; the kernel-doc fine-tuning rows),
-and the checks the training parts make on what it prepared.
+the checks the training parts make on what it prepared, and uniformly random tokens for timing the trainer.
 """
 from __future__ import annotations
 
@@ -9,12 +9,29 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sparsetrain.data.prepare import load_tokenizer, prepare
 from sparsetrain.data.sft import prepare_sft, write_kernel_doc_jsonl
 from sparsetrain.data.sources import sha256_file
 from sparsetrain.data.tokens import TokenData
 from sparsetrain.errors import UserError
 from sparsetrain_bench.context import Context
+
+
+def random_tokens(out: Path, vocab_size: int, train_tokens: int, val_tokens: int, seed: int = 0) -> Path:
+    """A prepared-data folder of uniformly random tokens: a step's speed does not depend on which tokens it sees (its
+    loss stays near ln(vocab_size))."""
+    if not 2 <= vocab_size <= 2**16:
+        raise UserError(f"random tokens need a vocabulary in [2, 65536] (uint16 tokens), got {vocab_size}")
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train_tokens), ("val", val_tokens)):
+        rng.integers(0, vocab_size, n, dtype=np.uint16).tofile(out / f"{split}.bin")
+    meta = {"dtype": "uint16", "vocab_size": vocab_size, "eot_id": 0, "train_tokens": train_tokens,
+            "val_tokens": val_tokens, "note": "uniformly random tokens: for speed only"}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return out
 
 
 def prepare_corpus(source: Path, out: Path, tokenizer: Path, min_val_tokens: int, val_fraction: float,
