@@ -18,7 +18,7 @@ from sparsetrain.methods import REGISTRY
 from sparsetrain.methods.base import Dense, DenseOptions
 from sparsetrain_bench.comparison import iso_loss
 from sparsetrain_bench.context import Context
-from sparsetrain_bench.corpora import prepare_corpus
+from sparsetrain_bench.corpora import prepare_corpus, random_tokens
 from sparsetrain_bench.report import TARGETS, evaluate_targets, load_results, write_report
 from sparsetrain_bench.runs import CompileClock, code_base, steady_times
 from sparsetrain_bench.suite import PARTS, run_part
@@ -740,3 +740,13 @@ def test_resume_reads_finished_runs_back_and_continues_a_cut_one_exactly(env, tm
     fresh = run_part("mst-pretrain", quick=True, contenders=("mst-neuron",), **common)
     assert fresh["contenders"][0]["val_loss"] == m0["val_loss"]
     assert main(["bench", "--resume"]) == 2  # not a suite part: one line, exit 2
+
+
+def test_random_tokens_are_a_prepared_folder(tmp_path):
+    data = TokenData(random_tokens(tmp_path / "r", 300, 5000, 700, seed=1))
+    assert data.meta["vocab_size"] == 300 and data.meta["train_tokens"] == 5000 and data.meta["val_tokens"] == 700
+    train = (tmp_path / "r" / "train.bin").read_bytes()
+    assert len(train) == 2 * 5000 and max(memoryview(train).cast("H")) < 300
+    with pytest.raises(UserError, match="vocabulary in \\[2, 65536\\]"):
+        random_tokens(tmp_path / "big", 70000, 10, 10)
+    assert not (tmp_path / "big").exists()
