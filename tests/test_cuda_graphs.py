@@ -77,7 +77,8 @@ def test_replayed_run_equals_launched_run(make_config, tmp_path, method, monkeyp
     runs = {}
     for graphs in ("true", "false"):
         run = tmp_path / graphs
-        train(make_config(method=METHODS[method], compile="true", cuda_graphs=graphs, device="cuda"), run)
+        summary = train(make_config(method=METHODS[method], compile="true", cuda_graphs=graphs, device="cuda"), run)
+        assert summary["cuda_graphs"] == (graphs == "true")
         runs[graphs] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     a, b = runs["true"], runs["false"]
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4)

@@ -36,6 +36,7 @@ def test_training_lowers_loss_and_logs(make_config, tmp_path):
     assert rows[-1]["flops"] == pytest.approx(40 * rows[0]["flops"])
     assert (run / "config.toml").is_file() and (run / "summary.json").is_file() and (run / "tb").is_dir()
     assert summary["val_loss"] == evals[-1]["val_loss"]
+    assert summary["cuda_graphs"] is False  # auto: only on a GPU
     assert len(ckpt_mod.list_checkpoints(run)) == 2
 
 

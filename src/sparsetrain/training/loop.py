@@ -179,7 +179,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> dict[str, Any]:
         n = sum(p.numel() for p in model.parameters())
         print(f"model {cfg.model.preset} ({args.family}, {n / 1e6:.1f}M parameters), method {method.name}, "
               f"{rt.world} x {rt.device.type}, {tcfg.batch_size * tcfg.seq_len} tokens/step, "
-              f"{accum} accumulation step(s)")
+              f"{accum} accumulation step(s){', CUDA graphs' if cuda_graphs else ''}")
 
     def agree(finite: torch.Tensor) -> torch.Tensor:
         if rt.distributed:
@@ -189,7 +189,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> dict[str, Any]:
 
     parts = StepParts(model, wrapped, method, optimizer, tcfg.grad_clip, rt.autocast,
                       lambda last: no_grad_sync(wrapped, model, rt, tcfg, last), agree)
-    return run_steps(parts, data, rt, tcfg, out_dir, start_step, totals, micro, accum)
+    return run_steps(parts, data, rt, tcfg, out_dir, start_step, totals, micro, accum, cuda_graphs)
 
 
 def finished(out_dir: Path, step: int, steps: int, main: bool) -> dict[str, Any]:
@@ -251,7 +251,7 @@ class NonFinite:
 
 
 def run_steps(parts: StepParts, data: TrainingData, rt: Runtime, tcfg, out_dir: Path, start_step: int,
-              totals: Totals, micro: int, accum: int) -> dict[str, Any]:
+              totals: Totals, micro: int, accum: int, cuda_graphs: bool = False) -> dict[str, Any]:
     """Steps `start_step` .. `tcfg.steps`, with logging, evaluation and checkpoints; writes summary.json."""
     method = parts.method
     log = MetricsLog(out_dir, rt.main)
@@ -316,7 +316,7 @@ def run_steps(parts: StepParts, data: TrainingData, rt: Runtime, tcfg, out_dir: 
     log.close()
     summary = {"steps": tcfg.steps, "loss": last_loss, "val_loss": last_val, "train_time": totals.train_time,
                "flops": totals.flops, "tokens": totals.tokens, "skipped_steps": totals.skipped_steps,
-               "run_dir": str(out_dir)}
+               "cuda_graphs": cuda_graphs, "run_dir": str(out_dir)}
     note = method.final_note()
     if note:
         summary["method_note"] = note
