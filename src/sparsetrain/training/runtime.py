@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from sparsetrain.errors import UserError
+from sparsetrain.methods import REGISTRY
 from sparsetrain.nn.model import Transformer
 
 DDP_BUCKET_MB = 100
@@ -83,8 +84,9 @@ def use_cuda_graphs(tcfg, rt: Runtime, compile_model: bool, accum: int, method) 
             f"of a method run under them (method {method.name} is not yet)": method.cuda_graphs}
     if tcfg.cuda_graphs == "true" and not all(fits.values()):
         missing = ", ".join(k for k, ok in fits.items() if not ok)
+        verified = ", ".join(name for name, cls in REGISTRY.items() if cls.cuda_graphs)
         raise UserError(f"train.cuda_graphs=true needs the model compiled, on a GPU, in one process, with one "
-                        f"micro-batch a step, and a method run under them (dense, sat, mst); this run is not "
+                        f"micro-batch a step, and a method run under them ({verified}); this run is not "
                         f"{missing}. Set train.cuda_graphs=auto (on where it applies) or false")
     return tcfg.cuda_graphs != "false" and all(fits.values())
 
