@@ -72,7 +72,9 @@ def profile_run(cfg, run_dir: Path, out: Path, *, first: int, steps: int) -> Non
                                     + averages.table(sort_by="self_device_time_total", row_limit=40))
     trace = out / "trace.json"
     prof.export_chrome_trace(str(trace))
-    events = json.loads(trace.read_text())["traceEvents"]
+    text = trace.read_text()
+    trace.unlink()
+    events = json.loads(text)["traceEvents"]
     kernels = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "kernel" and "dur" in e)
     busy, end = 0.0, 0.0
     for a, b in kernels:  # the union of kernel intervals
@@ -83,8 +85,7 @@ def profile_run(cfg, run_dir: Path, out: Path, *, first: int, steps: int) -> Non
                                                    "busy_ms": busy / 1e3, "busy_share": busy / span if span else None,
                                                    "steps": steps}))
     with gzip.open(f"{trace}.gz", "wt") as f:
-        f.write(trace.read_text())
-    trace.unlink()
+        f.write(text)
 
 
 class GraphRecords(logging.Handler):
@@ -149,7 +150,8 @@ def run(name: str, *, preset, batch, seq, vocab, steps, warmup, device, compile_
     per_step = [s / n for n, s in w]
     median = statistics.median(per_step)
     slow = [(n, s) for n, s in w if s / n > 1.5 * median]
-    return {"contender": name, "cuda_graphs": bench["cuda_graphs"], "bench_step_ms": bench["step_s"] * 1e3, "bench_stream_ms": bench["stream_step_s"] * 1e3,
+    return {"contender": name, "cuda_graphs": bench["cuda_graphs"], "bench_step_ms": bench["step_s"] * 1e3,
+            "bench_stream_ms": bench["stream_step_s"] * 1e3,
             "select_ms": bench["select_ms"], "fwd_bwd_ms": bench["fwd_bwd_ms"], "optimizer_ms": bench["optimizer_ms"],
             "run_median_ms": median * 1e3, "run_mean_ms": 1e3 * sum(s for _, s in w) / sum(n for n, _ in w),
             "slow_windows": len(slow), "slow_excess_s": sum(s - median * n for n, s in slow),
