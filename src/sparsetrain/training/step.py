@@ -24,6 +24,12 @@ from sparsetrain.nn.model import Transformer
 PHASES = ("selected", "backward", "optimizer")
 
 
+def _region(name: str) -> ContextManager:
+    """A named range in a profiler trace (the bench scripts charge the GPU's idle time to these); next to nothing
+    when no profiler runs."""
+    return torch.profiler.record_function(f"sparsetrain.{name}")
+
+
 def _no_sync(last: bool) -> ContextManager:
     return contextlib.nullcontext()
 
@@ -58,18 +64,20 @@ def train_step(parts: StepParts, step: int, micro_batches: Iterable[tuple[torch.
     if lr is not None:
         for group in p.optimizer.param_groups:
             group["lr"] = lr
-    p.method.before_step(step)
+    with _region("select"):
+        p.method.before_step(step)
     if on_phase:
         on_phase("selected")
     step_loss = None
     for i, (x, y) in enumerate(micro_batches):
         # With CUDA graphs (train.cuda_graphs) the next replay may reuse the last one's outputs' memory: all read.
         torch.compiler.cudagraph_mark_step_begin()
-        with p.grad_sync(i == count - 1), p.autocast():
+        with p.grad_sync(i == count - 1), p.autocast(), _region("forward"):
             loss = p.forward(x, y)
             aux = p.method.aux_loss(p.model)
             total = loss if aux is None else loss + aux
-        (total / count).backward()
+        with _region("backward"):
+            (total / count).backward()
         if step_loss is None:
             step_loss = torch.zeros((), device=loss.device)
         step_loss += loss.detach() / count
@@ -77,15 +85,19 @@ def train_step(parts: StepParts, step: int, micro_batches: Iterable[tuple[torch.
         on_phase("backward")
     finite = torch.isfinite(step_loss)
     if p.grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(p.model.parameters(), p.grad_clip)
-        finite &= torch.isfinite(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # FSDP2: a DTensor
+        with _region("clip"):
+            norm = torch.nn.utils.clip_grad_norm_(p.model.parameters(), p.grad_clip)
+            finite &= torch.isfinite(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # FSDP2: a DTensor
     if skip_nonfinite and not p.agree(finite).item():
         p.optimizer.zero_grad(set_to_none=True)
         p.method.discard_step(step)
         return StepResult(step_loss, finite, True)
-    p.method.before_optimizer(step)
-    p.optimizer.step()
-    p.method.after_optimizer(step)
+    with _region("freeze"):
+        p.method.before_optimizer(step)
+    with _region("optimizer"):
+        p.optimizer.step()
+    with _region("unfreeze"):
+        p.method.after_optimizer(step)
     p.optimizer.zero_grad(set_to_none=True)
     if on_phase:
         on_phase("optimizer")
