@@ -71,6 +71,32 @@ def frontier_for(result: dict[str, Any], frontier: dict[str, Any]) -> bool:
     return all(key(m) == key(dense) for m in methods)
 
 
+def self_contained(result: dict[str, Any]) -> bool:
+    """Whether every method of `result` was read off a frontier trained in the same process (hsa-attention split
+    by sequence length: each process a whole comparison)."""
+    names = {c["name"] for c in result.get("contenders", [])}
+    methods = [c for c in result.get("contenders", []) if c.get("role") not in ("frontier", "base")]
+    return bool(methods) and all(c.get("frontier") and set(c["frontier"]) <= names for c in methods)
+
+
+def merge_whole(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Processes that each ran whole comparisons of one part (`self_contained`), as one result: their contenders and
+    speed-ups side by side, each still against its own process's frontier (no calibration needed)."""
+    names = [c["name"] for r in results for c in r["contenders"]]
+    if len(set(names)) != len(names):
+        raise UserError(f"{results[0]['part']}: a contender appears in more than one result ({sorted(names)}); each "
+                        "process of a split part runs other contenders (--contenders)")
+    commands = [r.get("command") for r in results]
+    merged = copy.deepcopy(results[0]) | {"merged_from": commands, "command": " & ".join(commands)}
+    merged["contenders"] = [copy.deepcopy(c) for r in results for c in r["contenders"]]
+    merged["iso_loss"] = {k: v for r in results for k, v in copy.deepcopy(r.get("iso_loss", {})).items()}
+    merged["notes"] = list(dict.fromkeys(n for r in results for n in r.get("notes", [])))
+    merged["notes"].append("Run as separate processes, each a whole comparison against its own frontier: "
+                           + "; ".join(f"{', '.join(c['name'] for c in r['contenders'])} on "
+                                       f"{r.get('calibration', {}).get('device', '?')}" for r in results) + ".")
+    return merged
+
+
 def merge_split(results: list[dict[str, Any]], frontier_from: dict[str, Any] | None = None) -> dict[str, Any]:
     """One part run as several processes (`--contenders`, e.g. the frontier on one GPU and the methods on another,
     at once) as one result: every contender in the GPU time of the process that trained the frontier, by the ratio

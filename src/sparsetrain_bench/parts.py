@@ -215,6 +215,9 @@ def run_ssd_pretrain(ctx: Context) -> dict[str, Any]:
 HSA_PATTERNS = [("local", {"attention": "local", "window": 128}),
                 ("hybrid", {"attention": "hybrid", "window": 128, "stride": 256})]
 HSA_SHAPES = {"full": ((1024, 16), (4096, 4), (8192, 2)), "quick": ((64, 8), (128, 4))}
+# What --contenders picks: a length's frontier (dense-4096) or one pattern at one length (hybrid-4096).
+HSA_CONTENDERS = tuple(f"{name}-{seq}" for shapes in HSA_SHAPES.values() for seq, _ in shapes
+                       for name in ["dense", *(n for n, _ in HSA_PATTERNS)])
 
 
 def run_hsa(ctx: Context) -> dict[str, Any]:
@@ -224,9 +227,16 @@ def run_hsa(ctx: Context) -> dict[str, Any]:
     steps = ctx.steps(300, 12)
     contenders, iso = [], {}
     for seq, batch in HSA_SHAPES["quick" if ctx.quick else "full"]:
+        # --contenders picks lengths and runs by name (dense-4096: that length's frontier; local-4096, hybrid-4096):
+        # the lengths can train at once on separate GPUs, each a whole comparison.
+        names = [f"dense-{seq}"] + [f"{name}-{seq}" for name, _ in HSA_PATTERNS]
+        if not any(ctx.wants(n) for n in names):
+            continue
         common = dict(corpus="code", steps=steps, seq_len=seq, batch_size=batch, model={"max_seq_len": seq})
-        group = dense_frontier(ctx, run_config(ctx, **common), prefix=f"dense-{seq}")
+        group = dense_frontier(ctx, run_config(ctx, **common), prefix=names[0]) if ctx.wants(names[0]) else []
         for name, pattern in HSA_PATTERNS:
+            if not ctx.wants(f"{name}-{seq}"):
+                continue
             method = {"name": "mst", "sparsity": 0.0, "final_sparsity": 0.0, "update_every": steps,
                       "attention_start": 0.0, "attention_end": 1.0, **pattern}
             if ctx.quick:

@@ -17,7 +17,7 @@ from typing import Callable
 from sparsetrain.errors import UserError
 from sparsetrain.frontier import IsoLoss, plot_frontier, plot_speedups
 from sparsetrain.plots import Panel, markdown_table, plot_panels, run_series
-from sparsetrain_bench.comparison import frontier_for, has_frontier, merge_split
+from sparsetrain_bench.comparison import frontier_for, has_frontier, merge_split, merge_whole, self_contained
 
 # Logged per-step values that are schedules worth drawing, with their axis labels. A method that logs another
 # schedule adds its key here (the suite keeps these keys in each run's curve).
@@ -302,6 +302,9 @@ def load_results(paths: list[Path]) -> dict[str, dict]:
             split.setdefault(data["part"], []).append(data)
         parts[data["part"]] = data
     for part, results in split.items():
+        if len(results) > 1 and all(self_contained(r) for r in results):
+            parts[part] = merge_whole(results)
+            continue
         if any(has_frontier(r) for r in results):
             if len(results) > 1:
                 parts[part] = merge_split(results)

@@ -31,7 +31,7 @@ from sparsetrain.training.runtime import peak_flops
 from sparsetrain_bench.comparison import compare
 from sparsetrain_bench.context import Context, scratch_dir
 from sparsetrain_bench.corpora import run_prepare_data
-from sparsetrain_bench.parts import (run_hsa, run_pretrain, run_sat_cpt, run_sat_sft, run_ssd_pretrain, run_steps,
+from sparsetrain_bench.parts import (HSA_CONTENDERS, run_hsa, run_pretrain, run_sat_cpt, run_sat_sft, run_ssd_pretrain, run_steps,
                                      run_upcycle)
 from sparsetrain_bench.report import CONTENDER_COLUMNS
 from sparsetrain_bench.runs import calibrate, part_peak
@@ -83,7 +83,7 @@ PARTS: dict[str, Part] = {
     "two-gpu": Part("every method on one GPU vs two (torchrun DDP / FSDP2), same global batch", run_two_gpus,
                     ("sat", "upcycle", "ssd", "mst")),
     "hsa-attention": Part("hybrid sparse attention alone (MST, no weight sparsity) vs dense at 1024, 4096, 8192",
-                          run_hsa, ("mst",)),
+                          run_hsa, ("mst",), contenders=HSA_CONTENDERS),
     "sat-sft": Part("fine-tuning on kernel-doc pairs (comment -> function), dense vs SAT (LORS; top-k and sampled "
                     "selection)", run_sat_sft, ("sat",), contenders=("dense", "sat", "sat-sample")),
     "upcycle": Part("dense (several budgets) vs the upcycled MoE continued from the code base", run_upcycle,
@@ -110,7 +110,7 @@ def check_selection(part: str, contenders: tuple[str, ...], budgets: tuple[float
     if unknown:
         raise UserError(f"--contenders: {', '.join(unknown)} not in {part}; pick from {', '.join(names)} (dense = "
                         "its frontier)")
-    if budgets and not names and part != "hsa-attention":
+    if budgets and not names:
         raise UserError(f"--budgets: the part '{part}' trains no dense frontier")
     if budgets and (len(budgets) < 2 or 1.0 not in budgets or min(budgets) <= 0):
         raise UserError(f"--budgets takes two or more positive multiples of the methods' steps with 1 among them "
