@@ -5,6 +5,7 @@ import lzma
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,36 @@ def test_compile_clock_counts_training_compilations_only():
     seconds = clock.seconds
     f(torch.randn(5, requires_grad=True))  # outside the clock
     assert clock.seconds == seconds
+
+
+class _RecordsInBackward(torch.autograd.Function):
+    """Stands in for a CUDA graph recorded in the backward (the callbacks torch's graph trees fire around it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        _record_graph()
+        return grad * 2
+
+
+def _record_graph(seconds: float = 0.02):
+    from torch._dynamo.callback import CallbackTrigger, callback_handler
+    with callback_handler.install_callbacks(CallbackTrigger.CUDAGRAPH_RECORDING, "test"):
+        time.sleep(seconds)
+
+
+def test_compile_clock_counts_the_recording_of_training_graphs_not_of_evaluation_graphs():
+    with CompileClock() as clock:
+        with torch.no_grad():  # an evaluation's graph: not training time
+            _record_graph()
+        assert clock.count == 0 and clock.recording_seconds == 0
+        _record_graph()  # a training forward's graph (grad enabled)
+        assert clock.count == 1
+        _RecordsInBackward.apply(torch.randn(3, requires_grad=True)).sum().backward()  # the backward's graph
+    assert clock.count == 2 and clock.recording_seconds == clock.seconds >= 0.04
 
 
 def test_step_parts_time_dense_first_and_give_ratios_to_it(results):
@@ -688,6 +719,27 @@ def test_ssd_pretrain_split_keeps_each_processs_moe_inference(env, tmp_path):
     assert set(merged["moe_inference"]) == {"dense", "ssd"}
     assert [c["name"] for c in merged["contenders"]] == ["dense-0.5x", "dense", "ssd"]
     assert set(merged["iso_loss"]) == {"ssd"}
+
+
+def test_hsa_lengths_split_over_processes_are_whole_comparisons_side_by_side(env, tmp_path):
+    """--contenders picks hsa-attention's lengths and patterns by name; each process compares its patterns with its
+    own length's frontier, and the report puts the processes' comparisons side by side, unscaled."""
+    common = {**env, "budgets": (0.5, 1.0)}
+    picks = {"a": ("dense-64", "local-64", "hybrid-64"), "b": ("dense-128", "hybrid-128")}
+    runs = {n: run_part("hsa-attention", quick=True, contenders=c,
+                        **{**common, "out": tmp_path / n, "work_dir": tmp_path / f"w{n}"}) for n, c in picks.items()}
+    assert [c["name"] for c in runs["a"]["contenders"]] == ["dense-64-0.5x", "dense-64", "local-64", "hybrid-64"]
+    assert [c["name"] for c in runs["b"]["contenders"]] == ["dense-128-0.5x", "dense-128", "hybrid-128"]
+    merged = load_results([tmp_path / n / "hsa-attention.json" for n in picks])["hsa-attention"]
+    assert set(merged["iso_loss"]) == {"local-64", "hybrid-64", "hybrid-128"}
+    for n, r in runs.items():
+        for name, iso in r["iso_loss"].items():
+            assert merged["iso_loss"][name] == iso  # each against its own frontier, no calibration factor
+    by_name = {c["name"]: c for c in merged["contenders"]}
+    assert by_name["hybrid-128"]["wallclock"] == runs["b"]["contenders"][-1]["wallclock"]
+    assert "--contenders dense-128 hybrid-128" in merged["command"]
+    with pytest.raises(UserError, match="local-4097 not in hsa-attention; pick from dense-1024"):
+        run_part("hsa-attention", quick=True, contenders=("local-4097",), **env)
 
 
 def test_a_merged_comparison_names_every_process_command(env, tmp_path):

@@ -52,33 +52,45 @@ class CompileClock:
     """Seconds torch.compile spends compiling for training steps, from dynamo's compile callbacks.
 
     A compilation counts when it starts with grad enabled (a training forward) or is a deferred backward; those
-    under no_grad are for evaluation, which the trainer's `train_time` leaves out already.
+    under no_grad are for evaluation, which the trainer's `train_time` leaves out already. With CUDA graphs
+    (`train.cuda_graphs`) the recording of each new graph is compiling too (the callbacks report it): the forward's
+    with grad enabled, the backward's inside the autograd engine (grad disabled there); an evaluation's neither.
+    `recording_seconds` holds their part of `seconds`.
     """
 
-    def __init__(self, path: Path | None = None, seconds: float = 0.0, count: int = 0):
+    def __init__(self, path: Path | None = None, seconds: float = 0.0, count: int = 0,
+                 recording_seconds: float = 0.0):
         """`path`: a file the running totals are written to after each compilation (a run cut short keeps them);
-        `seconds`, `count`: the totals of the run's earlier segments (a resumed run)."""
-        self.path, self.seconds, self.count = path, seconds, count
+        `seconds`, `count`, `recording_seconds`: the totals of the run's earlier segments (a resumed run)."""
+        self.path, self.seconds, self.count, self.recording_seconds = path, seconds, count, recording_seconds
 
     def __enter__(self) -> "CompileClock":
         self._started = None
         self._handler = dynamo_callback.callback_handler
-        self._lazy_backward = dynamo_callback.CallbackTrigger.LAZY_BACKWARD
+        triggers = dynamo_callback.CallbackTrigger
+        self._lazy_backward = triggers.LAZY_BACKWARD
+        self._recording = getattr(triggers, "CUDAGRAPH_RECORDING", None)
         self._handler.register_start_callback(self._start)
         self._handler.register_end_callback(self._end)
         return self
 
     def _start(self, args) -> None:
-        training = args.callback_trigger == self._lazy_backward or torch.is_grad_enabled()
+        in_backward = torch._C._current_graph_task_id() != -1
+        training = (args.callback_trigger == self._lazy_backward or torch.is_grad_enabled()
+                    or (args.callback_trigger == self._recording and in_backward))
         self._started = time.perf_counter() if training else None
 
     def _end(self, args) -> None:
         if self._started is not None:
-            self.seconds += time.perf_counter() - self._started
+            spent = time.perf_counter() - self._started
+            self.seconds += spent
             self.count += 1
+            if args.callback_trigger == self._recording:
+                self.recording_seconds += spent
             self._started = None
             if self.path is not None and self.path.parent.is_dir():
-                self.path.write_text(json.dumps({"seconds": self.seconds, "count": self.count}))
+                self.path.write_text(json.dumps({"seconds": self.seconds, "count": self.count,
+                                                 "recording_seconds": self.recording_seconds}))
 
     @classmethod
     def saved(cls, path: Path) -> dict[str, float]:
@@ -191,7 +203,8 @@ def train_run(ctx: Context, name: str, raw: dict[str, Any], role: str = "contend
     for r, t in zip(records, steady_times(records, clock.seconds)):
         r["wallclock"] = t
     curve = [{k: r[k] for k in CURVE_KEYS if k in r} for r in records]
-    return run_result(ctx, name, role, cfg, summary, curve, run_dir, clock.seconds, clock.count)
+    return run_result(ctx, name, role, cfg, summary, curve, run_dir, clock.seconds, clock.count) | {
+        "graph_recording_s": clock.recording_seconds}
 
 
 def run_result(ctx: Context, name: str, role: str, cfg: config_mod.RunConfig, summary: dict[str, Any],

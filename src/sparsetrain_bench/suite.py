@@ -31,8 +31,8 @@ from sparsetrain.training.runtime import peak_flops
 from sparsetrain_bench.comparison import compare
 from sparsetrain_bench.context import Context, scratch_dir
 from sparsetrain_bench.corpora import run_prepare_data
-from sparsetrain_bench.parts import (HSA_CONTENDERS, run_hsa, run_pretrain, run_sat_cpt, run_sat_sft, run_ssd_pretrain, run_steps,
-                                     run_upcycle)
+from sparsetrain_bench.parts import (HSA_CONTENDERS, run_hsa, run_pretrain, run_sat_cpt, run_sat_sft, run_ssd_pretrain,
+                                     run_steps, run_upcycle)
 from sparsetrain_bench.report import CONTENDER_COLUMNS
 from sparsetrain_bench.runs import calibrate, part_peak
 from sparsetrain_bench.steps import environment, print_table
