@@ -623,6 +623,18 @@ def test_pretrain_parts_read_each_method_against_a_dense_frontier(env, results):
         assert (env["out"] / "iso" / f).stat().st_size > 1000
 
 
+def test_the_speed_up_bars_name_the_part_of_a_method_in_several_parts(env, results, tmp_path, monkeypatch):
+    """sat-cpt and sat-sft both hold "sat": each keeps its own bar and target."""
+    import sparsetrain_bench.report as report
+    drawn = {}
+    monkeypatch.setattr(report, "plot_speedups", lambda bars, targets, path: drawn.update(bars=bars, targets=targets))
+    report.plot_iso(load_results([env["out"] / f"{p}.json" for p in ("sat-cpt", "sat-sft", "ssd-pretrain")]), tmp_path)
+    assert {k for k in drawn["bars"] if "sat\n" in k} == {
+        f"{p}: sat\n{cost}" for p in ("sat-cpt", "sat-sft") for cost in ("wall-clock", "counted FLOPs")}
+    assert "ssd\nwall-clock" in drawn["bars"]
+    assert drawn["targets"]["sat-cpt: sat\nwall-clock"] != drawn["targets"]["sat-sft: sat\nwall-clock"]
+
+
 @pytest.mark.parametrize("script,args", [
     ("moe_layer.py", ["--device", "cpu", "--quick"]),
     ("moe_step.py", ["--device", "cpu", "--quick", "--contenders", "ssd", "upcycle", "--kernels", "auto", "loop"]),

@@ -343,6 +343,10 @@ def plot_iso(parts: dict[str, dict], out_dir: Path) -> list[tuple[str, str]]:
     methods, against wall-clock and against counted FLOPs; then one bar chart of every speed-up at equal quality,
     with the targets marked."""
     figures, bars, targets = [], {}, {}
+    seen: dict[str, int] = {}  # a method name in several parts (sat in sat-cpt and sat-sft) is labelled with its part
+    for part in parts.values():
+        for method in part.get("iso_loss") or {}:
+            seen[method] = seen.get(method, 0) + 1
     for name, part in parts.items():
         if not part.get("iso_loss"):
             continue
@@ -360,7 +364,7 @@ def plot_iso(parts: dict[str, dict], out_dir: Path) -> list[tuple[str, str]]:
                 figures.append((f"{tag}: speed-up at equal quality, {COST_WORDS[cost]}", file))
         for method, iso in part["iso_loss"].items():
             for cost in ("wallclock", "flops"):
-                key = f"{method}\n{COST_WORDS[cost]}"
+                key = f"{method if seen[method] == 1 else f'{name}: {method}'}\n{COST_WORDS[cost]}"
                 bars[key] = IsoLoss(**{k: v for k, v in iso[cost].items() if k != "label"})
                 if (name, method, cost) in ISO_TARGETS:
                     targets[key] = ISO_TARGETS[(name, method, cost)]
