@@ -162,33 +162,32 @@ def test_compile_clock_counts_training_compilations_only():
     assert clock.seconds == seconds
 
 
-class _RecordsInBackward(torch.autograd.Function):
-    """Stands in for a CUDA graph recorded in the backward (the callbacks torch's graph trees fire around it)."""
+class _GraphTrees:
+    """Stands in for torch's CUDA graph tree manager: its `record_function` fires the recording callbacks, and it
+    knows each function's mode (forward, backward, inference)."""
 
-    @staticmethod
-    def forward(ctx, x):
-        return x * 2
+    def __init__(self):
+        from torch._inductor.cudagraph_trees import CompilationMode
+        self.id_to_mode = {"forward": CompilationMode.FORWARD, "backward": CompilationMode.BACKWARD,
+                           "inference": CompilationMode.INFERENCE}
 
-    @staticmethod
-    def backward(ctx, grad):
-        _record_graph()
-        return grad * 2
+    def record_function(self, new_inputs, function_id):
+        from torch._dynamo.callback import CallbackTrigger, callback_handler
+        with callback_handler.install_callbacks(CallbackTrigger.CUDAGRAPH_RECORDING, "test"):
+            time.sleep(0.02)
 
 
-def _record_graph(seconds: float = 0.02):
-    from torch._dynamo.callback import CallbackTrigger, callback_handler
-    with callback_handler.install_callbacks(CallbackTrigger.CUDAGRAPH_RECORDING, "test"):
-        time.sleep(seconds)
+def _record_graph(mode: str):
+    with torch.no_grad():  # as inside autograd: grad is off while a training graph records
+        _GraphTrees().record_function([], mode)
 
 
 def test_compile_clock_counts_the_recording_of_training_graphs_not_of_evaluation_graphs():
     with CompileClock() as clock:
-        with torch.no_grad():  # an evaluation's graph: not training time
-            _record_graph()
+        _record_graph("inference")  # an evaluation's graph: not training time
         assert clock.count == 0 and clock.recording_seconds == 0
-        _record_graph()  # a training forward's graph (grad enabled)
-        assert clock.count == 1
-        _RecordsInBackward.apply(torch.randn(3, requires_grad=True)).sum().backward()  # the backward's graph
+        _record_graph("forward")
+        _record_graph("backward")
     assert clock.count == 2 and clock.recording_seconds == clock.seconds >= 0.04
 
 

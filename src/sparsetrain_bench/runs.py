@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -48,14 +49,29 @@ CALIBRATION_VOCAB = 32768  # the suite tokenizer's: the calibration is the same 
 CURVE_KEYS = ("step", "tokens", "flops", "train_time", "wallclock", "loss", "val_loss", "mfu", *SCHEDULE_KEYS)
 
 
+def _records_inference_graph() -> bool:
+    """Whether the CUDA graph being recorded is an inference graph (an evaluation's, compiled under no_grad).
+
+    The callback does not say; torch's graph trees know each compiled function's mode, and the recording frame
+    (`CUDAGraphTreeManager.record_function`) holds the function. Not found: counted as training."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "record_function" and "function_id" in frame.f_locals:
+            modes = getattr(frame.f_locals.get("self"), "id_to_mode", {})
+            mode = modes.get(frame.f_locals["function_id"])
+            return getattr(mode, "name", None) == "INFERENCE"
+        frame = frame.f_back
+    return False
+
+
 class CompileClock:
     """Seconds torch.compile spends compiling for training steps, from dynamo's compile callbacks.
 
     A compilation counts when it starts with grad enabled (a training forward) or is a deferred backward; those
     under no_grad are for evaluation, which the trainer's `train_time` leaves out already. With CUDA graphs
-    (`train.cuda_graphs`) the recording of each new graph is compiling too (the callbacks report it): the forward's
-    with grad enabled, the backward's inside the autograd engine (grad disabled there); an evaluation's neither.
-    `recording_seconds` holds their part of `seconds`.
+    (`train.cuda_graphs`) the recording of each new graph is compiling too (the callbacks report it); grad is
+    disabled while a training graph records (inside autograd), so a recording counts unless its graph is an
+    inference graph (an evaluation's). `recording_seconds` holds their part of `seconds`.
     """
 
     def __init__(self, path: Path | None = None, seconds: float = 0.0, count: int = 0,
@@ -75,9 +91,8 @@ class CompileClock:
         return self
 
     def _start(self, args) -> None:
-        in_backward = torch._C._current_graph_task_id() != -1
         training = (args.callback_trigger == self._lazy_backward or torch.is_grad_enabled()
-                    or (args.callback_trigger == self._recording and in_backward))
+                    or (args.callback_trigger == self._recording and not _records_inference_graph()))
         self._started = time.perf_counter() if training else None
 
     def _end(self, args) -> None:
