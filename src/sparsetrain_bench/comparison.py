@@ -71,6 +71,14 @@ def frontier_for(result: dict[str, Any], frontier: dict[str, Any]) -> bool:
     return all(key(m) == key(dense) for m in methods)
 
 
+def _distinct_contenders(results: list[dict[str, Any]]) -> None:
+    """Each process of a split part ran other contenders (the continuation parts' base aside)."""
+    names = [c["name"] for r in results for c in r.get("contenders", []) if c.get("role") != "base"]
+    if len(set(names)) != len(names):
+        raise UserError(f"{results[0]['part']}: a contender appears in more than one result ({sorted(names)}); each "
+                        "process of a split part runs other contenders (--contenders)")
+
+
 def self_contained(result: dict[str, Any]) -> bool:
     """Whether every method of `result` was read off a frontier trained in the same process (hsa-attention split
     by sequence length: each process a whole comparison)."""
@@ -82,10 +90,7 @@ def self_contained(result: dict[str, Any]) -> bool:
 def merge_whole(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Processes that each ran whole comparisons of one part (`self_contained`), as one result: their contenders and
     speed-ups side by side, each still against its own process's frontier (no calibration needed)."""
-    names = [c["name"] for r in results for c in r["contenders"]]
-    if len(set(names)) != len(names):
-        raise UserError(f"{results[0]['part']}: a contender appears in more than one result ({sorted(names)}); each "
-                        "process of a split part runs other contenders (--contenders)")
+    _distinct_contenders(results)
     commands = [r.get("command") for r in results]
     merged = copy.deepcopy(results[0]) | {"merged_from": commands, "command": " & ".join(commands)}
     merged["contenders"] = [copy.deepcopy(c) for r in results for c in r["contenders"]]
@@ -113,10 +118,7 @@ def merge_split(results: list[dict[str, Any]], frontier_from: dict[str, Any] | N
         raise UserError(f"{results[0]['part']}: {len(holders)} of the {len(results)} results hold the dense "
                         "frontier; merge one frontier with the processes that ran the methods")
     others = [r for r in results if r is not ref]
-    names = [c["name"] for r in results for c in r.get("contenders", []) if c.get("role") != "base"]
-    if len(set(names)) != len(names):
-        raise UserError(f"{own['part']}: a contender appears in more than one result ({sorted(names)}); each "
-                        "process of a split part runs other contenders (--contenders)")
+    _distinct_contenders(results)
     from_ref = [c for c in ref["contenders"] if ref is own or c.get("role") == "frontier"]
     contenders = copy.deepcopy(from_ref)
     taken = [(ref["calibration"], [c["name"] for c in from_ref if c.get("role") != "base"])]  # for the note
