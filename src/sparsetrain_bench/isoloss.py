@@ -80,5 +80,5 @@ def branch(ctx: Context, trunk: dict[str, Any], name: str, cfg: config_mod.RunCo
         r["wallclock"] = w0 + t
     curve = [r for r in trunk_curve if r["step"] <= start] + [{k: r[k] for k in CURVE_KEYS if k in r} for r in own]
     return run_result(ctx, name, "frontier", cfg, summary, curve, run_dir, trunk["compile_s"] + clock.seconds,
-                      trunk["compilations"] + clock.count) | {
-        "branched_at": start, "graph_recording_s": trunk.get("graph_recording_s", 0.0) + clock.recording_seconds}
+                      trunk["compilations"] + clock.count,
+                      trunk["graph_recording_s"] + clock.recording_seconds) | {"branched_at": start}

@@ -218,14 +218,15 @@ def train_run(ctx: Context, name: str, raw: dict[str, Any], role: str = "contend
     for r, t in zip(records, steady_times(records, clock.seconds)):
         r["wallclock"] = t
     curve = [{k: r[k] for k in CURVE_KEYS if k in r} for r in records]
-    return run_result(ctx, name, role, cfg, summary, curve, run_dir, clock.seconds, clock.count) | {
-        "graph_recording_s": clock.recording_seconds}
+    return run_result(ctx, name, role, cfg, summary, curve, run_dir, clock.seconds, clock.count,
+                      clock.recording_seconds)
 
 
 def run_result(ctx: Context, name: str, role: str, cfg: config_mod.RunConfig, summary: dict[str, Any],
-               curve: list[dict[str, Any]], run_dir: Path, compile_s: float, compilations: int) -> dict[str, Any]:
+               curve: list[dict[str, Any]], run_dir: Path, compile_s: float, compilations: int,
+               recording_s: float) -> dict[str, Any]:
     """A trained run's result for the part's JSON and the report (its metrics copied beside the JSON); frees the
-    run's compiled graphs and GPU memory."""
+    run's compiled graphs and GPU memory. `recording_s`: the part of `compile_s` spent recording CUDA graphs."""
     metrics = keep_metrics(ctx, name, run_dir)
     release_memory()
     result = {
@@ -233,6 +234,7 @@ def run_result(ctx: Context, name: str, role: str, cfg: config_mod.RunConfig, su
         "config": config_mod.to_dict(cfg), "summary": summary, "steps": summary["steps"],
         "tokens": summary["tokens"], "val_loss": summary["val_loss"], "train_time": summary["train_time"],
         "wallclock": curve[-1]["wallclock"], "compile_s": compile_s, "compilations": compilations,
+        "graph_recording_s": recording_s,
         "flops": summary["flops"], "curve": curve, "metrics": metrics, "run_dir": str(run_dir),
     }
     print(f"{ctx.part}: {name}: val loss {result['val_loss']:.4f}, {result['wallclock']:.1f} s "
