@@ -7,7 +7,7 @@ builds, wraps (training.runtime.parallelize) and steps the model exactly as the 
 with default buckets), so the change is measured in the same call.
 
     PYTHONPATH=src python3 bench/data_parallel.py --presets gpt2-small --methods dense --rows 16 8 \\
-        --parallel ddp fsdp --before --out $OUT/data_parallel.json
+        --parallel ddp fsdp --fsdp-units 0 1 --before --out $OUT/data_parallel.json
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from sparsetrain_bench.two_gpu import TWO_GPU_RUNS
 METHODS = {name: (method, model) for name, method, model, _ in TWO_GPU_RUNS if not name.endswith("accum4")}
 COLUMNS = [("preset", "model", ""), ("method", "method", ""), ("parallel", "parallel", ""),
            ("processes", "GPUs", "d"), ("rows", "rows/GPU", "d"), ("stream_step_s", "step s", ".4f"),
-           ("stream_tokens_per_s", "tokens/s", ",.0f"), ("scaling", "vs 1 GPU", ".2f"),
+           ("stream_tokens_per_s", "tokens/s", ",.0f"), ("scaling", "vs 1 GPU", ".2f"), ("vs_ddp", "vs DDP", ".2f"),
            ("step_s", "synced step s", ".4f"),
            ("memory_gb", "mem GB", ".1f"), ("error", "error", "")]
 
@@ -47,10 +47,12 @@ def worker(spec: dict, out: Path) -> None:
     cfg = bench_config(spec["preset"], batch_size=spec["rows"], seq_len=spec["seq_len"],
                        vocab_size=spec["vocab_size"], method=method, model_overrides=model)
     cfg.train.parallel = spec["parallel"] or "ddp"
+    cfg.train.fsdp_blocks_per_unit = spec.get("fsdp_units", 0)
     if spec.get("before"):
         steps_mod.parallelize = compiled_then_wrapped
     profile = spec.get("profile") and (Path(spec["profile"]) / f"profile-{spec['method']}-{spec['rows']}rows-"
-                                                                 f"{spec['parallel'] or 'one'}-{spec['processes']}.txt")
+                                                                 f"{spec['parallel'] or 'one'}{spec.get('fsdp_units', '')}-"
+                                                                 f"{spec['processes']}.txt")
     r = measure_steps(cfg, steps=spec["steps"], warmup=spec["warmup"], profile_to=profile)
     if int(os.environ.get("RANK", "0")) == 0:
         out.write_text(json.dumps(r))
@@ -84,6 +86,9 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", type=int, default=[16], help="rows of --seq-len tokens per GPU")
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--before", action="store_true", help="also DDP as wrapped before issue 14")
+    ap.add_argument("--fsdp-units", nargs="+", type=int, default=[0], metavar="BLOCKS",
+                    help="FSDP2 contenders with these train.fsdp_blocks_per_unit (0: auto, four units)")
+    ap.add_argument("--no-one-gpu", action="store_true", help="skip the one-GPU contenders (no 'vs 1 GPU' column)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--vocab-size", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=20)
@@ -106,17 +111,27 @@ def main() -> None:
                 for n in a.rows:
                     common = dict(preset=preset, method=method, rows=n, seq_len=a.seq_len, vocab_size=a.vocab_size,
                                   steps=a.steps, warmup=a.warmup, profile=bool(a.profile))
-                    one = launch(common | {"processes": 1, "parallel": None}, Path(tmp), a.profile)
-                    rows.append(one)
-                    contenders = [(mode, False) for mode in a.parallel]
-                    contenders += [("ddp", True)] if a.before and "ddp" in a.parallel else []
-                    for mode, before in contenders:
-                        r = launch(common | {"processes": a.gpus, "parallel": mode, "before": before}, Path(tmp),
-                                   a.profile)
+                    one = {"error": "not run"}
+                    if not a.no_one_gpu:
+                        one = launch(common | {"processes": 1, "parallel": None}, Path(tmp), a.profile)
+                        rows.append(one)
+                    ddp = None
+                    contenders = [(mode, False, 0) for mode in a.parallel if mode != "fsdp"]
+                    contenders += [("fsdp", False, units) for units in a.fsdp_units if "fsdp" in a.parallel]
+                    contenders += [("ddp", True, 0)] if a.before and "ddp" in a.parallel else []
+                    for mode, before, units in contenders:
+                        r = launch(common | {"processes": a.gpus, "parallel": mode, "before": before,
+                                             "fsdp_units": units}, Path(tmp), a.profile)
                         if before:
                             r["parallel"] = "ddp (before)"
+                        elif mode == "fsdp":
+                            r["parallel"] = f"fsdp ({units} blocks a unit)" if units else "fsdp (auto: 4 units)"
                         if "error" not in r and "error" not in one:
                             r["scaling"] = r["stream_tokens_per_s"] / one["stream_tokens_per_s"]
+                        if mode == "ddp" and not before and "error" not in r:
+                            ddp = r
+                        if mode == "fsdp" and ddp is not None and "error" not in r:
+                            r["vs_ddp"] = r["stream_tokens_per_s"] / ddp["stream_tokens_per_s"]
                         rows.append(r)
                         print(json.dumps({k: r.get(k) for k, _, _ in COLUMNS}), flush=True)
     print_table(rows, COLUMNS)

@@ -29,6 +29,7 @@ def test_int_accepted_for_float_and_round_trip(tmp_path):
     ({"trian": {}}, "unknown config section"),
     ({"train": {"device": "tpu"}}, "train.device"),
     ({"model": {"tie_embeddings": "yes"}}, "model.tie_embeddings must be bool"),
+    ({"train": {"fsdp_blocks_per_unit": -1}}, "train.fsdp_blocks_per_unit must be 0"),
 ])
 def test_bad_values(raw, match):
     with pytest.raises(UserError, match=match):
@@ -44,3 +45,13 @@ def test_bad_set_and_file(tmp_path):
     bad.write_text("[train\n")
     with pytest.raises(UserError, match="not valid TOML"):
         config.load(bad)
+
+
+@pytest.mark.parametrize("blocks, per_unit, sizes", [(12, 0, [3, 3, 3, 3]), (24, 0, [6, 6, 6, 6]), (5, 0, [2, 2, 1]),
+                                                     (2, 0, [1, 1]), (5, 2, [2, 2, 1]), (4, 9, [4]), (3, 1, [1, 1, 1])])
+def test_fsdp_units_group_consecutive_blocks(blocks, per_unit, sizes):
+    from sparsetrain.training.runtime import fsdp_units
+
+    units = fsdp_units(list(range(blocks)), per_unit)
+    assert [len(u) for u in units] == sizes
+    assert [b for u in units for b in u] == list(range(blocks))  # every block once, in order

@@ -188,17 +188,20 @@ def test_hf_export_import_cli(tiny_data, make_config, tmp_path):
     assert torch.allclose(model(x), orig(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("method, parallel", [("dense", "ddp"), ("dense", "fsdp"), ("sat", "fsdp"),
-                                              ("mst-neuron", "fsdp"), ("ssd", "fsdp")])
+@pytest.mark.parametrize("method, parallel", [("dense", "ddp"), ("dense", "fsdp"), ("dense", "fsdp-grouped"),
+                                              ("sat", "fsdp"), ("mst-neuron", "fsdp"), ("ssd", "fsdp")])
 def test_two_processes_match_one(make_config, tiny_data, tmp_path, method, parallel):
-    """torchrun with 2 gloo processes at the same global batch trains what one process trains, and resumes."""
+    """torchrun with 2 gloo processes at the same global batch trains what one process trains, and resumes.
+    fsdp-grouped: five blocks in FSDP2 units of two (the last unit one block)."""
+    model = {"n_layer": 5} if parallel == "fsdp-grouped" else None
     one = tmp_path / "one"
-    train(make_config(method=METHODS[method], steps=4, eval_every=0, checkpoint_every=0), one)
+    train(make_config(method=METHODS[method], model=model, steps=4, eval_every=0, checkpoint_every=0), one)
     cfg = tmp_path / "c.toml"
     from sparsetrain import config
 
-    raw = config.to_dict(make_config(method=METHODS[method], steps=4, eval_every=0, checkpoint_every=2,
-                                     parallel=parallel))
+    units = {"parallel": "fsdp", "fsdp_blocks_per_unit": 2} if parallel == "fsdp-grouped" else {"parallel": parallel}
+    raw = config.to_dict(make_config(method=METHODS[method], model=model, steps=4, eval_every=0, checkpoint_every=2,
+                                     **units))
     cfg.write_text(config.dumps(raw))
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -89,6 +89,9 @@ class TrainConfig:
     # it applies (compiled, one CUDA process, one micro-batch a step, a method run under them: Method.cuda_graphs).
     cuda_graphs: str = "auto"  # auto | true | false
     parallel: str = "ddp"  # ddp | fsdp, when started by torchrun with more than one process
+    # FSDP2: consecutive blocks sharded as one unit (one all-gather, one reduce-scatter, one set of hooks for them);
+    # 0 = auto: the blocks in four units. 1 shards block by block (the fewest bytes gathered at once).
+    fsdp_blocks_per_unit: int = 0
     progress: bool = True
     init_from: str = ""  # a run, checkpoint or model folder whose weights start this run (fresh optimizer)
     # A non-finite loss or gradient norm: "stop" the run (checked where the loss is read anyway: no extra host sync)
@@ -240,6 +243,9 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.cuda_graphs must be auto, true or false, got '{t.cuda_graphs}'")
     if t.parallel not in ("ddp", "fsdp"):
         raise UserError(f"train.parallel must be ddp or fsdp, got '{t.parallel}'")
+    if t.fsdp_blocks_per_unit < 0:
+        raise UserError(f"train.fsdp_blocks_per_unit must be 0 (auto) or a positive number of blocks, "
+                        f"got {t.fsdp_blocks_per_unit}")
     if t.schedule not in ("cosine", "wsd"):
         raise UserError(f"train.schedule must be cosine or wsd, got '{t.schedule}'")
     if not 0 < t.decay_fraction <= 1:

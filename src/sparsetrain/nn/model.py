@@ -367,6 +367,10 @@ class Transformer(nn.Module):
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         for block in self.blocks:
             x = block(x, rope)
+        return self.output(x, targets)
+
+    def output(self, x: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        """The final norm and the output layer: logits, or with targets the mean cross-entropy loss."""
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits

@@ -91,6 +91,16 @@ def use_cuda_graphs(tcfg, rt: Runtime, compile_model: bool, accum: int, method) 
     return tcfg.cuda_graphs != "false" and all(fits.values())
 
 
+def fsdp_units(blocks: list[torch.nn.Module], per_unit: int) -> list[list[torch.nn.Module]]:
+    """Consecutive blocks grouped into FSDP2 units of `per_unit` (0: four units, as even as they go). Each unit is
+    one all-gather and one reduce-scatter, with the host's work of its hooks: fewer units cost less host time, more
+    overlap communication with compute better and hold fewer gathered weights at once."""
+    n = len(blocks)
+    if per_unit <= 0:
+        per_unit = -(-n // 4)
+    return [blocks[i:i + per_unit] for i in range(0, n, per_unit)]
+
+
 def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool,
                 cuda_graphs: bool = False) -> torch.nn.Module:
     """Wrap for several processes (DDP or FSDP2) and compile; the raw model stays what methods see. `cuda_graphs`
@@ -98,7 +108,8 @@ def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool,
 
     DDP is wrapped first and compiled around: dynamo then splits the graph at DDP's gradient buckets, so each
     bucket's all-reduce starts while the backward goes on. (Compiled first and wrapped, the whole backward is one
-    autograd node and every all-reduce waits for its end.) FSDP2 shards block by block, each block compiled."""
+    autograd node and every all-reduce waits for its end.) FSDP2 shards groups of consecutive blocks
+    (`train.fsdp_blocks_per_unit`, `fsdp_units`), each block and the output layer compiled."""
     if compile_model:
         from torch import _dynamo
 
@@ -108,12 +119,15 @@ def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool,
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
-        for block in model.blocks:
-            if compile_model:
+        if compile_model:
+            for block in model.blocks:
                 block.compile()
-            # Every block resharded after its forward (the default), the last too: a forward without a backward
-            # (evaluation, a method's probe) would otherwise leave stale gathered weights for the next step.
-            fully_shard(block, mp_policy=mp)
+            # The output layer's loss compiled too: eager, it would materialise fp32 logits (vocab x tokens).
+            model.output = torch.compile(model.output)
+        # Every unit resharded after its forward (the default), the last too: a forward without a backward
+        # (evaluation, a method's probe) would otherwise leave stale gathered weights for the next step.
+        for unit in fsdp_units(list(model.blocks), tcfg.fsdp_blocks_per_unit):
+            fully_shard(unit if len(unit) > 1 else unit[0], mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
     if not rt.distributed:
