@@ -33,7 +33,8 @@ def measure_steps(cfg: config_mod.RunConfig, *, steps: int = 30, warmup: int = 1
     for the GPU only when it logs), divided by `window`.
 
     Under torchrun every process steps its own batch and `tokens_per_s` counts all of them. `profile_to`: a file for
-    the torch profiler's table of `window` more steps (kernels by GPU time; under torchrun one file per process)."""
+    the torch profiler's tables of `window` more steps (kernels by GPU time, then ops and regions by the host's time;
+    under torchrun one file per process)."""
     tcfg = cfg.train
     rt = setup_runtime(tcfg)
     torch.manual_seed(tcfg.seed)
@@ -100,8 +101,11 @@ def measure_steps(cfg: config_mod.RunConfig, *, steps: int = 30, warmup: int = 1
             timed(first + n_windows * window, window)
         path = Path(profile_to)
         path = path.with_name(f"{path.stem}.rank{rt.rank}{path.suffix}") if rt.distributed else path
-        path.write_text(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                                  row_limit=30))
+        table = prof.key_averages().table
+        text = table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=30)
+        if cuda:  # and where the host's time goes (the step's regions, FSDP2's hooks, the ops that launch)
+            text += "\n\nBy the host's time:\n" + table(sort_by="cpu_time_total", row_limit=45)
+        path.write_text(text)
     tokens = tcfg.batch_size * tcfg.seq_len
     dense_fpt = 3 * sum(flops_per_token(args, tcfg.seq_len).values())
     peak = peak_flops(rt.device)
