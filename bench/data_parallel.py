@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--before", action="store_true", help="also DDP as wrapped before issue 14")
     ap.add_argument("--fsdp-units", nargs="+", type=int, default=[0], metavar="BLOCKS",
-                    help="FSDP2 contenders with these train.fsdp_blocks_per_unit (0: auto, four units)")
+                    help="FSDP2 contenders with these train.fsdp_blocks_per_unit (0: auto)")
     ap.add_argument("--no-one-gpu", action="store_true", help="skip the one-GPU contenders (no 'vs 1 GPU' column)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--vocab-size", type=int, default=32768)
@@ -125,7 +125,7 @@ def main() -> None:
                         if before:
                             r["parallel"] = "ddp (before)"
                         elif mode == "fsdp":
-                            r["parallel"] = f"fsdp ({units} blocks a unit)" if units else "fsdp (auto: 4 units)"
+                            r["parallel"] = f"fsdp ({units} blocks a unit)" if units else "fsdp (auto)"
                         if "error" not in r and "error" not in one:
                             r["scaling"] = r["stream_tokens_per_s"] / one["stream_tokens_per_s"]
                         if mode == "ddp" and not before and "error" not in r:

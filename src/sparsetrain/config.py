@@ -90,7 +90,8 @@ class TrainConfig:
     cuda_graphs: str = "auto"  # auto | true | false
     parallel: str = "ddp"  # ddp | fsdp, when started by torchrun with more than one process
     # FSDP2: consecutive blocks sharded as one unit (one all-gather, one reduce-scatter, one set of hooks for them);
-    # 0 = auto: the blocks in four units. 1 shards block by block (the fewest bytes gathered at once).
+    # 0 = auto: ceil(n_layer / 4) blocks a unit (four units at most). 1 shards block by block (the fewest bytes
+    # gathered at once).
     fsdp_blocks_per_unit: int = 0
     progress: bool = True
     init_from: str = ""  # a run, checkpoint or model folder whose weights start this run (fresh optimizer)

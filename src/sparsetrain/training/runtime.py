@@ -92,9 +92,9 @@ def use_cuda_graphs(tcfg, rt: Runtime, compile_model: bool, accum: int, method) 
 
 
 def fsdp_units(blocks: list[torch.nn.Module], per_unit: int) -> list[list[torch.nn.Module]]:
-    """Consecutive blocks grouped into FSDP2 units of `per_unit` (0: four units, as even as they go). Each unit is
-    one all-gather and one reduce-scatter, with the host's work of its hooks: fewer units cost less host time, more
-    overlap communication with compute better and hold fewer gathered weights at once."""
+    """Consecutive blocks grouped into FSDP2 units of `per_unit` (0: a quarter of the blocks, rounded up: four units
+    at most). Each unit is one all-gather and one reduce-scatter, with the host's work of its hooks: fewer units cost
+    less host time, more overlap communication with compute better and hold fewer gathered weights at once."""
     n = len(blocks)
     if per_unit <= 0:
         per_unit = -(-n // 4)
