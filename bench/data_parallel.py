@@ -105,6 +105,14 @@ def main() -> None:
         sys.exit(f"data_parallel: needs {a.gpus} GPUs, this machine has "
                  f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}")
     rows = []
+
+    def keep(row: dict) -> None:
+        """A finished contender: printed, and the raw file rewritten (a call cut by its time limit keeps the rows
+        that finished)."""
+        rows.append(row)
+        print(json.dumps({k: row.get(k) for k, _, _ in COLUMNS}), flush=True)
+        write_rows(rows, a.out, meta=vars(a), quiet=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         for preset in a.presets:
             for method in a.methods:
@@ -114,7 +122,7 @@ def main() -> None:
                     one = {"error": "not run"}
                     if not a.no_one_gpu:
                         one = launch(common | {"processes": 1, "parallel": None}, Path(tmp), a.profile)
-                        rows.append(one)
+                        keep(one)
                     ddp = None
                     contenders = [(mode, False, 0) for mode in a.parallel if mode != "fsdp"]
                     contenders += [("fsdp", False, units) for units in a.fsdp_units if "fsdp" in a.parallel]
@@ -132,8 +140,7 @@ def main() -> None:
                             ddp = r
                         if mode == "fsdp" and ddp is not None and "error" not in r:
                             r["vs_ddp"] = r["stream_tokens_per_s"] / ddp["stream_tokens_per_s"]
-                        rows.append(r)
-                        print(json.dumps({k: r.get(k) for k, _, _ in COLUMNS}), flush=True)
+                        keep(r)
     print_table(rows, COLUMNS)
     write_rows(rows, a.out, meta=vars(a))
 

@@ -813,3 +813,40 @@ def test_random_tokens_are_a_prepared_folder(tmp_path):
     with pytest.raises(UserError, match="vocabulary in \\[2, 65536\\]"):
         random_tokens(tmp_path / "big", 70000, 10, 10)
     assert not (tmp_path / "big").exists()
+
+
+def test_data_parallel_keeps_finished_rows_when_a_limit_cuts_it(tmp_path, monkeypatch):
+    """bench/data_parallel.py rewrites its raw file after every contender (a call's time limit kept none of its rows
+    before), with scaling over one GPU and FSDP2 over DDP worked out per method. Its launcher (fresh processes
+    under torchrun on GPUs) is replaced by one that returns a row, and the third launch stands for the limit."""
+    import importlib.util
+    import sys
+
+    import sparsetrain_bench.steps as steps_mod
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "data_parallel.py"
+    spec = importlib.util.spec_from_file_location("data_parallel_under_test", path)
+    dp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dp)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(steps_mod, "environment", lambda: {"device": "none"})
+    launched = []
+
+    def launch(spec, scratch, profile_dir=None):
+        launched.append(spec)
+        if len(launched) == 4:
+            raise KeyboardInterrupt  # the call's time limit
+        speed = {None: 100.0, "ddp": 190.0, "fsdp": 95.0}[spec["parallel"]]
+        return dict(spec, stream_tokens_per_s=speed, stream_step_s=1.0)
+
+    monkeypatch.setattr(dp, "launch", launch)
+    out = tmp_path / "dp.json"
+    monkeypatch.setattr(sys, "argv", ["data_parallel.py", "--methods", "dense", "sat", "--parallel", "ddp", "fsdp",
+                                      "--fsdp-units", "0", "2", "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        dp.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["parallel"]) for r in rows] == [("dense", None), ("dense", "ddp"), ("dense", "fsdp (auto)")]
+    assert rows[1]["scaling"] == pytest.approx(1.9) and rows[2]["vs_ddp"] == pytest.approx(0.5)
+    assert [s.get("fsdp_units") for s in launched[1:]] == [0, 0, 2]  # DDP, then FSDP2 auto and 2 blocks a unit

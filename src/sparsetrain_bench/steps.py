@@ -197,13 +197,15 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]])
     return text
 
 
-def write_rows(rows: list[dict[str, Any]], out: str | Path, meta: dict[str, Any] | None = None) -> None:
+def write_rows(rows: list[dict[str, Any]], out: str | Path, meta: dict[str, Any] | None = None,
+               quiet: bool = False) -> None:
     """The raw numbers of a benchmark, with the environment they were taken in (and the benchmark's own settings,
-    `meta`)."""
+    `meta`). `quiet`: without saying where (a benchmark that rewrites its file after every contender)."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"env": environment(), **({"meta": meta} if meta else {}), "rows": rows}, indent=2))
-    print(f"raw numbers: {path}")
+    if not quiet:
+        print(f"raw numbers: {path}")
 
 
 def environment() -> dict[str, Any]:
