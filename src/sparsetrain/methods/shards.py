@@ -1,9 +1,9 @@
 """What this process holds of a parameter that FSDP2 sharded.
 
 FSDP2 (`fully_shard`) turns each parameter, and the AdamW moments made for it, into a DTensor split along dim 0 into
-`torch.chunk` pieces, one per process. The forward and backward see whole weights (gathered per block), but methods
-that score, freeze, zero or mask parts of parameters between steps work on these pieces: the helpers below find a
-process's piece of a tensor and of an index set, and gather small results (per-layer score vectors) whole.
+`torch.chunk` pieces, one per process. The forward and backward see whole weights (gathered per unit of blocks), but
+methods that score, freeze, zero or mask parts of parameters between steps work on these pieces: the helpers below find
+a process's piece of a tensor and of an index set, and gather small results (per-layer score vectors) whole.
 """
 from __future__ import annotations
 

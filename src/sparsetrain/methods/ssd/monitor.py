@@ -87,8 +87,8 @@ class Monitor:
                 flops += self._layer(i, ffn, order[i], stats, light=light)
         else:
             modes = [isinstance(f, SSDFFN) and f.sparse for f in ffns]
-            # FSDP2 gathers each block's weights in hooks around its call: the probe goes through them and to the
-            # end (stopping inside a block would leave its weights gathered).
+            # FSDP2 gathers a unit of blocks' weights in hooks around their calls: the probe goes through them and to
+            # the end (stopping inside a unit would leave its weights gathered).
             sharded = isinstance(model.wte.weight, DTensor)
 
             def hook(i, module, inputs, output):
