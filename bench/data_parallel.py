@@ -50,9 +50,9 @@ def worker(spec: dict, out: Path) -> None:
     cfg.train.fsdp_blocks_per_unit = spec.get("fsdp_units", 0)
     if spec.get("before"):
         steps_mod.parallelize = compiled_then_wrapped
-    profile = spec.get("profile") and (Path(spec["profile"]) / f"profile-{spec['method']}-{spec['rows']}rows-"
-                                                                 f"{spec['parallel'] or 'one'}{spec.get('fsdp_units', '')}-"
-                                                                 f"{spec['processes']}.txt")
+    mode = f"{spec['parallel'] or 'one'}{spec.get('fsdp_units', '')}"
+    profile = spec.get("profile") and (Path(spec["profile"]) /
+                                       f"profile-{spec['method']}-{spec['rows']}rows-{mode}-{spec['processes']}.txt")
     r = measure_steps(cfg, steps=spec["steps"], warmup=spec["warmup"], profile_to=profile)
     if int(os.environ.get("RANK", "0")) == 0:
         out.write_text(json.dumps(r))
