@@ -26,13 +26,8 @@ def setup(seed=0, optimizer=torch.optim.AdamW):
 OMITTED = [(0, torch.tensor([1, 4, 7])), (1, torch.tensor([0, 2, 11])), (0, torch.tensor([3, 4]))]
 
 
-def kept(p, dim, idx):
-    return torch.ones(p.shape[dim], dtype=torch.bool, device=idx.device).index_fill_(0, idx, False).nonzero().flatten()
-
-
 def step(params, opt, how, compiled=False):
-    """One optimizer step holding OMITTED: "stash" (SliceStash), "mask" (FrozenSlices), "rows" (FrozenSlices told
-    the kept indices too: the rows of dim-0 slices updated by index)."""
+    """One optimizer step holding OMITTED: "stash" (SliceStash), "mask" (FrozenSlices)."""
     if how == "stash":
         stash = SliceStash(opt)
         for p, (dim, idx) in zip(params, OMITTED):
@@ -42,9 +37,8 @@ def step(params, opt, how, compiled=False):
         return
     frozen = FrozenSlices(opt, compiled=compiled)
     for p, (dim, idx) in zip(params, OMITTED):
-        frozen.freeze(p, dim, idx, kept=kept(p, dim, idx) if how == "rows" else None)
-    assert len(frozen.keep) == 3
-    assert len(frozen.rows) == (2 if how == "rows" else 0)  # the two dim-0 slices
+        frozen.freeze(p, dim, idx)
+    assert len(frozen.keep) == (3 if how == "mask" else 0)
     frozen.before_step()
     assert all(p.grad is None for p in frozen.keep)
     opt.step()
@@ -71,13 +65,12 @@ def test_masked_update_is_bit_identical_to_stash_step_restore():
         assert not torch.equal(pb, p0)
 
 
-@pytest.mark.parametrize("how", ["mask", "rows"])
-def test_compiled_masked_update_matches_the_reference_within_rounding(how):
+def test_compiled_masked_update_matches_the_reference_within_rounding():
     a, opt_a = setup()
     b, opt_b = setup()
     before = snapshot(a, opt_a)
     step(a, opt_a, "mask")
-    step(b, opt_b, how, compiled=True)
+    step(b, opt_b, "mask", compiled=True)
     for (pa, sa), (pb, sb), (p0, s0), (dim, idx) in zip(snapshot(a, opt_a), snapshot(b, opt_b), before, OMITTED):
         torch.testing.assert_close(pb, pa, rtol=1e-6, atol=1e-7)
         for k in sa:
@@ -133,17 +126,17 @@ def test_held_grads_are_released():
     frozen.before_step()
     opt.step()
     frozen.after_step()
-    assert not frozen.keep and not frozen.rows and not frozen.grads
+    assert not frozen.keep and not frozen.grads
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's fused AdamW and compiled update")
 def test_on_the_gpu_the_compiled_masked_update_matches_fused_adamw_at_real_shapes():
     """gpt2-medium's sliced matrices (rows and columns), fused AdamW, three steps with half the rows (columns)
-    omitted each: the compiled masked update (by masks, or by the kept rows' indices) trains what stash + fused step +
-    restore trains, within float32 rounding (its arithmetic is its own, not the fused kernel's)."""
+    omitted each: the compiled masked update trains what stash + fused step + restore trains, within float32
+    rounding (its arithmetic is its own, not the fused kernel's)."""
     shapes = [((4096, 1024), 0), ((1024, 4096), 1), ((3072, 1024), 0), ((1024, 1024), 1)]
     runs = []
-    for how in ("stash", "mask", "rows"):
+    for how in ("stash", "mask"):
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s, device="cuda") * 0.02) for s, _ in shapes]
         opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1, fused=True)
@@ -156,17 +149,15 @@ def test_on_the_gpu_the_compiled_masked_update_matches_fused_adamw_at_real_shape
                 continue
             idx = [torch.randperm(p.shape[d], device="cuda", generator=gen)[: p.shape[d] // 2].sort().values
                    for p, (_, d) in zip(params, shapes)]
-            frozen = FrozenSlices(opt, compiled=True, masked=how != "stash")
+            frozen = FrozenSlices(opt, compiled=True, masked=how == "mask")
             for p, (_, d), i in zip(params, shapes, idx):
-                frozen.freeze(p, d, i, kept=kept(p, d, i) if how == "rows" else None)
-            assert len(frozen.keep) == (0 if how == "stash" else len(params))
-            assert len(frozen.rows) == (2 if how == "rows" else 0)
+                frozen.freeze(p, d, i)
+            assert len(frozen.keep) == (len(params) if how == "mask" else 0)
             frozen.before_step()
             opt.step()
             frozen.after_step()
         runs.append(snapshot(params, opt))
-    for run in runs[1:]:
-        for (pa, sa), (pb, sb) in zip(runs[0], run):
-            torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-7)
-            for k in ("exp_avg", "exp_avg_sq", "step"):
-                torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-9)
+    for (pa, sa), (pb, sb) in zip(*runs):
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-7)
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-9)

@@ -15,7 +15,6 @@ import sparsetrain.nn.attention_masks as attention_masks
 from sparsetrain import config
 from sparsetrain.errors import UserError
 from sparsetrain.methods import RunInfo
-from sparsetrain.methods.frozen import FrozenSlices
 from sparsetrain.methods.mst import MST, MSTOptions
 from sparsetrain.methods.mst.topology import erk_densities, next_active, sparse_weights
 from sparsetrain.nn.model import flops_per_token
@@ -472,36 +471,3 @@ def test_hybrid_attention_trains_on_cpu_with_the_dense_mask(make_config, tmp_pat
     y[0, 3] += 1.0  # key 3 is outside the window of query 20 (it sees keys 13..20)
     a, b = attn(x, None), attn(y, None)
     assert torch.allclose(a[0, 20], b[0, 20]) and not torch.allclose(a[0, 5], b[0, 5])
-
-
-def test_neuron_granularity_update_by_kept_rows_trains_what_the_masked_update_does(monkeypatch):
-    """On a GPU the pruned units' freeze is compiled, and the input rows are updated by the kept units' indices
-    instead of under a mask: through the schedule's changing kept counts (a symbolic size after the first change) it
-    trains bit for bit what the compiled masked update trains (the same arithmetic on other addresses). Against the
-    uncompiled reference a compiled run differs by rounding, which the topology's magnitude ranking can amplify."""
-    import sparsetrain.methods.mst.method as mst_method
-
-    held_by_rows = []
-
-    class MaskOnly(FrozenSlices):
-        def freeze(self, p, dim, idx, keep=None, kept=None):
-            super().freeze(p, dim, idx, keep)
-
-    class Counted(FrozenSlices):
-        def after_step(self):
-            held_by_rows.append(len(self.rows))
-            super().after_step()
-
-    runs = []
-    for frozen in (MaskOnly, Counted):
-        monkeypatch.setattr(mst_method, "FrozenSlices", lambda optimizer, cls=frozen, **kw: cls(optimizer, compiled=True))
-        model = make_model("tiny-llama")
-        optimizer = make_optimizer(model)
-        train(model, make_mst(model, total_steps=12, granularity="neuron", **SCHEDULE), batches(12), optimizer)
-        runs.append((model, optimizer))
-    (a, opt_a), (b, opt_b) = runs
-    assert max(held_by_rows) > 0
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        assert torch.equal(pa, pb), name
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(opt_a.state[pa][key], opt_b.state[pb][key]), (name, key)

@@ -5,8 +5,7 @@ would still move them (momentum, weight decay) and decay their moments. Two ways
 
 `FrozenSlices` (masked): the optimizer steps every other parameter, and these get one AdamW update under a keep
 mask: the omitted entries and their moments are never written. On a GPU that is one compiled pass over each tensor,
-as much memory traffic as the optimizer's own step, or, where the caller names the kept rows, a pass over those rows
-only; the reference (`compiled=False`) runs torch's own AdamW on
+as much memory traffic as the optimizer's own step; the reference (`compiled=False`) runs torch's own AdamW on
 copies and keeps their kept entries, so it is bit-identical to stash + step + restore.
 
 `SliceStash`: saves the slices of the parameters and of their optimizer moments before `optimizer.step()` and puts
@@ -51,11 +50,9 @@ def _scatter(tensors: list[torch.Tensor], dims: list[int], idxs: list[torch.Tens
 
 
 @functools.cache
-def compiled(fn, dynamic: bool | None = False):
-    """`fn` compiled once. Static shapes by default: each distinct set of shapes compiles its own graph. None: a
-    second set of shapes recompiles once with the sizes that changed symbolic (for kept counts that change often,
-    where static graphs would hit dynamo's recompile limit and fall back to eager)."""
-    return torch.compile(fn, dynamic=dynamic)
+def compiled(fn):
+    """`fn` compiled once (static shapes: each distinct set of shapes compiles its own graph)."""
+    return torch.compile(fn, dynamic=False)
 
 
 class SliceStash:
@@ -117,38 +114,22 @@ class SliceStash:
 
 
 
-def _adamw_values(p, g, m, v, step, hp):
-    """AdamW's new (parameter, exp_avg, exp_avg_sq) for these entries (decoupled weight decay, no amsgrad); counts
-    the step. hp: float64 [5] of lr, weight decay, beta1, beta2, eps: the per-tensor scalars are worked out in
-    float64, as torch's AdamW does on the host (1 - 0.999 in float32 is off by 1e-5)."""
-    lr, wd, beta1, beta2, eps = hp.unbind(0)
-    step.add_(1)
-    t = step.double()
-    decay, step_size = (1 - lr * wd).float(), (lr / (1 - beta1 ** t)).float()
-    root2, eps = (1 - beta2 ** t).sqrt().float(), eps.float()
-    m_new = torch.lerp(m, g, (1 - beta1).float())
-    v_new = v * beta2.float() + g * g * (1 - beta2).float()
-    return p * decay - step_size * m_new / (v_new.sqrt() / root2 + eps), m_new, v_new
-
-
 def _adamw_under_mask(ps, gs, ms, vs, keeps, steps, hps) -> None:
-    """AdamW of each parameter where `keep`, the old values elsewhere. Compiled: one pass per tensor, which reads and
-    writes every entry."""
+    """AdamW (decoupled weight decay, no amsgrad) of each parameter where `keep`, the old values elsewhere.
+    hps: float64 [n, 5] rows of lr, weight decay, beta1, beta2, eps: the per-tensor scalars are worked out in
+    float64, as torch's AdamW does on the host (1 - 0.999 in float32 is off by 1e-5). Compiled: one pass per tensor."""
     for p, g, m, v, keep, step, hp in zip(ps, gs, ms, vs, keeps, steps, hps.unbind(0)):
-        p_new, m_new, v_new = _adamw_values(p, g, m, v, step, hp)
+        lr, wd, beta1, beta2, eps = hp.unbind(0)
+        step.add_(1)
+        t = step.double()
+        decay, step_size = (1 - lr * wd).float(), (lr / (1 - beta1 ** t)).float()
+        root2, eps = (1 - beta2 ** t).sqrt().float(), eps.float()
+        m_new = torch.lerp(m, g, (1 - beta1).float())
+        v_new = v * beta2.float() + g * g * (1 - beta2).float()
+        p_new = p * decay - step_size * m_new / (v_new.sqrt() / root2 + eps)
         p.copy_(torch.where(keep, p_new, p))
         m.copy_(torch.where(keep, m_new, m))
         v.copy_(torch.where(keep, v_new, v))
-
-
-def _adamw_on_rows(ps, gs, ms, vs, rows, steps, hps) -> None:
-    """AdamW of the given rows (dim 0) of each parameter; the other rows are neither read nor written, so an update
-    that keeps half the rows moves half the bytes. Compiled: one gather-update-scatter pass per tensor."""
-    for p, g, m, v, r, step, hp in zip(ps, gs, ms, vs, rows, steps, hps.unbind(0)):
-        p_new, m_new, v_new = _adamw_values(*(t.index_select(0, r) for t in (p, g, m, v)), step, hp)
-        p.index_copy_(0, r, p_new)
-        m.index_copy_(0, r, m_new)
-        v.index_copy_(0, r, v_new)
 
 
 def _adamw_reference(group: dict[str, Any], ps, gs, ms, vs, keeps, steps) -> None:
@@ -176,7 +157,6 @@ class FrozenSlices:
         self.optimizer, self.compiled, self.masked = optimizer, compiled, masked
         self.stash = SliceStash(optimizer, compiled=compiled)
         self.keep: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> keep mask, broadcastable to it
-        self.rows: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> its kept rows, where the caller gave them
         self.grads: list[torch.Tensor] = []
         self.group_of = {id(q): i for i, g in enumerate(optimizer.param_groups) for q in g["params"]}
 
@@ -192,13 +172,10 @@ class FrozenSlices:
         return not self.compiled or state["step"].device == p.device
 
     @torch.no_grad()
-    def freeze(self, p: torch.Tensor, dim: int, idx: torch.Tensor | None, keep: torch.Tensor | None = None,
-               kept: torch.Tensor | None = None) -> None:
+    def freeze(self, p: torch.Tensor, dim: int, idx: torch.Tensor | None, keep: torch.Tensor | None = None) -> None:
         """Hold `p`'s entries at `idx` along `dim`. `keep`: the same as a boolean vector along `dim` (False at
         `idx`), when the caller has it (saves building it); with `keep`, `idx` may be None: it is then found (a host
-        sync) only where the stash needs it. `kept`: the indices not in `idx`, when the caller has them; along dim 0
-        the compiled update then reads and writes only those rows (columns would cost as much as the mask: their
-        entries share memory sectors with the omitted ones)."""
+        sync) only where the stash needs it."""
         if not self._maskable(p):
             self.stash.save(p, dim, (~keep).nonzero().flatten() if idx is None else idx)
             return
@@ -207,13 +184,7 @@ class FrozenSlices:
         shape = [1] * p.dim()
         shape[dim] = -1
         keep = keep.view(shape)
-        if p in self.keep:  # held twice: the masks combine, kept rows would not
-            self.keep[p] = self.keep[p] & keep
-            self.rows.pop(p, None)
-            return
-        self.keep[p] = keep
-        if kept is not None and dim == 0:
-            self.rows[p] = kept
+        self.keep[p] = keep if p not in self.keep else self.keep[p] & keep
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -231,7 +202,7 @@ class FrozenSlices:
             else:
                 for group, items in self._by_group().items():
                     _adamw_reference(self.optimizer.param_groups[group], *zip(*items))
-        self.keep, self.rows, self.grads = {}, {}, []
+        self.keep, self.grads = {}, []
 
     def _by_group(self) -> dict[int, list[tuple]]:
         """(parameter, gradient, exp_avg, exp_avg_sq, keep, step) of the masked parameters, by optimizer group."""
@@ -243,21 +214,13 @@ class FrozenSlices:
         return out
 
     def _compiled_update(self) -> None:
-        """One compiled call for the parameters held by kept rows, one for those held by masks."""
-        batches: dict[bool, list[tuple]] = {True: [], False: []}
-        for (p, keep), grad in zip(self.keep.items(), self.grads):
-            s, g = self.optimizer.state[p], self.optimizer.param_groups[self.group_of[id(p)]]
-            hp = [float(g["lr"]), g["weight_decay"], g["betas"][0], g["betas"][1], g["eps"]]
-            by_rows = p in self.rows
-            batches[by_rows].append((p.detach(), grad, s["exp_avg"], s["exp_avg_sq"], self.rows[p] if by_rows else keep,
-                                     s["step"], hp))
-        for by_rows, batch in batches.items():
-            if not batch:
-                continue
-            ps, gs, ms, vs, keeps, steps, hps = (list(t) for t in zip(*batch))
-            device = ps[0].device
-            hp = torch.tensor(hps, dtype=torch.float64)
-            hp = hp.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else hp.to(device)
-            # the rows' count changes with the rate (SAT's rungs, MST's schedule): sizes symbolic after the first change
-            update = compiled(_adamw_on_rows, dynamic=None) if by_rows else compiled(_adamw_under_mask)
-            update(ps, gs, ms, vs, keeps, steps, hp)
+        items, hps = [], []
+        for group, members in self._by_group().items():
+            g = self.optimizer.param_groups[group]
+            items += members
+            hps += [[float(g["lr"]), g["weight_decay"], g["betas"][0], g["betas"][1], g["eps"]]] * len(members)
+        device = items[0][0].device
+        hp = torch.tensor(hps, dtype=torch.float64)
+        hp = hp.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else hp.to(device)
+        ps, gs, ms, vs, keeps, steps = (list(t) for t in zip(*items))
+        compiled(_adamw_under_mask)(ps, gs, ms, vs, keeps, steps, hp)

@@ -388,11 +388,10 @@ class SAT(Method):
                 keep_cols = torch.ones(len(self.layers), out.shape[1], dtype=torch.bool, device=rows.device)
                 keep_rows.scatter_(1, rows, False)
                 keep_cols.scatter_(1, cols, False)
-                kept_rows = layered_rows_cols(first, kind, self.kept[kind])[0]  # the update's rows
                 for j, i in enumerate(self.layers):
                     ins, out = unit_params(unit_module(self.model.blocks[i], kind), kind)
                     for p in ins:
-                        self._frozen.freeze(p, 0, rows[j], keep_rows[j], kept_rows[j])
+                        self._frozen.freeze(p, 0, rows[j], keep_rows[j])
                     self._frozen.freeze(out, 1, cols[j], keep_cols[j])
         self._frozen.before_step()
 

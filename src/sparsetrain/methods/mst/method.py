@@ -389,11 +389,10 @@ class MST(Method):
                 self._grow_scores = {kind: [self._unit_norms(kind, i, grad=True)
                                             for i in range(self.args.n_layer)] for kind in self.kinds}
             for kind in self.kinds:
-                for i, (kept, omitted) in enumerate(zip(self._kept_idx[kind], self._omitted_idx[kind])):
+                for i, omitted in enumerate(self._omitted_idx[kind]):
                     if omitted is not None:
-                        for (p, dim, idx), (_, _, kept_idx) in zip(self._slices(kind, i, omitted),
-                                                                   self._slices(kind, i, kept)):
-                            self._frozen.freeze(p, dim, idx, kept=kept_idx)
+                        for p, dim, idx in self._slices(kind, i, omitted):
+                            self._frozen.freeze(p, dim, idx)
             self._frozen.before_step()
 
     def discard_step(self, step: int) -> None:
