@@ -1,8 +1,9 @@
 """Where a SAT step's time goes: before_step (selection), forward+backward, optimizer (with stash/restore).
 
-Dense and SAT variants side by side in one process, each timed by `sparsetrain_bench.steps.measure_steps` (built and
-stepped as the trainer does: compiled model on a GPU, bf16 autocast, fused AdamW with its weight-decay groups,
-gradient clipping, `train_step`), which times every phase at the step's phase marks. Prints a table and writes JSON.
+Dense, SAT variants and MST's neuron level side by side in one process, each timed by
+`sparsetrain_bench.steps.measure_steps` (built and stepped as the trainer does: compiled model on a GPU, bf16
+autocast, fused AdamW with its weight-decay groups, gradient clipping, `train_step`), which times every phase at the
+step's phase marks. Prints a table and writes JSON (rewritten after each contender).
 ("optimizer" includes clipping and the freeze of omitted slices.)
 
     PYTHONPATH=src python3 bench/sat_phases.py --out $OUT/sat_phases.json            # GPU, gpt2-medium
@@ -14,6 +15,7 @@ import argparse
 import json
 
 from sparsetrain_bench.steps import bench_config, measure_steps, print_table, step_arguments, step_shape, write_rows
+from sparsetrain_bench.suite import MST_NEURON_STEP
 
 # name -> SAT options (None: dense); --variants picks some, in this order.
 VARIANTS = {
@@ -28,13 +30,15 @@ VARIANTS = {
     "uniform-stash": {"metric": "uniform", "freeze_by": "stash"},  # stash + AdamW's step + restore, compiled
     "wanda-stash": {"metric": "wanda", "freeze_by": "stash"},
     "rate-0": {"ffn_rate": 0.0, "head_rate": 0.0},  # every unit kept, the method active: its overhead floor
+    "mst-neuron": MST_NEURON_STEP,  # the same sliced path, another method (a whole method section: it has a name)
 }
 
 
 def run(variant, *, preset, batch, seq, vocab, steps, warmup, device, compile_model):
     """Dense (`variant` None) or SAT with `variant`'s options at a constant rate: median phase times, step time."""
-    method = {"name": "dense"} if variant is None else {
-        "name": "sat", "schedule": "constant", "dense_final": 0.0, **variant}
+    options = variant or {}
+    method = {"name": "dense"} if variant is None else options if "name" in options else {
+        "name": "sat", "schedule": "constant", "dense_final": 0.0, **options}
     cfg = bench_config(preset, batch_size=batch, seq_len=seq, vocab_size=vocab, method=method)
     cfg.train.device = device.type
     r = measure_steps(cfg, steps=steps, warmup=warmup, compile_model=compile_model)
@@ -52,11 +56,13 @@ def main() -> None:
     a = p.parse_args()
     kw = step_shape(a)
     names = ["dense"] + [v for v in a.variants if v != "dense"]
-    rows = [{"variant": name, **run(VARIANTS[name], **kw)} for name in names]
-    dense = rows[0]["step_ms"]
-    for r in rows:
-        r["speedup"] = dense / r["step_ms"]
-    print_table(rows, [("variant", "SAT variant (rates 0.5)", ""), ("before_ms", "select ms", ".2f"),
+    rows = []
+    for name in names:  # written as each comes: a call cut by its time limit keeps what finished
+        rows.append({"variant": name, **run(VARIANTS[name], **kw)})
+        rows[-1]["speedup"] = rows[0]["step_ms"] / rows[-1]["step_ms"]
+        print(json.dumps(rows[-1]), flush=True)
+        write_rows(rows, a.out, vars(a), quiet=True)
+    print_table(rows, [("variant", "variant (rates 0.5)", ""), ("before_ms", "select ms", ".2f"),
                        ("fwd_bwd_ms", "fwd+bwd ms", ".2f"), ("optimizer_ms", "optimizer ms", ".2f"),
                        ("step_ms", "step ms", ".2f"), ("speedup", "speed-up", ".2f"),
                        ("stream_step_ms", "streamed step ms", ".2f")])
