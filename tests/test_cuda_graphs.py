@@ -9,7 +9,7 @@ from test_train import METHODS
 from sparsetrain.errors import UserError
 from sparsetrain.methods import REGISTRY, Dense
 from sparsetrain.training.loop import train
-from sparsetrain.training.runtime import Runtime, use_cuda_graphs
+from sparsetrain.training.runtime import Runtime, parallelize, use_cuda_graphs
 
 
 class Train:
@@ -30,12 +30,29 @@ def test_auto_is_on_only_where_graphs_apply():
         assert not use_cuda_graphs(Train("auto"), rt, compile_model=compiled, accum=accum, method=Dense)
     on = {name for name, cls in REGISTRY.items()
           if use_cuda_graphs(Train("auto"), GPU, compile_model=True, accum=1, method=cls)}
-    assert on == {"dense", "sat", "mst"}  # the methods the GPU test below runs under them
+    assert on == set(REGISTRY)  # every method: the GPU test below runs each under them
+
+
+class Unverified(Dense):
+    name = "unverified"
+    cuda_graphs = False
 
 
 def test_true_for_a_method_not_run_under_graphs_names_it():
-    with pytest.raises(UserError, match="method upcycle is not yet.*train.cuda_graphs=auto"):
-        use_cuda_graphs(Train("true"), GPU, compile_model=True, accum=1, method=REGISTRY["upcycle"])
+    with pytest.raises(UserError, match="method unverified is not yet.*train.cuda_graphs=auto"):
+        use_cuda_graphs(Train("true"), GPU, compile_model=True, accum=1, method=Unverified)
+    assert not use_cuda_graphs(Train("auto"), GPU, compile_model=True, accum=1, method=Unverified)
+
+
+@pytest.mark.parametrize("method, dynamic", [("dense", None), ("upcycle", False), ("ssd", False)])
+def test_moe_methods_compile_with_static_shapes(monkeypatch, method, dynamic):
+    """Upcycle and SSD compile without symbolic sizes: inductor failed on their MoE layers' symbolic sizes on the
+    GPU (with or without graphs) once a second batch shape arrived. The rest keep torch's default (None)."""
+    compiled = {}
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.update(kw))
+    cpu = Runtime(device=torch.device("cpu"), dtype=torch.float32)
+    parallelize(torch.nn.Linear(2, 2), cpu, None, compile_model=True, static_shapes=REGISTRY[method].static_shapes)
+    assert compiled == {"mode": None, "dynamic": dynamic}
 
 
 @pytest.mark.parametrize("rt, compiled, accum, named", [
@@ -81,5 +98,7 @@ def test_replayed_run_equals_launched_run(make_config, tmp_path, method, monkeyp
         assert summary["cuda_graphs"] == (graphs == "true")
         runs[graphs] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     a, b = runs["true"], runs["false"]
-    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4)
-    assert [r.get("val_loss") for r in a] == pytest.approx([r.get("val_loss") for r in b], rel=1e-4)
+    # A router's top-k turns rounding into other routes now and then: the MoE methods' losses differ by ~1.5e-4
+    rel = 5e-4 if METHODS[method]["name"] in ("upcycle", "ssd") else 1e-4  # (bf16's resolution: 3.9e-3)
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=rel)
+    assert [r.get("val_loss") for r in a] == pytest.approx([r.get("val_loss") for r in b], rel=rel)

@@ -43,7 +43,7 @@ def measure_steps(cfg: config_mod.RunConfig, *, steps: int = 30, warmup: int = 1
     micro = tcfg.micro_batch_size or tcfg.batch_size
     accum = tcfg.batch_size // micro
     cuda_graphs = use_cuda_graphs(tcfg, rt, compile_model, accum, method)
-    wrapped = parallelize(model, rt, tcfg, compile_model, cuda_graphs)
+    wrapped = parallelize(model, rt, tcfg, compile_model, cuda_graphs, method.static_shapes)
     optimizer = make_optimizer(model, tcfg, rt.device)
     n_windows = max(3, steps // (2 * window))
     total = warmup + steps + (n_windows + 1) * window

@@ -60,6 +60,9 @@ class Method:
     # Run and checked under CUDA graphs (train.cuda_graphs; tests/test_cuda_graphs.py on a GPU). Module attributes
     # the compiled forward reads (kept indices, statistics) must then stay at one address from step to step.
     cuda_graphs = True
+    # Compiled with static shapes (each new shape, e.g. an evaluation batch, compiles its own graph, where by default
+    # the second shape makes the sizes symbolic): for models whose kernels inductor fails to compile symbolically.
+    static_shapes = False
 
     def __init__(self, options, args: ModelArgs, seq_len: int):
         self.options = options

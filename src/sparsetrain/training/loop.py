@@ -154,7 +154,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> dict[str, Any]:
     if state is not None:
         load_weights(model, state["model"], "in " + str(out_dir))
     model.to(rt.device)
-    wrapped = parallelize(model, rt, tcfg, compile_model, cuda_graphs)
+    wrapped = parallelize(model, rt, tcfg, compile_model, cuda_graphs, method.static_shapes)
     optimizer = make_optimizer(model, tcfg, rt.device)
     if state is not None:
         load_optimizer_state(model, optimizer, state["optimizer"])

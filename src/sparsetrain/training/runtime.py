@@ -101,15 +101,17 @@ def fsdp_units(blocks: list[torch.nn.Module], per_unit: int) -> list[list[torch.
     return [blocks[i:i + per_unit] for i in range(0, n, per_unit)]
 
 
-def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool,
-                cuda_graphs: bool = False) -> torch.nn.Module:
+def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool, cuda_graphs: bool = False,
+                static_shapes: bool = False) -> torch.nn.Module:
     """Wrap for several processes (DDP or FSDP2) and compile; the raw model stays what methods see. `cuda_graphs`
     (one process only, `use_cuda_graphs`): the compiled forward and backward replay as CUDA graphs.
+    `static_shapes` (`Method.static_shapes`): compiled without symbolic sizes.
 
     DDP is wrapped first and compiled around: dynamo then splits the graph at DDP's gradient buckets, so each
     bucket's all-reduce starts while the backward goes on. (Compiled first and wrapped, the whole backward is one
     autograd node and every all-reduce waits for its end.) FSDP2 shards groups of consecutive blocks
     (`train.fsdp_blocks_per_unit`, `fsdp_units`), each block and the output layer compiled."""
+    dynamic = False if static_shapes else None  # None: static until a second shape arrives
     if compile_model:
         from torch import _dynamo
 
@@ -121,9 +123,9 @@ def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool,
         mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
         if compile_model:
             for block in model.blocks:
-                block.compile()
+                block.compile(dynamic=dynamic)
             # The output layer's loss compiled too: eager, it would materialise fp32 logits (vocab x tokens).
-            model.output = torch.compile(model.output)
+            model.output = torch.compile(model.output, dynamic=dynamic)
         # Every unit resharded after its forward (the default), the last too: a forward without a backward
         # (evaluation, a method's probe) would otherwise leave stale gathered weights for the next step.
         for unit in fsdp_units(list(model.blocks), tcfg.fsdp_blocks_per_unit):
@@ -132,14 +134,14 @@ def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool,
         return model
     if not rt.distributed:
         if compile_model:
-            model.compile(mode="reduce-overhead" if cuda_graphs else None)
+            model.compile(mode="reduce-overhead" if cuda_graphs else None, dynamic=dynamic)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # Gradients live in the all-reduce buckets (no copy in or out); 100 MB buckets: a few large all-reduces.
     wrapped = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                   bucket_cap_mb=DDP_BUCKET_MB, gradient_as_bucket_view=True)
-    return torch.compile(wrapped) if compile_model else wrapped
+    return torch.compile(wrapped, dynamic=dynamic) if compile_model else wrapped
 
 
 def no_grad_sync(wrapped: torch.nn.Module, model: Transformer, rt: Runtime, tcfg, last: bool):

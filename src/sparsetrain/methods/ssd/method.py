@@ -26,7 +26,8 @@ def _num(value: float | None) -> str:
 class SSD(Method):
     name = "ssd"
     Options = SSDOptions
-    cuda_graphs = False  # its phases and monitor checks have not been run under CUDA graphs yet
+    cuda_graphs = True
+    static_shapes = True  # its MoE phase as upcycle's (see there)
 
     def __init__(self, options: SSDOptions, args: ModelArgs, seq_len: int):
         super().__init__(options, args, seq_len)
