@@ -77,20 +77,11 @@ def test_a_bad_value_is_a_user_error(make_config):
         make_config(cuda_graphs="yes")
 
 
-def graph_case(name: str):
-    """A method the trainer runs under graphs; the others are tried too (their flag lifted for the test), expected to
-    fail until they are verified: an XPASS on the GPU says a method's `cuda_graphs` can be set."""
-    if REGISTRY[METHODS[name]["name"]].cuda_graphs:
-        return name
-    return pytest.param(name, marks=pytest.mark.xfail(reason="not yet verified under CUDA graphs", strict=False))
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("method", [graph_case(m) for m in METHODS])
-def test_replayed_run_equals_launched_run(make_config, tmp_path, method, monkeypatch):
+@pytest.mark.parametrize("method", METHODS)
+def test_replayed_run_equals_launched_run(make_config, tmp_path, method):
     """Compiled either way. "reduce-overhead" compiles graphs of its own (SAT's losses differ in the fifth digit), so
     equal within a tolerance far below bf16's resolution, not bit for bit."""
-    monkeypatch.setattr(REGISTRY[METHODS[method]["name"]], "cuda_graphs", True)
     runs = {}
     for graphs in ("true", "false"):
         run = tmp_path / graphs
