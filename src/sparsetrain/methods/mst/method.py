@@ -74,6 +74,7 @@ class MST(Method):
         self.units: dict[str, torch.Tensor] = {}
         self._kept_idx: dict[str, list[torch.Tensor | None]] = {}
         self._omitted_idx: dict[str, list[torch.Tensor | None]] = {}
+        self._held: dict[str, list[list[tuple[int, torch.Tensor, torch.Tensor]] | None]] = {}
         self._unit_maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # unit of each input row, proj column
         self._grow_scores: dict[str, list[torch.Tensor]] = {}  # gradient norms per unit on dense update steps
         self._dense_step = False
@@ -329,12 +330,19 @@ class MST(Method):
         return total.sqrt()
 
     def _cache_indices(self) -> None:
+        """Kept and omitted units per layer, and what each step's freeze holds: (dim, omitted index, keep mask) of
+        every sliced parameter of a layer with omitted units. They change only at topology updates."""
         for kind in self.kinds:
             kept = [row.nonzero().flatten() for row in self.units[kind]]
             omitted = [(~row).nonzero().flatten() for row in self.units[kind]]
             n = self.units[kind].shape[1]
             self._kept_idx[kind] = [None if k.numel() == n else k for k in kept]
             self._omitted_idx[kind] = [None if o.numel() == 0 else o for o in omitted]
+            row_unit, col_unit = self._unit_maps[kind]
+            self._held[kind] = [
+                None if o is None else [(dim, idx, self.units[kind][i][row_unit if dim == 0 else col_unit])
+                                        for _, dim, idx in self._slices(kind, i, o)]
+                for i, o in enumerate(self._omitted_idx[kind])]
 
     @torch.no_grad()
     def _update_units(self, sparsity: float, z: float) -> None:
@@ -389,10 +397,11 @@ class MST(Method):
                 self._grow_scores = {kind: [self._unit_norms(kind, i, grad=True)
                                             for i in range(self.args.n_layer)] for kind in self.kinds}
             for kind in self.kinds:
-                for i, omitted in enumerate(self._omitted_idx[kind]):
-                    if omitted is not None:
-                        for p, dim, idx in self._slices(kind, i, omitted):
-                            self._frozen.freeze(p, dim, idx)
+                for i, held in enumerate(self._held[kind]):
+                    if held is not None:
+                        ins, out = unit_params(unit_module(self.model.blocks[i], kind), kind)
+                        for p, (dim, idx, keep) in zip(ins + [out], held):
+                            self._frozen.freeze(p, dim, idx, keep)
             self._frozen.before_step()
 
     def discard_step(self, step: int) -> None:
