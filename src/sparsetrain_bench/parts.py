@@ -144,6 +144,49 @@ def run_pretrain(ctx: Context, contenders: list[tuple[str, dict[str, Any]]], mod
     return {"contenders": runs, "iso_loss": iso_loss(runs)}
 
 
+def set_moe(model: torch.nn.Module, on: bool) -> None:
+    """A model run as an MoE (`prepare_moe`): its FFNs routed (on) or dense (off)."""
+    for b in model.blocks:
+        if isinstance(b.mlp, SSDFFN):
+            b.mlp.sparse = on
+
+
+@torch.no_grad()
+def inference_times(model: torch.nn.Module, x: torch.Tensor, rt, compiled: bool) -> dict[str, float]:
+    """Prefill of the batch `x` (the whole model) and its FFNs alone (on the hidden states the batch gives them), ms,
+    dense and as an MoE, for a model run as an MoE (`prepare_moe` / `run_as_moe`); ends with it dense. `compiled`:
+    timed compiled, as every contender (static shapes: see Method.static_shapes); each mode compiles its graphs in
+    its first warm-up call."""
+    inputs = []  # every FFN's input on this batch (the same for both timings)
+    hooks = [b.mlp.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in model.blocks]
+    set_moe(model, False)
+    with rt.autocast():
+        model(x)
+    for h in hooks:
+        h.remove()
+    timed_model = torch.compile(model, dynamic=False) if compiled else model
+    timed_ffns = [torch.compile(b.mlp, dynamic=False) if compiled else b.mlp for b in model.blocks]
+
+    def prefill():
+        with rt.autocast():
+            timed_model(x)
+
+    def ffns():
+        with rt.autocast():
+            for ffn, h in zip(timed_ffns, inputs):
+                ffn(h)
+
+    times = {}
+    for mode in ("dense", "moe"):
+        set_moe(model, mode == "moe")
+        times[f"prefill_ms_{mode}"] = median_ms(prefill)
+        times[f"ffn_ms_{mode}"] = median_ms(ffns)
+    set_moe(model, False)
+    times["prefill_speedup"] = times["prefill_ms_dense"] / times["prefill_ms_moe"]
+    times["ffn_speedup"] = times["ffn_ms_dense"] / times["ffn_ms_moe"]
+    return times
+
+
 @torch.no_grad()
 def moe_inference(ctx: Context, run_dir: str, top_k: int = 4, experts: int = 16) -> dict[str, Any]:
     """A trained model run dense and as an MoE (SSD's sparse inference, top-`top_k` of `experts`): validation loss,
@@ -154,31 +197,11 @@ def moe_inference(ctx: Context, run_dir: str, top_k: int = 4, experts: int = 16)
     model.to(rt.device).eval()
     data = TrainingData(corpus_dir(ctx, "code"), cfg.train)
     x, _ = next(iter(data.eval_batches(ctx.shape.batch_size, ctx.shape.batch_size * ctx.shape.seq_len)))
-    x = x.to(rt.device)
-    inputs = []  # every FFN's input on this batch (the same for both timings)
-    hooks = [b.mlp.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in model.blocks]
-    with rt.autocast():
-        model(x)
-    for h in hooks:
-        h.remove()
-    result: dict[str, Any] = {"top_k": top_k, "experts": experts, "tokens": x.numel()}
+    result: dict[str, Any] = {"top_k": top_k, "experts": experts, "tokens": x.numel(), "compiled": ctx.cuda}
+    result.update(inference_times(model, x.to(rt.device), rt, compiled=ctx.cuda))
     for mode in ("dense", "moe"):
-        for b in model.blocks:
-            if isinstance(b.mlp, SSDFFN):
-                b.mlp.sparse = mode == "moe"
+        set_moe(model, mode == "moe")
         result[f"val_loss_{mode}"] = evaluate(model, data, cfg.train, rt, None)
-
-        def prefill():
-            with rt.autocast():
-                model(x)
-
-        def ffns():
-            with rt.autocast():
-                for b, h in zip(model.blocks, inputs):
-                    b.mlp(h)
-
-        result[f"prefill_ms_{mode}"] = median_ms(prefill)
-        result[f"ffn_ms_{mode}"] = median_ms(ffns)
     # The same MoE with linear routers fitted on training tokens (SSD's router = "trained"): the routing's share of
     # the gap. Only the routers change: the FFN time is the centroid MoE's.
     probe, _ = data.loader.next_batch()
@@ -187,8 +210,6 @@ def moe_inference(ctx: Context, run_dir: str, top_k: int = 4, experts: int = 16)
     run_dense(model)
     result["val_gap"] = (result["val_loss_moe"] - result["val_loss_dense"]) / result["val_loss_dense"]
     result["val_gap_trained"] = (result["val_loss_moe_trained"] - result["val_loss_dense"]) / result["val_loss_dense"]
-    result["prefill_speedup"] = result["prefill_ms_dense"] / result["prefill_ms_moe"]
-    result["ffn_speedup"] = result["ffn_ms_dense"] / result["ffn_ms_moe"]
     del model
     release_memory()
     return result
