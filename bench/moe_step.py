@@ -7,7 +7,8 @@ trainer's own step: compiled model, bf16 autocast, fused AdamW, clipping), with 
 
     PYTHONPATH=src python3 bench/moe_step.py --preset gpt2-medium --activation relu2 --contenders ssd \\
         --out $OUT/ssd_step.json                                        # SSD's sparse phase, 16 experts top-4
-    PYTHONPATH=src python3 bench/moe_step.py --preset gpt2-small --contenders upcycle --out $OUT/upcycle_step.json
+    PYTHONPATH=src python3 bench/moe_step.py --preset gpt2-small --contenders upcycle --kernels auto \\
+        --cuda-graphs auto false --out $OUT/upcycle_step.json           # with and without CUDA graphs
     PYTHONPATH=src python3 bench/moe_step.py --device cpu --quick --out /tmp/m.json   # smoke test
 """
 from __future__ import annotations
@@ -28,6 +29,8 @@ def main() -> None:
     p.add_argument("--activation", help="the model's activation (SSD's step runs relu2); default: the preset's")
     p.add_argument("--contenders", nargs="+", choices=list(METHODS), default=["ssd"])
     p.add_argument("--kernels", nargs="+", default=["auto", "grouped_mm", "triton"])
+    p.add_argument("--cuda-graphs", nargs="+", choices=["auto", "false"], default=["auto"],
+                   help="train.cuda_graphs of the MoE contenders, each value its own contender (dense: auto)")
     p.add_argument("--profile", help="a folder for each contender's kernel table")
     p.add_argument("--out", default="bench_out/moe_step.json")
     a = p.parse_args()
@@ -35,15 +38,18 @@ def main() -> None:
     model = {"activation": a.activation} if a.activation else None
     if a.profile:
         Path(a.profile).mkdir(parents=True, exist_ok=True)
-    contenders = [("dense", {"name": "dense"})] + [
-        (f"{name}-{kernel}", {**METHODS[name], "kernel": kernel}) for name in a.contenders for kernel in a.kernels]
+    launched = len(a.cuda_graphs) > 1  # then labels say which run replayed graphs
+    contenders = [("dense", {"name": "dense"}, "auto")] + [
+        (f"{name}-{kernel}" + (f"-graphs-{graphs}" if launched else ""), {**METHODS[name], "kernel": kernel}, graphs)
+        for name in a.contenders for kernel in a.kernels for graphs in a.cuda_graphs]
     if a.quick:
-        contenders = [(n, {**m, "experts": 4, "top_k": 2} if m["name"] == "ssd" else m) for n, m in contenders]
+        contenders = [(n, {**m, "experts": 4, "top_k": 2} if m["name"] == "ssd" else m, g) for n, m, g in contenders]
     rows = []
-    for label, method in contenders:
+    for label, method, graphs in contenders:
         cfg = bench_config(shape["preset"], batch_size=shape["batch"], seq_len=shape["seq"],
                            vocab_size=shape["vocab"], method=method, model_overrides=model)
         cfg.train.device = shape["device"].type
+        cfg.train.cuda_graphs = graphs
         profile = Path(a.profile) / f"{label}.txt" if a.profile else None
         r = measure_steps(cfg, steps=shape["steps"], warmup=shape["warmup"], compile_model=shape["compile_model"],
                           profile_to=profile)
@@ -52,12 +58,14 @@ def main() -> None:
         r["stream_speedup"] = rows[0]["stream_step_s"] / r["stream_step_s"] if rows else 1.0
         r["flops_ratio"] = r["dense_flops_per_token"] / r["flops_per_token"]
         rows.append(r)
-        print(label, {k: r[k] for k in ("step_s", "stream_step_s", "fwd_bwd_ms", "optimizer_ms")}, flush=True)
+        print(label, {k: r[k] for k in ("step_s", "stream_step_s", "fwd_bwd_ms", "optimizer_ms", "cuda_graphs")},
+              flush=True)
+        write_rows(rows, a.out, vars(a), quiet=True)  # a call cut by its time limit keeps what finished
     print_table(rows, [("contender", "contender", ""), ("step_s", "step s", ".4f"),
                        ("stream_step_s", "streamed s", ".4f"), ("speedup", "speed-up", ".2f"),
                        ("stream_speedup", "streamed", ".2f"), ("flops_ratio", "dense/method FLOPs", ".2f"),
                        ("fwd_bwd_ms", "fwd+bwd ms", ".1f"), ("optimizer_ms", "optimizer ms", ".1f"),
-                       ("mfu_method", "MFU (active)", ".1%")])
+                       ("mfu_method", "MFU (active)", ".1%"), ("cuda_graphs", "CUDA graphs", "")])
     write_rows(rows, a.out, vars(a))
 
 

@@ -637,6 +637,8 @@ def test_the_speed_up_bars_name_the_part_of_a_method_in_several_parts(env, resul
 @pytest.mark.parametrize("script,args", [
     ("moe_layer.py", ["--device", "cpu", "--quick"]),
     ("moe_step.py", ["--device", "cpu", "--quick", "--contenders", "ssd", "upcycle", "--kernels", "auto", "loop"]),
+    ("moe_step.py", ["--device", "cpu", "--quick", "--contenders", "ssd", "upcycle", "--kernels", "auto",
+                     "--cuda-graphs", "auto", "false"]),
     ("sat_phases.py", ["--device", "cpu", "--quick", "--variants", "uniform"]),
     ("step_in_training.py", ["--device", "cpu", "--quick", "--contenders", "sat", "mst-neuron-run"]),
     ("moe_inference.py", ["--device", "cpu", "--quick", "--experts", "4", "--top-k", "1", "2"]),
