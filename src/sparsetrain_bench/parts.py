@@ -12,8 +12,7 @@ from typing import Any
 import torch
 
 from sparsetrain.data.batches import TrainingData
-from sparsetrain.methods.ssd.ffn import SSDFFN
-from sparsetrain.methods.ssd.moefy import fit_routers, prepare_moe, run_dense
+from sparsetrain.methods.ssd.moefy import fit_routers, prepare_moe, route_ffns, run_dense
 from sparsetrain.training.build import load_model
 from sparsetrain.training.loop import evaluate
 from sparsetrain.training.runtime import setup_runtime
@@ -144,13 +143,6 @@ def run_pretrain(ctx: Context, contenders: list[tuple[str, dict[str, Any]]], mod
     return {"contenders": runs, "iso_loss": iso_loss(runs)}
 
 
-def set_moe(model: torch.nn.Module, on: bool) -> None:
-    """A model run as an MoE (`prepare_moe`): its FFNs routed (on) or dense (off)."""
-    for b in model.blocks:
-        if isinstance(b.mlp, SSDFFN):
-            b.mlp.sparse = on
-
-
 @torch.no_grad()
 def inference_times(model: torch.nn.Module, x: torch.Tensor, rt, compiled: bool) -> dict[str, float]:
     """Prefill of the batch `x` (the whole model) and its FFNs alone (on the hidden states the batch gives them), ms,
@@ -159,7 +151,7 @@ def inference_times(model: torch.nn.Module, x: torch.Tensor, rt, compiled: bool)
     its first warm-up call."""
     inputs = []  # every FFN's input on this batch (the same for both timings)
     hooks = [b.mlp.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in model.blocks]
-    set_moe(model, False)
+    route_ffns(model, False)
     with rt.autocast():
         model(x)
     for h in hooks:
@@ -178,10 +170,10 @@ def inference_times(model: torch.nn.Module, x: torch.Tensor, rt, compiled: bool)
 
     times = {}
     for mode in ("dense", "moe"):
-        set_moe(model, mode == "moe")
+        route_ffns(model, mode == "moe")
         times[f"prefill_ms_{mode}"] = median_ms(prefill)
         times[f"ffn_ms_{mode}"] = median_ms(ffns)
-    set_moe(model, False)
+    route_ffns(model, False)
     times["prefill_speedup"] = times["prefill_ms_dense"] / times["prefill_ms_moe"]
     times["ffn_speedup"] = times["ffn_ms_dense"] / times["ffn_ms_moe"]
     return times
@@ -200,7 +192,7 @@ def moe_inference(ctx: Context, run_dir: str, top_k: int = 4, experts: int = 16)
     result: dict[str, Any] = {"top_k": top_k, "experts": experts, "tokens": x.numel(), "compiled": ctx.cuda}
     result.update(inference_times(model, x.to(rt.device), rt, compiled=ctx.cuda))
     for mode in ("dense", "moe"):
-        set_moe(model, mode == "moe")
+        route_ffns(model, mode == "moe")
         result[f"val_loss_{mode}"] = evaluate(model, data, cfg.train, rt, None)
     # The same MoE with linear routers fitted on training tokens (SSD's router = "trained"): the routing's share of
     # the gap. Only the routers change: the FFN time is the centroid MoE's.

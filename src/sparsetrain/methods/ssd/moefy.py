@@ -79,12 +79,18 @@ def fit_routers(model: Transformer, probe: torch.Tensor, steps: int = 100) -> Tr
     return model
 
 
-def run_dense(model: Transformer) -> Transformer:
-    """Back to the dense FFN (the neurons stay in their expert order: the same function)."""
+def route_ffns(model: Transformer, routed: bool) -> Transformer:
+    """A model run as an MoE (`run_as_moe`): its FFNs routed to their experts, or dense (the neurons stay in their
+    expert order: the same function)."""
     for block in model.blocks:
         if isinstance(block.mlp, SSDFFN):
-            block.mlp.sparse = False
+            block.mlp.sparse = routed
     return model
+
+
+def run_dense(model: Transformer) -> Transformer:
+    """Back to the dense FFN."""
+    return route_ffns(model, False)
 
 
 def _model_folder(path: str | Path) -> tuple[Path, Path]:
