@@ -35,10 +35,14 @@ VARIANTS = {
 
 
 def run(variant, *, preset, batch, seq, vocab, steps, warmup, device, compile_model):
-    """Dense (`variant` None) or SAT with `variant`'s options at a constant rate: median phase times, step time."""
-    options = variant or {}
-    method = {"name": "dense"} if variant is None else options if "name" in options else {
-        "name": "sat", "schedule": "constant", "dense_final": 0.0, **options}
+    """Dense (`variant` None), a whole method section (it has a name), or SAT with `variant`'s options at a constant
+    rate: median phase times, step time."""
+    if variant is None:
+        method = {"name": "dense"}
+    elif "name" in variant:
+        method = variant
+    else:
+        method = {"name": "sat", "schedule": "constant", "dense_final": 0.0, **variant}
     cfg = bench_config(preset, batch_size=batch, seq_len=seq, vocab_size=vocab, method=method)
     cfg.train.device = device.type
     r = measure_steps(cfg, steps=steps, warmup=warmup, compile_model=compile_model)
