@@ -48,9 +48,10 @@ def worker(spec: dict, out: Path) -> None:
                        vocab_size=spec["vocab_size"], method=method, model_overrides=model)
     cfg.train.parallel = spec["parallel"] or "ddp"
     cfg.train.fsdp_blocks_per_unit = spec.get("fsdp_units", 0)
+    cfg.train.fsdp_reshard_after_forward = spec.get("reshard", True)
     if spec.get("before"):
         steps_mod.parallelize = compiled_then_wrapped
-    mode = f"{spec['parallel'] or 'one'}{spec.get('fsdp_units', '')}"
+    mode = f"{spec['parallel'] or 'one'}{spec.get('fsdp_units', '')}{'' if spec.get('reshard', True) else '-kept'}"
     profile = spec.get("profile") and (Path(spec["profile"]) /
                                        f"profile-{spec['method']}-{spec['rows']}rows-{mode}-{spec['processes']}.txt")
     r = measure_steps(cfg, steps=spec["steps"], warmup=spec["warmup"], profile_to=profile)
@@ -88,6 +89,9 @@ def main() -> None:
     ap.add_argument("--before", action="store_true", help="also DDP as wrapped before issue 14")
     ap.add_argument("--fsdp-units", nargs="+", type=int, default=[0], metavar="BLOCKS",
                     help="FSDP2 contenders with these train.fsdp_blocks_per_unit (0: auto)")
+    ap.add_argument("--fsdp-reshard", nargs="+", choices=["true", "false"], default=["true"],
+                    help="FSDP2 contenders with these train.fsdp_reshard_after_forward (false: weights kept gathered "
+                         "from forward to backward)")
     ap.add_argument("--no-one-gpu", action="store_true", help="skip the one-GPU contenders (no 'vs 1 GPU' column)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--vocab-size", type=int, default=32768)
@@ -124,16 +128,18 @@ def main() -> None:
                         one = launch(common | {"processes": 1, "parallel": None}, Path(tmp), a.profile)
                         keep(one)
                     ddp = None
-                    contenders = [(mode, False, 0) for mode in a.parallel if mode != "fsdp"]
-                    contenders += [("fsdp", False, units) for units in a.fsdp_units if "fsdp" in a.parallel]
-                    contenders += [("ddp", True, 0)] if a.before and "ddp" in a.parallel else []
-                    for mode, before, units in contenders:
+                    contenders = [(mode, False, 0, True) for mode in a.parallel if mode != "fsdp"]
+                    contenders += [("fsdp", False, units, reshard == "true") for units in a.fsdp_units
+                                   for reshard in a.fsdp_reshard if "fsdp" in a.parallel]
+                    contenders += [("ddp", True, 0, True)] if a.before and "ddp" in a.parallel else []
+                    for mode, before, units, reshard in contenders:
                         r = launch(common | {"processes": a.gpus, "parallel": mode, "before": before,
-                                             "fsdp_units": units}, Path(tmp), a.profile)
+                                             "fsdp_units": units, "reshard": reshard}, Path(tmp), a.profile)
                         if before:
                             r["parallel"] = "ddp (before)"
                         elif mode == "fsdp":
-                            r["parallel"] = f"fsdp ({units} blocks a unit)" if units else "fsdp (auto)"
+                            r["parallel"] = (f"fsdp ({units} blocks a unit" if units else "fsdp (auto") + \
+                                (")" if reshard else ", kept gathered)")
                         if "error" not in r and "error" not in one:
                             r["scaling"] = r["stream_tokens_per_s"] / one["stream_tokens_per_s"]
                         if mode == "ddp" and not before and "error" not in r:

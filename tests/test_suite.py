@@ -839,7 +839,7 @@ def test_data_parallel_keeps_finished_rows_when_a_limit_cuts_it(tmp_path, monkey
 
     def launch(spec, scratch, profile_dir=None):
         launched.append(spec)
-        if len(launched) == 4:
+        if len(launched) == 5:
             raise KeyboardInterrupt  # the call's time limit
         speed = {None: 100.0, "ddp": 190.0, "fsdp": 95.0}[spec["parallel"]]
         return dict(spec, stream_tokens_per_s=speed, stream_step_s=1.0)
@@ -847,10 +847,13 @@ def test_data_parallel_keeps_finished_rows_when_a_limit_cuts_it(tmp_path, monkey
     monkeypatch.setattr(dp, "launch", launch)
     out = tmp_path / "dp.json"
     monkeypatch.setattr(sys, "argv", ["data_parallel.py", "--methods", "dense", "sat", "--parallel", "ddp", "fsdp",
-                                      "--fsdp-units", "0", "2", "--out", str(out)])
+                                      "--fsdp-units", "0", "2", "--fsdp-reshard", "true", "false", "--out", str(out)])
     with pytest.raises(KeyboardInterrupt):
         dp.main()
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["method"], r["parallel"]) for r in rows] == [("dense", None), ("dense", "ddp"), ("dense", "fsdp (auto)")]
+    assert [(r["method"], r["parallel"]) for r in rows] == [
+        ("dense", None), ("dense", "ddp"), ("dense", "fsdp (auto)"), ("dense", "fsdp (auto, kept gathered)")]
     assert rows[1]["scaling"] == pytest.approx(1.9) and rows[2]["vs_ddp"] == pytest.approx(0.5)
-    assert [s.get("fsdp_units") for s in launched[1:]] == [0, 0, 2]  # DDP, then FSDP2 auto and 2 blocks a unit
+    # DDP, then FSDP2 auto (resharded after forward, then kept gathered) and 2 blocks a unit
+    assert [(s.get("fsdp_units"), s.get("reshard")) for s in launched[1:]] == [(0, True), (0, True), (0, False),
+                                                                               (2, True)]

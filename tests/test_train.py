@@ -188,18 +188,27 @@ def test_hf_export_import_cli(tiny_data, make_config, tmp_path):
     assert torch.allclose(model(x), orig(x), atol=1e-5)
 
 
+FSDP_VARIANTS = {
+    "fsdp": {"parallel": "fsdp"},
+    "fsdp-grouped": {"parallel": "fsdp", "fsdp_blocks_per_unit": 2},
+    "fsdp-kept": {"parallel": "fsdp", "fsdp_reshard_after_forward": False},
+}
+
+
 @pytest.mark.parametrize("method, parallel", [("dense", "ddp"), ("dense", "fsdp"), ("dense", "fsdp-grouped"),
-                                              ("sat", "fsdp"), ("mst-neuron", "fsdp"), ("ssd", "fsdp")])
+                                              ("sat", "fsdp"), ("mst-neuron", "fsdp"), ("ssd", "fsdp"),
+                                              ("ssd", "fsdp-kept")])
 def test_two_processes_match_one(make_config, tiny_data, tmp_path, method, parallel):
     """torchrun with 2 gloo processes at the same global batch trains what one process trains, and resumes.
-    fsdp-grouped: five blocks in FSDP2 units of two (the last unit one block)."""
+    fsdp-grouped: five blocks in FSDP2 units of two (the last unit one block). fsdp-kept: gathered weights kept
+    from forward to backward (SSD's probes and permutations between steps must not read stale copies)."""
     model = {"n_layer": 5} if parallel == "fsdp-grouped" else None
     one = tmp_path / "one"
     train(make_config(method=METHODS[method], model=model, steps=4, eval_every=0, checkpoint_every=0), one)
     cfg = tmp_path / "c.toml"
     from sparsetrain import config
 
-    units = {"parallel": "fsdp", "fsdp_blocks_per_unit": 2} if parallel == "fsdp-grouped" else {"parallel": parallel}
+    units = FSDP_VARIANTS.get(parallel, {"parallel": parallel})
     raw = config.to_dict(make_config(method=METHODS[method], model=model, steps=4, eval_every=0, checkpoint_every=2,
                                      **units))
     cfg.write_text(config.dumps(raw))

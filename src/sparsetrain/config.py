@@ -93,6 +93,9 @@ class TrainConfig:
     # 0 = auto: ceil(n_layer / 4) blocks a unit (four units at most). 1 shards block by block (the fewest bytes
     # gathered at once).
     fsdp_blocks_per_unit: int = 0
+    # FSDP2: free each unit's gathered weights after its forward and gather them again for its backward (ZeRO-3);
+    # false keeps them from forward to backward (no all-gather in the backward, the whole model gathered meanwhile).
+    fsdp_reshard_after_forward: bool = True
     progress: bool = True
     init_from: str = ""  # a run, checkpoint or model folder whose weights start this run (fresh optimizer)
     # A non-finite loss or gradient norm: "stop" the run (checked where the loss is read anyway: no extra host sync)

@@ -126,11 +126,15 @@ def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool, cuda
                 block.compile(dynamic=dynamic)
             # The output layer's loss compiled too: eager, it would materialise fp32 logits (vocab x tokens).
             model.output = torch.compile(model.output, dynamic=dynamic)
-        # Every unit resharded after its forward (the default), the last too: a forward without a backward
-        # (evaluation, a method's probe) would otherwise leave stale gathered weights for the next step.
-        for unit in fsdp_units(list(model.blocks), tcfg.fsdp_blocks_per_unit):
-            fully_shard(unit if len(unit) > 1 else unit[0], mp_policy=mp)
+        units = fsdp_units(list(model.blocks), tcfg.fsdp_blocks_per_unit)
+        for i, unit in enumerate(units):
+            # The last unit's weights are needed again at once by the backward: kept gathered (one all-gather less).
+            # The others too with train.fsdp_reshard_after_forward = false: no all-gathers in the backward, at the
+            # memory of the whole gathered model between forward and backward.
+            keep = not tcfg.fsdp_reshard_after_forward or i == len(units) - 1
+            fully_shard(unit if len(unit) > 1 else unit[0], mp_policy=mp, reshard_after_forward=not keep)
         fully_shard(model, mp_policy=mp)
+        model.register_forward_hook(_reshard_after_forward_only)
         return model
     if not rt.distributed:
         if compile_model:
@@ -142,6 +146,18 @@ def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool, cuda
     wrapped = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                   bucket_cap_mb=DDP_BUCKET_MB, gradient_as_bucket_view=True)
     return torch.compile(wrapped, dynamic=dynamic) if compile_model else wrapped
+
+
+def _reshard_after_forward_only(model: torch.nn.Module, args, output) -> None:
+    """A forward without autograd (evaluation, a method's probe) has no backward to reshard the weights FSDP2 kept
+    gathered: reshard them here, or a method that then edits the sharded weights (SSD's permutation, MST's topology)
+    would leave the next forward reading stale gathered copies."""
+    if not torch.is_grad_enabled():
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 def no_grad_sync(wrapped: torch.nn.Module, model: Transformer, rt: Runtime, tcfg, last: bool):
