@@ -273,6 +273,25 @@ def test_neuron_update_steps_run_dense_and_count_dense_flops():
     assert random_growth.flops_per_token(8) == pytest.approx(expected)  # no gradient needed: stays sliced
 
 
+def test_neuron_updates_keep_the_kept_indices_where_cuda_graphs_recorded_them():
+    """A topology update at an unchanged kept count moves which units are kept, not where their indices live: CUDA
+    graphs read `active` at the address they recorded (a moved tensor costs a re-recording every update)."""
+    model = make_model("tiny")
+    method = make_mst(model, granularity="neuron", grow="set", **SCHEDULE)
+    method.setup(model)
+    start(method, model, make_optimizer(model))
+    seen = []
+    for step in range(12):  # the ramp to 0.8 ends at step 6; held from then on, with updates at 8 and 10
+        method.before_step(step)
+        active = model.blocks[0].mlp.active
+        if step >= 7:
+            seen.append((active.data_ptr(), active.clone()))
+        method.before_optimizer(step)
+        method.after_optimizer(step)
+    assert len({ptr for ptr, _ in seen}) == 1
+    assert not all(torch.equal(seen[0][1], idx) for _, idx in seen)  # the updates did move units
+
+
 def test_weight_flops_and_metrics():
     model = make_model("tiny")
     method = make_mst(model, density="uniform", **SCHEDULE)

@@ -73,6 +73,7 @@ class MST(Method):
         # (None = all kept) and the omitted ones, cached between updates (no host sync per step).
         self.units: dict[str, torch.Tensor] = {}
         self._kept_idx: dict[str, list[torch.Tensor | None]] = {}
+        self._kept_buffers: dict[tuple[str, int], torch.Tensor] = {}  # where each layer's kept indices live
         self._omitted_idx: dict[str, list[torch.Tensor | None]] = {}
         self._held: dict[str, list[list[tuple[int, torch.Tensor, torch.Tensor]] | None]] = {}
         self._unit_maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # unit of each input row, proj column
@@ -336,13 +337,22 @@ class MST(Method):
             kept = [row.nonzero().flatten() for row in self.units[kind]]
             omitted = [(~row).nonzero().flatten() for row in self.units[kind]]
             n = self.units[kind].shape[1]
-            self._kept_idx[kind] = [None if k.numel() == n else k for k in kept]
+            self._kept_idx[kind] = [None if k.numel() == n else self._at_fixed_address(kind, i, k)
+                                    for i, k in enumerate(kept)]
             self._omitted_idx[kind] = [None if o.numel() == 0 else o for o in omitted]
             row_unit, col_unit = self._unit_maps[kind]
             self._held[kind] = [
                 None if o is None else [(dim, idx, self.units[kind][i][row_unit if dim == 0 else col_unit])
                                         for _, dim, idx in self._slices(kind, i, o)]
                 for i, o in enumerate(self._omitted_idx[kind])]
+
+    def _at_fixed_address(self, kind: str, layer: int, kept: torch.Tensor) -> torch.Tensor:
+        """`kept` copied into the layer's buffer (a new one only when the kept count changes): CUDA graphs read the
+        modules' `active` indices where they were recorded and re-record when they move (as SAT's buffers)."""
+        buffer = self._kept_buffers.get((kind, layer))
+        if buffer is None or buffer.shape != kept.shape:
+            buffer = self._kept_buffers[(kind, layer)] = torch.empty_like(kept)
+        return buffer.copy_(kept)
 
     @torch.no_grad()
     def _update_units(self, sparsity: float, z: float) -> None:
