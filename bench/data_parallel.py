@@ -27,7 +27,8 @@ from sparsetrain_bench.two_gpu import TWO_GPU_RUNS
 
 # MST's sparsity held at 50% from the first step and its topology updated every 100 steps (the default): the quality
 # parts' ramp and updates every 10 steps put updates (and, with the ramp, new shapes) in half of the streamed windows
-# of these ~50 steps, so the medians measured the updates, not the step (one GPU's streamed step 2.1x its synced one).
+# of these ~50 steps, so the medians measured the updates (each a dense-gradient step, and a CUDA-graph re-recording
+# until MST kept its indices at fixed addresses), not the step.
 MST_HELD = {"sparsity": 0.5, "warmup_end": 0.0, "restore_start": 1.0, "restore_end": 1.0, "update_every": 100}
 METHODS = {name: ({**method, **MST_HELD} if method["name"] == "mst" else method, model)
            for name, method, model, _ in TWO_GPU_RUNS if not name.endswith("accum4")}
