@@ -262,6 +262,21 @@ def test_state_dict_round_trip_gives_the_same_next_selections():
     assert not all(torch.equal(a, b) for ea, ga in zip(expected, other) for e, g in zip(ea, ga) for a, b in zip(e, g))
 
 
+def test_each_steps_selection_lands_where_cuda_graphs_recorded_it():
+    """A new selection every step, at a constant rate: the kept indices change, the tensors the modules read them
+    from do not (CUDA graphs replay reading `active` at its recorded address; a moved tensor costs a re-recording)."""
+    model = make_model("tiny-llama")
+    method = make_sat(model, select="sample", schedule="constant", dense_final=0.0, seed=3)
+    start(method, model, make_optimizer(model))
+    seen = []
+    for step in range(4):
+        method.before_step(step)
+        seen.append([(m.active.data_ptr(), m.active.clone()) for b in model.blocks for m in (b.mlp, b.attn)])
+        method.after_optimizer(step)
+    assert all([ptr for ptr, _ in step] == [ptr for ptr, _ in seen[0]] for step in seen)
+    assert not all(torch.equal(a, b) for step in seen[1:] for (_, a), (_, b) in zip(step, seen[0]))
+
+
 def test_flops_and_metrics():
     model = make_model("tiny")
     method = make_sat(model, total_steps=10, schedule="constant", metric="magnitude", exempt_layers=[0])
