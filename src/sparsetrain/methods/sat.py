@@ -38,8 +38,8 @@ from sparsetrain.errors import UserError
 from sparsetrain.methods.base import Method, RunInfo
 from sparsetrain.methods.frozen import FrozenSlices, compiled
 from sparsetrain.methods.shards import replicated, whole
-from sparsetrain.methods.units import (KINDS, complement, fold, keep_count, layered_rows_cols, same_on_all_ranks,
-                                       unit_count, unit_module, unit_params)
+from sparsetrain.methods.units import (KINDS, at_fixed_address, complement, fold, keep_count, layered_rows_cols,
+                                       same_on_all_ranks, unit_count, unit_module, unit_params)
 from sparsetrain.nn.model import ModelArgs, Transformer, flops_per_token
 
 METRICS = ("uniform", "magnitude", "wanda", "maxip")
@@ -337,14 +337,6 @@ class SAT(Method):
             kept = torch.multinomial(weights, k, replacement=False, generator=self.generator)
         return kept.sort(dim=1).values
 
-    def _at_fixed_address(self, kind: str, kept: torch.Tensor) -> torch.Tensor:
-        """`kept` copied into one buffer per kind (a new one only when the kept count changes): CUDA graphs read the
-        modules' `active` indices where they were recorded, and re-record when they move."""
-        buffer = self._kept_buffers.get(kind)
-        if buffer is None or buffer.shape != kept.shape:
-            buffer = self._kept_buffers[kind] = torch.empty_like(kept)
-        return buffer.copy_(kept)
-
     # --- per step -----------------------------------------------------------------------------------------------
     def before_step(self, step: int) -> None:
         keep = dict(zip(KINDS, self.keep_counts(step)))
@@ -353,8 +345,8 @@ class SAT(Method):
             n, k = unit_count(self.args, kind), keep[kind]
             kept = None
             if k < n and self.layers:
-                kept = self._at_fixed_address(kind, same_on_all_ranks(self._select(kind, n, k, refresh),
-                                                                       self.run.distributed))
+                kept = at_fixed_address(self._kept_buffers, kind, same_on_all_ranks(self._select(kind, n, k, refresh),
+                                                                                     self.run.distributed))
             self.kept[kind] = kept
             for j, i in enumerate(self.layers):
                 unit_module(self.model.blocks[i], kind).active = None if kept is None else kept[j]

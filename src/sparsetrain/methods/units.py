@@ -2,10 +2,11 @@
 gate and up for SwiGLU - with their bias entries, and its `proj` column) or a kv-head group (kind "head": its query,
 key and value rows, each group's query heads adjacent, and the `proj` columns of those query heads). Which module a
 kind lives in, its parameters, where a unit's slices are, per-unit sums of per-row values, how many units a rate
-keeps, and the one decision every process must share."""
+keeps, where the kept indices live, and the one decision every process must share."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -13,6 +14,15 @@ import torch.distributed as dist
 from sparsetrain.nn.model import ModelArgs
 
 KINDS = ("ffn", "head")
+
+
+def at_fixed_address(buffers: dict, key: Any, kept: torch.Tensor) -> torch.Tensor:
+    """`kept` (unit indices a module's `active` will read) copied into `buffers[key]`, a new buffer only when the
+    shape changes: CUDA graphs replay reading `active` at the address they recorded, and re-record when it moves."""
+    buffer = buffers.get(key)
+    if buffer is None or buffer.shape != kept.shape:
+        buffer = buffers[key] = torch.empty_like(kept)
+    return buffer.copy_(kept)
 
 
 def unit_count(args: ModelArgs, kind: str) -> int:

@@ -16,7 +16,8 @@ from sparsetrain.methods.base import Method, RunInfo
 from sparsetrain.methods.frozen import FrozenSlices, moments
 from sparsetrain.methods.mst.topology import erk_densities, next_active, round_half_up, sparse_weights
 from sparsetrain.methods.shards import local, local_part, local_view, whole
-from sparsetrain.methods.units import keep_count, same_on_all_ranks, unit_count, unit_module, unit_params, unit_slices
+from sparsetrain.methods.units import (at_fixed_address, keep_count, same_on_all_ranks, unit_count, unit_module,
+                                       unit_params, unit_slices)
 from sparsetrain.nn.model import ModelArgs, Transformer, flops_per_token
 
 GRANULARITIES = ("weight", "neuron")
@@ -337,7 +338,7 @@ class MST(Method):
             kept = [row.nonzero().flatten() for row in self.units[kind]]
             omitted = [(~row).nonzero().flatten() for row in self.units[kind]]
             n = self.units[kind].shape[1]
-            self._kept_idx[kind] = [None if k.numel() == n else self._at_fixed_address(kind, i, k)
+            self._kept_idx[kind] = [None if k.numel() == n else at_fixed_address(self._kept_buffers, (kind, i), k)
                                     for i, k in enumerate(kept)]
             self._omitted_idx[kind] = [None if o.numel() == 0 else o for o in omitted]
             row_unit, col_unit = self._unit_maps[kind]
@@ -345,14 +346,6 @@ class MST(Method):
                 None if o is None else [(dim, idx, self.units[kind][i][row_unit if dim == 0 else col_unit])
                                         for _, dim, idx in self._slices(kind, i, o)]
                 for i, o in enumerate(self._omitted_idx[kind])]
-
-    def _at_fixed_address(self, kind: str, layer: int, kept: torch.Tensor) -> torch.Tensor:
-        """`kept` copied into the layer's buffer (a new one only when the kept count changes): CUDA graphs read the
-        modules' `active` indices where they were recorded and re-record when they move (as SAT's buffers)."""
-        buffer = self._kept_buffers.get((kind, layer))
-        if buffer is None or buffer.shape != kept.shape:
-            buffer = self._kept_buffers[(kind, layer)] = torch.empty_like(kept)
-        return buffer.copy_(kept)
 
     @torch.no_grad()
     def _update_units(self, sparsity: float, z: float) -> None:
