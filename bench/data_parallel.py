@@ -94,7 +94,8 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--before", action="store_true", help="also DDP as wrapped before issue 14")
     ap.add_argument("--fsdp-units", nargs="+", type=int, default=[0], metavar="BLOCKS",
-                    help="FSDP2 contenders with these train.fsdp_blocks_per_unit (0: auto)")
+                    help="FSDP2 contenders with these train.fsdp_blocks_per_unit (0: auto; the model's blocks or "
+                         "more: one unit, the model compiled whole)")
     ap.add_argument("--fsdp-reshard", nargs="+", choices=["true", "false"], default=["true"],
                     help="FSDP2 contenders with these train.fsdp_reshard_after_forward (false: weights kept gathered "
                          "from forward to backward)")

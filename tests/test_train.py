@@ -192,16 +192,18 @@ FSDP_VARIANTS = {
     "fsdp": {"parallel": "fsdp"},
     "fsdp-grouped": {"parallel": "fsdp", "fsdp_blocks_per_unit": 2},
     "fsdp-kept": {"parallel": "fsdp", "fsdp_reshard_after_forward": False},
+    "fsdp-whole": {"parallel": "fsdp", "fsdp_blocks_per_unit": 8},
 }
 
 
 @pytest.mark.parametrize("method, parallel", [("dense", "ddp"), ("dense", "fsdp"), ("dense", "fsdp-grouped"),
                                               ("sat", "fsdp"), ("mst-neuron", "fsdp"), ("ssd", "fsdp"),
-                                              ("ssd", "fsdp-kept")])
+                                              ("ssd", "fsdp-kept"), ("dense", "fsdp-whole"), ("ssd", "fsdp-whole")])
 def test_two_processes_match_one(make_config, tiny_data, tmp_path, method, parallel):
     """torchrun with 2 gloo processes at the same global batch trains what one process trains, and resumes.
     fsdp-grouped: five blocks in FSDP2 units of two (the last unit one block). fsdp-kept: gathered weights kept
-    from forward to backward (SSD's probes and permutations between steps must not read stale copies)."""
+    from forward to backward (SSD's probes and permutations between steps must not read stale copies). fsdp-whole:
+    one unit of every block, the model sharded at its root alone."""
     model = {"n_layer": 5} if parallel == "fsdp-grouped" else None
     one = tmp_path / "one"
     train(make_config(method=METHODS[method], model=model, steps=4, eval_every=0, checkpoint_every=0), one)

@@ -121,12 +121,21 @@ def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool, cuda
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
+        units = fsdp_units(list(model.blocks), tcfg.fsdp_blocks_per_unit)
+        if len(units) == 1:
+            # One unit of every block: the model is sharded at its root alone, so no FSDP2 hook runs between blocks
+            # and the forward compiles whole, one graph as on one GPU (the hooks, around it, stay eager).
+            fully_shard(model, mp_policy=mp)
+            model.register_forward_hook(_reshard_after_forward_only)
+            if compile_model:
+                model.forward = torch.compile(model.forward, dynamic=dynamic)
+            return model
         if compile_model:
+            # FSDP2's hooks around each unit's blocks would break a whole-model graph there: compiled block by block.
             for block in model.blocks:
                 block.compile(dynamic=dynamic)
             # The output layer's loss compiled too: eager, it would materialise fp32 logits (vocab x tokens).
             model.output = torch.compile(model.output, dynamic=dynamic)
-        units = fsdp_units(list(model.blocks), tcfg.fsdp_blocks_per_unit)
         for i, unit in enumerate(units):
             # The last unit's weights are needed again at once by the backward: kept gathered (one all-gather less).
             # The others too with train.fsdp_reshard_after_forward = false: no all-gathers in the backward, at the
