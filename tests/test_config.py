@@ -47,11 +47,12 @@ def test_bad_set_and_file(tmp_path):
         config.load(bad)
 
 
-@pytest.mark.parametrize("blocks, per_unit, sizes", [(12, 0, [3, 3, 3, 3]), (24, 0, [6, 6, 6, 6]), (5, 0, [2, 2, 1]),
-                                                     (2, 0, [1, 1]), (5, 2, [2, 2, 1]), (4, 9, [4]), (3, 1, [1, 1, 1])])
-def test_fsdp_units_group_consecutive_blocks(blocks, per_unit, sizes):
+@pytest.mark.parametrize("blocks, per_unit, fits, sizes", [
+    (12, 0, False, [3, 3, 3, 3]), (24, 0, False, [6, 6, 6, 6]), (5, 0, False, [2, 2, 1]), (2, 0, False, [1, 1]),
+    (12, 0, True, [12]), (5, 2, True, [2, 2, 1]), (4, 9, False, [4]), (3, 1, True, [1, 1, 1])])
+def test_fsdp_units_group_consecutive_blocks(blocks, per_unit, fits, sizes):
     from sparsetrain.training.runtime import fsdp_units
 
-    units = fsdp_units(list(range(blocks)), per_unit)
+    units = fsdp_units(list(range(blocks)), per_unit, whole_fits=fits)
     assert [len(u) for u in units] == sizes
     assert [b for u in units for b in u] == list(range(blocks))  # every block once, in order

@@ -189,21 +189,21 @@ def test_hf_export_import_cli(tiny_data, make_config, tmp_path):
 
 
 FSDP_VARIANTS = {
-    "fsdp": {"parallel": "fsdp"},
+    "fsdp": {"parallel": "fsdp"},  # auto: one unit of every block, the model sharded at its root alone
+    "fsdp-blocks": {"parallel": "fsdp", "fsdp_blocks_per_unit": 1},
     "fsdp-grouped": {"parallel": "fsdp", "fsdp_blocks_per_unit": 2},
-    "fsdp-kept": {"parallel": "fsdp", "fsdp_reshard_after_forward": False},
-    "fsdp-whole": {"parallel": "fsdp", "fsdp_blocks_per_unit": 8},
+    "fsdp-kept": {"parallel": "fsdp", "fsdp_blocks_per_unit": 1, "fsdp_reshard_after_forward": False},
 }
 
 
 @pytest.mark.parametrize("method, parallel", [("dense", "ddp"), ("dense", "fsdp"), ("dense", "fsdp-grouped"),
-                                              ("sat", "fsdp"), ("mst-neuron", "fsdp"), ("ssd", "fsdp"),
-                                              ("ssd", "fsdp-kept"), ("dense", "fsdp-whole"), ("ssd", "fsdp-whole")])
+                                              ("sat", "fsdp-blocks"), ("mst-neuron", "fsdp-blocks"), ("ssd", "fsdp"),
+                                              ("ssd", "fsdp-kept")])
 def test_two_processes_match_one(make_config, tiny_data, tmp_path, method, parallel):
     """torchrun with 2 gloo processes at the same global batch trains what one process trains, and resumes.
     fsdp-grouped: five blocks in FSDP2 units of two (the last unit one block). fsdp-kept: gathered weights kept
-    from forward to backward (SSD's probes and permutations between steps must not read stale copies). fsdp-whole:
-    one unit of every block, the model sharded at its root alone."""
+    from forward to backward (SSD's probes and permutations between steps must not read stale copies). fsdp: the
+    default on CPU, one unit of every block (the model sharded at its root alone); fsdp-blocks: block by block."""
     model = {"n_layer": 5} if parallel == "fsdp-grouped" else None
     one = tmp_path / "one"
     train(make_config(method=METHODS[method], model=model, steps=4, eval_every=0, checkpoint_every=0), one)
@@ -310,6 +310,8 @@ COMPILED_PARALLEL = {
     # FSDP2 with three blocks in units of two: each block and the output layer's loss compiled, an evaluation (a
     # forward without a backward) between steps.
     "fsdp-units": ({"n_layer": 3}, {"steps": 4, "eval_every": 2}, {"parallel": "fsdp", "fsdp_blocks_per_unit": 2}),
+    # FSDP2's default on CPU: one unit of every block, the model's forward compiled whole.
+    "fsdp-whole": ({"n_layer": 2}, {"steps": 4, "eval_every": 2}, {"parallel": "fsdp"}),
 }
 
 

@@ -91,14 +91,26 @@ def use_cuda_graphs(tcfg, rt: Runtime, compile_model: bool, accum: int, method) 
     return tcfg.cuda_graphs != "false" and all(fits.values())
 
 
-def fsdp_units(blocks: list[torch.nn.Module], per_unit: int) -> list[list[torch.nn.Module]]:
-    """Consecutive blocks grouped into FSDP2 units of `per_unit` (0: a quarter of the blocks, rounded up: four units
-    at most). Each unit is one all-gather and one reduce-scatter, with the host's work of its hooks: fewer units cost
-    less host time, more overlap communication with compute better and hold fewer gathered weights at once."""
+def fsdp_units(blocks: list[torch.nn.Module], per_unit: int, whole_fits: bool = True) -> list[list[torch.nn.Module]]:
+    """Consecutive blocks grouped into FSDP2 units of `per_unit`. 0 (auto): every block in one unit where the whole
+    gathered model fits (`whole_fits`, `gathered_model_fits`), else a quarter of the blocks a unit, rounded up (four
+    units at most). Each unit is one all-gather and one reduce-scatter, with the host's work of its hooks: fewer
+    units cost less host time (one unit: the model compiled whole), more hold fewer gathered weights at once."""
     n = len(blocks)
     if per_unit <= 0:
-        per_unit = -(-n // 4)
+        per_unit = n if whole_fits else -(-n // 4)
     return [blocks[i:i + per_unit] for i in range(0, n, per_unit)]
+
+
+def gathered_model_fits(model: torch.nn.Module, rt: Runtime) -> bool:
+    """Whether one FSDP2 unit of the whole model fits: its gathered weights and their gradients in the compute dtype
+    and the fp32 copy the gradients are reduced in, within a quarter of the GPU's memory (the rest for the shards,
+    AdamW's moments and the activations). Off a GPU (gloo), yes."""
+    if rt.device.type != "cuda":
+        return True
+    per_param = 2 * torch.empty((), dtype=rt.dtype).element_size() + 4
+    gathered = per_param * sum(p.numel() for p in model.parameters())
+    return gathered <= torch.cuda.get_device_properties(rt.device).total_memory / 4
 
 
 def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool, cuda_graphs: bool = False,
@@ -110,7 +122,8 @@ def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool, cuda
     DDP is wrapped first and compiled around: dynamo then splits the graph at DDP's gradient buckets, so each
     bucket's all-reduce starts while the backward goes on. (Compiled first and wrapped, the whole backward is one
     autograd node and every all-reduce waits for its end.) FSDP2 shards groups of consecutive blocks
-    (`train.fsdp_blocks_per_unit`, `fsdp_units`), each block and the output layer compiled."""
+    (`train.fsdp_blocks_per_unit`, `fsdp_units`): one unit of every block, the model is compiled whole; several,
+    each block and the output layer compiled."""
     dynamic = False if static_shapes else None  # None: static until a second shape arrives
     if compile_model:
         from torch import _dynamo
@@ -121,7 +134,7 @@ def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool, cuda
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
-        units = fsdp_units(list(model.blocks), tcfg.fsdp_blocks_per_unit)
+        units = fsdp_units(list(model.blocks), tcfg.fsdp_blocks_per_unit, gathered_model_fits(model, rt))
         if len(units) == 1:
             # One unit of every block: the model is sharded at its root alone, so no FSDP2 hook runs between blocks
             # and the forward compiles whole, one graph as on one GPU (the hooks, around it, stay eager).
