@@ -103,8 +103,13 @@ class Monitor:
                     if isinstance(f, SSDFFN):
                         f.sparse = False
                 # One process or DDP: the eager forward, not __call__, so a compiled model's graph stays as it is.
-                # FSDP2: __call__, whose hooks gather the root's weights (the blocks are compiled one by one).
-                (model if sharded else model.forward)(probe)
+                # FSDP2: __call__, whose hooks gather the weights, with whatever FSDP2 compiled (the whole forward or
+                # each block) run eagerly: traced with these hooks, it would compile again at every check.
+                if sharded:
+                    with torch.compiler.set_stance("force_eager"):
+                        model(probe)
+                else:
+                    model.forward(probe)
             except _ProbeDone:
                 pass
             finally:
