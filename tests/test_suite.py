@@ -643,6 +643,7 @@ def test_the_speed_up_bars_name_the_part_of_a_method_in_several_parts(env, resul
     ("step_in_training.py", ["--device", "cpu", "--quick", "--contenders", "sat", "mst-neuron-run"]),
     ("moe_inference.py", ["--device", "cpu", "--quick", "--experts", "4", "--top-k", "1", "2", "--kernels", "auto",
                           "loop"]),
+    ("masked_update.py", ["--device", "cpu", "--quick"]),
 ])
 def test_gpu_bench_scripts_run_their_cpu_smoke_test(script, args, tmp_path):
     """The GPU scripts of bench/ on tiny shapes: they run and write rows for every contender."""
@@ -657,7 +658,7 @@ def test_gpu_bench_scripts_run_their_cpu_smoke_test(script, args, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     expected = {"moe_layer.py": 4, "moe_step.py": 5, "sat_phases.py": 2, "step_in_training.py": 3,
-                "moe_inference.py": 4}[script]
+                "moe_inference.py": 4, "masked_update.py": 3}[script]
     assert len(rows) == expected
 
 

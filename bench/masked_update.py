@@ -1,0 +1,91 @@
+"""The masked AdamW of sliced weights (`methods.frozen.FrozenSlices`, SAT's and MST's held units) against torch's
+fused AdamW over the same tensors, in one process: what holding half of every block matrix costs over a plain step.
+
+The tensors are a preset's block matrices (fp32 master weights, as the trainer keeps them), half of each matrix's
+units held (rows of fc and qkv, columns of proj and o, the layout SAT and MST slice). Contenders:
+  fused      torch.optim.AdamW(fused=True).step() over every tensor (what dense's step does)
+  masked     the compiled masked update as the trainer runs it (inductor, one pass per tensor)
+  combo      the same, compiled with inductor's combo kernels (independent passes fused horizontally into few launches)
+
+    PYTHONPATH=src python3 bench/masked_update.py --preset gpt2-medium --out $OUT/masked_update.json
+    PYTHONPATH=src python3 bench/masked_update.py --device cpu --quick --out /tmp/m.json   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from sparsetrain.methods.frozen import _adamw_under_mask
+from sparsetrain.nn.model import PRESETS
+from sparsetrain_bench.steps import median_ms, print_table, write_rows
+
+COLUMNS = [("contender", "contender", ""), ("tensors", "tensors", "d"), ("ms", "ms", ".3f"),
+           ("vs_fused", "vs fused AdamW", ".2f"), ("max_diff", "max diff to masked", ".1e")]
+
+
+def block_matrices(preset: str, layers: int, device: torch.device) -> list[tuple[torch.Tensor, int]]:
+    """(weight, sliced dim) of each block matrix of `layers` blocks of `preset`, fp32 as the trainer holds them."""
+    d, f = PRESETS[preset]["d_model"], PRESETS[preset]["d_ff"]
+    shapes = [((3 * d, d), 0), ((f, d), 0), ((d, f), 1), ((d, d), 1)]
+    return [(torch.randn(s, device=device) * 0.02, dim) for _ in range(layers) for s, dim in shapes]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="gpt2-medium", choices=sorted(PRESETS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="two blocks of the tiny preset, few iterations")
+    p.add_argument("--out", default="bench_out/masked_update.json")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    preset = "tiny" if a.quick else a.preset
+    mats = block_matrices(preset, 2 if a.quick else PRESETS[preset]["n_layer"], device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = [torch.nn.Parameter(w) for w, _ in mats]
+    grads = [torch.randn(w.shape, device=device, generator=gen) * 1e-3 for w, _ in mats]
+    keeps = []
+    for w, dim in mats:
+        shape = [1, 1]
+        shape[dim] = -1
+        keeps.append((torch.rand(w.shape[dim], device=device, generator=gen) < 0.5).view(shape))
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
+    for q, g in zip(params, grads):
+        q.grad = g
+    opt.step()  # the moments exist, as after a run's first step
+    ps = [q.detach() for q in params]
+    ms = [opt.state[q]["exp_avg"] for q in params]
+    vs = [opt.state[q]["exp_avg_sq"] for q in params]
+    steps = [opt.state[q]["step"] for q in params]
+    state = ps + ms + vs + steps
+    saved = [t.clone() for t in state]
+
+    def reset():
+        for t, s in zip(state, saved):
+            t.copy_(s)
+
+    g0 = opt.param_groups[0]
+    hp = torch.tensor([[g0["lr"], g0["weight_decay"], *g0["betas"], g0["eps"]]] * len(ps), dtype=torch.float64,
+                      device=device)
+    iters = 3 if a.quick else 30
+    rows = [{"contender": "fused", "tensors": len(ps), "ms": median_ms(opt.step, warmup=2, iters=iters)}]
+    after = {}
+    for name, options in [("masked", None), ("combo", {"combo_kernels": True})]:
+        fn = torch.compile(_adamw_under_mask, dynamic=False, options=options)
+
+        def update():
+            fn(ps, grads, ms, vs, keeps, steps, hp)
+
+        reset()
+        update()  # compiles; the one update from the saved state, for the difference between the compilations
+        after[name] = [t.clone() for t in ps]
+        rows.append({"contender": name, "tensors": len(ps), "ms": median_ms(update, warmup=2, iters=iters)})
+    for r in rows:
+        r["vs_fused"] = r["ms"] / rows[0]["ms"]
+    rows[2]["max_diff"] = max((x - y).abs().max().item() for x, y in zip(after["masked"], after["combo"]))
+    print_table(rows, COLUMNS)
+    write_rows(rows, a.out, meta=vars(a))
+
+
+if __name__ == "__main__":
+    main()
