@@ -4,7 +4,7 @@ by side in one call; the scaling is tokens/s over the same method's one-GPU toke
 Every contender is a fresh process (torchrun for several GPUs) running `sparsetrain_bench.steps.measure_steps`, which
 builds, wraps (training.runtime.parallelize) and steps the model exactly as the trainer does, on random tokens.
 `--before` adds, for DDP, the wrapping this project used before issue 14 (the model compiled, then wrapped in DDP
-with default buckets), so the change is measured in the same call.
+with default buckets), so the change is measured in the same call; `--ddp-graphs` adds DDP with CUDA graphs.
 
     PYTHONPATH=src python3 bench/data_parallel.py --presets gpt2-small --methods dense --rows 16 8 \\
         --parallel ddp fsdp --fsdp-units 0 1 --before --out $OUT/data_parallel.json
@@ -55,9 +55,12 @@ def worker(spec: dict, out: Path) -> None:
     cfg.train.parallel = spec["parallel"] or "ddp"
     cfg.train.fsdp_blocks_per_unit = spec.get("fsdp_units", 0)
     cfg.train.fsdp_reshard_after_forward = spec.get("reshard", True)
+    if spec.get("graphs"):
+        cfg.train.cuda_graphs = "true"
     if spec.get("before"):
         steps_mod.parallelize = compiled_then_wrapped
-    mode = f"{spec['parallel'] or 'one'}{spec.get('fsdp_units', '')}{'' if spec.get('reshard', True) else '-kept'}"
+    mode = (f"{spec['parallel'] or 'one'}{spec.get('fsdp_units', '')}{'' if spec.get('reshard', True) else '-kept'}"
+            f"{'-graphs' if spec.get('graphs') else ''}")
     profile = spec.get("profile") and (Path(spec["profile"]) /
                                        f"profile-{spec['method']}-{spec['rows']}rows-{mode}-{spec['processes']}.txt")
     r = measure_steps(cfg, steps=spec["steps"], warmup=spec["warmup"], profile_to=profile)
@@ -99,6 +102,8 @@ def main() -> None:
     ap.add_argument("--fsdp-reshard", nargs="+", choices=["true", "false"], default=["true"],
                     help="FSDP2 contenders with these train.fsdp_reshard_after_forward (false: weights kept gathered "
                          "from forward to backward)")
+    ap.add_argument("--ddp-graphs", action="store_true",
+                    help="also DDP with train.cuda_graphs=true (the graph's pieces between buckets replayed)")
     ap.add_argument("--no-one-gpu", action="store_true", help="skip the one-GPU contenders (no 'vs 1 GPU' column)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--vocab-size", type=int, default=32768)
@@ -135,23 +140,27 @@ def main() -> None:
                         one = launch(common | {"processes": 1, "parallel": None}, Path(tmp), a.profile)
                         keep(one)
                     ddp = None
-                    contenders = [(mode, False, 0, True) for mode in a.parallel if mode != "fsdp"]
-                    contenders += [("fsdp", False, units, reshard == "true") for units in a.fsdp_units
+                    contenders = [(mode, False, 0, True, False) for mode in a.parallel if mode != "fsdp"]
+                    contenders += [("ddp", False, 0, True, True)] if a.ddp_graphs and "ddp" in a.parallel else []
+                    contenders += [("fsdp", False, units, reshard == "true", False) for units in a.fsdp_units
                                    for reshard in a.fsdp_reshard if "fsdp" in a.parallel]
-                    contenders += [("ddp", True, 0, True)] if a.before and "ddp" in a.parallel else []
-                    for mode, before, units, reshard in contenders:
+                    contenders += [("ddp", True, 0, True, False)] if a.before and "ddp" in a.parallel else []
+                    for mode, before, units, reshard, graphs in contenders:
                         r = launch(common | {"processes": a.gpus, "parallel": mode, "before": before,
-                                             "fsdp_units": units, "reshard": reshard}, Path(tmp), a.profile)
+                                             "fsdp_units": units, "reshard": reshard, "graphs": graphs},
+                                   Path(tmp), a.profile)
                         if before:
                             r["parallel"] = "ddp (before)"
+                        elif graphs:
+                            r["parallel"] = "ddp, CUDA graphs"
                         elif mode == "fsdp":
                             r["parallel"] = (f"fsdp ({units} blocks a unit" if units else "fsdp (auto") + \
                                 (")" if reshard else ", kept gathered)")
                         if "error" not in r and "error" not in one:
                             r["scaling"] = r["stream_tokens_per_s"] / one["stream_tokens_per_s"]
-                        if mode == "ddp" and not before and "error" not in r:
+                        if mode == "ddp" and not before and not graphs and "error" not in r:
                             ddp = r
-                        if mode == "fsdp" and ddp is not None and "error" not in r:
+                        if (mode == "fsdp" or graphs) and ddp is not None and "error" not in r:
                             r["vs_ddp"] = r["stream_tokens_per_s"] / ddp["stream_tokens_per_s"]
                         keep(r)
     print_table(rows, COLUMNS)

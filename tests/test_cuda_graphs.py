@@ -13,8 +13,8 @@ from sparsetrain.training.runtime import Runtime, parallelize, use_cuda_graphs
 
 
 class Train:
-    def __init__(self, cuda_graphs):
-        self.cuda_graphs = cuda_graphs
+    def __init__(self, cuda_graphs, parallel="ddp"):
+        self.cuda_graphs, self.parallel = cuda_graphs, parallel
 
 
 GPU = Runtime(device=torch.device("cuda"), dtype=torch.bfloat16)  # a device object: no GPU is needed to build it
@@ -55,15 +55,24 @@ def test_moe_methods_compile_with_static_shapes(monkeypatch, method, dynamic):
     assert compiled == {"mode": None, "dynamic": dynamic}
 
 
-@pytest.mark.parametrize("rt, compiled, accum, named", [
-    (Runtime(device=torch.device("cpu"), dtype=torch.float32), True, 1, "on a GPU"),
-    (GPU, False, 1, "compiled"),
-    (Runtime(device=torch.device("cuda"), dtype=torch.bfloat16, world=2), True, 1, "in one process"),
-    (GPU, True, 4, "with one micro-batch a step"),
+TWO_GPUS = Runtime(device=torch.device("cuda"), dtype=torch.bfloat16, world=2)
+
+
+@pytest.mark.parametrize("rt, parallel, compiled, accum, named", [
+    (Runtime(device=torch.device("cpu"), dtype=torch.float32), "ddp", True, 1, "on a GPU"),
+    (GPU, "ddp", False, 1, "compiled"),
+    (TWO_GPUS, "fsdp", True, 1, "in one process or DDP"),
+    (GPU, "ddp", True, 4, "with one micro-batch a step"),
 ])
-def test_true_where_graphs_cannot_apply_names_what_is_missing(rt, compiled, accum, named):
+def test_true_where_graphs_cannot_apply_names_what_is_missing(rt, parallel, compiled, accum, named):
     with pytest.raises(UserError, match=f"not {named}.*train.cuda_graphs=auto"):
-        use_cuda_graphs(Train("true"), rt, compile_model=compiled, accum=accum, method=Dense)
+        use_cuda_graphs(Train("true", parallel), rt, compile_model=compiled, accum=accum, method=Dense)
+
+
+def test_ddp_replays_graphs_only_when_asked_for():
+    """Under DDP the graphs are `true`'s alone: `auto` leaves them off there until they are measured."""
+    assert use_cuda_graphs(Train("true"), TWO_GPUS, compile_model=True, accum=1, method=Dense)
+    assert not use_cuda_graphs(Train("auto"), TWO_GPUS, compile_model=True, accum=1, method=Dense)
 
 
 def test_a_cpu_run_refuses_true_before_writing_anything(make_config, tmp_path):
@@ -91,5 +100,33 @@ def test_replayed_run_equals_launched_run(make_config, tmp_path, method):
     a, b = runs["true"], runs["false"]
     # A router's top-k turns rounding into other routes now and then: the MoE methods' losses differ by ~1.5e-4
     rel = 5e-4 if METHODS[method]["name"] in ("upcycle", "ssd") else 1e-4  # (bf16's resolution: 3.9e-3)
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=rel)
+    assert [r.get("val_loss") for r in a] == pytest.approx([r.get("val_loss") for r in b], rel=rel)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="DDP's graphs need 2 GPUs")
+@pytest.mark.parametrize("method", ["dense", "ssd"])
+def test_ddp_replayed_run_equals_launched_run(make_config, tmp_path, method):
+    """Two processes under torchrun (NCCL), DDP compiled with `train.cuda_graphs=true` and with `false`: the same
+    losses within the tolerance of the one-process comparison above."""
+    import subprocess
+    import sys
+
+    from sparsetrain import config
+
+    runs = {}
+    for graphs in ("true", "false"):
+        cfg = tmp_path / f"{graphs}.toml"
+        cfg.write_text(config.dumps(config.to_dict(make_config(method=METHODS[method], compile="true",
+                                                               cuda_graphs=graphs, device="cuda", parallel="ddp"))))
+        run = tmp_path / graphs
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "sparsetrain.cli", "train", "--config", str(cfg), "--out", str(run)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert ("CUDA graphs" in res.stdout + res.stderr) == (graphs == "true")  # the run's header says so
+        runs[graphs] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    a, b = runs["true"], runs["false"]
+    rel = 5e-4 if METHODS[method]["name"] in ("upcycle", "ssd") else 1e-4
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=rel)
     assert [r.get("val_loss") for r in a] == pytest.approx([r.get("val_loss") for r in b], rel=rel)

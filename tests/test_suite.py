@@ -843,19 +843,21 @@ def test_data_parallel_keeps_finished_rows_when_a_limit_cuts_it(tmp_path, monkey
         launched.append(spec)
         if len(launched) == 5:
             raise KeyboardInterrupt  # the call's time limit
-        speed = {None: 100.0, "ddp": 190.0, "fsdp": 95.0}[spec["parallel"]]
+        speed = 200.0 if spec.get("graphs") else {None: 100.0, "ddp": 190.0, "fsdp": 95.0}[spec["parallel"]]
         return dict(spec, stream_tokens_per_s=speed, stream_step_s=1.0)
 
     monkeypatch.setattr(dp, "launch", launch)
     out = tmp_path / "dp.json"
     monkeypatch.setattr(sys, "argv", ["data_parallel.py", "--methods", "dense", "sat", "--parallel", "ddp", "fsdp",
-                                      "--fsdp-units", "0", "2", "--fsdp-reshard", "true", "false", "--out", str(out)])
+                                      "--fsdp-units", "0", "2", "--fsdp-reshard", "true", "false", "--ddp-graphs",
+                                      "--out", str(out)])
     with pytest.raises(KeyboardInterrupt):
         dp.main()
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"], r["parallel"]) for r in rows] == [
-        ("dense", None), ("dense", "ddp"), ("dense", "fsdp (auto)"), ("dense", "fsdp (auto, kept gathered)")]
-    assert rows[1]["scaling"] == pytest.approx(1.9) and rows[2]["vs_ddp"] == pytest.approx(0.5)
-    # DDP, then FSDP2 auto (resharded after forward, then kept gathered) and 2 blocks a unit
-    assert [(s.get("fsdp_units"), s.get("reshard")) for s in launched[1:]] == [(0, True), (0, True), (0, False),
-                                                                               (2, True)]
+        ("dense", None), ("dense", "ddp"), ("dense", "ddp, CUDA graphs"), ("dense", "fsdp (auto)")]
+    assert rows[1]["scaling"] == pytest.approx(1.9) and rows[2]["vs_ddp"] == pytest.approx(200 / 190)
+    assert rows[3]["vs_ddp"] == pytest.approx(0.5)
+    # DDP, DDP with graphs, then FSDP2 auto (resharded after forward, then kept gathered: cut by the limit)
+    assert [(s["parallel"], s.get("graphs"), s.get("fsdp_units"), s.get("reshard")) for s in launched[1:]] == [
+        ("ddp", False, 0, True), ("ddp", True, 0, True), ("fsdp", False, 0, True), ("fsdp", False, 0, False)]

@@ -78,14 +78,17 @@ def peak_flops(device: torch.device) -> float | None:
 def use_cuda_graphs(tcfg, rt: Runtime, compile_model: bool, accum: int, method) -> bool:
     """Whether the compiled model replays as CUDA graphs (train.cuda_graphs). They need the compiled model on one
     GPU, one micro-batch a step (a replay overwrites the gradients an earlier micro-batch left to accumulate), and a
-    method verified under them (`Method.cuda_graphs`)."""
-    fits = {"compiled": compile_model, "on a GPU": rt.device.type == "cuda", "in one process": not rt.distributed,
+    method verified under them (`Method.cuda_graphs`). Under DDP only when asked for (`true`): each of the graph's
+    pieces between gradient buckets replays, the all-reduces run between them (not yet measured enough for `auto`)."""
+    one_process = not rt.distributed or (tcfg.parallel == "ddp" and tcfg.cuda_graphs == "true")
+    fits = {"compiled": compile_model, "on a GPU": rt.device.type == "cuda", "in one process or DDP": one_process,
             "with one micro-batch a step": accum == 1,
             f"of a method run under them (method {method.name} is not yet)": method.cuda_graphs}
     if tcfg.cuda_graphs == "true" and not all(fits.values()):
         missing = ", ".join(k for k, ok in fits.items() if not ok)
         verified = ", ".join(name for name, cls in REGISTRY.items() if cls.cuda_graphs)
-        raise UserError(f"train.cuda_graphs=true needs the model compiled, on a GPU, in one process, with one "
+        raise UserError(f"train.cuda_graphs=true needs the model compiled, on a GPU, in one process or under DDP, "
+                        f"with one "
                         f"micro-batch a step, and a method run under them ({verified}); this run is not "
                         f"{missing}. Set train.cuda_graphs=auto (on where it applies) or false")
     return tcfg.cuda_graphs != "false" and all(fits.values())
@@ -167,7 +170,9 @@ def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool, cuda
     # Gradients live in the all-reduce buckets (no copy in or out); 100 MB buckets: a few large all-reduces.
     wrapped = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                   bucket_cap_mb=DDP_BUCKET_MB, gradient_as_bucket_view=True)
-    return torch.compile(wrapped, dynamic=dynamic) if compile_model else wrapped
+    if not compile_model:
+        return wrapped
+    return torch.compile(wrapped, mode="reduce-overhead" if cuda_graphs else None, dynamic=dynamic)
 
 
 def _reshard_after_forward_only(model: torch.nn.Module, args, output) -> None:
