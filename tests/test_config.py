@@ -56,3 +56,21 @@ def test_fsdp_units_group_consecutive_blocks(blocks, per_unit, fits, sizes):
     units = fsdp_units(list(range(blocks)), per_unit, whole_fits=fits)
     assert [len(u) for u in units] == sizes
     assert [b for u in units for b in u] == list(range(blocks))  # every block once, in order
+
+
+def test_the_whole_model_is_one_fsdp_unit_while_a_quarter_of_the_gpu_holds_it(monkeypatch):
+    """Gathered bf16 weights, their bf16 gradients and the fp32 copy they are reduced in: 8 bytes a parameter, within
+    a quarter of the GPU's memory; off a GPU (gloo), always."""
+    import types
+
+    import torch
+
+    from sparsetrain.training.runtime import Runtime, gathered_model_fits
+
+    model = torch.nn.Linear(100, 10, bias=False)  # 1,000 parameters: 8,000 bytes gathered
+    gpu = Runtime(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    for memory, fits in [(32_000, True), (31_999, False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, m=memory: types.SimpleNamespace(
+            total_memory=m))
+        assert gathered_model_fits(model, gpu) == fits
+    assert gathered_model_fits(model, Runtime(device=torch.device("cpu"), dtype=torch.float32))
