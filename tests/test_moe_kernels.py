@@ -123,6 +123,20 @@ def test_kernel_choice():
         choose_kernel(m, torch.float64, DEVICE)
 
 
+def test_auto_takes_triton_for_forward_only_passes_on_a_gpu(monkeypatch):
+    """`auto` on a GPU in bf16: the Triton kernels without autograd (evaluation, inference), grouped_mm in training;
+    on a CPU the training choice."""
+    m = make("gelu")
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(moe_gemm, "available", lambda device: device.type == "cuda")
+    monkeypatch.setattr(type(m), "grouped_mm_ok", lambda self, dtype, device: True)
+    assert choose_kernel(m, torch.bfloat16, gpu) == "grouped_mm"
+    with torch.no_grad():
+        assert choose_kernel(m, torch.bfloat16, gpu) == "triton"
+        assert choose_kernel(m, torch.float32, gpu) == "grouped_mm"  # Triton's auto path: bf16 and fp16 only
+        assert choose_kernel(m, torch.bfloat16, cpu) == "grouped_mm"
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 

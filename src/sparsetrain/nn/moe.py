@@ -149,9 +149,10 @@ def group_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, grouped: bo
 
 # How the expert GEMMs run. "grouped_mm": sorted copies of the rows around torch's grouped GEMM (cuBLAS/CUTLASS);
 # "triton": rows gathered and scattered inside Triton GEMMs (`kernels.moe_gemm`), no copies; "loop": one GEMM per
-# expert (the oracle). "auto" takes grouped_mm where its dtype and alignment rules hold (on the H200 it was faster
-# than the Triton GEMMs at every width measured, BENCHMARKS.md), else triton on a GPU, else the loop. On a GPU every
-# kernel plans the routing with the counting-sort kernel.
+# expert (the oracle). "auto": in a forward without autograd (evaluation, inference, generation) the Triton kernels
+# on a GPU in bf16/fp16 (the faster there at every width measured, BENCHMARKS.md, eighth round); in training
+# grouped_mm where its dtype and alignment rules hold (the faster forward + backward at every width measured), else
+# triton on a GPU, else the loop. On a GPU every kernel plans the routing with the counting-sort kernel.
 KERNELS = ("auto", "triton", "grouped_mm", "loop")
 
 
@@ -161,11 +162,12 @@ def choose_kernel(layer: nn.Module, dtype: torch.dtype, device: torch.device) ->
     if choice not in KERNELS:
         raise ValueError(f"unknown MoE kernel {choice!r}: choose one of {', '.join(KERNELS)}")
     if choice == "auto":
+        triton_ok = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and moe_gemm.available(device)
+        if triton_ok and not torch.is_grad_enabled():
+            return "triton"
         if grouped_mm_ok:
             return "grouped_mm"
-        if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and moe_gemm.available(device):
-            return "triton"
-        return "loop"
+        return "triton" if triton_ok else "loop"
     if choice == "triton" and not moe_gemm.available(device):
         raise ValueError(f"the triton MoE kernels cannot run on {device.type} here: install triton (GPU), or set "
                          "TRITON_INTERPRET=1 (CPU, slow), or choose kernel 'grouped_mm' or 'loop'")
