@@ -9,15 +9,15 @@ as much memory traffic as the optimizer's own step; the reference (`compiled=Fal
 copies and keeps their kept entries, so it is bit-identical to stash + step + restore.
 
 `SliceStash`: saves the slices of the parameters and of their optimizer moments before `optimizer.step()` and puts
-them back after it. `FrozenSlices` falls back to it where the mask does not apply (FSDP2 shards, a parameter's first
-step, an optimizer other than AdamW).
+them back after it. `FrozenSlices` falls back to it where the mask does not apply (a parameter's first step, an
+optimizer other than AdamW).
 
 Eagerly that is one gather and one scatter per tensor: with three tensors (weight, two moments) per sliced matrix,
 two matrices per layer and kind, a few hundred small kernels a step. `compiled=True` gathers every slice in one
 compiled call and scatters them back in another (the same values, fewer launches).
 
-Under FSDP2 a parameter and its moments are DTensors sharded by rows: each process saves and restores the part of
-the slice its shard holds (`shards.local_part`).
+Under FSDP2 a parameter and its moments are DTensors sharded by rows: each process updates its own rows under its
+part of the mask, or saves and restores the part of the slice its shard holds (`shards.local_part`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam
 
-from sparsetrain.methods.shards import local, local_part
+from sparsetrain.methods.shards import local, local_part, shard_dim, shard_offset
 
 
 def moments(optimizer: torch.optim.Optimizer | None, p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -162,9 +162,9 @@ class FrozenSlices:
 
     def _maskable(self, p: torch.Tensor) -> bool:
         state = self.optimizer.state.get(p, {})
-        if not (self.masked and isinstance(self.optimizer, torch.optim.AdamW) and not isinstance(p, DTensor)
+        if not (self.masked and isinstance(self.optimizer, torch.optim.AdamW)
                 and p.grad is not None and {"exp_avg", "exp_avg_sq", "step"} <= state.keys()):
-            return False  # FSDP2 shards and a first step (no moments yet) go through the stash
+            return False  # a first step (no moments yet) goes through the stash
         group = self.optimizer.param_groups[self.group_of[id(p)]]
         if group["amsgrad"] or group["maximize"] or group["differentiable"]:
             return False
@@ -181,6 +181,8 @@ class FrozenSlices:
             return
         if keep is None:
             keep = torch.ones(p.shape[dim], dtype=torch.bool, device=p.device).index_fill_(0, idx, False)
+        if isinstance(p, DTensor) and shard_dim(p) == dim % p.dim():  # this process's rows of the mask
+            keep = keep.narrow(0, shard_offset(p), p.to_local().shape[dim])
         shape = [1] * p.dim()
         shape[dim] = -1
         keep = keep.view(shape)
@@ -205,11 +207,13 @@ class FrozenSlices:
         self.keep, self.grads = {}, []
 
     def _by_group(self) -> dict[int, list[tuple]]:
-        """(parameter, gradient, exp_avg, exp_avg_sq, keep, step) of the masked parameters, by optimizer group."""
+        """(parameter, gradient, exp_avg, exp_avg_sq, keep, step) of the masked parameters, by optimizer group;
+        FSDP2's DTensors as this process's shards (the keep masks are of those already)."""
         out: dict[int, list[tuple]] = {}
         for (p, keep), grad in zip(self.keep.items(), self.grads):
             s = self.optimizer.state[p]
-            member = (p.detach(), grad, s["exp_avg"], s["exp_avg_sq"], keep, s["step"])
+            member = (local(p.detach()), local(grad), local(s["exp_avg"]), local(s["exp_avg_sq"]), keep,
+                      local(s["step"]))
             out.setdefault(self.group_of[id(p)], []).append(member)
         return out
 
