@@ -86,7 +86,8 @@ class TrainConfig:
     compile: str = "auto"  # auto (on for GPU) | true | false
     # Replay the compiled forward and backward as CUDA graphs (torch.compile's "reduce-overhead"): the host launches
     # a graph instead of hundreds of kernels, which a sliced method's step needs to keep the GPU busy. auto: on where
-    # it applies (compiled, one CUDA process, one micro-batch a step, a method run under them: Method.cuda_graphs).
+    # it applies (compiled, one CUDA process, one micro-batch a step, a method run under them: Method.cuda_graphs);
+    # true: also under DDP.
     cuda_graphs: str = "auto"  # auto | true | false
     parallel: str = "ddp"  # ddp | fsdp, when started by torchrun with more than one process
     # FSDP2: consecutive blocks sharded as one unit (one all-gather, one reduce-scatter, one set of hooks for them);

@@ -88,8 +88,7 @@ def use_cuda_graphs(tcfg, rt: Runtime, compile_model: bool, accum: int, method) 
         missing = ", ".join(k for k, ok in fits.items() if not ok)
         verified = ", ".join(name for name, cls in REGISTRY.items() if cls.cuda_graphs)
         raise UserError(f"train.cuda_graphs=true needs the model compiled, on a GPU, in one process or under DDP, "
-                        f"with one "
-                        f"micro-batch a step, and a method run under them ({verified}); this run is not "
+                        f"with one micro-batch a step, and a method run under them ({verified}); this run is not "
                         f"{missing}. Set train.cuda_graphs=auto (on where it applies) or false")
     return tcfg.cuda_graphs != "false" and all(fits.values())
 
@@ -119,7 +118,7 @@ def gathered_model_fits(model: torch.nn.Module, rt: Runtime) -> bool:
 def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool, cuda_graphs: bool = False,
                 static_shapes: bool = False) -> torch.nn.Module:
     """Wrap for several processes (DDP or FSDP2) and compile; the raw model stays what methods see. `cuda_graphs`
-    (one process only, `use_cuda_graphs`): the compiled forward and backward replay as CUDA graphs.
+    (one process, or DDP when asked for: `use_cuda_graphs`): the compiled forward and backward replay as CUDA graphs.
     `static_shapes` (`Method.static_shapes`): compiled without symbolic sizes.
 
     DDP is wrapped first and compiled around: dynamo then splits the graph at DDP's gradient buckets, so each
