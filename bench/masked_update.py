@@ -1,8 +1,9 @@
 """The masked AdamW of sliced weights (`methods.frozen.FrozenSlices`, SAT's and MST's held units) against torch's
 fused AdamW over the same tensors, in one process: what holding half of every block matrix costs over a plain step.
 
-The tensors are a preset's block matrices (fp32 master weights, as the trainer keeps them), half of each matrix's
-units held (rows of fc and qkv, columns of proj and o, the layout SAT and MST slice). Contenders:
+The tensors are gpt2's four matrices per block (qkv, o, fc, proj) at a preset's widths and depth, in fp32 as the
+trainer keeps them (llama's grouped-query and gated layouts are not modelled), half of each matrix's units held (rows
+of fc and qkv, columns of proj and o, the layout SAT and MST slice). Contenders:
   fused      torch.optim.AdamW(fused=True).step() over every tensor (what dense's step does)
   masked     the compiled masked update as the trainer runs it (inductor, one pass per tensor)
   combo      the same, compiled with inductor's combo kernels (independent passes fused horizontally into few launches)
@@ -25,7 +26,7 @@ COLUMNS = [("contender", "contender", ""), ("tensors", "tensors", "d"), ("ms", "
 
 
 def block_matrices(preset: str, layers: int, device: torch.device) -> list[tuple[torch.Tensor, int]]:
-    """(weight, sliced dim) of each block matrix of `layers` blocks of `preset`, fp32 as the trainer holds them."""
+    """(weight, sliced dim) of gpt2's four block matrices at `preset`'s widths, `layers` blocks, in fp32."""
     d, f = PRESETS[preset]["d_model"], PRESETS[preset]["d_ff"]
     shapes = [((3 * d, d), 0), ((f, d), 0), ((d, f), 1), ((d, d), 1)]
     return [(torch.randn(s, device=device) * 0.02, dim) for _ in range(layers) for s, dim in shapes]
