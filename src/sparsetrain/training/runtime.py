@@ -110,7 +110,7 @@ def gathered_model_fits(model: torch.nn.Module, rt: Runtime) -> bool:
     AdamW's moments and the activations). Off a GPU (gloo), yes."""
     if rt.device.type != "cuda":
         return True
-    per_param = 2 * torch.empty((), dtype=rt.dtype).element_size() + 4
+    per_param = 2 * rt.dtype.itemsize + 4
     gathered = per_param * sum(p.numel() for p in model.parameters())
     return gathered <= torch.cuda.get_device_properties(rt.device).total_memory / 4
 
@@ -140,12 +140,10 @@ def parallelize(model: Transformer, rt: Runtime, tcfg, compile_model: bool, cuda
         if len(units) == 1:
             # One unit of every block: the model is sharded at its root alone, so no FSDP2 hook runs between blocks
             # and the forward compiles whole, one graph as on one GPU (the hooks, around it, stay eager).
-            fully_shard(model, mp_policy=mp)
-            model.register_forward_hook(_reshard_after_forward_only)
+            units = []  # no unit below the root
             if compile_model:
                 model.forward = torch.compile(model.forward, dynamic=dynamic)
-            return model
-        if compile_model:
+        elif compile_model:
             # FSDP2's hooks around each unit's blocks would break a whole-model graph there: compiled block by block.
             for block in model.blocks:
                 block.compile(dynamic=dynamic)
