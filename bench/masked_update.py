@@ -5,8 +5,11 @@ The tensors are gpt2's four matrices per block (qkv, o, fc, proj) at a preset's 
 trainer keeps them (llama's grouped-query and gated layouts are not modelled), half of each matrix's units held (rows
 of fc and qkv, columns of proj and o, the layout SAT and MST slice). Contenders:
   fused      torch.optim.AdamW(fused=True).step() over every tensor (what dense's step does)
-  masked     the compiled masked update as the trainer runs it (inductor, one pass per tensor)
-  combo      the same, compiled with inductor's combo kernels (independent passes fused horizontally into few launches)
+  masked     the compiled masked update (inductor, one pass over every entry of each tensor), the trainer's before
+             the Triton kernel and still its path for tensors the kernel does not take
+  triton     the Triton update as the trainer runs it now (`nn.kernels.masked_adamw`: held rows neither read nor
+             written; the scalars of every tensor in one compiled call, then one launch per tensor)
+(inductor's combo kernels, tried as a third contender, were 2.4x slower than the masked update: BENCHMARKS.md.)
 
     PYTHONPATH=src python3 bench/masked_update.py --preset gpt2-medium --out $OUT/masked_update.json
     PYTHONPATH=src python3 bench/masked_update.py --device cpu --quick --out /tmp/m.json   # smoke test
@@ -17,7 +20,8 @@ import argparse
 
 import torch
 
-from sparsetrain.methods.frozen import _adamw_under_mask
+from sparsetrain.methods.frozen import _adamw_under_mask, compiled
+from sparsetrain.nn.kernels import masked_adamw
 from sparsetrain.nn.model import PRESETS
 from sparsetrain_bench.steps import median_ms, print_table, write_rows
 
@@ -71,19 +75,28 @@ def main() -> None:
     iters = 3 if a.quick else 30
     rows = [{"contender": "fused", "tensors": len(ps), "ms": median_ms(opt.step, warmup=2, iters=iters)}]
     after = {}
-    for name, options in [("masked", None), ("combo", {"combo_kernels": True})]:
-        fn = torch.compile(_adamw_under_mask, dynamic=False, options=options)
+    masked = torch.compile(_adamw_under_mask, dynamic=False)
+    factors = [(k.view(-1), None) if dim == 0 else (None, k.view(-1)) for k, (_, dim) in zip(keeps, mats)]
 
-        def update():
-            fn(ps, grads, ms, vs, keeps, steps, hp)
+    scalars_of = compiled(masked_adamw.adamw_scalars) if device.type == "cuda" else masked_adamw.adamw_scalars
 
+    def by_kernel():
+        scalars = scalars_of(steps, hp)
+        for p, g, m, v, (r, c), row in zip(ps, grads, ms, vs, factors, scalars.unbind(0)):
+            masked_adamw.masked_adamw_(p, g, m, v, r, c, row)
+
+    contenders = [("masked", lambda: masked(ps, grads, ms, vs, keeps, steps, hp))]
+    if device.type == "cuda" and masked_adamw.available(device):  # (Triton's interpreter: minutes on the CPU)
+        contenders.append(("triton", by_kernel))
+    for name, update in contenders:
         reset()
         update()  # compiles; the one update from the saved state, for the difference between the compilations
         after[name] = [t.clone() for t in ps]
         rows.append({"contender": name, "tensors": len(ps), "ms": median_ms(update, warmup=2, iters=iters)})
     for r in rows:
         r["vs_fused"] = r["ms"] / rows[0]["ms"]
-    rows[2]["max_diff"] = max((x - y).abs().max().item() for x, y in zip(after["masked"], after["combo"]))
+    if "triton" in after:
+        rows[2]["max_diff"] = max((x - y).abs().max().item() for x, y in zip(after["masked"], after["triton"]))
     print_table(rows, COLUMNS)
     write_rows(rows, a.out, meta=vars(a))
 

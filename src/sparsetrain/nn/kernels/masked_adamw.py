@@ -1,0 +1,91 @@
+"""AdamW under a keep mask in Triton: held entries are neither read nor written.
+
+SAT's omitted units, MST's pruned ones and SSD's unrouted experts hold whole rows or whole columns of a weight
+(`methods.frozen.FrozenSlices`). The compiled reference (`frozen._adamw_under_mask`, `torch.where` per tensor) reads
+and writes every entry of the parameter, its gradient and both moments. Here the keep mask comes as its two factors,
+one per dimension (`keep[i, j] = rows[i] & cols[j]`), and every load and store is masked by it: a held row is never
+read or written (rows are contiguous, so no memory sector of it is touched). Held columns save nothing, since their
+neighbours share their sectors, but they cost no more than the reference.
+
+The per-tensor scalars (bias corrections from the step count) are worked out on the device in float64 by
+`adamw_scalars`, as the reference does, so the kernel reads them and never waits on the host.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparsetrain.nn.kernels.moe_gemm import INTERPRET, available, triton
+
+if triton is not None:
+    import triton.language as tl
+
+__all__ = ["available", "adamw_scalars", "masked_adamw_"]
+
+# The columns of `adamw_scalars`, in the order the kernel reads them.
+SCALARS = ("decay", "step_size", "root2", "eps", "one_minus_beta1", "beta2", "one_minus_beta2")
+
+
+def adamw_scalars(steps: list[torch.Tensor], hps: torch.Tensor) -> torch.Tensor:
+    """Count one more step on each tensor's `step` and return its AdamW scalars [n, len(SCALARS)] in float32.
+    hps: float64 [n, 5] rows of lr, weight decay, beta1, beta2, eps (as `frozen._adamw_under_mask` takes them)."""
+    for step in steps:
+        step.add_(1)
+    t = torch.stack([s.reshape(()) for s in steps]).double()
+    lr, wd, beta1, beta2, eps = hps.unbind(1)
+    return torch.stack([1 - lr * wd, lr / (1 - beta1 ** t), (1 - beta2 ** t).sqrt(), eps, 1 - beta1, beta2,
+                        1 - beta2], dim=1).float()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _masked_adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, rows_ptr, cols_ptr, s_ptr, R, C,
+                             ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One [BLOCK_R, BLOCK_C] tile of a contiguous [R, C] parameter: AdamW where rows[i] & cols[j]."""
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        r_ok, c_ok = r < R, c < C
+        if ROWS:
+            r_ok = r_ok & (tl.load(rows_ptr + r, mask=r_ok, other=0) != 0)
+        if COLS:
+            c_ok = c_ok & (tl.load(cols_ptr + c, mask=c_ok, other=0) != 0)
+        ok = r_ok[:, None] & c_ok[None, :]
+        offs = r.to(tl.int64)[:, None] * C + c[None, :]
+        p = tl.load(p_ptr + offs, mask=ok)
+        g = tl.load(g_ptr + offs, mask=ok)
+        m = tl.load(m_ptr + offs, mask=ok)
+        v = tl.load(v_ptr + offs, mask=ok)
+        decay, step_size, root2 = tl.load(s_ptr), tl.load(s_ptr + 1), tl.load(s_ptr + 2)
+        eps, w1, beta2, w2 = tl.load(s_ptr + 3), tl.load(s_ptr + 4), tl.load(s_ptr + 5), tl.load(s_ptr + 6)
+        # The reference's arithmetic, in its order: torch.lerp (weight < 0.5), then AdamW's update.
+        m = m + w1 * (g - m)
+        v = v * beta2 + g * g * w2
+        p = p * decay - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), root2) + eps)
+        tl.store(p_ptr + offs, p, mask=ok)
+        tl.store(m_ptr + offs, m, mask=ok)
+        tl.store(v_ptr + offs, v, mask=ok)
+
+
+def kernel_applies(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `masked_adamw_` takes these tensors: fp32, contiguous, one shape, at most two dimensions, on a device
+    where the kernels run."""
+    return (available(p.device) and p.dim() <= 2
+            and all(t.dtype == torch.float32 and t.is_contiguous() and t.shape == p.shape for t in (p, g, m, v)))
+
+
+def masked_adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None,
+                  cols: torch.Tensor | None, scalars: torch.Tensor) -> None:
+    """AdamW of `p` (and its moments m, v) in place where rows[i] & cols[j] (bool vectors along dims 0 and 1; None:
+    every one kept); held entries are not touched. A 1-D parameter takes its mask as `cols`. `scalars`: its row of
+    `adamw_scalars` (float32, on p's device)."""
+    if p.dim() == 1:
+        p, g, m, v = (t.view(1, -1) for t in (p, g, m, v))
+    R, C = p.shape
+    block_c = min(triton.next_power_of_2(C), 16 if INTERPRET else 1024)
+    block_r = max(1, (16 if INTERPRET else 2048) // block_c)
+    flags = [x if x is not None else p for x in (rows, cols)]  # an unread pointer where there is no factor
+    grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
+    flags = [f.contiguous().view(torch.uint8) if f.dtype == torch.bool else f for f in flags]
+    _masked_adamw_kernel[grid](p, g, m, v, *flags,
+                               scalars, R, C, ROWS=rows is not None, COLS=cols is not None,
+                               BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
