@@ -7,9 +7,11 @@ of fc and qkv, columns of proj and o, the layout SAT and MST slice). Contenders:
   fused      torch.optim.AdamW(fused=True).step() over every tensor (what dense's step does)
   masked     the compiled masked update (inductor, one pass over every entry of each tensor), the trainer's before
              the Triton kernel and still its path for tensors the kernel does not take
-  triton     the Triton update as the trainer runs it now (`nn.kernels.masked_adamw`: held rows neither read nor
-             written; the scalars of every tensor in one compiled call, then one launch per tensor)
-(inductor's combo kernels, tried as a third contender, were 2.4x slower than the masked update: BENCHMARKS.md.)
+  triton     the Triton update as the trainer runs it now (`nn.kernels.masked_adamw.update_all`, compiled: held
+             rows neither read nor written, one launch per tensor through inductor's launcher)
+`ms`: wall time of one update, launches included; `GPU ms`: its kernels' time alone (profiler), what it costs in a
+training step whose host runs ahead of the GPU. (Inductor's combo kernels, a contender before, were 2.4x slower
+than the masked update: BENCHMARKS.md.)
 
     PYTHONPATH=src python3 bench/masked_update.py --preset gpt2-medium --out $OUT/masked_update.json
     PYTHONPATH=src python3 bench/masked_update.py --device cpu --quick --out /tmp/m.json   # smoke test
@@ -23,10 +25,11 @@ import torch
 from sparsetrain.methods.frozen import _adamw_under_mask, compiled
 from sparsetrain.nn.kernels import masked_adamw
 from sparsetrain.nn.model import PRESETS
-from sparsetrain_bench.steps import median_ms, print_table, write_rows
+from sparsetrain_bench.steps import kernel_ms, median_ms, print_table, write_rows
 
 COLUMNS = [("contender", "contender", ""), ("tensors", "tensors", "d"), ("ms", "ms", ".3f"),
-           ("vs_fused", "vs fused AdamW", ".2f"), ("max_diff", "max diff to masked", ".1e")]
+           ("vs_fused", "vs fused AdamW", ".2f"), ("gpu_ms", "GPU ms", ".3f"), ("gpu_vs_fused", "GPU vs fused", ".2f"),
+           ("max_diff", "max diff to masked", ".1e")]
 
 
 def block_matrices(preset: str, layers: int, device: torch.device) -> list[tuple[torch.Tensor, int]]:
@@ -74,27 +77,28 @@ def main() -> None:
                       device=device)
     iters = 3 if a.quick else 30
     rows = [{"contender": "fused", "tensors": len(ps), "ms": median_ms(opt.step, warmup=2, iters=iters)}]
+    if device.type == "cuda":  # the kernels' own time, launches left out (a step's GPU runs ahead of its host)
+        rows[0]["gpu_ms"] = kernel_ms(opt.step)
     after = {}
     masked = torch.compile(_adamw_under_mask, dynamic=False)
     factors = [(k.view(-1), None) if dim == 0 else (None, k.view(-1)) for k, (_, dim) in zip(keeps, mats)]
 
-    scalars_of = compiled(masked_adamw.adamw_scalars) if device.type == "cuda" else masked_adamw.adamw_scalars
-
-    def by_kernel():
-        scalars = scalars_of(steps, hp)
-        for p, g, m, v, (r, c), row in zip(ps, grads, ms, vs, factors, scalars.unbind(0)):
-            masked_adamw.masked_adamw_(p, g, m, v, r, c, row)
-
+    rows_of, cols_of = ([f[i] for f in factors] for i in (0, 1))
     contenders = [("masked", lambda: masked(ps, grads, ms, vs, keeps, steps, hp))]
     if device.type == "cuda" and masked_adamw.available(device):  # (Triton's interpreter: minutes on the CPU)
-        contenders.append(("triton", by_kernel))
+        update = compiled(masked_adamw.update_all)
+        contenders.append(("triton", lambda: update(ps, grads, ms, vs, rows_of, cols_of, steps, hp)))
     for name, update in contenders:
         reset()
         update()  # compiles; the one update from the saved state, for the difference between the compilations
         after[name] = [t.clone() for t in ps]
         rows.append({"contender": name, "tensors": len(ps), "ms": median_ms(update, warmup=2, iters=iters)})
+        if device.type == "cuda":
+            rows[-1]["gpu_ms"] = kernel_ms(update)
     for r in rows:
         r["vs_fused"] = r["ms"] / rows[0]["ms"]
+        if "gpu_ms" in r:
+            r["gpu_vs_fused"] = r["gpu_ms"] / rows[0]["gpu_ms"]
     if "triton" in after:
         rows[2]["max_diff"] = max((x - y).abs().max().item() for x, y in zip(after["masked"], after["triton"]))
     print_table(rows, COLUMNS)

@@ -23,7 +23,7 @@ import torch
 
 from sparsetrain.nn.model import FFN, ModelArgs
 from sparsetrain.nn.moe import MoEFFN, routing_plan
-from sparsetrain_bench.steps import median_ms, write_rows
+from sparsetrain_bench.steps import kernel_ms, median_ms, profiled, write_rows
 
 
 def dense_ffn(d: int, width: int, activation: str) -> FFN:
@@ -65,32 +65,10 @@ def gemm_only_step(moe: MoEFFN, x: torch.Tensor, kernel: str):
     return run
 
 
-def profiled(fn, steps: int = 5):
-    """The profiler's record of `steps` calls of `fn` (after one call outside it), CUDA activity only."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    return prof
-
-
 def kernel_table(fn, steps: int = 5, rows: int = 14) -> str:
     """The profiler's table of the CUDA kernels of `fn`, most time first."""
     return profiled(fn, steps).key_averages().table(sort_by="self_cuda_time_total", row_limit=rows,
                                                     max_name_column_width=60)
-
-
-def kernel_ms(fn, steps: int = 5) -> float:
-    """GPU time of one call of `fn`: the sum of its kernels' (and copies') durations, gaps left out. This is what
-    the layer costs inside a model step that keeps the GPU busy, where launch overhead overlaps other work."""
-    from torch.autograd import DeviceType
-
-    events = [e for e in profiled(fn, steps).key_averages() if e.device_type == DeviceType.CUDA]
-    return sum(e.self_device_time_total for e in events) / steps / 1e3
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

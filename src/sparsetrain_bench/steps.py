@@ -156,6 +156,28 @@ def median_ms(fn, *, warmup: int = 3, iters: int = 20, cuda: bool | None = None)
     return statistics.median(times)
 
 
+def profiled(fn, steps: int = 5):
+    """The profiler's record of `steps` calls of `fn` (after one call outside it), CUDA activity only."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return prof
+
+
+def kernel_ms(fn, steps: int = 5) -> float:
+    """GPU time of one call of `fn`: the sum of its kernels' (and copies') durations, gaps left out. This is what
+    `fn` costs inside a step that keeps the GPU busy, where its launches overlap other work."""
+    from torch.autograd import DeviceType
+
+    events = [e for e in profiled(fn, steps).key_averages() if e.device_type == DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in events) / steps / 1e3
+
+
 def bench_config(preset: str, *, batch_size: int, seq_len: int, vocab_size: int, micro_batch_size: int = 0,
                  method: dict | None = None, model_overrides: dict | None = None) -> config_mod.RunConfig:
     raw = {

@@ -255,11 +255,10 @@ class FrozenSlices:
             hp = hp.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else hp.to(device)
             ps, gs, ms, vs, factors, steps = (list(t) for t in zip(*items))
             if kernel:
-                scalars = masked_adamw.adamw_scalars
-                scalars = (compiled(scalars) if device.type == "cuda" else scalars)(steps, hp)
-                for p, g, m, v, f, row in zip(ps, gs, ms, vs, factors, scalars.unbind(0)):
-                    rows, cols = (f.get(0), f.get(1)) if p.dim() == 2 else (None, f.get(0))
-                    masked_adamw.masked_adamw_(p, g, m, v, rows, cols, row)
+                rows = [f.get(0) if p.dim() == 2 else None for p, f in zip(ps, factors)]
+                cols = [f.get(1) if p.dim() == 2 else f.get(0) for p, f in zip(ps, factors)]
+                update = masked_adamw.update_all
+                (compiled(update) if device.type == "cuda" else update)(ps, gs, ms, vs, rows, cols, steps, hp)
             else:
                 keeps = [keep_mask(p, f) for p, f in zip(ps, factors)]
                 compiled(_adamw_under_mask)(ps, gs, ms, vs, keeps, steps, hp)
