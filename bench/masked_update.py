@@ -86,8 +86,8 @@ def main() -> None:
     rows_of, cols_of = ([f[i] for f in factors] for i in (0, 1))
     contenders = [("masked", lambda: masked(ps, grads, ms, vs, keeps, steps, hp))]
     if device.type == "cuda" and masked_adamw.available(device):  # (Triton's interpreter: minutes on the CPU)
-        update = compiled(masked_adamw.update_all)
-        contenders.append(("triton", lambda: update(ps, grads, ms, vs, rows_of, cols_of, steps, hp)))
+        update_all = compiled(masked_adamw.update_all)
+        contenders.append(("triton", lambda: update_all(ps, grads, ms, vs, rows_of, cols_of, steps, hp)))
     for name, update in contenders:
         reset()
         update()  # compiles; the one update from the saved state, for the difference between the compilations

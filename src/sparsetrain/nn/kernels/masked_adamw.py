@@ -86,8 +86,8 @@ def masked_adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Te
     R, C = p.shape
     block_c = min(triton.next_power_of_2(C), 16 if INTERPRET else 1024)
     block_r = max(1, (16 if INTERPRET else 2048) // block_c)
-    unread = None if rows is not None and cols is not None else torch.ones(1, dtype=torch.uint8, device=p.device)
-    flags = [unread if f is None else f.contiguous().view(torch.uint8) for f in (rows, cols)]
+    unread = None if rows is not None and cols is not None else torch.ones(1, dtype=torch.bool, device=p.device)
+    flags = [unread if f is None else f.contiguous() for f in (rows, cols)]
     grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
     wrap_triton(_masked_adamw_kernel)[grid](p, g, m, v, *flags,
                                scalars, R, C, ROWS=rows is not None, COLS=cols is not None,
