@@ -4,8 +4,7 @@ import copy
 import pytest
 import torch
 
-from sparsetrain.methods.frozen import FrozenSlices, SliceStash, _adamw_under_mask, keep_mask
-from sparsetrain.nn.kernels import masked_adamw
+from sparsetrain.methods.frozen import FrozenSlices, SliceStash
 
 
 def setup(seed=0, optimizer=torch.optim.AdamW):
@@ -162,83 +161,3 @@ def test_on_the_gpu_the_compiled_masked_update_matches_fused_adamw_at_real_shape
         torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-7)
         for k in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-9)
-
-
-
-# --- The Triton update (nn.kernels.masked_adamw): through Triton's interpreter on the CPU (conftest sets
-# TRITON_INTERPRET=1 there), at real shapes on a GPU.
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_kernel = pytest.mark.skipif(not masked_adamw.available(DEVICE), reason="needs a GPU, or TRITON_INTERPRET=1")
-
-
-def adamw_state(shape, seed):
-    """A parameter, its gradient and moments (fp32), and its step count, as after a few AdamW steps."""
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    p, grad, m = (torch.randn(shape, device=DEVICE, generator=g) * s for s in (0.02, 1e-3, 1e-4))
-    v = torch.rand(shape, device=DEVICE, generator=g) * 1e-6
-    return p, grad, m, v, torch.tensor(3.0, device=DEVICE)
-
-
-@needs_kernel
-@pytest.mark.parametrize("shape,factors", [
-    ((37, 19), {0: 0.5}), ((19, 37), {1: 0.5}), ((23, 41), {0: 0.6, 1: 0.3}), ((45,), {0: 0.5}),
-    ((16, 64), {0: 0.0}), ((33, 17), {})])
-def test_kernel_equals_the_compiled_update_and_never_touches_held_entries(shape, factors):
-    """Rows held, columns held, both, a bias, every row held, nothing held; odd sizes (masked tile edges). The
-    update agrees with `_adamw_under_mask` (eager) to float32 rounding; held entries stay bit-identical."""
-    if DEVICE.type == "cuda":
-        shape = tuple(n * 97 for n in shape)  # real sizes: many tiles, edges in both dimensions
-    gen = torch.Generator(device=DEVICE).manual_seed(1)
-    vectors = {dim: torch.rand(shape[dim], device=DEVICE, generator=gen) < keep for dim, keep in factors.items()}
-    hp = torch.tensor([[3e-4, 0.1, 0.9, 0.95, 1e-8]], dtype=torch.float64, device=DEVICE)
-    ref, new = adamw_state(shape, 0), adamw_state(shape, 0)
-    before = [t.clone() for t in ref[:4]]
-    _adamw_under_mask(*([t] for t in ref[:4]), [keep_mask(ref[0], vectors) if vectors else
-                                                torch.ones((), dtype=torch.bool, device=DEVICE)], [ref[4]], hp)
-    assert masked_adamw.kernel_applies(*new[:4])
-    scalars = masked_adamw.adamw_scalars([new[4]], hp)
-    rows, cols = (vectors.get(0), vectors.get(1)) if len(shape) == 2 else (None, vectors.get(0))
-    masked_adamw.masked_adamw_(*new[:4], rows, cols, scalars[0])
-    assert new[4].item() == ref[4].item() == 4.0
-    held = ~keep_mask(ref[0], vectors).expand(shape) if vectors else torch.zeros(shape, dtype=torch.bool,
-                                                                                 device=DEVICE)
-    for name, a, b, b0 in zip(("p", "g", "m", "v"), ref[:4], new[:4], before):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9, msg=name)
-        assert torch.equal(b[held], b0[held]), name
-    if held.all():
-        return
-    assert not torch.equal(new[0][~held], before[0][~held])
-
-
-@needs_kernel
-def test_frozen_slices_through_the_kernel_match_the_reference():
-    """FrozenSlices with the Triton update (rows, columns, a bias; one parameter frozen along both dims) trains what
-    the reference trains, to float32 rounding, with held entries bit-identical."""
-    a, opt_a = setup()
-    b, opt_b = setup()
-    for params in (a, b):
-        for p in params:
-            p.data = p.data.to(DEVICE)
-            p.grad = p.grad.to(DEVICE)
-    for opt in (opt_a, opt_b):
-        for state in opt.state.values():
-            for key in ("exp_avg", "exp_avg_sq", "step"):
-                state[key] = state[key].to(DEVICE)
-    before = snapshot(a, opt_a)
-    runs = []
-    for params, opt, kernel in ((a, opt_a, None), (b, opt_b, True)):
-        frozen = FrozenSlices(opt, compiled=kernel is not None, kernel=kernel)
-        for p, (dim, idx) in zip(params, OMITTED):
-            frozen.freeze(p, dim, idx.to(DEVICE))
-        frozen.freeze(params[0], 1, torch.tensor([2], device=DEVICE))
-        frozen.before_step()
-        opt.step()
-        frozen.after_step()
-        runs.append(snapshot(params, opt))
-    for (pa, sa), (pb, sb), (p0, s0), (dim, idx) in zip(*runs, before, OMITTED):
-        torch.testing.assert_close(pb, pa, rtol=1e-6, atol=1e-7)
-        for k in sa:
-            torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-8)
-        for t, t0 in ((pb, p0), (sb["exp_avg"], s0["exp_avg"]), (sb["exp_avg_sq"], s0["exp_avg_sq"])):
-            assert torch.equal(t.index_select(dim, idx.to(DEVICE)), t0.index_select(dim, idx.to(DEVICE)))
-    assert torch.equal(runs[1][0][0][:, 2], before[0][0][:, 2])

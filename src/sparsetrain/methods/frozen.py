@@ -4,11 +4,9 @@ SAT's omitted neurons, MST's pruned units and SSD's unrouted experts get a zero 
 would still move them (momentum, weight decay) and decay their moments. Two ways to hold them:
 
 `FrozenSlices` (masked): the optimizer steps every other parameter, and these get one AdamW update under a keep
-mask: the omitted entries and their moments are never written. On a GPU that is one Triton pass over each tensor
-that reads and writes only its kept rows (`nn.kernels.masked_adamw`; a held column still shares memory sectors with
-kept ones), or, for tensors the kernel does not take, one compiled pass over every entry; the reference
-(`compiled=False`) runs torch's own AdamW on copies and keeps their kept entries, so it is bit-identical to stash +
-step + restore.
+mask: the omitted entries and their moments are never written. On a GPU that is one compiled pass over each tensor,
+as much memory traffic as the optimizer's own step; the reference (`compiled=False`) runs torch's own AdamW on
+copies and keeps their kept entries, so it is bit-identical to stash + step + restore.
 
 `SliceStash`: saves the slices of the parameters and of their optimizer moments before `optimizer.step()` and puts
 them back after it. `FrozenSlices` falls back to it where the mask does not apply (a parameter's first step, an
@@ -31,7 +29,6 @@ from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam
 
 from sparsetrain.methods.shards import local, local_part, shard_dim, shard_offset
-from sparsetrain.nn.kernels import masked_adamw
 
 
 def moments(optimizer: torch.optim.Optimizer | None, p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -117,16 +114,6 @@ class SliceStash:
 
 
 
-def keep_mask(p: torch.Tensor, factors: dict[int, torch.Tensor]) -> torch.Tensor:
-    """The keep mask of `p`, broadcastable to it, from its keep vectors by dimension (kept where every one keeps)."""
-    mask = None
-    for dim, keep in factors.items():
-        shape = [1] * p.dim()
-        shape[dim] = -1
-        mask = keep.view(shape) if mask is None else mask & keep.view(shape)
-    return mask
-
-
 def _adamw_under_mask(ps, gs, ms, vs, keeps, steps, hps) -> None:
     """AdamW (decoupled weight decay, no amsgrad) of each parameter where `keep`, the old values elsewhere.
     hps: float64 [n, 5] rows of lr, weight decay, beta1, beta2, eps: the per-tensor scalars are worked out in
@@ -166,13 +153,10 @@ class FrozenSlices:
     parameters' gradients away, so the optimizer skips them), then after_step() just after (it updates them under
     their masks and restores what was stashed). One instance serves every step of a run."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, compiled: bool, masked: bool = True,
-                 kernel: bool | None = None):
+    def __init__(self, optimizer: torch.optim.Optimizer, compiled: bool, masked: bool = True):
         self.optimizer, self.compiled, self.masked = optimizer, compiled, masked
-        # compiled: the Triton update where it applies (None: on a GPU; True: also under the CPU's interpreter)
-        self.kernel = kernel
         self.stash = SliceStash(optimizer, compiled=compiled)
-        self.keep: dict[torch.Tensor, dict[int, torch.Tensor]] = {}  # parameter -> {dim: keep vector along it}
+        self.keep: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> keep mask, broadcastable to it
         self.grads: list[torch.Tensor] = []
         self.group_of = {id(q): i for i, g in enumerate(optimizer.param_groups) for q in g["params"]}
 
@@ -197,11 +181,12 @@ class FrozenSlices:
             return
         if keep is None:
             keep = torch.ones(p.shape[dim], dtype=torch.bool, device=p.device).index_fill_(0, idx, False)
-        dim %= p.dim()
-        if isinstance(p, DTensor) and shard_dim(p) == dim:  # this process's rows of the mask
+        if isinstance(p, DTensor) and shard_dim(p) == dim % p.dim():  # this process's rows of the mask
             keep = keep.narrow(0, shard_offset(p), p.to_local().shape[dim])
-        factors = self.keep.setdefault(p, {})
-        factors[dim] = keep if dim not in factors else factors[dim] & keep
+        shape = [1] * p.dim()
+        shape[dim] = -1
+        keep = keep.view(shape)
+        self.keep[p] = keep if p not in self.keep else self.keep[p] & keep
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -217,48 +202,29 @@ class FrozenSlices:
             if self.compiled:
                 self._compiled_update()
             else:
-                self._reference_update()
+                for group, items in self._by_group().items():
+                    _adamw_reference(self.optimizer.param_groups[group], *zip(*items))
         self.keep, self.grads = {}, []
 
     def _by_group(self) -> dict[int, list[tuple]]:
-        """(parameter, gradient, exp_avg, exp_avg_sq, keep factors, step) of the masked parameters, by optimizer
-        group; FSDP2's DTensors as this process's shards (the keep vectors are of those already)."""
+        """(parameter, gradient, exp_avg, exp_avg_sq, keep, step) of the masked parameters, by optimizer group;
+        FSDP2's DTensors as this process's shards (the keep masks are of those already)."""
         out: dict[int, list[tuple]] = {}
-        for (p, factors), grad in zip(self.keep.items(), self.grads):
+        for (p, keep), grad in zip(self.keep.items(), self.grads):
             s = self.optimizer.state[p]
-            member = (local(p.detach()), local(grad), local(s["exp_avg"]), local(s["exp_avg_sq"]), factors,
+            member = (local(p.detach()), local(grad), local(s["exp_avg"]), local(s["exp_avg_sq"]), keep,
                       local(s["step"]))
             out.setdefault(self.group_of[id(p)], []).append(member)
         return out
 
-    def _reference_update(self) -> None:
-        for group, items in self._by_group().items():
-            items = [(*item[:4], keep_mask(item[0], item[4]), item[5]) for item in items]
-            _adamw_reference(self.optimizer.param_groups[group], *zip(*items))
-
     def _compiled_update(self) -> None:
-        """The Triton update for the tensors it takes (on a GPU), one compiled pass per tensor for the others."""
-        by_kernel: dict[bool, tuple[list, list]] = {True: ([], []), False: ([], [])}
+        items, hps = [], []
         for group, members in self._by_group().items():
             g = self.optimizer.param_groups[group]
-            hp = [float(g["lr"]), g["weight_decay"], g["betas"][0], g["betas"][1], g["eps"]]
-            for item in members:
-                use_kernel = item[0].device.type == "cuda" if self.kernel is None else self.kernel
-                items, hps = by_kernel[bool(use_kernel) and masked_adamw.kernel_applies(*item[:4])]
-                items.append(item)
-                hps.append(hp)
-        for kernel, (items, hps) in by_kernel.items():
-            if not items:
-                continue
-            device = items[0][0].device
-            hp = torch.tensor(hps, dtype=torch.float64)
-            hp = hp.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else hp.to(device)
-            ps, gs, ms, vs, factors, steps = (list(t) for t in zip(*items))
-            if kernel:
-                rows = [f.get(0) if p.dim() == 2 else None for p, f in zip(ps, factors)]
-                cols = [f.get(1) if p.dim() == 2 else f.get(0) for p, f in zip(ps, factors)]
-                update = masked_adamw.update_all
-                (compiled(update) if device.type == "cuda" else update)(ps, gs, ms, vs, rows, cols, steps, hp)
-            else:
-                keeps = [keep_mask(p, f) for p, f in zip(ps, factors)]
-                compiled(_adamw_under_mask)(ps, gs, ms, vs, keeps, steps, hp)
+            items += members
+            hps += [[float(g["lr"]), g["weight_decay"], g["betas"][0], g["betas"][1], g["eps"]]] * len(members)
+        device = items[0][0].device
+        hp = torch.tensor(hps, dtype=torch.float64)
+        hp = hp.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else hp.to(device)
+        ps, gs, ms, vs, keeps, steps = (list(t) for t in zip(*items))
+        compiled(_adamw_under_mask)(ps, gs, ms, vs, keeps, steps, hp)

@@ -1,16 +1,21 @@
-"""AdamW under a keep mask in Triton: held entries are neither read nor written.
+"""AdamW under a keep mask in Triton: held rows are neither read nor written.
 
 SAT's omitted units, MST's pruned ones and SSD's unrouted experts hold whole rows or whole columns of a weight
-(`methods.frozen.FrozenSlices`). The compiled reference (`frozen._adamw_under_mask`, `torch.where` per tensor) reads
-and writes every entry of the parameter, its gradient and both moments. Here the keep mask comes as its two factors,
-one per dimension (`keep[i, j] = rows[i] & cols[j]`), and every load and store is masked by it: a held row is never
-read or written (rows are contiguous, so no memory sector of it is touched). Held columns save nothing, since their
-neighbours share their sectors, but they cost no more than the reference.
+(`methods.frozen.FrozenSlices`). The trainer's update (`frozen._adamw_under_mask`, compiled: `torch.where` per tensor,
+the oracle here) reads and writes every entry of the parameter, its gradient and both moments. Here the keep mask
+comes as its two factors, one per dimension (`keep[i, j] = rows[i] & cols[j]`): loads and stores are masked by the
+rows (a held row's memory is never touched; the mask is constant along a row, so the accesses stay vectorised), and
+held columns, which share memory sectors with kept ones, are read and written back unchanged (`tl.where`), as the
+reference does.
+
+Not used by the trainer: in its first form (columns masked in the loads too, every tensor's launch inside one
+torch.compile'd call) it took 1.28x the GPU time of torch's fused AdamW over the same tensors, where the compiled
+reference took 1.07x (BENCHMARKS.md, ninth round). `bench/masked_update.py` times it
+beside the reference; wire it into `FrozenSlices` only where that shows it faster.
 
 The per-tensor scalars (bias corrections from the step count) are worked out on the device in float64 by
 `adamw_scalars`, as the reference does, so the kernel reads them and never waits on the host. `update_all` updates a
-list of tensors, one launch each; compiled (torch.compile, as `FrozenSlices` runs it on a GPU) those launches go
-through inductor's launcher, a few microseconds each instead of Triton's Python launcher's tens.
+list of tensors, one launch each.
 """
 from __future__ import annotations
 
@@ -47,12 +52,10 @@ if triton is not None:
         """One [BLOCK_R, BLOCK_C] tile of a contiguous [R, C] parameter: AdamW where rows[i] & cols[j]."""
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        r_ok, c_ok = r < R, c < C
+        r_ok = r < R
         if ROWS:
             r_ok = r_ok & (tl.load(rows_ptr + r, mask=r_ok, other=0) != 0)
-        if COLS:
-            c_ok = c_ok & (tl.load(cols_ptr + c, mask=c_ok, other=0) != 0)
-        ok = r_ok[:, None] & c_ok[None, :]
+        ok = r_ok[:, None] & (c < C)[None, :]  # held rows: no memory access at all
         offs = r.to(tl.int64)[:, None] * C + c[None, :]
         p = tl.load(p_ptr + offs, mask=ok)
         g = tl.load(g_ptr + offs, mask=ok)
@@ -61,12 +64,15 @@ if triton is not None:
         decay, step_size, root2 = tl.load(s_ptr), tl.load(s_ptr + 1), tl.load(s_ptr + 2)
         eps, w1, beta2, w2 = tl.load(s_ptr + 3), tl.load(s_ptr + 4), tl.load(s_ptr + 5), tl.load(s_ptr + 6)
         # The reference's arithmetic, in its order: torch.lerp (weight < 0.5), then AdamW's update.
-        m = m + w1 * (g - m)
-        v = v * beta2 + g * g * w2
-        p = p * decay - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), root2) + eps)
-        tl.store(p_ptr + offs, p, mask=ok)
-        tl.store(m_ptr + offs, m, mask=ok)
-        tl.store(v_ptr + offs, v, mask=ok)
+        m_new = m + w1 * (g - m)
+        v_new = v * beta2 + g * g * w2
+        p_new = p * decay - tl.div_rn(step_size * m_new, tl.div_rn(tl.sqrt_rn(v_new), root2) + eps)
+        if COLS:  # held columns written back as they were
+            keep = (tl.load(cols_ptr + c, mask=c < C, other=0) != 0)[None, :]
+            p_new, m_new, v_new = tl.where(keep, p_new, p), tl.where(keep, m_new, m), tl.where(keep, v_new, v)
+        tl.store(p_ptr + offs, p_new, mask=ok)
+        tl.store(m_ptr + offs, m_new, mask=ok)
+        tl.store(v_ptr + offs, v_new, mask=ok)
 
 
 def kernel_applies(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> bool:
