@@ -35,6 +35,7 @@ def main() -> None:
                    help="how the experts' GEMMs run (method.kernel), each its own row")
     p.add_argument("--cuda-graphs", nargs="+", default=["false"], choices=["false", "true"],
                    help="time the compiled calls replayed as CUDA graphs too, each its own row")
+    p.add_argument("--profile", action="store_true", help="print the profiler's table of the FFNs' kernels (GPU)")
     p.add_argument("--out", default="bench_out/moe_inference.json")
     a = p.parse_args()
     kw = step_shape(a)
@@ -53,7 +54,8 @@ def main() -> None:
         graphs = graphs == "true" and kw["compile_model"] and device.type == "cuda"
         rows.append({"preset": kw["preset"], "experts": experts, "top_k": top_k, "kernel": kernel,
                      "cuda_graphs": graphs, "tokens": x.numel(),
-                     **inference_times(model, x, rt, compiled=kw["compile_model"], cuda_graphs=graphs)})
+                     **inference_times(model, x, rt, compiled=kw["compile_model"], cuda_graphs=graphs,
+                                      profile=a.profile and device.type == "cuda")})
         write_rows(rows, a.out, vars(a), quiet=True)
         del model
         torch._dynamo.reset()  # each model compiles from cold

@@ -23,7 +23,7 @@ import torch
 
 from sparsetrain.nn.model import FFN, ModelArgs
 from sparsetrain.nn.moe import MoEFFN, routing_plan
-from sparsetrain_bench.steps import kernel_ms, median_ms, profiled, write_rows
+from sparsetrain_bench.steps import kernel_ms, kernel_table, median_ms, write_rows
 
 
 def dense_ffn(d: int, width: int, activation: str) -> FFN:
@@ -63,12 +63,6 @@ def gemm_only_step(moe: MoEFFN, x: torch.Tensor, kernel: str):
         x2.grad = None
         moe.expert_rows(x2, plan, kernel).backward(gy)
     return run
-
-
-def kernel_table(fn, steps: int = 5, rows: int = 14) -> str:
-    """The profiler's table of the CUDA kernels of `fn`, most time first."""
-    return profiled(fn, steps).key_averages().table(sort_by="self_cuda_time_total", row_limit=rows,
-                                                    max_name_column_width=60)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

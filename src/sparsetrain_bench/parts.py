@@ -23,7 +23,7 @@ from sparsetrain_bench.isoloss import dense_frontier, with_wsd
 from sparsetrain_bench.report import STEP_COLUMNS
 from sparsetrain_bench.runs import (SEED, code_base, eval_run, part_peak, release_memory, run_config, start_point,
                                     train_run)
-from sparsetrain_bench.steps import bench_config, measure_steps, median_ms, print_table
+from sparsetrain_bench.steps import bench_config, kernel_table, measure_steps, median_ms, print_table
 
 SAT_CPT = {"name": "sat", "ffn_rate": 0.5, "head_rate": 0.5, "schedule": "ladder"}
 UPCYCLE = {"name": "upcycle", "experts": 8, "top_k": 2, "layers": "every-other"}
@@ -145,13 +145,14 @@ def run_pretrain(ctx: Context, contenders: list[tuple[str, dict[str, Any]]], mod
 
 @torch.no_grad()
 def inference_times(model: torch.nn.Module, x: torch.Tensor, rt, compiled: bool,
-                    cuda_graphs: bool = False) -> dict[str, float]:
+                    cuda_graphs: bool = False, profile: bool = False) -> dict[str, float]:
     """Prefill of the batch `x` (the whole model) and its FFNs alone (on the hidden states the batch gives them), ms,
     dense and as an MoE, for a model run as an MoE (`prepare_moe` / `run_as_moe`); ends with it dense. `compiled`:
     timed compiled, as every contender (static shapes: see Method.static_shapes); each mode compiles its graphs in
     its first warm-up call. `cuda_graphs` (compiled only): each compiled call replays as one CUDA graph, as a
     serving stack runs a prefill, so neither mode pays the host's launches (an MoE FFN launches ~10 kernels, a
-    dense one 3)."""
+    dense one 3). `profile`: print the profiler's table of the FFNs' kernels in each mode (where the MoE's time
+    goes)."""
     inputs = []  # every FFN's input on this batch (the same for both timings)
     hooks = [b.mlp.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in model.blocks]
     route_ffns(model, False)
@@ -179,6 +180,8 @@ def inference_times(model: torch.nn.Module, x: torch.Tensor, rt, compiled: bool,
         route_ffns(model, mode == "moe")
         times[f"prefill_ms_{mode}"] = median_ms(prefill)
         times[f"ffn_ms_{mode}"] = median_ms(ffns)
+        if profile:
+            print(f"the FFNs' kernels, {mode}\n{kernel_table(ffns, rows=20)}", flush=True)
     route_ffns(model, False)
     times["prefill_speedup"] = times["prefill_ms_dense"] / times["prefill_ms_moe"]
     times["ffn_speedup"] = times["ffn_ms_dense"] / times["ffn_ms_moe"]

@@ -178,6 +178,12 @@ def kernel_ms(fn, steps: int = 5) -> float:
     return sum(e.self_device_time_total for e in events) / steps / 1e3
 
 
+def kernel_table(fn, steps: int = 5, rows: int = 14) -> str:
+    """The profiler's table of the CUDA kernels of `fn`, most time first."""
+    return profiled(fn, steps).key_averages().table(sort_by="self_cuda_time_total", row_limit=rows,
+                                                    max_name_column_width=60)
+
+
 def bench_config(preset: str, *, batch_size: int, seq_len: int, vocab_size: int, micro_batch_size: int = 0,
                  method: dict | None = None, model_overrides: dict | None = None) -> config_mod.RunConfig:
     raw = {
