@@ -82,6 +82,27 @@ def test_moe_layer_through_the_kernels_equals_the_loop(activation, bias, kind, E
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("activation,bias,kind,E,k", [
+    ("gelu", True, "uneven", 8, 2), ("relu2", False, "all", 4, 4), ("relu", True, "one_expert", 4, 1)])
+def test_forward_only_epilogue_equals_the_loop(activation, bias, kind, E, k, monkeypatch):
+    """Without autograd the first GEMM adds the bias and applies the activation in its epilogue (the kernel with
+    them is called, once): the layer's output equals the loop's."""
+    m = make(activation, bias, experts=E, top_k=k).to(DEVICE)
+    N = 24
+    x = torch.randn(N, 32, device=DEVICE)
+    ids, weights = routing(kind, N, E, k), torch.rand(N, k, device=DEVICE)
+    calls = []
+    fused = moe_gemm.expert_gemm_activated
+    monkeypatch.setattr(moe_gemm, "expert_gemm_activated", lambda *a, **kw: calls.append(kw) or fused(*a, **kw))
+    out = {}
+    with torch.no_grad():
+        for kernel in ("triton", "loop"):
+            m.kernel = kernel
+            out[kernel] = m.experts(x, ids, weights)
+    assert [c["activation"] for c in calls] == [activation] and (calls[0]["bias"] is not None) == bias
+    torch.testing.assert_close(out["triton"], out["loop"], atol=1e-5, rtol=1e-4)
+
+
 def test_capacity_drops_through_the_kernels():
     m = make("gelu", experts=4, top_k=2, capacity_factor=0.5).to(DEVICE)
     x = torch.randn(2, 12, 32, device=DEVICE)
@@ -110,6 +131,21 @@ def test_ssd_views_through_the_kernels(preset, activation):
     assert out["triton"][0] == pytest.approx(out["loop"][0], abs=1e-5)
     for name, g in out["loop"][1].items():
         torch.testing.assert_close(out["triton"][1][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_ssd_views_forward_only_through_the_epilogue():
+    """SSD's model run as an MoE for evaluation (gpt2 family: biases on the FFN views): the Triton path with the
+    epilogue gives the loop's loss."""
+    moe, _ = as_moe(make_model("tiny", "relu2", n_layer=1).to(DEVICE), top_k=2)
+    assert ssd_layers(moe)[0].fc.bias is not None
+    x, y = (t.to(DEVICE) for t in tokens(n=2))
+    losses = {}
+    with torch.no_grad():
+        for kernel in ("triton", "loop"):
+            for m in ssd_layers(moe):
+                m.kernel = kernel
+            losses[kernel] = moe(x, y).item()
+    assert losses["triton"] == pytest.approx(losses["loop"], abs=1e-5)
 
 
 def test_kernel_choice():
@@ -168,6 +204,27 @@ def test_real_shapes_bf16_compiled_against_the_fp32_loop(d, E, k, activation, ki
     for name, a, b in zip(["y", "x", "weights", "w_in", "w_out"], results["triton"], results["loop"]):
         assert relative_error(a, b) < 1e-2, name
 
+
+@gpu
+@pytest.mark.parametrize("d,E,k,activation,bias", [(1024, 16, 4, "relu2", True), (768, 8, 2, "gelu", False)])
+def test_real_shapes_forward_only_epilogue_against_the_fp32_loop(d, E, k, activation, bias):
+    """Evaluation's path at real shapes: compiled, bf16, bias and activation in the first GEMM's epilogue, against
+    the per-expert loop in fp32."""
+    torch.manual_seed(0)
+    m = MoEFFN(d, 4 * d // k, E, k, activation, bias=bias).cuda()
+    if bias:
+        torch.nn.init.normal_(m.in_bias, 0.0, 0.02)
+    N = 8192
+    x = torch.randn(N, d, device="cuda")
+    ids, weights = routing("random", N, E, k), torch.rand(N, k, device="cuda")
+    out = {}
+    with torch.no_grad():
+        for kernel, dtype in (("triton", torch.bfloat16), ("loop", torch.float32)):
+            layer = m.to(dtype)
+            layer.kernel = kernel
+            run = torch.compile(layer.experts, fullgraph=True) if kernel == "triton" else layer.experts
+            out[kernel] = run(x.to(dtype), ids, weights.to(dtype))
+    assert relative_error(out["triton"], out["loop"]) < 1e-2
 
 
 @pytest.mark.parametrize("method,model", [

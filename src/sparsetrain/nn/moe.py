@@ -234,6 +234,22 @@ def expert_linear(x: torch.Tensor, w: torch.Tensor, plan: Plan, kernel: str, *, 
     return GatherRows.apply(y, plan.inverse, plan.order, 1) if scatter else y
 
 
+def activated_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, plan: Plan, kernel: str,
+                   activation: str, *, gather: bool) -> torch.Tensor:
+    """activate(row @ w[e] + bias[e]) in x's dtype for every assignment of `plan`, sorted rows out (bias [E, N] or
+    None, added in fp32). Forward-only passes through the Triton kernels apply bias and activation in the GEMM's
+    epilogue (`moe_gemm.EPILOGUES`: the pre-activation is never written); otherwise the GEMM, then a pass for them."""
+    if kernel == "triton" and activation in moe_gemm.EPILOGUES and not torch.is_grad_enabled():
+        return moe_gemm.expert_gemm_activated(x, w, plan.order, plan.offs, plan.k, gather=gather, bias=bias,
+                                              activation=activation)
+    h = expert_linear(x, w, plan, kernel, gather=gather, scatter=False)
+    # Biases are added in fp32 (the sum promotes): their gradient, a sum over many rows, then accumulates in fp32
+    # too, as a dense Linear's does.
+    if bias is not None:
+        h = h + bias.float().index_select(0, plan.sorted_ids)
+    return activate(h, activation).to(x.dtype)
+
+
 def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
              expert_rows, kernel: str) -> torch.Tensor:
     """sum_j weights[:, j] * expert_{expert_ids[:, j]}(x) for rows x [N, d]: plan the N*k assignments, run
@@ -336,12 +352,8 @@ class MoEFFN(nn.Module):
         """The expert MLP of token rows x for every assignment of `plan`: slot rows [N*k, d]."""
         dtype = x.dtype
         x, gather = plan.input(x, kernel)
-        h = expert_linear(x, self.w_in.to(dtype), plan, kernel, gather=gather, scatter=False)
-        # Biases are added in fp32 (the sum promotes): their gradient, a sum over many rows, then accumulates in
-        # fp32 too, as a dense Linear's does.
-        if self.in_bias is not None:
-            h = h + self.in_bias.float().view(self.num_experts, -1).index_select(0, plan.sorted_ids)
-        a = activate(h, self.activation).to(dtype)
+        in_bias = None if self.in_bias is None else self.in_bias.view(self.num_experts, -1)
+        a = activated_rows(x, self.w_in.to(dtype), in_bias, plan, kernel, self.activation, gather=gather)
         y = expert_linear(a, self.w_out.to(dtype), plan, kernel, gather=False, scatter=True)
         if self.out_bias is not None:
             y = y + self.out_bias.float().view(self.num_experts, -1).index_select(0, plan.slot_ids)

@@ -11,9 +11,9 @@ from sparsetrain.errors import UserError
 from sparsetrain.methods.frozen import moments
 from sparsetrain.methods.shards import index_select_, whole
 from sparsetrain.methods.ssd.cluster import cluster_means
-from sparsetrain.nn.model import FFN, Transformer, activate
-from sparsetrain.nn.moe import (MoEFFN, Plan, choose_kernel, compute_dtype, dispatch, expert_counts, expert_linear,
-                                grouped_mm)
+from sparsetrain.nn.model import FFN, Transformer
+from sparsetrain.nn.moe import (MoEFFN, Plan, activated_rows, choose_kernel, compute_dtype, dispatch, expert_counts,
+                                expert_linear, grouped_mm)
 
 
 def neuron_rows(ffn: FFN) -> torch.Tensor:
@@ -116,16 +116,19 @@ class SSDFFN(FFN):
         w_in = self.fc.weight.to(dtype).view(-1, E, f, d).transpose(2, 3)  # [1 or 2 (gate, up), E, d, f]
         x, gather = plan.input(x, kernel)
 
+        bias = None if self.fc.bias is None else self.fc.bias.view(-1, E, f)  # [1 or 2, E, f]
+
         def pre_activation(part: int) -> torch.Tensor:
             h = expert_linear(x, w_in[part], plan, kernel, gather=gather, scatter=False)
-            if self.fc.bias is not None:  # added in fp32, as in MoEFFN
-                h = h + self.fc.bias.float().view(-1, E, f)[part].index_select(0, plan.sorted_ids)
+            if bias is not None:  # added in fp32, as in MoEFFN
+                h = h + bias[part].float().index_select(0, plan.sorted_ids)
             return h
 
         if self.activation == "swiglu":
             a = F.silu(pre_activation(0)) * pre_activation(1)  # activate(.., "swiglu") on [gate | up]
         else:
-            a = activate(pre_activation(0), self.activation)
+            a = activated_rows(x, w_in[0], None if bias is None else bias[0], plan, kernel, self.activation,
+                               gather=gather)
         w_out = self.proj.weight.to(dtype).view(d, E, f).permute(1, 2, 0)  # [E, f, d]
         return expert_linear(a.to(dtype), w_out, plan, kernel, gather=False, scatter=True)
 

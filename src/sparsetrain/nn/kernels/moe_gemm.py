@@ -10,7 +10,9 @@ ids. `expert_gemm(x, w, order, offs, k, ...)` multiplies every sorted row by its
 any strides: stacked experts or views of a dense FFN), reading its input row through `order` (gather) and writing
 its output row through `order` (scatter) where asked, so no permuted copy of the activations is ever made. Its backward is two kernels of the same kind: the input gradient is the same GEMM against w^T with the
 roles of gather and scatter swapped (a token's k copies summed afterwards, no atomics), the weight gradient a GEMM
-per expert over its rows (`_weight_grad_kernel`).
+per expert over its rows (`_weight_grad_kernel`). Without autograd, `expert_gemm_activated` adds the expert's bias
+and applies the activation to the accumulator before it is written (the first GEMM of a forward-only pass: the
+pre-activation is never stored).
 
 The kernels run compiled on a GPU and, with TRITON_INTERPRET=1, on the CPU (slowly: the tests use tiny shapes).
 `moe.group_gemm` with GatherRows is the reference these are tested against.
@@ -98,14 +100,15 @@ if triton is not None:
         key=["K", "N", "E"],
     )
     @triton.jit
-    def _rows_kernel(x_ptr, w_ptr, y_ptr, order_ptr, offs_ptr, rows, K, N, div,
-                     sxm, sxk, swe, swk, swn, sym, syn,
+    def _rows_kernel(x_ptr, w_ptr, y_ptr, order_ptr, offs_ptr, b_ptr, rows, K, N, div,
+                     sxm, sxk, swe, swk, swn, sym, syn, sbe, sbn,
                      E: tl.constexpr, E_POW2: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
-                     EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y[dst(r)] = x[src(r)] @ w[e(r)] for the sorted rows r of one tile. Tiles never straddle two experts:
-        each expert's rows are cut into its own BLOCK_M tiles, found from the group ends in registers, and the
-        grid's spare tiles (one per expert at most) return at once."""
+        """y[dst(r)] = act(x[src(r)] @ w[e(r)] + b[e(r)]) for the sorted rows r of one tile (bias and activation
+        only where asked: `EPILOGUES`). Tiles never straddle two experts: each expert's rows are cut into its own
+        BLOCK_M tiles, found from the group ends in registers, and the grid's spare tiles (one per expert at most)
+        return at once."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         experts = tl.arange(0, E_POW2)
@@ -140,6 +143,16 @@ if triton is not None:
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * sxk
             b_ptrs += BLOCK_K * swk
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + e.to(tl.int64) * sbe + n * sbn, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:  # gelu, tanh approximation: 1 + tanh(u) = 2 - 2 / (exp(2u) + 1)
+            u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+            acc = 0.5 * acc * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+        elif ACT == 2:  # relu
+            acc = tl.maximum(acc, 0.0)
+        elif ACT == 3:  # relu2
+            acc = tl.maximum(acc, 0.0)
+            acc = acc * acc
         if SCATTER:
             dst = tl.load(order_ptr + r, mask=in_group, other=0)
         else:
@@ -215,9 +228,7 @@ if triton is not None:
                                               E_POW2=e_pow2, BLOCK=block)
         return order, inverse, offs, sorted_ids
 
-    @triton_op("sparsetrain::expert_gemm", mutates_args=())
-    def _expert_gemm(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, div: int,
-                     gather: bool, scatter: bool) -> torch.Tensor:
+    def _launch_rows(x, w, order, offs, div, gather, scatter, bias=None, act=0):
         E, K, N = w.shape
         rows = order.numel()
         y = x.new_empty(rows, N)
@@ -225,11 +236,23 @@ if triton is not None:
         def grid(meta):
             return triton.cdiv(rows, meta["BLOCK_M"]) + E, triton.cdiv(N, meta["BLOCK_N"])
 
+        b, sb = (w, (0, 0)) if bias is None else (bias, bias.stride())  # w: a pointer never read
         wrap_triton(_rows_kernel)[grid](
-            x, w, y, order, offs, rows, K, N, div, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-            y.stride(0), y.stride(1), E=E, E_POW2=triton.next_power_of_2(E), GATHER=gather, SCATTER=scatter,
-            EVEN_K=K % ROWS_BLOCK_K == 0, PRECISION=_precision(x))
+            x, w, y, order, offs, b, rows, K, N, div, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            w.stride(2), y.stride(0), y.stride(1), *sb, E=E, E_POW2=triton.next_power_of_2(E), GATHER=gather,
+            SCATTER=scatter, EVEN_K=K % ROWS_BLOCK_K == 0, PRECISION=_precision(x), HAS_BIAS=bias is not None,
+            ACT=act)
         return y
+
+    @triton_op("sparsetrain::expert_gemm", mutates_args=())
+    def _expert_gemm(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, div: int,
+                     gather: bool, scatter: bool) -> torch.Tensor:
+        return _launch_rows(x, w, order, offs, div, gather, scatter)
+
+    @triton_op("sparsetrain::expert_gemm_activated", mutates_args=())
+    def _expert_gemm_activated(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor,
+                               div: int, gather: bool, bias: torch.Tensor | None, activation: int) -> torch.Tensor:
+        return _launch_rows(x, w, order, offs, div, gather, False, bias, activation)
 
     @triton_op("sparsetrain::expert_weight_grad", mutates_args=())
     def _expert_weight_grad(x: torch.Tensor, dy: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, div: int,
@@ -270,6 +293,18 @@ def routing_plan(expert_ids: torch.Tensor, num_experts: int):
     """(order, inverse, offs, sorted_ids), all int32: `order[r]` the slot of sorted row r (stable: slot order within
     an expert), `inverse` its inverse, `offs[e]` the end of expert e's group, `sorted_ids[r]` row r's expert."""
     return _routing_plan(expert_ids, num_experts)
+
+
+# Activations the first GEMM can apply in its epilogue (forward only), by the kernel's code for them.
+EPILOGUES = {"gelu": 1, "relu": 2, "relu2": 3}
+
+
+def expert_gemm_activated(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, k: int, *,
+                          gather: bool, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """activation(row @ w[e] + bias[e]) for every sorted row, in sorted layout: the bias ([E, N], any strides) and
+    the activation (`EPILOGUES`) applied to the fp32 accumulator before it is written, so the pre-activation is
+    never stored. Forward only: no autograd (evaluation, inference)."""
+    return _expert_gemm_activated(x, w, order, offs, k, gather, bias, EPILOGUES[activation])
 
 
 def expert_gemm(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, k: int, *,
