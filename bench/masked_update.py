@@ -7,8 +7,7 @@ of fc and qkv, columns of proj and o, the layout SAT and MST slice). Contenders:
   fused      torch.optim.AdamW(fused=True).step() over every tensor (what dense's step does)
   masked     the compiled masked update as the trainer runs it (inductor, one pass over every entry of each tensor)
   triton     the Triton update (`nn.kernels.masked_adamw.update_all`: held rows neither read nor written), one
-             launch per tensor from Python
-  triton-compiled  the same inside one torch.compile'd call (inductor's launcher; it may copy the mutated tensors)
+             launch for every tensor
 `ms`: wall time of one update, launches included; `GPU ms`: its kernels' time alone (profiler), what it costs in a
 training step whose host runs ahead of the GPU. (Inductor's combo kernels, a contender before, were 2.4x slower
 than the masked update: BENCHMARKS.md.)
@@ -19,11 +18,10 @@ than the masked update: BENCHMARKS.md.)
 from __future__ import annotations
 
 import argparse
-import functools
 
 import torch
 
-from sparsetrain.methods.frozen import _adamw_under_mask, compiled
+from sparsetrain.methods.frozen import _adamw_under_mask
 from sparsetrain.nn.kernels import masked_adamw
 from sparsetrain.nn.model import PRESETS
 from sparsetrain_bench.steps import kernel_ms, median_ms, print_table, write_rows
@@ -87,9 +85,7 @@ def main() -> None:
     rows_of, cols_of = ([f[i] for f in factors] for i in (0, 1))
     contenders = [("masked", lambda: masked(ps, grads, ms, vs, keeps, steps, hp))]
     if device.type == "cuda" and masked_adamw.available(device):  # (Triton's interpreter: minutes on the CPU)
-        for name, update_all in (("triton", masked_adamw.update_all),
-                                 ("triton-compiled", compiled(masked_adamw.update_all))):
-            contenders.append((name, functools.partial(update_all, ps, grads, ms, vs, rows_of, cols_of, steps, hp)))
+        contenders.append(("triton", lambda: masked_adamw.update_all(ps, grads, ms, vs, rows_of, cols_of, steps, hp)))
     for name, update in contenders:
         reset()
         update()  # compiles; the one update from the saved state, for the difference between the compilations

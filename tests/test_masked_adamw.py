@@ -55,3 +55,33 @@ def test_kernel_equals_the_compiled_update_and_never_touches_held_entries(shape,
     if held.all():
         return
     assert not torch.equal(new[0][~held], before[0][~held])
+
+
+@needs_kernel
+def test_one_launch_updates_every_tensor_by_its_own_mask_step_and_settings():
+    """Tensors of different shapes, masks, step counts and learning rates in one call: each equals its own
+    reference update (the table sends every tile to its tensor)."""
+    scale = 97 if DEVICE.type == "cuda" else 1
+    cases = [((37 * scale, 19), {0: 0.5}), ((19, 37 * scale), {1: 0.5}), ((45 * scale,), {}),
+             ((23, 41), {0: 0.6, 1: 0.3}), ((5, 3), {0: 0.0})]
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+    refs, news, rows, cols = [], [], [], []
+    for i, (shape, factors) in enumerate(cases):
+        vectors = {d: torch.rand(shape[d], device=DEVICE, generator=gen) < keep for d, keep in factors.items()}
+        ref, new = adamw_state(shape, i), adamw_state(shape, i)
+        ref[4].fill_(i + 1.0)
+        new[4].fill_(i + 1.0)
+        refs.append((ref, keep_mask(ref[0], vectors)))
+        news.append(new)
+        r, c = (vectors.get(0), vectors.get(1)) if len(shape) == 2 else (None, vectors.get(0))
+        rows.append(r)
+        cols.append(c)
+    hp = torch.tensor([[3e-4 * (i + 1), 0.1, 0.9, 0.95, 1e-8] for i in range(len(cases))], dtype=torch.float64,
+                      device=DEVICE)
+    for i, (ref, mask) in enumerate(refs):
+        _adamw_under_mask(*([t] for t in ref[:4]), [mask], [ref[4]], hp[i:i + 1])
+    masked_adamw.update_all(*([new[j] for new in news] for j in range(4)), rows, cols, [new[4] for new in news], hp)
+    for (ref, _), new in zip(refs, news):
+        assert new[4].item() == ref[4].item()
+        for a, b in zip(ref[:4], new[:4]):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
