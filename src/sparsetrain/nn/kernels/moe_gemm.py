@@ -8,11 +8,12 @@ A layer with N tokens and top-k routing has N*k assignments ("rows"), held in on
 sync): one kernel counts each chunk's ids per expert, a cumulative sum places the chunks, a second kernel places the
 ids. `expert_gemm(x, w, order, offs, k, ...)` multiplies every sorted row by its expert's weight w[e] ([E, K, N],
 any strides: stacked experts or views of a dense FFN), reading its input row through `order` (gather) and writing
-its output row through `order` (scatter) where asked, so no permuted copy of the activations is ever made. Its backward is two kernels of the same kind: the input gradient is the same GEMM against w^T with the
-roles of gather and scatter swapped (a token's k copies summed afterwards, no atomics), the weight gradient a GEMM
-per expert over its rows (`_weight_grad_kernel`). Without autograd, `expert_gemm_activated` adds the expert's bias
-and applies the activation to the accumulator before it is written (the first GEMM of a forward-only pass: the
-pre-activation is never stored).
+its output row through `order` (scatter) where asked, so no permuted copy of the activations is ever made. Its
+backward is two kernels of the same kind: the input gradient is the same GEMM against w^T with the roles of gather
+and scatter swapped (a token's k copies summed afterwards, no atomics), the weight gradient a GEMM per expert over
+its rows (`_weight_grad_kernel`). Without autograd, `expert_gemm_activated` adds the expert's bias and applies the
+activation to the accumulator before it is written (the first GEMM of a forward-only pass: the pre-activation is
+never stored).
 
 The kernels run compiled on a GPU and, with TRITON_INTERPRET=1, on the CPU (slowly: the tests use tiny shapes).
 `moe.group_gemm` with GatherRows is the reference these are tested against.
@@ -20,6 +21,7 @@ The kernels run compiled on a GPU and, with TRITON_INTERPRET=1, on the CPU (slow
 from __future__ import annotations
 
 import os
+from typing import Optional  # (a custom op's schema is read from its annotations: the long-supported spelling)
 
 import torch
 
@@ -251,7 +253,7 @@ if triton is not None:
 
     @triton_op("sparsetrain::expert_gemm_activated", mutates_args=())
     def _expert_gemm_activated(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor,
-                               div: int, gather: bool, bias: torch.Tensor | None, activation: int) -> torch.Tensor:
+                               div: int, gather: bool, bias: Optional[torch.Tensor], activation: int) -> torch.Tensor:
         return _launch_rows(x, w, order, offs, div, gather, False, bias, activation)
 
     @triton_op("sparsetrain::expert_weight_grad", mutates_args=())
