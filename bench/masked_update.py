@@ -80,9 +80,7 @@ def main() -> None:
         rows[0]["gpu_ms"] = kernel_ms(opt.step)
     after = {}
     masked = torch.compile(_adamw_under_mask, dynamic=False)
-    factors = [(k.view(-1), None) if dim == 0 else (None, k.view(-1)) for k, (_, dim) in zip(keeps, mats)]
-
-    rows_of, cols_of = ([f[i] for f in factors] for i in (0, 1))
+    rows_of, cols_of = ([k.view(-1) if dim == held else None for k, (_, dim) in zip(keeps, mats)] for held in (0, 1))
     contenders = [("masked", lambda: masked(ps, grads, ms, vs, keeps, steps, hp))]
     if device.type == "cuda" and masked_adamw.available(device):  # (Triton's interpreter: minutes on the CPU)
         contenders.append(("triton", lambda: masked_adamw.update_all(ps, grads, ms, vs, rows_of, cols_of, steps, hp)))

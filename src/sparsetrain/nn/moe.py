@@ -234,20 +234,24 @@ def expert_linear(x: torch.Tensor, w: torch.Tensor, plan: Plan, kernel: str, *, 
     return GatherRows.apply(y, plan.inverse, plan.order, 1) if scatter else y
 
 
+def biased_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, plan: Plan, kernel: str, *,
+                gather: bool) -> torch.Tensor:
+    """row @ w[e] + bias[e] for every assignment of `plan`, sorted rows out (bias [E, N] or None). The bias is added
+    in fp32 (the sum promotes): its gradient, a sum over many rows, then accumulates in fp32 too, as a dense Linear's
+    does."""
+    h = expert_linear(x, w, plan, kernel, gather=gather, scatter=False)
+    return h if bias is None else h + bias.float().index_select(0, plan.sorted_ids)
+
+
 def activated_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, plan: Plan, kernel: str,
                    activation: str, *, gather: bool) -> torch.Tensor:
-    """activate(row @ w[e] + bias[e]) in x's dtype for every assignment of `plan`, sorted rows out (bias [E, N] or
-    None, added in fp32). Forward-only passes through the Triton kernels apply bias and activation in the GEMM's
-    epilogue (`moe_gemm.EPILOGUES`: the pre-activation is never written); otherwise the GEMM, then a pass for them."""
+    """activate(row @ w[e] + bias[e]) in x's dtype for every assignment of `plan`, sorted rows out. Forward-only
+    passes through the Triton kernels apply bias and activation in the GEMM's epilogue (`moe_gemm.EPILOGUES`: the
+    pre-activation is never written); otherwise the GEMM, then a pass for them."""
     if kernel == "triton" and activation in moe_gemm.EPILOGUES and not torch.is_grad_enabled():
         return moe_gemm.expert_gemm_activated(x, w, plan.order, plan.offs, plan.k, gather=gather, bias=bias,
                                               activation=activation)
-    h = expert_linear(x, w, plan, kernel, gather=gather, scatter=False)
-    # Biases are added in fp32 (the sum promotes): their gradient, a sum over many rows, then accumulates in fp32
-    # too, as a dense Linear's does.
-    if bias is not None:
-        h = h + bias.float().index_select(0, plan.sorted_ids)
-    return activate(h, activation).to(x.dtype)
+    return activate(biased_rows(x, w, bias, plan, kernel, gather=gather), activation).to(x.dtype)
 
 
 def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int,

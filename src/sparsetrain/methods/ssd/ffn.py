@@ -12,8 +12,8 @@ from sparsetrain.methods.frozen import moments
 from sparsetrain.methods.shards import index_select_, whole
 from sparsetrain.methods.ssd.cluster import cluster_means
 from sparsetrain.nn.model import FFN, Transformer
-from sparsetrain.nn.moe import (MoEFFN, Plan, activated_rows, choose_kernel, compute_dtype, dispatch, expert_counts,
-                                expert_linear, grouped_mm)
+from sparsetrain.nn.moe import (MoEFFN, Plan, activated_rows, biased_rows, choose_kernel, compute_dtype, dispatch,
+                                expert_counts, expert_linear, grouped_mm)
 
 
 def neuron_rows(ffn: FFN) -> torch.Tensor:
@@ -115,20 +115,12 @@ class SSDFFN(FFN):
         dtype = x.dtype
         w_in = self.fc.weight.to(dtype).view(-1, E, f, d).transpose(2, 3)  # [1 or 2 (gate, up), E, d, f]
         x, gather = plan.input(x, kernel)
-
-        bias = None if self.fc.bias is None else self.fc.bias.view(-1, E, f)  # [1 or 2, E, f]
-
-        def pre_activation(part: int) -> torch.Tensor:
-            h = expert_linear(x, w_in[part], plan, kernel, gather=gather, scatter=False)
-            if bias is not None:  # added in fp32, as in MoEFFN
-                h = h + bias[part].float().index_select(0, plan.sorted_ids)
-            return h
-
-        if self.activation == "swiglu":
-            a = F.silu(pre_activation(0)) * pre_activation(1)  # activate(.., "swiglu") on [gate | up]
+        bias = [None, None] if self.fc.bias is None else self.fc.bias.view(-1, E, f)  # [1 or 2 (gate, up), E, f]
+        if self.activation == "swiglu":  # activate(.., "swiglu") on [gate | up]
+            gate, up = (biased_rows(x, w_in[part], bias[part], plan, kernel, gather=gather) for part in (0, 1))
+            a = F.silu(gate) * up
         else:
-            a = activated_rows(x, w_in[0], None if bias is None else bias[0], plan, kernel, self.activation,
-                               gather=gather)
+            a = activated_rows(x, w_in[0], bias[0], plan, kernel, self.activation, gather=gather)
         w_out = self.proj.weight.to(dtype).view(d, E, f).permute(1, 2, 0)  # [E, f, d]
         return expert_linear(a.to(dtype), w_out, plan, kernel, gather=False, scatter=True)
 
