@@ -1,0 +1,223 @@
+"""The expert GEMMs of an MoE layer one by one, against the dense GEMM of equal FLOPs: where the layer's time goes.
+
+For each shape (d, experts E, top-k, expert width f; N tokens, N*k rows, routed by a random router), the four GEMMs
+of the expert MLP that carry its FLOPs, each beside the cuBLAS GEMM of a dense FFN of width k*f doing the same work:
+  fwd1   token rows x [N, d] -> sorted rows h [N*k, f]        (dense: x @ W1)
+  fwd2   sorted rows h -> slot rows y [N*k, d]                 (dense: H @ W2)
+  wgrad1 dW1[e] = x[rows of e]^T @ dh[rows of e]              (dense: x^T @ dH)
+  wgrad2 dW2[e] = h[rows of e]^T @ dy[rows of e]              (dense: H^T @ dY)
+  dgrad2 dy (slot rows) @ w2[e]^T -> sorted rows              (dense: dY @ W2^T)
+  dgrad1 dh (sorted rows) @ w1[e]^T -> slot rows              (dense: dH @ W1^T)
+Contenders:
+  grouped_mm          torch's grouped GEMM on sorted copies, the copies not counted (`copy` rows: their cost)
+  triton              this project's kernels (`nn.kernels.moe_gemm`), rows gathered / scattered inside, autotuned
+  triton cfg ...      the Triton kernel at one tile configuration (`--sweep`), weight gradients also split over rows
+  triton sorted       the weight-gradient kernel on sorted copies (no gather in the kernel)
+Times are `triton.testing.do_bench` medians (GPU time, L2 flushed); `vs dense` = time / the dense GEMM's.
+
+    PYTHONPATH=src python3 bench/expert_gemms.py --shapes 768:8:2 1024:16:4 --sweep --out $OUT/expert_gemms.json
+    TRITON_INTERPRET=1 PYTHONPATH=src python3 bench/expert_gemms.py --device cpu --quick   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from sparsetrain.nn.kernels import moe_gemm
+from sparsetrain.nn.moe import group_gemm, grouped_mm, routing_plan
+from sparsetrain_bench.steps import median_ms, print_table, write_rows
+
+COLUMNS = [("shape", "d:E:k:f", ""), ("gemm", "GEMM", ""), ("contender", "contender", ""), ("ms", "ms", ".4f"),
+           ("tflops", "TFLOP/s", ".0f"), ("vs_dense", "vs dense", ".2f"), ("max_err", "max rel err", ".1e")]
+ROWS_SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
+              for m, n, k, w, s in [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+                                    (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]]
+WGRAD_SWEEP = [dict(BLOCK_K=k, BLOCK_N=n, BLOCK_R=r, num_warps=w, num_stages=s)
+               for k, n, r, w, s in [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
+                                     (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3)]]
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """'d:E:k' (f = 4d/k) or 'd:E:k:f'."""
+    parts = [int(v) for v in text.split(":")]
+    if len(parts) == 3:
+        parts.append(4 * parts[0] // parts[2])
+    if len(parts) != 4:
+        raise SystemExit(f"a shape is d:E:k or d:E:k:f, not {text!r}")
+    return tuple(parts)
+
+
+def timer(device: torch.device, quick: bool):
+    if quick or device.type != "cuda":
+        return lambda fn: median_ms(fn, warmup=1, iters=2, cuda=False)
+    import triton.testing
+    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100)
+
+
+def launch_rows(cfg, x, w, order, offs, div, gather, scatter):
+    """The rows kernel at one tile configuration (the autotuner bypassed)."""
+    E, K, N = w.shape
+    rows = order.numel()
+    y = x.new_empty(rows, N)
+    grid = (-(-rows // cfg["BLOCK_M"]) + E, -(-N // cfg["BLOCK_N"]))
+    moe_gemm._rows_kernel.fn[grid](
+        x, w, y, order, offs, w, rows, K, N, div, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        y.stride(0), y.stride(1), 0, 0, E=E, E_POW2=1 << (E - 1).bit_length(), GATHER=gather, SCATTER=scatter,
+        EVEN_K=K % cfg["BLOCK_K"] == 0, PRECISION=moe_gemm._precision(x), HAS_BIAS=False, ACT=0, **cfg)
+    return y
+
+
+def launch_wgrad(cfg, splits, x, dy, order, offs, div, x_gather, dy_gather):
+    """The weight-gradient kernel at one tile configuration and split over rows."""
+    E, K, N = offs.numel(), x.shape[1], dy.shape[1]
+    dw = x.new_empty(splits, E, K, N, dtype=x.dtype if splits == 1 else torch.float32)
+    grid = (-(-K // cfg["BLOCK_K"]) * -(-N // cfg["BLOCK_N"]), E, splits)
+    moe_gemm._weight_grad_kernel.fn[grid](
+        x, dy, dw, order, offs, K, N, div, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), *dw.stride(),
+        E=E, X_GATHER=x_gather, DY_GATHER=dy_gather, PRECISION=moe_gemm._precision(x), **cfg)
+    return dw[0] if splits == 1 else dw.sum(dim=0).to(x.dtype)
+
+
+def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, splits: list[int], time_ms,
+                device: torch.device, dtype: torch.dtype) -> list[dict]:
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, d, device=device, dtype=dtype, generator=g)
+    router = torch.randn(d, E, device=device, dtype=dtype, generator=g)
+    expert_ids = (x @ router).float().topk(k, dim=-1).indices
+    plan = routing_plan(expert_ids, E, fused=moe_gemm.available(device))
+    order, offs = plan.order, plan.offs
+    w1 = torch.randn(E, d, f, device=device, dtype=dtype, generator=g) / d ** 0.5
+    w2 = torch.randn(E, f, d, device=device, dtype=dtype, generator=g) / f ** 0.5
+    x_sorted = x.index_select(0, (order // k).long())
+    h = grouped_mm(x_sorted, w1, offs=offs) if device.type == "cuda" else moe_gemm.expert_gemm(
+        x_sorted, w1, order, offs, k, gather=False, scatter=False)
+    dh = torch.randn_like(h)
+    dy_slot = torch.randn(tokens * k, d, device=device, dtype=dtype, generator=g)
+    dy_sorted = dy_slot.index_select(0, order.long())
+    # Dense FFN of width k*f: the same FLOPs per GEMM.
+    W1 = torch.randn(d, k * f, device=device, dtype=dtype, generator=g)
+    W2 = torch.randn(k * f, d, device=device, dtype=dtype, generator=g)
+    H = torch.randn(tokens, k * f, device=device, dtype=dtype, generator=g)
+    dY = torch.randn(tokens, d, device=device, dtype=dtype, generator=g)
+    flops = 2 * tokens * d * k * f
+    shape = f"{d}:{E}:{k}:{f}"
+    rows: list[dict] = []
+    # The oracle: one fp32 GEMM per expert on sorted copies.
+    ends = offs.tolist()
+    groups = list(zip([0] + ends[:-1], ends))
+    references = {
+        "fwd1": group_gemm(x_sorted.float(), w1.float(), offs, grouped=False),
+        "fwd2": group_gemm(h.float(), w2.float(), offs, grouped=False).index_select(0, plan.inverse.long()),
+        "dgrad1": group_gemm(dh.float(), w1.float().transpose(1, 2), offs, grouped=False).index_select(
+            0, plan.inverse.long()),
+        "dgrad2": group_gemm(dy_sorted.float(), w2.float().transpose(1, 2), offs, grouped=False),
+        "wgrad1": torch.stack([x_sorted[a:b].float().t() @ dh[a:b].float() for a, b in groups]),
+        "wgrad2": torch.stack([h[a:b].float().t() @ dy_sorted[a:b].float() for a, b in groups]),
+    }
+
+    def add(gemm: str, contender: str, fn, dense_ms: float | None = None):
+        out = fn()
+        ms = time_ms(fn)
+        err = None
+        if contender != "dense" and not contender.startswith("copy"):
+            ref = references[gemm]
+            err = ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+        row = {"shape": shape, "gemm": gemm, "contender": contender, "ms": ms, "tflops": flops / ms / 1e9,
+               "vs_dense": None if dense_ms is None else ms / dense_ms, "max_err": err}
+        rows.append(row)
+        return ms
+
+    gm = device.type == "cuda"
+    # fwd1: token rows in, sorted rows out.
+    dense = add("fwd1", "dense", lambda: x @ W1)
+    if gm:
+        add("fwd1", "grouped_mm", lambda: grouped_mm(x_sorted, w1, offs=offs), dense)
+        add("fwd1", "copy (gather x)", lambda: x.index_select(0, (order // k).long()), dense)
+    add("fwd1", "triton", lambda: moe_gemm.expert_gemm(x, w1, order, offs, k, gather=True, scatter=False), dense)
+    for cfg in ROWS_SWEEP if sweep else []:
+        add("fwd1", f"triton {tag(cfg)}", lambda c=cfg: launch_rows(c, x, w1, order, offs, k, True, False), dense)
+    # fwd2: sorted rows in, slot rows out.
+    dense = add("fwd2", "dense", lambda: H @ W2)
+    if gm:
+        add("fwd2", "grouped_mm", lambda: grouped_mm(h, w2, offs=offs).index_select(0, plan.inverse.long()), dense)
+    add("fwd2", "triton", lambda: moe_gemm.expert_gemm(h, w2, order, offs, k, gather=False, scatter=True), dense)
+    for cfg in ROWS_SWEEP if sweep else []:
+        add("fwd2", f"triton {tag(cfg)}", lambda c=cfg: launch_rows(c, h, w2, order, offs, k, False, True), dense)
+    # dgrad2: dy (slot layout) in, sorted rows out, against w2^T; dgrad1: dh (sorted) in, slot rows out, w1^T.
+    w1t, w2t = w1.transpose(1, 2), w2.transpose(1, 2)
+    dense = add("dgrad2", "dense", lambda: dY @ W2.t())
+    if gm:
+        add("dgrad2", "grouped_mm", lambda: grouped_mm(dy_sorted, w2t, offs=offs), dense)
+    add("dgrad2", "triton", lambda: moe_gemm.expert_gemm(dy_slot, w2t, order, offs, 1, gather=True, scatter=False),
+        dense)
+    dense = add("dgrad1", "dense", lambda: H @ W1.t())
+    if gm:
+        add("dgrad1", "grouped_mm", lambda: grouped_mm(dh, w1t, offs=offs).index_select(0, plan.inverse.long()),
+            dense)
+    add("dgrad1", "triton", lambda: moe_gemm.expert_gemm(dh, w1t, order, offs, 1, gather=False, scatter=True), dense)
+    # wgrad1: x (token layout) and dh (sorted).
+    dense = add("wgrad1", "dense", lambda: x.t() @ H)
+    if gm:
+        add("wgrad1", "grouped_mm", lambda: grouped_mm(x_sorted.t(), dh, offs=offs), dense)
+    add("wgrad1", "triton", lambda: moe_gemm.expert_weight_grad(x, dh, order, offs, k, x_gather=True,
+                                                                 dy_gather=False), dense)
+    add("wgrad1", "triton sorted", lambda: moe_gemm.expert_weight_grad(x_sorted, dh, order, offs, 1, x_gather=False,
+                                                                        dy_gather=False), dense)
+    for cfg, s in itertools.product(WGRAD_SWEEP if sweep else [], splits):
+        add("wgrad1", f"triton {tag(cfg)} split {s}",
+            lambda c=cfg, s=s: launch_wgrad(c, s, x, dh, order, offs, k, True, False), dense)
+    # wgrad2: h (sorted) and dy (slot layout).
+    dense = add("wgrad2", "dense", lambda: H.t() @ dY)
+    if gm:
+        add("wgrad2", "grouped_mm", lambda: grouped_mm(h.t(), dy_sorted, offs=offs), dense)
+        add("wgrad2", "copy (gather dy)", lambda: dy_slot.index_select(0, order.long()), dense)
+    add("wgrad2", "triton", lambda: moe_gemm.expert_weight_grad(h, dy_slot, order, offs, 1, x_gather=False,
+                                                                 dy_gather=True), dense)
+    for cfg, s in itertools.product(WGRAD_SWEEP if sweep else [], splits):
+        add("wgrad2", f"triton {tag(cfg)} split {s}",
+            lambda c=cfg, s=s: launch_wgrad(c, s, h, dy_slot, order, offs, 1, False, True), dense)
+    return rows
+
+
+def tag(cfg: dict) -> str:
+    dims = "x".join(str(v) for key, v in cfg.items() if key.startswith("BLOCK"))
+    return f"{dims} w{cfg['num_warps']} s{cfg['num_stages']}"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, two timed calls (a smoke test)")
+    p.add_argument("--shapes", nargs="+", default=["768:8:2", "1024:16:4", "1024:16:4:256"],
+                   help="d:E:k (expert width 4d/k) or d:E:k:f")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--sweep", action="store_true", help="also each tile configuration of the sweep lists")
+    p.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4], help="row splits of the weight gradients")
+    p.add_argument("--out", help="write the rows as JSON here")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if not moe_gemm.available(device):
+        raise SystemExit("the Triton kernels need a GPU with Triton, or TRITON_INTERPRET=1 on the CPU")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = [parse_shape(s) for s in a.shapes]
+    tokens = a.tokens
+    if a.quick:
+        shapes, tokens = [(32, 4, 2, 32)], 64
+        global ROWS_SWEEP, WGRAD_SWEEP
+        ROWS_SWEEP = [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1)]
+        WGRAD_SWEEP = [dict(BLOCK_K=32, BLOCK_N=32, BLOCK_R=32, num_warps=1, num_stages=1)]
+    time_ms = timer(device, a.quick)
+    rows = []
+    for d, E, k, f in shapes:
+        rows += bench_shape(d, E, k, f, tokens, a.sweep, a.splits, time_ms, device, dtype)
+        print_table([r for r in rows if r["shape"] == f"{d}:{E}:{k}:{f}"], COLUMNS)
+    if a.out:
+        write_rows(rows, a.out, meta=vars(a))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
