@@ -24,7 +24,6 @@ import argparse
 import itertools
 
 import torch
-import torch.nn.functional as F
 
 from sparsetrain.nn.kernels import moe_gemm
 from sparsetrain.nn.moe import group_gemm, grouped_mm, routing_plan
