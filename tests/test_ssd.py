@@ -198,6 +198,9 @@ def test_sparse_step_computes_and_updates_only_chosen_experts():
     model(x, y).backward()
     handle.remove()
     assert layer.load.tolist() == [0.0, 0.0, x.numel(), 0.0]
+    with torch.no_grad():  # an evaluation or inference pass is not counted: only a training step updates experts
+        model(x, y)
+    assert layer.load.tolist() == [0.0, 0.0, x.numel(), 0.0]
     assert (layer.fc.weight.grad[idle] == 0).all() and (layer.fc.bias.grad[idle] == 0).all()
     assert (layer.proj.weight.grad[:, idle] == 0).all()
     assert (layer.fc.weight.grad[chosen] != 0).any() and (layer.proj.weight.grad[:, chosen] != 0).any()

@@ -4,6 +4,7 @@ with its MoE inference, mst-pretrain) and hybrid sparse attention alone (hsa-att
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -147,12 +148,15 @@ def run_pretrain(ctx: Context, contenders: list[tuple[str, dict[str, Any]]], mod
 def inference_times(model: torch.nn.Module, x: torch.Tensor, rt, compiled: bool,
                     cuda_graphs: bool = False, profile: bool = False) -> dict[str, float]:
     """Prefill of the batch `x` (the whole model) and its FFNs alone (on the hidden states the batch gives them), ms,
-    dense and as an MoE, for a model run as an MoE (`prepare_moe` / `run_as_moe`); ends with it dense. `compiled`:
-    timed compiled, as every contender (static shapes: see Method.static_shapes); each mode compiles its graphs in
-    its first warm-up call. `cuda_graphs` (compiled only): each compiled call replays as one CUDA graph, as a
-    serving stack runs a prefill, so neither mode pays the host's launches (an MoE FFN launches ~10 kernels, a
-    dense one 3). `profile`: print the profiler's table of the FFNs' kernels in each mode (where the MoE's time
+    dense and as an MoE, for a model run as an MoE (`prepare_moe` / `run_as_moe`; left as it was). As a serving
+    stack runs a model: a copy with its weights in the compute dtype (fp32 weights would be cast in every call).
+    `compiled`: timed compiled, as every contender (static shapes: see Method.static_shapes); each mode compiles its
+    graphs in its first warm-up call. `cuda_graphs` (compiled only): each compiled call replays as one CUDA graph, as
+    a serving stack runs a prefill, so neither mode pays the host's launches (an MoE FFN launches ~10 kernels, a
+    dense one 3); the FFNs' inputs are marked static, so no replay copies them in (inside a prefill they are made
+    in the graph). `profile`: print the profiler's table of the FFNs' kernels in each mode (where the MoE's time
     goes)."""
+    model = copy.deepcopy(model).to(rt.dtype)
     inputs = []  # every FFN's input on this batch (the same for both timings)
     hooks = [b.mlp.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in model.blocks]
     route_ffns(model, False)
@@ -160,6 +164,9 @@ def inference_times(model: torch.nn.Module, x: torch.Tensor, rt, compiled: bool,
         model(x)
     for h in hooks:
         h.remove()
+    if cuda_graphs:
+        for h in inputs:
+            torch._dynamo.mark_static_address(h)
     mode = "reduce-overhead" if cuda_graphs else None
     timed_model = torch.compile(model, dynamic=False, mode=mode) if compiled else model
     timed_ffns = [torch.compile(b.mlp, dynamic=False, mode=mode) if compiled else b.mlp for b in model.blocks]
@@ -182,7 +189,6 @@ def inference_times(model: torch.nn.Module, x: torch.Tensor, rt, compiled: bool,
         times[f"ffn_ms_{mode}"] = median_ms(ffns)
         if profile:
             print(f"the FFNs' kernels, {mode}\n{kernel_table(ffns, rows=20)}", flush=True)
-    route_ffns(model, False)
     times["prefill_speedup"] = times["prefill_ms_dense"] / times["prefill_ms_moe"]
     times["ffn_speedup"] = times["ffn_ms_dense"] / times["ffn_ms_moe"]
     return times

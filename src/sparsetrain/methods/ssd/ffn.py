@@ -88,13 +88,16 @@ class SSDFFN(FFN):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts by centroid score [N, k] and their straight-through gates: exactly 1 forward, the gradient
-        of the softmax over the top-k scores backward."""
+        of the softmax over the top-k scores backward. The experts' load (which experts the step's optimizer
+        updates) is counted in training passes only, not in evaluation or inference."""
         xr = x if self.router_grad else x.detach()
         scores = F.linear(xr, self.centroids.to(xr.dtype)).float()
-        top, expert_ids = scores.topk(self.top_k, dim=-1)
+        top, expert_ids = scores.sort(dim=-1, descending=True)  # of E values a row: one kernel, topk takes two
+        top, expert_ids = top[:, : self.top_k], expert_ids[:, : self.top_k]
         s = top.softmax(dim=-1)
-        with torch.no_grad():
-            self.load += expert_counts(expert_ids, self.num_experts)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                self.load += expert_counts(expert_ids, self.num_experts)
         return expert_ids, (s - s.detach()) + 1.0
 
     def grouped_mm_ok(self, dtype: torch.dtype, device: torch.device) -> bool:
