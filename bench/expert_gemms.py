@@ -11,7 +11,7 @@ of the expert MLP that carry its FLOPs, each beside the cuBLAS GEMM of a dense F
 Contenders:
   grouped_mm          torch's grouped GEMM on sorted copies, the copies not counted (`copy` rows: their cost)
   triton              this project's kernels (`nn.kernels.moe_gemm`), rows gathered / scattered inside, autotuned
-  triton cfg ...      the Triton kernel at one tile configuration (`--sweep`), weight gradients also split over rows
+  triton cfg ...      the Triton kernel at one tile configuration (`--sweep`)
   triton sorted       the weight-gradient kernel on sorted copies (no gather in the kernel)
 Times are `triton.testing.do_bench` medians (GPU time, L2 flushed); `vs dense` = time / the dense GEMM's.
 
@@ -21,8 +21,6 @@ Times are `triton.testing.do_bench` medians (GPU time, L2 flushed); `vs dense` =
 from __future__ import annotations
 
 import argparse
-import itertools
-
 import torch
 
 from sparsetrain.nn.kernels import moe_gemm
@@ -69,18 +67,18 @@ def launch_rows(cfg, x, w, order, offs, div, gather, scatter):
     return y
 
 
-def launch_wgrad(cfg, splits, x, dy, order, offs, div, x_gather, dy_gather):
-    """The weight-gradient kernel at one tile configuration and split over rows."""
+def launch_wgrad(cfg, x, dy, order, offs, div, x_gather, dy_gather):
+    """The weight-gradient kernel at one tile configuration."""
     E, K, N = offs.numel(), x.shape[1], dy.shape[1]
-    dw = x.new_empty(splits, E, K, N, dtype=x.dtype if splits == 1 else torch.float32)
-    grid = (-(-K // cfg["BLOCK_K"]) * -(-N // cfg["BLOCK_N"]), E, splits)
+    dw = x.new_empty(E, K, N)
+    grid = (-(-K // cfg["BLOCK_K"]) * -(-N // cfg["BLOCK_N"]), E)
     moe_gemm._weight_grad_kernel.fn[grid](
         x, dy, dw, order, offs, K, N, div, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), *dw.stride(),
         E=E, X_GATHER=x_gather, DY_GATHER=dy_gather, PRECISION=moe_gemm._precision(x), **cfg)
-    return dw[0] if splits == 1 else dw.sum(dim=0).to(x.dtype)
+    return dw
 
 
-def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, splits: list[int], time_ms,
+def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_ms,
                 device: torch.device, dtype: torch.dtype) -> list[dict]:
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(tokens, d, device=device, dtype=dtype, generator=g)
@@ -165,9 +163,8 @@ def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, splits
                                                                  dy_gather=False), dense)
     add("wgrad1", "triton sorted", lambda: moe_gemm.expert_weight_grad(x_sorted, dh, order, offs, 1, x_gather=False,
                                                                         dy_gather=False), dense)
-    for cfg, s in itertools.product(WGRAD_SWEEP if sweep else [], splits):
-        add("wgrad1", f"triton {tag(cfg)} split {s}",
-            lambda c=cfg, s=s: launch_wgrad(c, s, x, dh, order, offs, k, True, False), dense)
+    for cfg in WGRAD_SWEEP if sweep else []:
+        add("wgrad1", f"triton {tag(cfg)}", lambda c=cfg: launch_wgrad(c, x, dh, order, offs, k, True, False), dense)
     # wgrad2: h (sorted) and dy (slot layout).
     dense = add("wgrad2", "dense", lambda: H.t() @ dY)
     if gm:
@@ -175,9 +172,9 @@ def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, splits
         add("wgrad2", "copy (gather dy)", lambda: dy_slot.index_select(0, order.long()), dense)
     add("wgrad2", "triton", lambda: moe_gemm.expert_weight_grad(h, dy_slot, order, offs, 1, x_gather=False,
                                                                  dy_gather=True), dense)
-    for cfg, s in itertools.product(WGRAD_SWEEP if sweep else [], splits):
-        add("wgrad2", f"triton {tag(cfg)} split {s}",
-            lambda c=cfg, s=s: launch_wgrad(c, s, h, dy_slot, order, offs, 1, False, True), dense)
+    for cfg in WGRAD_SWEEP if sweep else []:
+        add("wgrad2", f"triton {tag(cfg)}", lambda c=cfg: launch_wgrad(c, h, dy_slot, order, offs, 1, False, True),
+            dense)
     return rows
 
 
@@ -194,7 +191,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="d:E:k (expert width 4d/k) or d:E:k:f")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--sweep", action="store_true", help="also each tile configuration of the sweep lists")
-    p.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4], help="row splits of the weight gradients")
     p.add_argument("--out", help="write the rows as JSON here")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -211,7 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     time_ms = timer(device, a.quick)
     rows = []
     for d, E, k, f in shapes:
-        rows += bench_shape(d, E, k, f, tokens, a.sweep, a.splits, time_ms, device, dtype)
+        rows += bench_shape(d, E, k, f, tokens, a.sweep, time_ms, device, dtype)
         print_table([r for r in rows if r["shape"] == f"{d}:{E}:{k}:{f}"], COLUMNS)
     if a.out:
         write_rows(rows, a.out, meta=vars(a))

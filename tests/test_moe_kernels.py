@@ -62,27 +62,6 @@ def test_expert_gemm_and_its_gradients_equal_the_loop(gather, scatter, k):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("splits", [2, 3, 7])
-def test_weight_grad_split_over_rows_equals_one_pass(splits):
-    """Each expert's rows cut into `splits` parts (some empty: expert 3 has no rows, others fewer rows than parts
-    of a block) and summed equal the one-pass weight gradient, for both layouts of each operand."""
-    torch.manual_seed(0)
-    N, E, k, K, M = 45, 5, 2, 24, 40
-    ids = routing("random", N, E, k)
-    ids = torch.where(ids == 3, 4, ids)  # expert 3 empty (a token may now pick 4 twice: the sums do not mind)
-    plan = routing_plan(ids, E, fused=True)
-    x = torch.randn(N, K, device=DEVICE)
-    dy = torch.randn(N * k, M, device=DEVICE)
-    for x_gather, dy_gather in [(True, False), (True, True), (False, True)]:
-        xs = x if x_gather else torch.randn(N * k, K, device=DEVICE)
-        one = moe_gemm.expert_weight_grad(xs, dy, plan.order, plan.offs, k, x_gather=x_gather, dy_gather=dy_gather)
-        split = moe_gemm.expert_weight_grad(xs, dy, plan.order, plan.offs, k, x_gather=x_gather,
-                                            dy_gather=dy_gather, splits=splits)
-        assert split.shape == one.shape == (E, K, M)
-        torch.testing.assert_close(split, one, atol=1e-5, rtol=1e-5)
-        assert split[3].abs().max() == 0
-
-
 @pytest.mark.parametrize("activation,bias,kind,E,k", [
     ("swiglu", False, "uneven", 8, 2), ("gelu", True, "one_expert", 4, 1), ("relu2", False, "all", 4, 4)])
 def test_moe_layer_through_the_kernels_equals_the_loop(activation, bias, kind, E, k):

@@ -174,25 +174,22 @@ if triton is not None:
     )
     @triton.jit
     def _weight_grad_kernel(x_ptr, dy_ptr, dw_ptr, order_ptr, offs_ptr, K, N, div,
-                            sxm, sxk, sdm, sdn, sws, swe, swk, swn,
+                            sxm, sxk, sdm, sdn, swe, swk, swn,
                             E: tl.constexpr, X_GATHER: tl.constexpr, DY_GATHER: tl.constexpr,
                             PRECISION: tl.constexpr,
                             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        """dw[s, e] = x[rows of e]^T @ dy[rows of e] over the s-th of the grid's splits of those rows: one
-        [BLOCK_K, BLOCK_N] tile of one expert per program, the expert's rows read through `order` where the operand
-        is not in sorted layout. An expert (or a split) without rows gets zeros."""
+        """dw[e] = x[rows of e]^T @ dy[rows of e]: one [BLOCK_K, BLOCK_N] tile of one expert per program, the
+        expert's rows read through `order` where the operand is not in sorted layout. An expert without rows gets
+        zeros. (Splitting an expert's rows over several programs, partial sums added after, was slower at every
+        width measured: BENCHMARKS.md, tenth round.)"""
         pid = tl.program_id(0)
         e = tl.program_id(1)
-        s = tl.program_id(2)
         n_tiles = tl.cdiv(N, BLOCK_N)
         kk = (pid // n_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
         n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
         end = tl.load(offs_ptr + e)
         start = tl.load(offs_ptr + tl.maximum(e - 1, 0))
         start = tl.where(e > 0, start, 0)
-        share = tl.cdiv(tl.cdiv(end - start, tl.num_programs(2)), BLOCK_R) * BLOCK_R  # whole blocks of rows
-        start = tl.minimum(start + s * share, end)
-        end = tl.minimum(start + share, end)
         rr = tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         for r0 in range(start, end, BLOCK_R):
@@ -211,7 +208,7 @@ if triton is not None:
             b = tl.load(dy_ptr + ds.to(tl.int64)[:, None] * sdm + n[None, :] * sdn,
                         mask=ok[:, None] & (n < N)[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        dw_ptrs = dw_ptr + s.to(tl.int64) * sws + e.to(tl.int64) * swe + kk[:, None] * swk + n[None, :] * swn
+        dw_ptrs = dw_ptr + e.to(tl.int64) * swe + kk[:, None] * swk + n[None, :] * swn
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(kk < K)[:, None] & (n < N)[None, :])
 
     @triton_op("sparsetrain::routing_plan", mutates_args=())
@@ -262,19 +259,18 @@ if triton is not None:
 
     @triton_op("sparsetrain::expert_weight_grad", mutates_args=())
     def _expert_weight_grad(x: torch.Tensor, dy: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, div: int,
-                            x_gather: bool, dy_gather: bool, splits: int) -> torch.Tensor:
+                            x_gather: bool, dy_gather: bool) -> torch.Tensor:
         E, K, N = offs.numel(), x.shape[1], dy.shape[1]
-        # Split over rows: each split's partial sum in fp32, added after (deterministic, no atomics).
-        dw = x.new_empty(splits, E, K, N, dtype=x.dtype if splits == 1 else torch.float32)
+        dw = x.new_empty(E, K, N)
 
         def grid(meta):
-            return triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]), E, splits
+            return triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]), E
 
         wrap_triton(_weight_grad_kernel)[grid](
             x, dy, dw, order, offs, K, N, div, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-            dw.stride(0), dw.stride(1), dw.stride(2), dw.stride(3), E=E, X_GATHER=x_gather, DY_GATHER=dy_gather,
+            dw.stride(0), dw.stride(1), dw.stride(2), E=E, X_GATHER=x_gather, DY_GATHER=dy_gather,
             PRECISION=_precision(x))
-        return dw[0] if splits == 1 else dw.sum(dim=0).to(x.dtype)
+        return dw
 
     def _setup_context(ctx, inputs, output):
         x, w, order, offs, div, gather, scatter = inputs
@@ -324,8 +320,7 @@ def expert_gemm(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: tor
 
 
 def expert_weight_grad(x: torch.Tensor, dy: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, k: int, *,
-                       x_gather: bool, dy_gather: bool, splits: int = 1) -> torch.Tensor:
+                       x_gather: bool, dy_gather: bool) -> torch.Tensor:
     """dw [E, K, N]: every expert's rows of x (token layout read through `order` where `x_gather`, else sorted)
-    times its rows of dy (slot layout where `dy_gather`, else sorted), summed; `splits` cuts each expert's rows into
-    that many parts summed in fp32 afterwards (more programs for a grid with few tiles)."""
-    return _expert_weight_grad(x, dy, order, offs, k, x_gather, dy_gather, splits)
+    times its rows of dy (slot layout where `dy_gather`, else sorted), summed."""
+    return _expert_weight_grad(x, dy, order, offs, k, x_gather, dy_gather)
