@@ -29,9 +29,10 @@ from sparsetrain_bench.steps import median_ms, print_table, write_rows
 
 COLUMNS = [("shape", "d:E:k:f", ""), ("gemm", "GEMM", ""), ("contender", "contender", ""), ("ms", "ms", ".4f"),
            ("tflops", "TFLOP/s", ".0f"), ("vs_dense", "vs dense", ".2f"), ("max_err", "max rel err", ".1e")]
-ROWS_SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
-              for m, n, k, w, s in [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-                                    (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]]
+ROWS_SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=64, GROUP_M=g, num_warps=w, num_stages=s)
+              for m, n, g, w, s in [(128, 128, 1, 8, 3), (128, 128, 8, 8, 3), (128, 128, 64, 8, 3),
+                                    (128, 128, 100_000, 8, 3), (128, 256, 1, 8, 3), (128, 256, 8, 8, 3),
+                                    (128, 256, 100_000, 8, 3), (64, 256, 8, 4, 4), (256, 128, 8, 8, 3)]]
 WGRAD_SWEEP = [dict(BLOCK_K=k, BLOCK_N=n, BLOCK_R=r, num_warps=w, num_stages=s)
                for k, n, r, w, s in [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
                                      (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3)]]
@@ -59,7 +60,7 @@ def launch_rows(cfg, x, w, order, offs, div, gather, scatter):
     E, K, N = w.shape
     rows = order.numel()
     y = x.new_empty(rows, N)
-    grid = (-(-rows // cfg["BLOCK_M"]) + E, -(-N // cfg["BLOCK_N"]))
+    grid = ((-(-rows // cfg["BLOCK_M"]) + E) * -(-N // cfg["BLOCK_N"]),)
     moe_gemm._rows_kernel.fn[grid](
         x, w, y, order, offs, w, rows, K, N, div, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
         y.stride(0), y.stride(1), 0, 0, E=E, E_POW2=1 << (E - 1).bit_length(), GATHER=gather, SCATTER=scatter,
@@ -180,7 +181,8 @@ def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_m
 
 def tag(cfg: dict) -> str:
     dims = "x".join(str(v) for key, v in cfg.items() if key.startswith("BLOCK"))
-    return f"{dims} w{cfg['num_warps']} s{cfg['num_stages']}"
+    group = "" if "GROUP_M" not in cfg else " g-all" if cfg["GROUP_M"] >= 100_000 else f" g{cfg['GROUP_M']}"
+    return f"{dims}{group} w{cfg['num_warps']} s{cfg['num_stages']}"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if a.quick:
         shapes, tokens = [(32, 4, 2, 32)], 64
         global ROWS_SWEEP, WGRAD_SWEEP
-        ROWS_SWEEP = [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1)]
+        ROWS_SWEEP = [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=g, num_warps=1, num_stages=1) for g in (1, 2)]
         WGRAD_SWEEP = [dict(BLOCK_K=32, BLOCK_N=32, BLOCK_R=32, num_warps=1, num_stages=1)]
     time_ms = timer(device, a.quick)
     rows = []

@@ -92,13 +92,13 @@ if triton is not None:
 
     @triton.autotune(
         configs=_configs(
-            [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=ROWS_BLOCK_K, warps=8, stages=3),
-             dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=ROWS_BLOCK_K, warps=4, stages=4),
-             dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=ROWS_BLOCK_K, warps=8, stages=3),
-             dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=ROWS_BLOCK_K, warps=8, stages=4),
-             dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=ROWS_BLOCK_K, warps=8, stages=3),
-             dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=ROWS_BLOCK_K, warps=4, stages=4)],
-            [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=ROWS_BLOCK_K, warps=1, stages=1)]),
+            [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=ROWS_BLOCK_K, GROUP_M=8, warps=8, stages=3),
+             dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=ROWS_BLOCK_K, GROUP_M=8, warps=4, stages=4),
+             dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=ROWS_BLOCK_K, GROUP_M=8, warps=8, stages=3),
+             dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=ROWS_BLOCK_K, GROUP_M=8, warps=8, stages=4),
+             dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=ROWS_BLOCK_K, GROUP_M=8, warps=8, stages=3),
+             dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=ROWS_BLOCK_K, GROUP_M=8, warps=4, stages=4)],
+            [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=ROWS_BLOCK_K, GROUP_M=2, warps=1, stages=1)]),
         key=["K", "N", "E"],
     )
     @triton.jit
@@ -106,13 +106,18 @@ if triton is not None:
                      sxm, sxk, swe, swk, swn, sym, syn, sbe, sbn,
                      E: tl.constexpr, E_POW2: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
                      EVEN_K: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """y[dst(r)] = act(x[src(r)] @ w[e(r)] + b[e(r)]) for the sorted rows r of one tile (bias and activation
         only where asked: `EPILOGUES`). Tiles never straddle two experts: each expert's rows are cut into its own
         BLOCK_M tiles, found from the group ends in registers, and the grid's spare tiles (one per expert at most)
-        return at once."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        return at once. Programs run through the tiles GROUP_M row tiles at a time, every column tile of those rows
+        before the next rows, so a row tile is read from L2 by all its column tiles rather than from memory (it
+        matters where K is short and N wide: the second GEMM of narrow experts, its rows k copies of the tokens)."""
+        pid = tl.program_id(0)
+        tiles_m, tiles_n = tl.cdiv(rows, BLOCK_M) + E, tl.cdiv(N, BLOCK_N)
+        group_rows = tl.minimum(tiles_m - (pid // (GROUP_M * tiles_n)) * GROUP_M, GROUP_M)
+        pid_m = (pid // (GROUP_M * tiles_n)) * GROUP_M + (pid % (GROUP_M * tiles_n)) % group_rows
+        pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
         experts = tl.arange(0, E_POW2)
         ends = tl.load(offs_ptr + experts, mask=experts < E, other=0)
         starts = tl.load(offs_ptr + experts - 1, mask=(experts > 0) & (experts < E), other=0)
@@ -237,7 +242,7 @@ if triton is not None:
         y = x.new_empty(rows, N)
 
         def grid(meta):
-            return triton.cdiv(rows, meta["BLOCK_M"]) + E, triton.cdiv(N, meta["BLOCK_N"])
+            return (triton.cdiv(rows, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),
 
         b, sb = (w, (0, 0)) if bias is None else (bias, bias.stride())  # w: a pointer never read
         wrap_triton(_rows_kernel)[grid](
