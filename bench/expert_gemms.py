@@ -11,9 +11,11 @@ of the expert MLP that carry its FLOPs, each beside the cuBLAS GEMM of a dense F
 Contenders:
   grouped_mm          torch's grouped GEMM on sorted copies, the copies not counted (`copy` rows: their cost)
   triton              this project's kernels (`nn.kernels.moe_gemm`), rows gathered / scattered inside, autotuned
-  triton cfg ...      the Triton kernel at one tile configuration (`--sweep`)
+  triton cfg ...      the Triton kernel at one tile configuration (`--sweep`); "short": the kernel for depths up to
+                      256 (`_rows_short_k_kernel`), which `triton` takes at those depths
   triton sorted       the weight-gradient kernel on sorted copies (no gather in the kernel)
-Times are `triton.testing.do_bench` medians (GPU time, L2 flushed); `vs dense` = time / the dense GEMM's.
+Times are `triton.testing.do_bench_cudagraph` medians (each call replayed as a CUDA graph: GPU time, no host launches);
+`vs dense` = time / the dense GEMM's.
 
     PYTHONPATH=src python3 bench/expert_gemms.py --shapes 768:8:2 1024:16:4 --sweep --out $OUT/expert_gemms.json
     TRITON_INTERPRET=1 PYTHONPATH=src python3 bench/expert_gemms.py --device cpu --quick   # smoke test
@@ -21,6 +23,7 @@ Times are `triton.testing.do_bench` medians (GPU time, L2 flushed); `vs dense` =
 from __future__ import annotations
 
 import argparse
+
 import torch
 
 from sparsetrain.nn.kernels import moe_gemm
@@ -30,9 +33,10 @@ from sparsetrain_bench.steps import median_ms, print_table, write_rows
 COLUMNS = [("shape", "d:E:k:f", ""), ("gemm", "GEMM", ""), ("contender", "contender", ""), ("ms", "ms", ".4f"),
            ("tflops", "TFLOP/s", ".0f"), ("vs_dense", "vs dense", ".2f"), ("max_err", "max rel err", ".1e")]
 ROWS_SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=64, GROUP_M=g, num_warps=w, num_stages=s)
-              for m, n, g, w, s in [(128, 128, 1, 8, 3), (128, 128, 8, 8, 3), (128, 128, 64, 8, 3),
-                                    (128, 128, 100_000, 8, 3), (128, 256, 1, 8, 3), (128, 256, 8, 8, 3),
-                                    (128, 256, 100_000, 8, 3), (64, 256, 8, 4, 4), (256, 128, 8, 8, 3)]]
+              for m, n, g, w, s in [(128, 128, 8, 8, 3), (128, 256, 8, 8, 3), (128, 256, 100_000, 8, 3)]]
+SHORT_SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+               for m, n, w, s in [(128, 128, 8, 2), (128, 64, 8, 3), (64, 128, 4, 3), (64, 256, 8, 2),
+                                  (128, 256, 8, 1), (64, 64, 4, 4)]]
 WGRAD_SWEEP = [dict(BLOCK_K=k, BLOCK_N=n, BLOCK_R=r, num_warps=w, num_stages=s)
                for k, n, r, w, s in [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
                                      (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3)]]
@@ -52,7 +56,7 @@ def timer(device: torch.device, quick: bool):
     if quick or device.type != "cuda":
         return lambda fn: median_ms(fn, warmup=1, iters=2, cuda=False)
     import triton.testing
-    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100)
+    return lambda fn: triton.testing.do_bench_cudagraph(fn, rep=100)  # replayed: no host time in the numbers
 
 
 def launch_rows(cfg, x, w, order, offs, div, gather, scatter):
@@ -65,6 +69,18 @@ def launch_rows(cfg, x, w, order, offs, div, gather, scatter):
         x, w, y, order, offs, w, rows, K, N, div, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
         y.stride(0), y.stride(1), 0, 0, E=E, E_POW2=1 << (E - 1).bit_length(), GATHER=gather, SCATTER=scatter,
         EVEN_K=K % cfg["BLOCK_K"] == 0, PRECISION=moe_gemm._precision(x), HAS_BIAS=False, ACT=0, **cfg)
+    return y
+
+
+def launch_short(cfg, x, w, order, offs, div, gather, scatter):
+    """The short-depth rows kernel at one tile configuration."""
+    E, K, N = w.shape
+    rows = order.numel()
+    y = x.new_empty(rows, N)
+    moe_gemm._rows_short_k_kernel.fn[(-(-rows // cfg["BLOCK_M"]) + E,)](
+        x, w, y, order, offs, w, rows, N, div, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        y.stride(0), y.stride(1), 0, 0, K=K, E=E, E_POW2=1 << (E - 1).bit_length(), GATHER=gather, SCATTER=scatter,
+        PRECISION=moe_gemm._precision(x), HAS_BIAS=False, ACT=0, **cfg)
     return y
 
 
@@ -144,6 +160,9 @@ def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_m
     add("fwd2", "triton", lambda: moe_gemm.expert_gemm(h, w2, order, offs, k, gather=False, scatter=True), dense)
     for cfg in ROWS_SWEEP if sweep else []:
         add("fwd2", f"triton {tag(cfg)}", lambda c=cfg: launch_rows(c, h, w2, order, offs, k, False, True), dense)
+    for cfg in SHORT_SWEEP if sweep and f in moe_gemm.SHORT_K else []:
+        add("fwd2", f"triton short {tag(cfg)}", lambda c=cfg: launch_short(c, h, w2, order, offs, k, False, True),
+            dense)
     # dgrad2: dy (slot layout) in, sorted rows out, against w2^T; dgrad1: dh (sorted) in, slot rows out, w1^T.
     w1t, w2t = w1.transpose(1, 2), w2.transpose(1, 2)
     dense = add("dgrad2", "dense", lambda: dY @ W2.t())
@@ -156,6 +175,11 @@ def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_m
         add("dgrad1", "grouped_mm", lambda: grouped_mm(dh, w1t, offs=offs).index_select(0, plan.inverse.long()),
             dense)
     add("dgrad1", "triton", lambda: moe_gemm.expert_gemm(dh, w1t, order, offs, 1, gather=False, scatter=True), dense)
+    for cfg in ROWS_SWEEP if sweep and f in moe_gemm.SHORT_K else []:
+        add("dgrad1", f"triton {tag(cfg)}", lambda c=cfg: launch_rows(c, dh, w1t, order, offs, 1, False, True), dense)
+    for cfg in SHORT_SWEEP if sweep and f in moe_gemm.SHORT_K else []:
+        add("dgrad1", f"triton short {tag(cfg)}", lambda c=cfg: launch_short(c, dh, w1t, order, offs, 1, False, True),
+            dense)
     # wgrad1: x (token layout) and dh (sorted).
     dense = add("wgrad1", "dense", lambda: x.t() @ H)
     if gm:
@@ -203,8 +227,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tokens = a.tokens
     if a.quick:
         shapes, tokens = [(32, 4, 2, 32)], 64
-        global ROWS_SWEEP, WGRAD_SWEEP
+        global ROWS_SWEEP, SHORT_SWEEP, WGRAD_SWEEP
         ROWS_SWEEP = [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=g, num_warps=1, num_stages=1) for g in (1, 2)]
+        SHORT_SWEEP = [dict(BLOCK_M=32, BLOCK_N=32, num_warps=1, num_stages=1)]
         WGRAD_SWEEP = [dict(BLOCK_K=32, BLOCK_N=32, BLOCK_R=32, num_warps=1, num_stages=1)]
     time_ms = timer(device, a.quick)
     rows = []

@@ -42,10 +42,12 @@ def test_plan_is_the_stable_sort(kind, E, k):
 
 @pytest.mark.parametrize("gather,scatter", [(True, False), (False, True), (True, True), (False, False)])
 @pytest.mark.parametrize("k", [1, 3])
-def test_expert_gemm_and_its_gradients_equal_the_loop(gather, scatter, k):
-    """Odd widths (masks on every edge), an empty expert, one transposed (strided) weight."""
+@pytest.mark.parametrize("K,M", [(24, 40), (32, 16)])
+def test_expert_gemm_and_its_gradients_equal_the_loop(gather, scatter, k, K, M):
+    """Odd widths (masks on every edge), an empty expert, one transposed (strided) weight; depths of a power of two
+    (32 forward, 16 in the input gradient) go through the short-depth kernel."""
     torch.manual_seed(0)
-    N, E, K, M = 21, 5, 24, 40
+    N, E = 21, 5
     ids = routing("random", N, E, k)
     ids[ids == 3] = 4 if k == 1 else ids[ids == 3]
     plans = {"triton": routing_plan(ids, E, fused=True), "loop": routing_plan(ids, E, fused=False)}
@@ -178,14 +180,14 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @gpu
-@pytest.mark.parametrize("d,E,k,activation,kind", [
-    (768, 8, 2, "gelu", "random"), (1024, 16, 4, "swiglu", "uneven"), (768, 64, 8, "relu2", "random"),
-    (768, 8, 1, "gelu", "one_expert"), (512, 4, 4, "gelu", "all")])
-def test_real_shapes_bf16_compiled_against_the_fp32_loop(d, E, k, activation, kind):
+@pytest.mark.parametrize("d,E,k,f,activation,kind", [
+    (768, 8, 2, 1536, "gelu", "random"), (1024, 16, 4, 512, "swiglu", "uneven"), (768, 64, 8, 384, "relu2", "random"),
+    (768, 8, 1, 3072, "gelu", "one_expert"), (512, 4, 4, 512, "gelu", "all"),
+    (1024, 16, 4, 256, "relu2", "uneven")])  # SSD's experts at gpt2-medium: the short-depth kernel
+def test_real_shapes_bf16_compiled_against_the_fp32_loop(d, E, k, f, activation, kind):
     """The compiled layer in bf16 through the kernels (no graph break: fullgraph) against the per-expert loop in
     fp32, outputs and every gradient within bf16 rounding."""
     torch.manual_seed(0)
-    f = 4 * d // k // (2 if activation == "swiglu" else 1)
     m = MoEFFN(d, f, E, k, activation).cuda()
     N = 8192
     x = torch.randn(N, d, device="cuda")
@@ -206,12 +208,13 @@ def test_real_shapes_bf16_compiled_against_the_fp32_loop(d, E, k, activation, ki
 
 
 @gpu
-@pytest.mark.parametrize("d,E,k,activation,bias", [(1024, 16, 4, "relu2", True), (768, 8, 2, "gelu", False)])
-def test_real_shapes_forward_only_epilogue_against_the_fp32_loop(d, E, k, activation, bias):
-    """Evaluation's path at real shapes: compiled, bf16, bias and activation in the first GEMM's epilogue, against
-    the per-expert loop in fp32."""
+@pytest.mark.parametrize("d,E,k,f,activation,bias", [
+    (1024, 16, 4, 256, "relu2", True), (768, 8, 2, 1536, "gelu", False), (256, 8, 2, 512, "relu", True)])
+def test_real_shapes_forward_only_epilogue_against_the_fp32_loop(d, E, k, f, activation, bias):
+    """Evaluation's path at real shapes: compiled, bf16, bias and activation in the first GEMM's epilogue (of the
+    short-depth kernel at d = 256), against the per-expert loop in fp32."""
     torch.manual_seed(0)
-    m = MoEFFN(d, 4 * d // k, E, k, activation, bias=bias).cuda()
+    m = MoEFFN(d, f, E, k, activation, bias=bias).cuda()
     if bias:
         torch.nn.init.normal_(m.in_bias, 0.0, 0.02)
     N = 8192

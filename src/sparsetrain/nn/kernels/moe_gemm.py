@@ -36,6 +36,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what tl.dot multiplies (fp32 in full precision)
 ROWS_BLOCK_K = 32 if INTERPRET else 64  # one depth for every config: the host knows whether K needs masks
 PLAN_CELLS = 8192  # ids x experts a planning program compares at once
+SHORT_K = (16, 32, 64, 128, 256)  # depths the rows GEMM takes whole (`_rows_short_k_kernel`)
 
 
 def available(device: torch.device) -> bool:
@@ -90,6 +91,39 @@ if triton is not None:
         tl.store(inverse_ptr + idx, pos, mask=ok)
         tl.store(sorted_ids_ptr + pos, ids, mask=ok)
 
+    @triton.jit
+    def _expert_tile(offs_ptr, pid_m, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Row tile `pid_m` of the sorted rows: (its expert, its rows [BLOCK_M], which of them are the expert's, how
+        many tiles there are). Tiles never straddle two experts: each expert's rows are cut into its own BLOCK_M
+        tiles, found from the group ends in registers; a grid's spare tiles (one per expert at most) are those at
+        or past the count."""
+        experts = tl.arange(0, E_POW2)
+        ends = tl.load(offs_ptr + experts, mask=experts < E, other=0)
+        starts = tl.load(offs_ptr + experts - 1, mask=(experts > 0) & (experts < E), other=0)
+        tiles = tl.where(experts < E, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+        tile_ends = tl.cumsum(tiles, axis=0)
+        e = tl.sum((tile_ends <= pid_m).to(tl.int32), axis=0)
+        mine = experts == e
+        first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), axis=0)
+        r = tl.sum(tl.where(mine, starts, 0), axis=0) + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_group = r < tl.sum(tl.where(mine, ends, 0), axis=0)
+        return e, r, in_group, tl.max(tile_ends, axis=0)
+
+    @triton.jit
+    def _epilogue(acc, b_ptr, e, n, N, sbe, sbn, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+        """The fp32 accumulator plus the expert's bias, through the activation (`EPILOGUES`), where asked."""
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + e.to(tl.int64) * sbe + n * sbn, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        if ACT == 1:  # gelu, tanh approximation: 1 + tanh(u) = 2 - 2 / (exp(2u) + 1)
+            u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+            acc = 0.5 * acc * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+        elif ACT == 2:  # relu
+            acc = tl.maximum(acc, 0.0)
+        elif ACT == 3:  # relu2
+            acc = tl.maximum(acc, 0.0)
+            acc = acc * acc
+        return acc
+
     @triton.autotune(
         configs=_configs(
             [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=ROWS_BLOCK_K, GROUP_M=8, warps=8, stages=3),
@@ -107,29 +141,17 @@ if triton is not None:
                      E: tl.constexpr, E_POW2: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
                      EVEN_K: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        """y[dst(r)] = act(x[src(r)] @ w[e(r)] + b[e(r)]) for the sorted rows r of one tile (bias and activation
-        only where asked: `EPILOGUES`). Tiles never straddle two experts: each expert's rows are cut into its own
-        BLOCK_M tiles, found from the group ends in registers, and the grid's spare tiles (one per expert at most)
-        return at once. Programs run through the tiles GROUP_M row tiles at a time, every column tile of those rows
-        before the next rows, so a row tile is read from L2 by all its column tiles rather than from memory (it
-        matters where K is short and N wide: the second GEMM of narrow experts, its rows k copies of the tokens)."""
+        """y[dst(r)] = act(x[src(r)] @ w[e(r)] + b[e(r)]) for the sorted rows r of one [BLOCK_M, BLOCK_N] tile (bias
+        and activation only where asked). Programs run through the tiles GROUP_M row tiles at a time, every column
+        tile of those rows before the next rows, so a row tile is read from L2 by its column tiles."""
         pid = tl.program_id(0)
         tiles_m, tiles_n = tl.cdiv(rows, BLOCK_M) + E, tl.cdiv(N, BLOCK_N)
         group_rows = tl.minimum(tiles_m - (pid // (GROUP_M * tiles_n)) * GROUP_M, GROUP_M)
         pid_m = (pid // (GROUP_M * tiles_n)) * GROUP_M + (pid % (GROUP_M * tiles_n)) % group_rows
         pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
-        experts = tl.arange(0, E_POW2)
-        ends = tl.load(offs_ptr + experts, mask=experts < E, other=0)
-        starts = tl.load(offs_ptr + experts - 1, mask=(experts > 0) & (experts < E), other=0)
-        tiles = tl.where(experts < E, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
-        tile_ends = tl.cumsum(tiles, axis=0)
-        if pid_m >= tl.max(tile_ends, axis=0):
+        e, r, in_group, tiles = _expert_tile(offs_ptr, pid_m, E, E_POW2, BLOCK_M)
+        if pid_m >= tiles:
             return
-        e = tl.sum((tile_ends <= pid_m).to(tl.int32), axis=0)
-        mine = experts == e
-        first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), axis=0)
-        r = tl.sum(tl.where(mine, starts, 0), axis=0) + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
-        in_group = r < tl.sum(tl.where(mine, ends, 0), axis=0)
         if GATHER:
             src = tl.load(order_ptr + r, mask=in_group, other=0) // div
         else:
@@ -150,22 +172,56 @@ if triton is not None:
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * sxk
             b_ptrs += BLOCK_K * swk
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + e.to(tl.int64) * sbe + n * sbn, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        if ACT == 1:  # gelu, tanh approximation: 1 + tanh(u) = 2 - 2 / (exp(2u) + 1)
-            u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-            acc = 0.5 * acc * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
-        elif ACT == 2:  # relu
-            acc = tl.maximum(acc, 0.0)
-        elif ACT == 3:  # relu2
-            acc = tl.maximum(acc, 0.0)
-            acc = acc * acc
+        acc = _epilogue(acc, b_ptr, e, n, N, sbe, sbn, HAS_BIAS, ACT)
         if SCATTER:
             dst = tl.load(order_ptr + r, mask=in_group, other=0)
         else:
             dst = r
         y_ptrs = y_ptr + dst.to(tl.int64)[:, None] * sym + n[None, :] * syn
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_group[:, None] & (n < N)[None, :])
+
+    @triton.autotune(
+        configs=_configs(
+            [dict(BLOCK_M=128, BLOCK_N=128, warps=8, stages=2),
+             dict(BLOCK_M=128, BLOCK_N=64, warps=8, stages=3),
+             dict(BLOCK_M=64, BLOCK_N=128, warps=4, stages=3),
+             dict(BLOCK_M=64, BLOCK_N=256, warps=8, stages=2)],
+            [dict(BLOCK_M=32, BLOCK_N=32, warps=1, stages=1)]),
+        key=["K", "N", "E"],
+    )
+    @triton.jit
+    def _rows_short_k_kernel(x_ptr, w_ptr, y_ptr, order_ptr, offs_ptr, b_ptr, rows, N, div,
+                             sxm, sxk, swe, swk, swn, sym, syn, sbe, sbn,
+                             K: tl.constexpr, E: tl.constexpr, E_POW2: tl.constexpr, GATHER: tl.constexpr,
+                             SCATTER: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """`_rows_kernel` for a short K (a power of 2 up to 256: the second GEMM of narrow experts, and the input
+        gradient of the first): a program loads its BLOCK_M rows once, whole, and sweeps every column tile, one
+        [BLOCK_M, K] x [K, BLOCK_N] product each. The sweep is the pipelined loop, so the next weight tiles load
+        while this one's output is stored: with a K loop of a few steps per tile, a tile's start and end would be
+        mostly latency."""
+        e, r, in_group, tiles = _expert_tile(offs_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
+        if tl.program_id(0) >= tiles:
+            return
+        if GATHER:
+            src = tl.load(order_ptr + r, mask=in_group, other=0) // div
+        else:
+            src = r
+        if SCATTER:
+            dst = tl.load(order_ptr + r, mask=in_group, other=0)
+        else:
+            dst = r
+        kk = tl.arange(0, K)
+        a = tl.load(x_ptr + src.to(tl.int64)[:, None] * sxm + kk[None, :] * sxk, mask=in_group[:, None], other=0.0)
+        w_e = w_ptr + e.to(tl.int64) * swe + kk[:, None] * swk
+        y_rows = y_ptr + dst.to(tl.int64)[:, None] * sym
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            b = tl.load(w_e + n[None, :] * swn, mask=(n < N)[None, :], other=0.0)
+            acc = tl.dot(a, b, input_precision=PRECISION)
+            acc = _epilogue(acc, b_ptr, e, n, N, sbe, sbn, HAS_BIAS, ACT)
+            tl.store(y_rows + n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+                     mask=in_group[:, None] & (n < N)[None, :])
 
     @triton.autotune(
         configs=_configs(
@@ -240,16 +296,20 @@ if triton is not None:
         E, K, N = w.shape
         rows = order.numel()
         y = x.new_empty(rows, N)
+        b, sb = (w, (0, 0)) if bias is None else (bias, bias.stride())  # w: a pointer never read
+        strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1), *sb)
+        flags = dict(E=E, E_POW2=triton.next_power_of_2(E), GATHER=gather, SCATTER=scatter,
+                     PRECISION=_precision(x), HAS_BIAS=bias is not None, ACT=act)
+        if K in SHORT_K:
+            wrap_triton(_rows_short_k_kernel)[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) + E,)](
+                x, w, y, order, offs, b, rows, N, div, *strides, K=K, **flags)
+            return y
 
         def grid(meta):
             return (triton.cdiv(rows, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),
 
-        b, sb = (w, (0, 0)) if bias is None else (bias, bias.stride())  # w: a pointer never read
-        wrap_triton(_rows_kernel)[grid](
-            x, w, y, order, offs, b, rows, K, N, div, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-            w.stride(2), y.stride(0), y.stride(1), *sb, E=E, E_POW2=triton.next_power_of_2(E), GATHER=gather,
-            SCATTER=scatter, EVEN_K=K % ROWS_BLOCK_K == 0, PRECISION=_precision(x), HAS_BIAS=bias is not None,
-            ACT=act)
+        wrap_triton(_rows_kernel)[grid](x, w, y, order, offs, b, rows, K, N, div, *strides,
+                                        EVEN_K=K % ROWS_BLOCK_K == 0, **flags)
         return y
 
     @triton_op("sparsetrain::expert_gemm", mutates_args=())
