@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import triton
 
 from sparsetrain.nn.kernels import moe_gemm
 from sparsetrain.nn.moe import group_gemm, grouped_mm, routing_plan
@@ -133,7 +134,11 @@ def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_m
     }
 
     def add(gemm: str, contender: str, fn, dense_ms: float | None = None):
-        out = fn()
+        try:
+            out = fn()
+        except triton.runtime.errors.OutOfResources as e:  # a sweep's tile too big for this GPU
+            print(f"{shape} {gemm} {contender}: {e}", flush=True)
+            return None
         ms = time_ms(fn)
         err = None
         if contender != "dense" and not contender.startswith("copy"):

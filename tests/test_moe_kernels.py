@@ -187,6 +187,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_real_shapes_bf16_compiled_against_the_fp32_loop(d, E, k, f, activation, kind):
     """The compiled layer in bf16 through the kernels (no graph break: fullgraph) against the per-expert loop in
     fp32, outputs and every gradient within bf16 rounding."""
+    torch._dynamo.reset()  # each case compiles anew: the cases together would pass dynamo's recompile limit
     torch.manual_seed(0)
     m = MoEFFN(d, f, E, k, activation).cuda()
     N = 8192
@@ -213,6 +214,7 @@ def test_real_shapes_bf16_compiled_against_the_fp32_loop(d, E, k, f, activation,
 def test_real_shapes_forward_only_epilogue_against_the_fp32_loop(d, E, k, f, activation, bias):
     """Evaluation's path at real shapes: compiled, bf16, bias and activation in the first GEMM's epilogue (of the
     short-depth kernel at d = 256), against the per-expert loop in fp32."""
+    torch._dynamo.reset()
     torch.manual_seed(0)
     m = MoEFFN(d, f, E, k, activation, bias=bias).cuda()
     if bias:
