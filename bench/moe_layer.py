@@ -6,7 +6,7 @@ statistics and dispatch. `ms`: wall time of the layer's step alone, CUDA events 
 steps (launch overhead included: a lone layer can wait on the CPU). `gpu`: the sum of the step's kernel times
 (profiler), what the layer costs inside a model step that keeps the GPU busy. `gemm ms`: the expert MLP alone
 on a fixed routing (its two GEMMs, with the gathers and scatters of its rows, and the activation; forward +
-backward), so moe - gemm is what routing, planning, losses and the combine cost. `plan ms` / `sort ms`: planning a
+backward; compiled as the layer is), so moe - gemm is what routing, planning, losses and the combine cost. `plan ms` / `sort ms`: planning a
 routing by the Triton counting sort / by a stable sort, the GPU time of their kernels (CPU: wall time). `--kernels` gives one contender per
 way of running the expert GEMMs (`sparsetrain.nn.moe.KERNELS`). Modes: eager, torch.compile, and torch.compile with
 CUDA graphs (no launch overhead).
@@ -48,9 +48,10 @@ def train_step(module: torch.nn.Module, layer, x: torch.Tensor, gy: torch.Tensor
     return run
 
 
-def gemm_only_step(moe: MoEFFN, x: torch.Tensor, kernel: str):
+def gemm_only_step(moe: MoEFFN, x: torch.Tensor, kernel: str, compile_kw: dict | None):
     """The expert MLP of one routing of `x` (its two GEMMs with the rows' gathers and scatters, activation),
-    forward + backward, without router, planning or combine."""
+    forward + backward, without router, planning or combine; compiled as the layer is (`compile_kw`)."""
+    expert_rows = moe.expert_rows if compile_kw is None else torch.compile(moe.expert_rows, **compile_kw)
     x2 = x.detach().reshape(-1, x.shape[-1]).clone().requires_grad_(True)
     with torch.no_grad():
         ids, _ = moe.route(x2)
@@ -61,7 +62,7 @@ def gemm_only_step(moe: MoEFFN, x: torch.Tensor, kernel: str):
         for p in moe.parameters():
             p.grad = None
         x2.grad = None
-        moe.expert_rows(x2, plan, kernel).backward(gy)
+        expert_rows(x2, plan, kernel).backward(gy)
     return run
 
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             layer = dense if kw is None else torch.compile(dense, **kw)
             step = train_step(dense, layer, x, gy)
             dense_ms = median_ms(step, warmup=a.warmup, iters=a.iters, cuda=device.type == "cuda")
-            dense_kernel_ms = kernel_ms(step) if timed_kernels and mode != "cudagraphs" else None
+            dense_kernel_ms = kernel_ms(step) if timed_kernels else None
             if a.profile and timed_kernels:
                 print(f"dense d={d} {mode}\n{kernel_table(step)}", flush=True)
             for E in a.experts:
@@ -138,7 +139,7 @@ def moe_row(a, d, E, k, kernel, mode, x, gy, device, dtype, kw, dense_ms, dense_
     step = train_step(moe, layer, x, gy)
     cuda = device.type == "cuda"
     moe_ms = median_ms(step, warmup=a.warmup, iters=a.iters, cuda=cuda)
-    gemm_ms = median_ms(gemm_only_step(moe, x, kernel), warmup=a.warmup, iters=a.iters, cuda=cuda)
+    gemm_ms = median_ms(gemm_only_step(moe, x, kernel, kw), warmup=a.warmup, iters=a.iters, cuda=cuda)
     row = dict(d=d, experts=E, top_k=k, expert_width=width // k, dense_width=width, mode=mode, kernel=kernel,
                dense_ms=dense_ms, moe_ms=moe_ms, ratio=moe_ms / dense_ms, gemm_ms=gemm_ms)
     with torch.no_grad():  # planning alone: the counting-sort kernels and the stable sort, their kernels' GPU time
