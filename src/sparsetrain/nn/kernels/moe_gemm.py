@@ -110,6 +110,16 @@ if triton is not None:
         return e, r, in_group, tl.max(tile_ends, axis=0)
 
     @triton.jit
+    def _through(order_ptr, r, ok, THROUGH: tl.constexpr, div):
+        """Where sorted rows r live in the other layout: order[r] // div (slot rows; token rows with div = k) where
+        THROUGH, else r itself."""
+        if THROUGH:
+            rows = tl.load(order_ptr + r, mask=ok, other=0) // div
+        else:
+            rows = r
+        return rows
+
+    @triton.jit
     def _epilogue(acc, b_ptr, e, n, N, sbe, sbn, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
         """The fp32 accumulator plus the expert's bias, through the activation (`EPILOGUES`), where asked."""
         if HAS_BIAS:
@@ -152,10 +162,7 @@ if triton is not None:
         e, r, in_group, tiles = _expert_tile(offs_ptr, pid_m, E, E_POW2, BLOCK_M)
         if pid_m >= tiles:
             return
-        if GATHER:
-            src = tl.load(order_ptr + r, mask=in_group, other=0) // div
-        else:
-            src = r
+        src = _through(order_ptr, r, in_group, GATHER, div)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         kk = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + src.to(tl.int64)[:, None] * sxm + kk[None, :] * sxk
@@ -173,10 +180,7 @@ if triton is not None:
             a_ptrs += BLOCK_K * sxk
             b_ptrs += BLOCK_K * swk
         acc = _epilogue(acc, b_ptr, e, n, N, sbe, sbn, HAS_BIAS, ACT)
-        if SCATTER:
-            dst = tl.load(order_ptr + r, mask=in_group, other=0)
-        else:
-            dst = r
+        dst = _through(order_ptr, r, in_group, SCATTER, 1)
         y_ptrs = y_ptr + dst.to(tl.int64)[:, None] * sym + n[None, :] * syn
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_group[:, None] & (n < N)[None, :])
 
@@ -203,14 +207,8 @@ if triton is not None:
         e, r, in_group, tiles = _expert_tile(offs_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
         if tl.program_id(0) >= tiles:
             return
-        if GATHER:
-            src = tl.load(order_ptr + r, mask=in_group, other=0) // div
-        else:
-            src = r
-        if SCATTER:
-            dst = tl.load(order_ptr + r, mask=in_group, other=0)
-        else:
-            dst = r
+        src = _through(order_ptr, r, in_group, GATHER, div)
+        dst = _through(order_ptr, r, in_group, SCATTER, 1)
         kk = tl.arange(0, K)
         a = tl.load(x_ptr + src.to(tl.int64)[:, None] * sxm + kk[None, :] * sxk, mask=in_group[:, None], other=0.0)
         w_e = w_ptr + e.to(tl.int64) * swe + kk[:, None] * swk
@@ -256,14 +254,8 @@ if triton is not None:
         for r0 in range(start, end, BLOCK_R):
             r = r0 + rr
             ok = r < end
-            if X_GATHER:
-                xs = tl.load(order_ptr + r, mask=ok, other=0) // div
-            else:
-                xs = r
-            if DY_GATHER:
-                ds = tl.load(order_ptr + r, mask=ok, other=0)
-            else:
-                ds = r
+            xs = _through(order_ptr, r, ok, X_GATHER, div)
+            ds = _through(order_ptr, r, ok, DY_GATHER, 1)
             a = tl.load(x_ptr + xs.to(tl.int64)[None, :] * sxm + kk[:, None] * sxk,
                         mask=ok[None, :] & (kk < K)[:, None], other=0.0)
             b = tl.load(dy_ptr + ds.to(tl.int64)[:, None] * sdm + n[None, :] * sdn,
