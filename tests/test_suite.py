@@ -864,3 +864,23 @@ def test_data_parallel_keeps_finished_rows_when_a_limit_cuts_it(tmp_path, monkey
     # DDP, DDP with graphs, then FSDP2 auto (resharded after forward, then kept gathered: cut by the limit)
     assert [(s["parallel"], s.get("graphs"), s.get("fsdp_units"), s.get("reshard")) for s in launched[1:]] == [
         ("ddp", False, 0, True), ("ddp", True, 0, True), ("fsdp", False, 0, True), ("fsdp", False, 0, False)]
+
+
+def test_inference_times_time_a_served_copy_and_leave_the_model_as_it_was():
+    """The MoE inference timing runs a copy in the compute dtype (as served) and returns both modes' times; the
+    caller's model keeps its dtype, its MoE mode and its outputs."""
+    from test_ssd import make_model
+
+    from sparsetrain.methods.ssd.moefy import run_as_moe
+    from sparsetrain.training.runtime import Runtime
+    from sparsetrain_bench.parts import inference_times
+
+    model = make_model("tiny", "relu2").eval()
+    run_as_moe(model, 2, 4)
+    x = torch.randint(0, model.args.vocab_size, (2, 16))
+    before = model(x).detach()
+    times = inference_times(model, x, Runtime(device=torch.device("cpu"), dtype=torch.bfloat16), compiled=False)
+    assert set(times) >= {"prefill_ms_dense", "prefill_ms_moe", "ffn_ms_dense", "ffn_ms_moe", "ffn_speedup"}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(b.mlp.sparse for b in model.blocks)
+    assert torch.equal(model(x), before)
