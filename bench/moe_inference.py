@@ -3,7 +3,7 @@
 The model is built from a preset (relu2, as SSD trains it), its FFNs clustered into experts and routed top-k by
 their centroids (`run_as_moe`: what `eval --moe K` runs), and timed on random tokens, compiled on a GPU: the prefill
 of one batch (the whole model) and the FFNs alone on the hidden states that batch gives them, dense and as an MoE,
-side by side in one process. Speed does not depend on what the model learned except through how evenly tokens
+side by side in one process, in bf16 end to end as a serving stack runs it (`parts.inference_times`). Speed does not depend on what the model learned except through how evenly tokens
 spread over experts: random weights spread them about evenly, a trained model less so (the `ssd-pretrain` suite
 part times the trained models the same way, with their validation losses).
 

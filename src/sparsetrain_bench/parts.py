@@ -149,7 +149,8 @@ def inference_times(model: torch.nn.Module, x: torch.Tensor, rt, compiled: bool,
                     cuda_graphs: bool = False, profile: bool = False) -> dict[str, float]:
     """Prefill of the batch `x` (the whole model) and its FFNs alone (on the hidden states the batch gives them), ms,
     dense and as an MoE, for a model run as an MoE (`prepare_moe` / `run_as_moe`; left as it was). As a serving
-    stack runs a model: a copy with its weights in the compute dtype (fp32 weights would be cast in every call).
+    stack runs a model: a copy in the compute dtype `rt.dtype`, end to end, without autocast (fp32 weights would be
+    cast in every call, and autocast's fp32 norms would hand every FFN fp32 inputs to cast).
     `compiled`: timed compiled, as every contender (static shapes: see Method.static_shapes); each mode compiles its
     graphs in its first warm-up call. `cuda_graphs` (compiled only): each compiled call replays as one CUDA graph, as
     a serving stack runs a prefill, so neither mode pays the host's launches (an MoE FFN launches ~10 kernels, a
@@ -160,8 +161,7 @@ def inference_times(model: torch.nn.Module, x: torch.Tensor, rt, compiled: bool,
     inputs = []  # every FFN's input on this batch (the same for both timings)
     hooks = [b.mlp.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in model.blocks]
     route_ffns(model, False)
-    with rt.autocast():
-        model(x)
+    model(x)
     for h in hooks:
         h.remove()
     if cuda_graphs:
@@ -173,14 +173,12 @@ def inference_times(model: torch.nn.Module, x: torch.Tensor, rt, compiled: bool,
 
     def prefill():
         torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are not read again
-        with rt.autocast():
-            timed_model(x)
+        timed_model(x)
 
     def ffns():
         torch.compiler.cudagraph_mark_step_begin()
-        with rt.autocast():
-            for ffn, h in zip(timed_ffns, inputs):
-                ffn(h)
+        for ffn, h in zip(timed_ffns, inputs):
+            ffn(h)
 
     times = {}
     for mode in ("dense", "moe"):
