@@ -60,42 +60,6 @@ def timer(device: torch.device, quick: bool):
     return lambda fn: triton.testing.do_bench_cudagraph(fn, rep=100)  # replayed: no host time in the numbers
 
 
-def launch_rows(cfg, x, w, order, offs, div, gather, scatter):
-    """The rows kernel at one tile configuration (the autotuner bypassed)."""
-    E, K, N = w.shape
-    rows = order.numel()
-    y = x.new_empty(rows, N)
-    grid = ((-(-rows // cfg["BLOCK_M"]) + E) * -(-N // cfg["BLOCK_N"]),)
-    moe_gemm._rows_kernel.fn[grid](
-        x, w, y, order, offs, w, rows, K, N, div, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-        y.stride(0), y.stride(1), 0, 0, E=E, E_POW2=1 << (E - 1).bit_length(), GATHER=gather, SCATTER=scatter,
-        EVEN_K=K % cfg["BLOCK_K"] == 0, PRECISION=moe_gemm._precision(x), HAS_BIAS=False, ACT=0, **cfg)
-    return y
-
-
-def launch_short(cfg, x, w, order, offs, div, gather, scatter):
-    """The short-depth rows kernel at one tile configuration."""
-    E, K, N = w.shape
-    rows = order.numel()
-    y = x.new_empty(rows, N)
-    moe_gemm._rows_short_k_kernel.fn[(-(-rows // cfg["BLOCK_M"]) + E,)](
-        x, w, y, order, offs, w, rows, N, div, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-        y.stride(0), y.stride(1), 0, 0, K=K, E=E, E_POW2=1 << (E - 1).bit_length(), GATHER=gather, SCATTER=scatter,
-        PRECISION=moe_gemm._precision(x), HAS_BIAS=False, ACT=0, **cfg)
-    return y
-
-
-def launch_wgrad(cfg, x, dy, order, offs, div, x_gather, dy_gather):
-    """The weight-gradient kernel at one tile configuration."""
-    E, K, N = offs.numel(), x.shape[1], dy.shape[1]
-    dw = x.new_empty(E, K, N)
-    grid = (-(-K // cfg["BLOCK_K"]) * -(-N // cfg["BLOCK_N"]), E)
-    moe_gemm._weight_grad_kernel.fn[grid](
-        x, dy, dw, order, offs, K, N, div, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), *dw.stride(),
-        E=E, X_GATHER=x_gather, DY_GATHER=dy_gather, PRECISION=moe_gemm._precision(x), **cfg)
-    return dw
-
-
 def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_ms,
                 device: torch.device, dtype: torch.dtype) -> list[dict]:
     g = torch.Generator(device=device).manual_seed(0)
@@ -149,25 +113,29 @@ def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_m
         rows.append(row)
         return ms
 
+    def tiles(gemm: str, dense_ms: float, configs: list[dict], label: str, launch, *args, **kw):
+        """One row per tile configuration of `configs` (when sweeping): `launch(*args, config=..., **kw)`."""
+        for cfg in configs if sweep else []:
+            add(gemm, f"{label} {tag(cfg)}", lambda c=cfg: launch(*args, config=c, **kw), dense_ms)
+
     gm = device.type == "cuda"
+    short = f in moe_gemm.SHORT_K
+    rows_at, grad_at = moe_gemm.launch_rows, moe_gemm.launch_weight_grad
     # fwd1: token rows in, sorted rows out.
     dense = add("fwd1", "dense", lambda: x @ W1)
     if gm:
         add("fwd1", "grouped_mm", lambda: grouped_mm(x_sorted, w1, offs=offs), dense)
         add("fwd1", "copy (gather x)", lambda: x.index_select(0, (order // k).long()), dense)
     add("fwd1", "triton", lambda: moe_gemm.expert_gemm(x, w1, order, offs, k, gather=True, scatter=False), dense)
-    for cfg in ROWS_SWEEP if sweep else []:
-        add("fwd1", f"triton {tag(cfg)}", lambda c=cfg: launch_rows(c, x, w1, order, offs, k, True, False), dense)
+    tiles("fwd1", dense, ROWS_SWEEP, "triton", rows_at, x, w1, order, offs, k, True, False, short=False)
     # fwd2: sorted rows in, slot rows out.
     dense = add("fwd2", "dense", lambda: H @ W2)
     if gm:
         add("fwd2", "grouped_mm", lambda: grouped_mm(h, w2, offs=offs).index_select(0, plan.inverse.long()), dense)
     add("fwd2", "triton", lambda: moe_gemm.expert_gemm(h, w2, order, offs, k, gather=False, scatter=True), dense)
-    for cfg in ROWS_SWEEP if sweep else []:
-        add("fwd2", f"triton {tag(cfg)}", lambda c=cfg: launch_rows(c, h, w2, order, offs, k, False, True), dense)
-    for cfg in SHORT_SWEEP if sweep and f in moe_gemm.SHORT_K else []:
-        add("fwd2", f"triton short {tag(cfg)}", lambda c=cfg: launch_short(c, h, w2, order, offs, k, False, True),
-            dense)
+    tiles("fwd2", dense, ROWS_SWEEP, "triton", rows_at, h, w2, order, offs, k, False, True, short=False)
+    tiles("fwd2", dense, SHORT_SWEEP if short else [], "triton short", rows_at, h, w2, order, offs, k, False, True,
+          short=True)
     # dgrad2: dy (slot layout) in, sorted rows out, against w2^T; dgrad1: dh (sorted) in, slot rows out, w1^T.
     w1t, w2t = w1.transpose(1, 2), w2.transpose(1, 2)
     dense = add("dgrad2", "dense", lambda: dY @ W2.t())
@@ -180,11 +148,9 @@ def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_m
         add("dgrad1", "grouped_mm", lambda: grouped_mm(dh, w1t, offs=offs).index_select(0, plan.inverse.long()),
             dense)
     add("dgrad1", "triton", lambda: moe_gemm.expert_gemm(dh, w1t, order, offs, 1, gather=False, scatter=True), dense)
-    for cfg in ROWS_SWEEP if sweep and f in moe_gemm.SHORT_K else []:
-        add("dgrad1", f"triton {tag(cfg)}", lambda c=cfg: launch_rows(c, dh, w1t, order, offs, 1, False, True), dense)
-    for cfg in SHORT_SWEEP if sweep and f in moe_gemm.SHORT_K else []:
-        add("dgrad1", f"triton short {tag(cfg)}", lambda c=cfg: launch_short(c, dh, w1t, order, offs, 1, False, True),
-            dense)
+    for label, configs, whole in (("triton", ROWS_SWEEP, False), ("triton short", SHORT_SWEEP, True)):
+        tiles("dgrad1", dense, configs if short else [], label, rows_at, dh, w1t, order, offs, 1, False, True,
+              short=whole)
     # wgrad1: x (token layout) and dh (sorted).
     dense = add("wgrad1", "dense", lambda: x.t() @ H)
     if gm:
@@ -193,8 +159,7 @@ def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_m
                                                                  dy_gather=False), dense)
     add("wgrad1", "triton sorted", lambda: moe_gemm.expert_weight_grad(x_sorted, dh, order, offs, 1, x_gather=False,
                                                                         dy_gather=False), dense)
-    for cfg in WGRAD_SWEEP if sweep else []:
-        add("wgrad1", f"triton {tag(cfg)}", lambda c=cfg: launch_wgrad(c, x, dh, order, offs, k, True, False), dense)
+    tiles("wgrad1", dense, WGRAD_SWEEP, "triton", grad_at, x, dh, order, offs, k, True, False)
     # wgrad2: h (sorted) and dy (slot layout).
     dense = add("wgrad2", "dense", lambda: H.t() @ dY)
     if gm:
@@ -202,9 +167,7 @@ def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_m
         add("wgrad2", "copy (gather dy)", lambda: dy_slot.index_select(0, order.long()), dense)
     add("wgrad2", "triton", lambda: moe_gemm.expert_weight_grad(h, dy_slot, order, offs, 1, x_gather=False,
                                                                  dy_gather=True), dense)
-    for cfg in WGRAD_SWEEP if sweep else []:
-        add("wgrad2", f"triton {tag(cfg)}", lambda c=cfg: launch_wgrad(c, h, dy_slot, order, offs, 1, False, True),
-            dense)
+    tiles("wgrad2", dense, WGRAD_SWEEP, "triton", grad_at, h, dy_slot, order, offs, 1, False, True)
     return rows
 
 

@@ -6,9 +6,10 @@ statistics and dispatch. `ms`: wall time of the layer's step alone, CUDA events 
 steps (launch overhead included: a lone layer can wait on the CPU). `gpu`: the sum of the step's kernel times
 (profiler), what the layer costs inside a model step that keeps the GPU busy. `gemm ms`: the expert MLP alone
 on a fixed routing (its two GEMMs, with the gathers and scatters of its rows, and the activation; forward +
-backward; compiled as the layer is), so moe - gemm is what routing, planning, losses and the combine cost. `plan ms` / `sort ms`: planning a
-routing by the Triton counting sort / by a stable sort, the GPU time of their kernels (CPU: wall time). `--kernels` gives one contender per
-way of running the expert GEMMs (`sparsetrain.nn.moe.KERNELS`). Modes: eager, torch.compile, and torch.compile with
+backward; compiled as the layer is), so moe - gemm is what routing, planning, losses and the combine cost.
+`plan ms` / `sort ms`: planning a routing by the Triton counting sort / by a stable sort, the GPU time of their
+kernels (CPU: wall time). `--kernels` gives one contender per way of running the expert GEMMs
+(`sparsetrain.nn.moe.KERNELS`). Modes: eager, torch.compile, and torch.compile with
 CUDA graphs (no launch overhead).
 
     python bench/moe_layer.py --out bench_out/moe_layer.json           # the full grid on a GPU

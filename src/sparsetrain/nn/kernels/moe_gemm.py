@@ -284,50 +284,62 @@ if triton is not None:
                                               E_POW2=e_pow2, BLOCK=block)
         return order, inverse, offs, sorted_ids
 
-    def _launch_rows(x, w, order, offs, div, gather, scatter, bias=None, act=0):
+    def _launcher(kernel, config: dict | None):
+        """`kernel` through its autotuner, as an op traced by torch.compile calls it; or, given `config` (a tile
+        configuration, with num_warps and num_stages), the kernel itself at that configuration (tile sweeps)."""
+        return wrap_triton(kernel) if config is None else kernel.fn
+
+    def launch_rows(x, w, order, offs, div, gather, scatter, bias=None, act=0, *, short=None, config=None):
+        """The rows GEMM (`expert_gemm`'s forward, no autograd): `_rows_short_k_kernel` where K is one of `SHORT_K`
+        (or as `short` says), else `_rows_kernel`; autotuned, or at the tile `config`."""
         E, K, N = w.shape
         rows = order.numel()
         y = x.new_empty(rows, N)
         b, sb = (w, (0, 0)) if bias is None else (bias, bias.stride())  # w: a pointer never read
         strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1), *sb)
         flags = dict(E=E, E_POW2=triton.next_power_of_2(E), GATHER=gather, SCATTER=scatter,
-                     PRECISION=_precision(x), HAS_BIAS=bias is not None, ACT=act)
-        if K in SHORT_K:
-            wrap_triton(_rows_short_k_kernel)[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) + E,)](
+                     PRECISION=_precision(x), HAS_BIAS=bias is not None, ACT=act, **(config or {}))
+        if K in SHORT_K if short is None else short:
+            _launcher(_rows_short_k_kernel, config)[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) + E,)](
                 x, w, y, order, offs, b, rows, N, div, *strides, K=K, **flags)
             return y
 
         def grid(meta):
             return (triton.cdiv(rows, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),
 
-        wrap_triton(_rows_kernel)[grid](x, w, y, order, offs, b, rows, K, N, div, *strides,
-                                        EVEN_K=K % ROWS_BLOCK_K == 0, **flags)
+        even_k = K % (config or {}).get("BLOCK_K", ROWS_BLOCK_K) == 0
+        _launcher(_rows_kernel, config)[grid](x, w, y, order, offs, b, rows, K, N, div, *strides, EVEN_K=even_k,
+                                              **flags)
         return y
 
-    @triton_op("sparsetrain::expert_gemm", mutates_args=())
-    def _expert_gemm(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, div: int,
-                     gather: bool, scatter: bool) -> torch.Tensor:
-        return _launch_rows(x, w, order, offs, div, gather, scatter)
-
-    @triton_op("sparsetrain::expert_gemm_activated", mutates_args=())
-    def _expert_gemm_activated(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor,
-                               div: int, gather: bool, bias: Optional[torch.Tensor], activation: int) -> torch.Tensor:
-        return _launch_rows(x, w, order, offs, div, gather, False, bias, activation)
-
-    @triton_op("sparsetrain::expert_weight_grad", mutates_args=())
-    def _expert_weight_grad(x: torch.Tensor, dy: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, div: int,
-                            x_gather: bool, dy_gather: bool) -> torch.Tensor:
+    def launch_weight_grad(x, dy, order, offs, div, x_gather, dy_gather, *, config=None):
+        """`expert_weight_grad`, autotuned or at the tile `config`."""
         E, K, N = offs.numel(), x.shape[1], dy.shape[1]
         dw = x.new_empty(E, K, N)
 
         def grid(meta):
             return triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]), E
 
-        wrap_triton(_weight_grad_kernel)[grid](
+        _launcher(_weight_grad_kernel, config)[grid](
             x, dy, dw, order, offs, K, N, div, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
             dw.stride(0), dw.stride(1), dw.stride(2), E=E, X_GATHER=x_gather, DY_GATHER=dy_gather,
-            PRECISION=_precision(x))
+            PRECISION=_precision(x), **(config or {}))
         return dw
+
+    @triton_op("sparsetrain::expert_gemm", mutates_args=())
+    def _expert_gemm(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, div: int,
+                     gather: bool, scatter: bool) -> torch.Tensor:
+        return launch_rows(x, w, order, offs, div, gather, scatter)
+
+    @triton_op("sparsetrain::expert_gemm_activated", mutates_args=())
+    def _expert_gemm_activated(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor,
+                               div: int, gather: bool, bias: Optional[torch.Tensor], activation: int) -> torch.Tensor:
+        return launch_rows(x, w, order, offs, div, gather, False, bias, activation)
+
+    @triton_op("sparsetrain::expert_weight_grad", mutates_args=())
+    def _expert_weight_grad(x: torch.Tensor, dy: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, div: int,
+                            x_gather: bool, dy_gather: bool) -> torch.Tensor:
+        return launch_weight_grad(x, dy, order, offs, div, x_gather, dy_gather)
 
     def _setup_context(ctx, inputs, output):
         x, w, order, offs, div, gather, scatter = inputs
