@@ -87,22 +87,72 @@ def test_moe_layer_through_the_kernels_equals_the_loop(activation, bias, kind, E
 @pytest.mark.parametrize("activation,bias,kind,E,k", [
     ("gelu", True, "uneven", 8, 2), ("relu2", False, "all", 4, 4), ("relu", True, "one_expert", 4, 1)])
 def test_forward_only_epilogue_equals_the_loop(activation, bias, kind, E, k, monkeypatch):
-    """Without autograd the first GEMM adds the bias and applies the activation in its epilogue (the kernel with
-    them is called, once): the layer's output equals the loop's."""
+    """Without autograd the first GEMM adds the bias and applies the activation in its epilogue, the second adds
+    its bias and combines each token's rows (each kernel called once): the layer's output equals the loop's."""
     m = make(activation, bias, experts=E, top_k=k).to(DEVICE)
     N = 24
     x = torch.randn(N, 32, device=DEVICE)
     ids, weights = routing(kind, N, E, k), torch.rand(N, k, device=DEVICE)
-    calls = []
-    fused = moe_gemm.expert_gemm_activated
+    calls, combined = [], []
+    fused, fused_combine = moe_gemm.expert_gemm_activated, moe_gemm.expert_output
     monkeypatch.setattr(moe_gemm, "expert_gemm_activated", lambda *a, **kw: calls.append(kw) or fused(*a, **kw))
+    monkeypatch.setattr(moe_gemm, "expert_output",
+                        lambda *a, **kw: combined.append(kw) or fused_combine(*a, **kw))
     out = {}
     with torch.no_grad():
         for kernel in ("triton", "loop"):
             m.kernel = kernel
             out[kernel] = m.experts(x, ids, weights)
     assert [c["activation"] for c in calls] == [activation] and (calls[0]["bias"] is not None) == bias
+    assert len(combined) == 1 and (combined[0]["bias"] is not None) == bias
     torch.testing.assert_close(out["triton"], out["loop"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("K,bias", [(32, True), (24, False)])
+def test_combined_gemm_equals_weighted_slot_rows(K, bias):
+    """The second GEMM with the combine in it (short depth 32 and masked depth 24, an empty expert, a strided
+    weight, a bias): each token's k rows weighted and summed, as the slot rows of the plain GEMM give them."""
+    torch.manual_seed(0)
+    N, E, k, M = 21, 5, 3, 40
+    ids = routing("random", N, E, k)
+    plan = routing_plan(ids, E, fused=True)
+    a = torch.randn(N * k, K, device=DEVICE)  # sorted rows
+    w = torch.randn(E, M, K, device=DEVICE).transpose(1, 2)
+    b = torch.randn(E, M, device=DEVICE) if bias else None
+    weights = torch.rand(N, k, device=DEVICE)
+    y = moe_gemm.expert_output(a, w, plan.order, plan.offs, k, weights.flatten(), bias=b)
+    slots = expert_linear(a, w, routing_plan(ids, E, fused=False), "loop", gather=False, scatter=True)
+    if bias:
+        slots = slots + b[ids.flatten()]
+    assert y.dtype == torch.float32 and y.shape == (N, M)
+    torch.testing.assert_close(y, (slots.view(N, k, M) * weights.unsqueeze(-1)).sum(dim=1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("d", [32, 24])
+def test_combined_gemm_gradients_equal_autograd_of_the_reference(d):
+    """The combined second GEMM's backward (the rows' gradient and the combine weights' from one GEMM's epilogue,
+    the weight gradient reading token rows scaled by the weights) against autograd of slot rows and a weighted
+    sum; d = 32 runs the input-gradient GEMM in the short-depth kernel, d = 24 in the general one."""
+    torch.manual_seed(0)
+    N, E, k, f = 21, 5, 3, 40
+    ids = routing("uneven", N, E, k)
+    plan, ref_plan = routing_plan(ids, E, fused=True), routing_plan(ids, E, fused=False)
+    a = torch.randn(N * k, f, device=DEVICE)
+    w = torch.randn(E, d, f, device=DEVICE).transpose(1, 2)  # [E, f, d], strided
+    weights = torch.rand(N, k, device=DEVICE)
+    dy = torch.randn(N, d, device=DEVICE)
+    out = {}
+    for name in ("kernel", "reference"):
+        ai, wi, gi = a.clone().requires_grad_(), w.detach().clone().requires_grad_(), weights.clone().requires_grad_()
+        if name == "kernel":
+            y = moe_gemm.expert_output(ai, wi, plan.order, plan.offs, k, gi.flatten())
+        else:
+            slots = expert_linear(ai, wi, ref_plan, "loop", gather=False, scatter=True).view(N, k, d)
+            y = (slots * gi.unsqueeze(-1)).sum(dim=1)
+        y.backward(dy)
+        out[name] = (y, ai.grad, wi.grad, gi.grad)
+    for x, ref in zip(out["kernel"], out["reference"]):
+        torch.testing.assert_close(x, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_capacity_drops_through_the_kernels():

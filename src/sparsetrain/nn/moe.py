@@ -254,16 +254,32 @@ def activated_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, 
     return activate(biased_rows(x, w, bias, plan, kernel, gather=gather), activation).to(x.dtype)
 
 
+def output_rows(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, plan: Plan, kernel: str,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The second expert GEMM: a[r] @ w[e] + bias[e] for the sorted rows a (bias [E, N] or None, added in fp32).
+    Slot rows [N*k, N] out; or, given the router's `weights` [N, k], each token's k rows weighted and summed,
+    token rows [N, N] (fp32 where a bias or the Triton kernels made them so). The Triton kernels run GEMM and
+    combine as one autograd unit (`moe_gemm.expert_output`: no slot rows kept for the backward) except where a bias
+    needs its gradient."""
+    if weights is not None and kernel == "triton" and (bias is None or not torch.is_grad_enabled()):
+        return moe_gemm.expert_output(a, w, plan.order, plan.offs, plan.k, weights.flatten().contiguous(), bias=bias)
+    y = expert_linear(a, w, plan, kernel, gather=False, scatter=True)
+    if bias is not None:
+        y = y + bias.float().index_select(0, plan.slot_ids)
+    if weights is None:
+        return y
+    y = y.view(*weights.shape, -1)
+    return (y * weights.to(y.dtype).unsqueeze(-1)).sum(dim=1)
+
+
 def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
              expert_rows, kernel: str) -> torch.Tensor:
-    """sum_j weights[:, j] * expert_{expert_ids[:, j]}(x) for rows x [N, d]: plan the N*k assignments, run
-    `expert_rows(x, plan, kernel)` (token rows in, slot rows [N*k, d] out) and combine each token's k rows.
-    Shared by every MoE layout (stacked experts here, SSD's views of a dense FFN)."""
-    N, k = expert_ids.shape
+    """sum_j weights[:, j] * expert_{expert_ids[:, j]}(x) for rows x [N, d]: plan the N*k assignments and run
+    `expert_rows(x, plan, kernel, weights)` (token rows in, each token's k results weighted and summed: [N, d]
+    out, by `output_rows`). Shared by every MoE layout (stacked experts here, SSD's views of a dense FFN)."""
     fused = kernel == "triton" or (x.device.type == "cuda" and moe_gemm.available(x.device))
     plan = routing_plan(expert_ids, num_experts, fused)
-    ys = expert_rows(x.to(compute_dtype(x)), plan, kernel).view(N, k, -1)
-    return (ys * weights.to(ys.dtype).unsqueeze(-1)).sum(dim=1)
+    return expert_rows(x.to(compute_dtype(x)), plan, kernel, weights)
 
 
 class MoEFFN(nn.Module):
@@ -352,16 +368,16 @@ class MoEFFN(nn.Module):
         kernel = choose_kernel(self, compute_dtype(x), x.device)
         return dispatch(x, expert_ids, weights, self.num_experts, self.expert_rows, kernel)
 
-    def expert_rows(self, x: torch.Tensor, plan: Plan, kernel: str) -> torch.Tensor:
-        """The expert MLP of token rows x for every assignment of `plan`: slot rows [N*k, d]."""
+    def expert_rows(self, x: torch.Tensor, plan: Plan, kernel: str, weights: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """The expert MLP of token rows x for every assignment of `plan`: slot rows [N*k, d]; given the router's
+        `weights` [N, k], each token's rows weighted and summed, [N, d] (`output_rows`)."""
         dtype = x.dtype
         x, gather = plan.input(x, kernel)
         in_bias = None if self.in_bias is None else self.in_bias.view(self.num_experts, -1)
         a = activated_rows(x, self.w_in.to(dtype), in_bias, plan, kernel, self.activation, gather=gather)
-        y = expert_linear(a, self.w_out.to(dtype), plan, kernel, gather=False, scatter=True)
-        if self.out_bias is not None:
-            y = y + self.out_bias.float().view(self.num_experts, -1).index_select(0, plan.slot_ids)
-        return y
+        out_bias = None if self.out_bias is None else self.out_bias.view(self.num_experts, -1)
+        return output_rows(a, self.w_out.to(dtype), out_bias, plan, kernel, weights)
 
     def grouped_mm_ok(self, dtype: torch.dtype, device: torch.device) -> bool:
         """Grouped GEMMs need bf16 (any dtype in CPU eager) and row strides of a multiple of 16 bytes."""

@@ -13,7 +13,7 @@ from sparsetrain.methods.shards import index_select_, whole
 from sparsetrain.methods.ssd.cluster import cluster_means
 from sparsetrain.nn.model import FFN, Transformer
 from sparsetrain.nn.moe import (MoEFFN, Plan, activated_rows, biased_rows, choose_kernel, compute_dtype, dispatch,
-                                expert_counts, expert_linear, grouped_mm)
+                                expert_counts, grouped_mm, output_rows)
 
 
 def neuron_rows(ffn: FFN) -> torch.Tensor:
@@ -111,9 +111,11 @@ class SSDFFN(FFN):
         f = self.d_ff // self.num_experts
         return all(n % align == 0 for n in (self.fc.in_features, f))
 
-    def expert_rows(self, x: torch.Tensor, plan: Plan, kernel: str) -> torch.Tensor:
+    def expert_rows(self, x: torch.Tensor, plan: Plan, kernel: str, weights: torch.Tensor | None = None
+                    ) -> torch.Tensor:
         """The expert MLP of token rows x for every assignment of `plan` (called by `moe.dispatch`): grouped GEMMs
-        on views of the dense weights (the cast to x's dtype is the one an autocast Linear makes). Slot rows out."""
+        on views of the dense weights (the cast to x's dtype is the one an autocast Linear makes). Slot rows out;
+        given the router's `weights`, each token's rows weighted and summed (`moe.output_rows`)."""
         E, f, d = self.num_experts, self.d_ff // self.num_experts, self.fc.in_features
         dtype = x.dtype
         w_in = self.fc.weight.to(dtype).view(-1, E, f, d).transpose(2, 3)  # [1 or 2 (gate, up), E, d, f]
@@ -125,7 +127,7 @@ class SSDFFN(FFN):
         else:
             a = activated_rows(x, w_in[0], bias[0], plan, kernel, self.activation, gather=gather)
         w_out = self.proj.weight.to(dtype).view(d, E, f).permute(1, 2, 0)  # [E, f, d]
-        return expert_linear(a.to(dtype), w_out, plan, kernel, gather=False, scatter=True)
+        return output_rows(a.to(dtype), w_out, None, plan, kernel, weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.sparse:

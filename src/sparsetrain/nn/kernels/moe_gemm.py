@@ -13,7 +13,9 @@ backward is two kernels of the same kind: the input gradient is the same GEMM ag
 and scatter swapped (a token's k copies summed afterwards, no atomics), the weight gradient a GEMM per expert over
 its rows (`_weight_grad_kernel`). Without autograd, `expert_gemm_activated` adds the expert's bias and applies the
 activation to the accumulator before it is written (the first GEMM of a forward-only pass: the pre-activation is
-never stored).
+never stored). `expert_output` is the second GEMM with the weighted sum of each token's k rows as one autograd unit:
+its backward reads the output gradient's token rows in place and computes the combine weights' gradient in the
+input gradient's epilogue, so the forward's slot rows are not kept.
 
 The kernels run compiled on a GPU and, with TRITON_INTERPRET=1, on the CPU (slowly: the tests use tiny shapes).
 `moe.group_gemm` with GatherRows is the reference these are tested against.
@@ -37,6 +39,7 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what tl.dot multiplie
 ROWS_BLOCK_K = 32 if INTERPRET else 64  # one depth for every config: the host knows whether K needs masks
 PLAN_CELLS = 8192  # ids x experts a planning program compares at once
 SHORT_K = (16, 32, 64, 128, 256)  # depths the rows GEMM takes whole (`_rows_short_k_kernel`)
+MIN_BLOCK_N = 32  # no config of `_rows_kernel` has narrower column tiles
 
 
 def available(device: torch.device) -> bool:
@@ -134,6 +137,24 @@ if triton is not None:
             acc = acc * acc
         return acc
 
+    @triton.jit
+    def _store(y_ptr, acc, order_ptr, r, ok, n, N, sym, syn, SCATTER: tl.constexpr):
+        """Store the tile of sorted rows r at r, or at their slots (SCATTER)."""
+        dst = _through(order_ptr, r, ok, SCATTER, 1)
+        tl.store(y_ptr + dst.to(tl.int64)[:, None] * sym + n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+                 mask=ok[:, None] & (n < N)[None, :])
+
+    @triton.jit
+    def _gate_terms(g, order_ptr, cw_ptr, a_ptr, r, ok, n, N, sam, san):
+        """For a tile g of the gradient of a combined GEMM's unweighted output rows (`expert_output`), whose sorted
+        input rows a are: (the rows' slots, each row's <g, a> over the tile's columns, g times the slots' combine
+        weights)."""
+        slot = tl.load(order_ptr + r, mask=ok, other=0)
+        a = tl.load(a_ptr + r.to(tl.int64)[:, None] * sam + n[None, :] * san, mask=ok[:, None] & (n < N)[None, :],
+                    other=0.0)
+        scale = tl.load(cw_ptr + slot, mask=ok, other=0.0).to(tl.float32)
+        return slot, tl.sum(g * a.to(tl.float32), axis=1), g * scale[:, None]
+
     @triton.autotune(
         configs=_configs(
             [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=ROWS_BLOCK_K, GROUP_M=8, warps=8, stages=3),
@@ -143,13 +164,14 @@ if triton is not None:
              dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=ROWS_BLOCK_K, GROUP_M=8, warps=8, stages=3),
              dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=ROWS_BLOCK_K, GROUP_M=8, warps=4, stages=4)],
             [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=ROWS_BLOCK_K, GROUP_M=2, warps=1, stages=1)]),
-        key=["K", "N", "E"],
+        key=["K", "N", "E", "GATE_GRAD"],
     )
     @triton.jit
-    def _rows_kernel(x_ptr, w_ptr, y_ptr, order_ptr, offs_ptr, b_ptr, rows, K, N, div,
-                     sxm, sxk, swe, swk, swn, sym, syn, sbe, sbn,
+    def _rows_kernel(x_ptr, w_ptr, y_ptr, order_ptr, offs_ptr, b_ptr, cw_ptr, a_ptr, dg_ptr, rows, K, N, div,
+                     sxm, sxk, swe, swk, swn, sym, syn, sbe, sbn, sam, san,
                      E: tl.constexpr, E_POW2: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr,
-                     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                     GATE_GRAD: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     ACT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """y[dst(r)] = act(x[src(r)] @ w[e(r)] + b[e(r)]) for the sorted rows r of one [BLOCK_M, BLOCK_N] tile (bias
         and activation only where asked). Programs run through the tiles GROUP_M row tiles at a time, every column
@@ -180,9 +202,10 @@ if triton is not None:
             a_ptrs += BLOCK_K * sxk
             b_ptrs += BLOCK_K * swk
         acc = _epilogue(acc, b_ptr, e, n, N, sbe, sbn, HAS_BIAS, ACT)
-        dst = _through(order_ptr, r, in_group, SCATTER, 1)
-        y_ptrs = y_ptr + dst.to(tl.int64)[:, None] * sym + n[None, :] * syn
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_group[:, None] & (n < N)[None, :])
+        if GATE_GRAD:  # one partial dot per column tile: summed on the host side, in a fixed order
+            slot, dots, acc = _gate_terms(acc, order_ptr, cw_ptr, a_ptr, r, in_group, n, N, sam, san)
+            tl.store(dg_ptr + pid_n * rows + slot, dots, mask=in_group)
+        _store(y_ptr, acc, order_ptr, r, in_group, n, N, sym, syn, SCATTER)
 
     @triton.autotune(
         configs=_configs(
@@ -191,14 +214,14 @@ if triton is not None:
              dict(BLOCK_M=64, BLOCK_N=128, warps=4, stages=3),
              dict(BLOCK_M=64, BLOCK_N=256, warps=8, stages=2)],
             [dict(BLOCK_M=32, BLOCK_N=32, warps=1, stages=1)]),
-        key=["K", "N", "E"],
+        key=["K", "N", "E", "GATE_GRAD"],
     )
     @triton.jit
-    def _rows_short_k_kernel(x_ptr, w_ptr, y_ptr, order_ptr, offs_ptr, b_ptr, rows, N, div,
-                             sxm, sxk, swe, swk, swn, sym, syn, sbe, sbn,
+    def _rows_short_k_kernel(x_ptr, w_ptr, y_ptr, order_ptr, offs_ptr, b_ptr, cw_ptr, a_ptr, dg_ptr, rows, N, div,
+                             sxm, sxk, swe, swk, swn, sym, syn, sbe, sbn, sam, san,
                              K: tl.constexpr, E: tl.constexpr, E_POW2: tl.constexpr, GATHER: tl.constexpr,
-                             SCATTER: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                             SCATTER: tl.constexpr, GATE_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """`_rows_kernel` for a short K (a power of 2 up to 256: the second GEMM of narrow experts, and the input
         gradient of the first): a program loads its BLOCK_M rows once, whole, and sweeps every column tile, one
         [BLOCK_M, K] x [K, BLOCK_N] product each. The sweep is the pipelined loop, so the next weight tiles load
@@ -208,18 +231,21 @@ if triton is not None:
         if tl.program_id(0) >= tiles:
             return
         src = _through(order_ptr, r, in_group, GATHER, div)
-        dst = _through(order_ptr, r, in_group, SCATTER, 1)
         kk = tl.arange(0, K)
         a = tl.load(x_ptr + src.to(tl.int64)[:, None] * sxm + kk[None, :] * sxk, mask=in_group[:, None], other=0.0)
         w_e = w_ptr + e.to(tl.int64) * swe + kk[:, None] * swk
-        y_rows = y_ptr + dst.to(tl.int64)[:, None] * sym
+        dots = tl.zeros([BLOCK_M], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             b = tl.load(w_e + n[None, :] * swn, mask=(n < N)[None, :], other=0.0)
             acc = tl.dot(a, b, input_precision=PRECISION)
             acc = _epilogue(acc, b_ptr, e, n, N, sbe, sbn, HAS_BIAS, ACT)
-            tl.store(y_rows + n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
-                     mask=in_group[:, None] & (n < N)[None, :])
+            if GATE_GRAD:
+                slot, tile_dots, acc = _gate_terms(acc, order_ptr, cw_ptr, a_ptr, r, in_group, n, N, sam, san)
+                dots += tile_dots
+            _store(y_ptr, acc, order_ptr, r, in_group, n, N, sym, syn, SCATTER)
+        if GATE_GRAD:
+            tl.store(dg_ptr + tl.load(order_ptr + r, mask=in_group, other=0), dots, mask=in_group)
 
     @triton.autotune(
         configs=_configs(
@@ -229,17 +255,18 @@ if triton is not None:
              dict(BLOCK_K=256, BLOCK_N=128, BLOCK_R=64, warps=8, stages=3),
              dict(BLOCK_K=128, BLOCK_N=256, BLOCK_R=32, warps=8, stages=4)],
             [dict(BLOCK_K=32, BLOCK_N=32, BLOCK_R=32, warps=1, stages=1)]),
-        key=["K", "N", "E"],
+        key=["K", "N", "E", "DY_SCALE"],
     )
     @triton.jit
-    def _weight_grad_kernel(x_ptr, dy_ptr, dw_ptr, order_ptr, offs_ptr, K, N, div,
+    def _weight_grad_kernel(x_ptr, dy_ptr, dw_ptr, order_ptr, offs_ptr, cw_ptr, K, N, div, dy_div,
                             sxm, sxk, sdm, sdn, swe, swk, swn,
                             E: tl.constexpr, X_GATHER: tl.constexpr, DY_GATHER: tl.constexpr,
-                            PRECISION: tl.constexpr,
+                            DY_SCALE: tl.constexpr, PRECISION: tl.constexpr,
                             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         """dw[e] = x[rows of e]^T @ dy[rows of e]: one [BLOCK_K, BLOCK_N] tile of one expert per program, the
-        expert's rows read through `order` where the operand is not in sorted layout. An expert without rows gets
-        zeros. (Splitting an expert's rows over several programs, partial sums added after, was slower at every
+        expert's rows read through `order` where the operand is not in sorted layout (dy's row order[r] // dy_div),
+        dy's rows scaled by their slots' combine weights where DY_SCALE. An expert without rows gets zeros.
+        (Splitting an expert's rows over several programs, partial sums added after, was slower at every
         width measured: BENCHMARKS.md, tenth round.)"""
         pid = tl.program_id(0)
         e = tl.program_id(1)
@@ -255,11 +282,14 @@ if triton is not None:
             r = r0 + rr
             ok = r < end
             xs = _through(order_ptr, r, ok, X_GATHER, div)
-            ds = _through(order_ptr, r, ok, DY_GATHER, 1)
+            ds = _through(order_ptr, r, ok, DY_GATHER, dy_div)
             a = tl.load(x_ptr + xs.to(tl.int64)[None, :] * sxm + kk[:, None] * sxk,
                         mask=ok[None, :] & (kk < K)[:, None], other=0.0)
             b = tl.load(dy_ptr + ds.to(tl.int64)[:, None] * sdm + n[None, :] * sdn,
                         mask=ok[:, None] & (n < N)[None, :], other=0.0)
+            if DY_SCALE:
+                scale = tl.load(cw_ptr + tl.load(order_ptr + r, mask=ok, other=0), mask=ok, other=0.0)
+                b = (b.to(tl.float32) * scale.to(tl.float32)[:, None]).to(b.dtype)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         dw_ptrs = dw_ptr + e.to(tl.int64) * swe + kk[:, None] * swk + n[None, :] * swn
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(kk < K)[:, None] & (n < N)[None, :])
@@ -289,31 +319,43 @@ if triton is not None:
         configuration, with num_warps and num_stages), the kernel itself at that configuration (tile sweeps)."""
         return wrap_triton(kernel) if config is None else kernel.fn
 
-    def launch_rows(x, w, order, offs, div, gather, scatter, bias=None, act=0, *, short=None, config=None):
+    def launch_rows(x, w, order, offs, div, gather, scatter, bias=None, act=0, gate_grad=None, *, short=None,
+                    config=None):
         """The rows GEMM (`expert_gemm`'s forward, no autograd): `_rows_short_k_kernel` where K is one of `SHORT_K`
-        (or as `short` says), else `_rows_kernel`; autotuned, or at the tile `config`."""
+        (or as `short` says), else `_rows_kernel`; autotuned, or at the tile `config`. Given `gate_grad` =
+        (weights [rows] in slot layout, a [rows, N] sorted), x is the output gradient of a combined GEMM
+        (`expert_output`) and the result (a's gradient, the weights' in fp32)."""
         E, K, N = w.shape
         rows = order.numel()
         y = x.new_empty(rows, N)
-        b, sb = (w, (0, 0)) if bias is None else (bias, bias.stride())  # w: a pointer never read
-        strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1), *sb)
+        # Pointers a launch does not read are given some tensor (w or y).
+        b, sb = (w, (0, 0)) if bias is None else (bias, bias.stride())
+        cw, a = (w, y) if gate_grad is None else gate_grad
+        short = K in SHORT_K if short is None else short
+        # The weights' gradient in partial sums, one per column tile (of at least MIN_BLOCK_N columns) of a row.
+        dg = y if gate_grad is None else torch.zeros(1 if short else triton.cdiv(N, MIN_BLOCK_N), rows,
+                                                     dtype=torch.float32, device=x.device)
+        strides = (x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1), *sb,
+                   a.stride(0), a.stride(1))
         flags = dict(E=E, E_POW2=triton.next_power_of_2(E), GATHER=gather, SCATTER=scatter,
-                     PRECISION=_precision(x), HAS_BIAS=bias is not None, ACT=act, **(config or {}))
-        if K in SHORT_K if short is None else short:
+                     GATE_GRAD=gate_grad is not None, PRECISION=_precision(x), HAS_BIAS=bias is not None, ACT=act,
+                     **(config or {}))
+        pointers = (x, w, y, order, offs, b, cw, a, dg)
+        if short:
             _launcher(_rows_short_k_kernel, config)[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) + E,)](
-                x, w, y, order, offs, b, rows, N, div, *strides, K=K, **flags)
-            return y
+                *pointers, rows, N, div, *strides, K=K, **flags)
+        else:
+            def grid(meta):
+                return (triton.cdiv(rows, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),
 
-        def grid(meta):
-            return (triton.cdiv(rows, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),
+            even_k = K % (config or {}).get("BLOCK_K", ROWS_BLOCK_K) == 0
+            _launcher(_rows_kernel, config)[grid](*pointers, rows, K, N, div, *strides, EVEN_K=even_k, **flags)
+        return y if gate_grad is None else (y, dg.sum(dim=0))
 
-        even_k = K % (config or {}).get("BLOCK_K", ROWS_BLOCK_K) == 0
-        _launcher(_rows_kernel, config)[grid](x, w, y, order, offs, b, rows, K, N, div, *strides, EVEN_K=even_k,
-                                              **flags)
-        return y
-
-    def launch_weight_grad(x, dy, order, offs, div, x_gather, dy_gather, *, config=None):
-        """`expert_weight_grad`, autotuned or at the tile `config`."""
+    def launch_weight_grad(x, dy, order, offs, div, x_gather, dy_gather, dy_div=1, dy_weights=None, *,
+                           config=None):
+        """`expert_weight_grad`, autotuned or at the tile `config`; dy's rows read as order[r] // dy_div where
+        gathered, and scaled by their slots' `dy_weights` where given."""
         E, K, N = offs.numel(), x.shape[1], dy.shape[1]
         dw = x.new_empty(E, K, N)
 
@@ -321,9 +363,10 @@ if triton is not None:
             return triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]), E
 
         _launcher(_weight_grad_kernel, config)[grid](
-            x, dy, dw, order, offs, K, N, div, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-            dw.stride(0), dw.stride(1), dw.stride(2), E=E, X_GATHER=x_gather, DY_GATHER=dy_gather,
-            PRECISION=_precision(x), **(config or {}))
+            x, dy, dw, order, offs, dw if dy_weights is None else dy_weights, K, N, div, dy_div,
+            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2), E=E,
+            X_GATHER=x_gather, DY_GATHER=dy_gather, DY_SCALE=dy_weights is not None, PRECISION=_precision(x),
+            **(config or {}))
         return dw
 
     @triton_op("sparsetrain::expert_gemm", mutates_args=())
@@ -336,10 +379,39 @@ if triton is not None:
                                div: int, gather: bool, bias: Optional[torch.Tensor], activation: int) -> torch.Tensor:
         return launch_rows(x, w, order, offs, div, gather, False, bias, activation)
 
+    @triton_op("sparsetrain::expert_output", mutates_args=())
+    def _expert_output(a: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, k: int,
+                       weights: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        y = launch_rows(a, w, order, offs, k, False, True, bias)  # slot rows
+        return (y.view(-1, k, y.shape[-1]).float() * weights.view(-1, k, 1).float()).sum(dim=1)
+
+    @triton_op("sparsetrain::expert_output_grad", mutates_args=())
+    def _expert_output_grad(dy: torch.Tensor, w: torch.Tensor, a: torch.Tensor, order: torch.Tensor,
+                            offs: torch.Tensor, k: int, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return launch_rows(dy, w.transpose(1, 2), order, offs, k, True, False, gate_grad=(weights, a))
+
     @triton_op("sparsetrain::expert_weight_grad", mutates_args=())
     def _expert_weight_grad(x: torch.Tensor, dy: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, div: int,
-                            x_gather: bool, dy_gather: bool) -> torch.Tensor:
-        return launch_weight_grad(x, dy, order, offs, div, x_gather, dy_gather)
+                            x_gather: bool, dy_gather: bool, dy_div: int = 1,
+                            dy_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return launch_weight_grad(x, dy, order, offs, div, x_gather, dy_gather, dy_div, dy_weights)
+
+    def _output_setup_context(ctx, inputs, output):
+        a, w, order, offs, k, weights, bias = inputs
+        ctx.save_for_backward(a, w, order, offs, weights)
+        ctx.k = k
+
+    def _output_backward(ctx, dy):
+        """With g_r = dy[token] @ w[e]^T the gradient of sorted row r's unweighted output: a's gradient is the
+        weighted g_r, the combine weight's <g_r, a_r> (= <dy[token], y_r>: no output rows kept), both in the input
+        gradient GEMM's epilogue; w's gradient reads dy's token rows scaled by the weights."""
+        a, w, order, offs, weights = ctx.saved_tensors
+        dy = dy.to(a.dtype)
+        da, dweights = _expert_output_grad(dy, w, a, order, offs, ctx.k, weights)
+        dw = _expert_weight_grad(a, dy, order, offs, 1, False, True, ctx.k, weights).to(w.dtype)
+        return da, dw, None, None, None, dweights.to(weights.dtype), None
+
+    _expert_output.register_autograd(_output_backward, setup_context=_output_setup_context)
 
     def _setup_context(ctx, inputs, output):
         x, w, order, offs, div, gather, scatter = inputs
@@ -378,6 +450,18 @@ def expert_gemm_activated(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor,
     the activation (`EPILOGUES`) applied to the fp32 accumulator before it is written, so the pre-activation is
     never stored. Forward only: no autograd (evaluation, inference)."""
     return _expert_gemm_activated(x, w, order, offs, k, gather, bias, EPILOGUES[activation])
+
+
+def expert_output(a: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, k: int,
+                  weights: torch.Tensor, *, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_j weights[t*k + j] * (a[r] @ w[e] + bias[e]) over token t's k sorted rows r: an MoE FFN's second GEMM
+    with the combine, token rows [N, w.shape[2]] in fp32 out (a sorted [N*k, K], weights [N*k] in slot layout,
+    contiguous). Differentiable in a, w and weights (the bias only without autograd), and the backward needs no
+    output rows: the weights' gradient comes from the epilogue of a's (`_output_backward`). (The combine as atomic
+    adds in the GEMM's stores, no slot rows written, was slower: BENCHMARKS.md, eleventh round.)"""
+    if bias is not None and torch.is_grad_enabled() and bias.requires_grad:
+        raise ValueError("expert_output has no gradient for the bias: add it apart in training")
+    return _expert_output(a, w, order, offs, k, weights, bias)
 
 
 def expert_gemm(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, k: int, *,
