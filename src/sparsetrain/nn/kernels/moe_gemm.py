@@ -94,15 +94,17 @@ if triton is not None:
         tl.store(inverse_ptr + idx, pos, mask=ok)
         tl.store(sorted_ids_ptr + pos, ids, mask=ok)
 
+    # torch.compile finds what a kernel writes by following each store's address back through the values it is
+    # made of; a helper's result leads back to every pointer the helper was given, and each of those would count as
+    # written (and be copied on every call). So the kernels load routing data (offs, order) in their own bodies and
+    # give helpers values, not pointers, wherever the result reaches a store's address.
     @triton.jit
-    def _expert_tile(offs_ptr, pid_m, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    def _expert_tile(ends, starts, pid_m, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
         """Row tile `pid_m` of the sorted rows: (its expert, its rows [BLOCK_M], which of them are the expert's, how
-        many tiles there are). Tiles never straddle two experts: each expert's rows are cut into its own BLOCK_M
-        tiles, found from the group ends in registers; a grid's spare tiles (one per expert at most) are those at
-        or past the count."""
+        many tiles there are), from the experts' group `ends` and `starts` ([E_POW2], loaded from offs). Tiles
+        never straddle two experts: each expert's rows are cut into its own BLOCK_M tiles; a grid's spare tiles
+        (one per expert at most) are those at or past the count."""
         experts = tl.arange(0, E_POW2)
-        ends = tl.load(offs_ptr + experts, mask=experts < E, other=0)
-        starts = tl.load(offs_ptr + experts - 1, mask=(experts > 0) & (experts < E), other=0)
         tiles = tl.where(experts < E, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
         tile_ends = tl.cumsum(tiles, axis=0)
         e = tl.sum((tile_ends <= pid_m).to(tl.int32), axis=0)
@@ -138,22 +140,16 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _store(y_ptr, acc, order_ptr, r, ok, n, N, sym, syn, SCATTER: tl.constexpr):
-        """Store the tile of sorted rows r at r, or at their slots (SCATTER)."""
-        dst = _through(order_ptr, r, ok, SCATTER, 1)
+    def _store(y_ptr, acc, dst, ok, n, N, sym, syn):
+        """Store a tile of rows at output rows dst."""
         tl.store(y_ptr + dst.to(tl.int64)[:, None] * sym + n[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
                  mask=ok[:, None] & (n < N)[None, :])
 
     @triton.jit
-    def _gate_terms(g, order_ptr, cw_ptr, a_ptr, r, ok, n, N, sam, san):
-        """For a tile g of the gradient of a combined GEMM's unweighted output rows (`expert_output`), whose sorted
-        input rows a are: (the rows' slots, each row's <g, a> over the tile's columns, g times the slots' combine
-        weights)."""
-        slot = tl.load(order_ptr + r, mask=ok, other=0)
-        a = tl.load(a_ptr + r.to(tl.int64)[:, None] * sam + n[None, :] * san, mask=ok[:, None] & (n < N)[None, :],
-                    other=0.0)
-        scale = tl.load(cw_ptr + slot, mask=ok, other=0.0).to(tl.float32)
-        return slot, tl.sum(g * a.to(tl.float32), axis=1), g * scale[:, None]
+    def _gate_terms(g, a, scale):
+        """For a tile g of the gradient of a combined GEMM's unweighted output rows (`expert_output`), the tile a of
+        its inputs and the rows' combine weights: (each row's <g, a> over the tile's columns, g weighted)."""
+        return tl.sum(g * a.to(tl.float32), axis=1), g * scale.to(tl.float32)[:, None]
 
     @triton.autotune(
         configs=_configs(
@@ -181,10 +177,14 @@ if triton is not None:
         group_rows = tl.minimum(tiles_m - (pid // (GROUP_M * tiles_n)) * GROUP_M, GROUP_M)
         pid_m = (pid // (GROUP_M * tiles_n)) * GROUP_M + (pid % (GROUP_M * tiles_n)) % group_rows
         pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
-        e, r, in_group, tiles = _expert_tile(offs_ptr, pid_m, E, E_POW2, BLOCK_M)
+        experts = tl.arange(0, E_POW2)
+        ends = tl.load(offs_ptr + experts, mask=experts < E, other=0)
+        starts = tl.load(offs_ptr + experts - 1, mask=(experts > 0) & (experts < E), other=0)
+        e, r, in_group, tiles = _expert_tile(ends, starts, pid_m, E, E_POW2, BLOCK_M)
         if pid_m >= tiles:
             return
-        src = _through(order_ptr, r, in_group, GATHER, div)
+        slot = tl.load(order_ptr + r, mask=in_group, other=0)
+        src = slot // div if GATHER else r
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         kk = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + src.to(tl.int64)[:, None] * sxm + kk[None, :] * sxk
@@ -203,9 +203,11 @@ if triton is not None:
             b_ptrs += BLOCK_K * swk
         acc = _epilogue(acc, b_ptr, e, n, N, sbe, sbn, HAS_BIAS, ACT)
         if GATE_GRAD:  # one partial dot per column tile: summed on the host side, in a fixed order
-            slot, dots, acc = _gate_terms(acc, order_ptr, cw_ptr, a_ptr, r, in_group, n, N, sam, san)
+            a_tile = tl.load(a_ptr + r.to(tl.int64)[:, None] * sam + n[None, :] * san,
+                             mask=in_group[:, None] & (n < N)[None, :], other=0.0)
+            dots, acc = _gate_terms(acc, a_tile, tl.load(cw_ptr + slot, mask=in_group, other=0.0))
             tl.store(dg_ptr + pid_n * rows + slot, dots, mask=in_group)
-        _store(y_ptr, acc, order_ptr, r, in_group, n, N, sym, syn, SCATTER)
+        _store(y_ptr, acc, slot if SCATTER else r, in_group, n, N, sym, syn)
 
     @triton.autotune(
         configs=_configs(
@@ -227,25 +229,34 @@ if triton is not None:
         [BLOCK_M, K] x [K, BLOCK_N] product each. The sweep is the pipelined loop, so the next weight tiles load
         while this one's output is stored: with a K loop of a few steps per tile, a tile's start and end would be
         mostly latency."""
-        e, r, in_group, tiles = _expert_tile(offs_ptr, tl.program_id(0), E, E_POW2, BLOCK_M)
+        experts = tl.arange(0, E_POW2)
+        ends = tl.load(offs_ptr + experts, mask=experts < E, other=0)
+        starts = tl.load(offs_ptr + experts - 1, mask=(experts > 0) & (experts < E), other=0)
+        e, r, in_group, tiles = _expert_tile(ends, starts, tl.program_id(0), E, E_POW2, BLOCK_M)
         if tl.program_id(0) >= tiles:
             return
-        src = _through(order_ptr, r, in_group, GATHER, div)
+        slot = tl.load(order_ptr + r, mask=in_group, other=0)
+        src = slot // div if GATHER else r
+        dst = slot if SCATTER else r
         kk = tl.arange(0, K)
         a = tl.load(x_ptr + src.to(tl.int64)[:, None] * sxm + kk[None, :] * sxk, mask=in_group[:, None], other=0.0)
         w_e = w_ptr + e.to(tl.int64) * swe + kk[:, None] * swk
         dots = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if GATE_GRAD:
+            scale = tl.load(cw_ptr + slot, mask=in_group, other=0.0)
         for n0 in range(0, N, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             b = tl.load(w_e + n[None, :] * swn, mask=(n < N)[None, :], other=0.0)
             acc = tl.dot(a, b, input_precision=PRECISION)
             acc = _epilogue(acc, b_ptr, e, n, N, sbe, sbn, HAS_BIAS, ACT)
             if GATE_GRAD:
-                slot, tile_dots, acc = _gate_terms(acc, order_ptr, cw_ptr, a_ptr, r, in_group, n, N, sam, san)
+                a_tile = tl.load(a_ptr + r.to(tl.int64)[:, None] * sam + n[None, :] * san,
+                                 mask=in_group[:, None] & (n < N)[None, :], other=0.0)
+                tile_dots, acc = _gate_terms(acc, a_tile, scale)
                 dots += tile_dots
-            _store(y_ptr, acc, order_ptr, r, in_group, n, N, sym, syn, SCATTER)
+            _store(y_ptr, acc, dst, in_group, n, N, sym, syn)
         if GATE_GRAD:
-            tl.store(dg_ptr + tl.load(order_ptr + r, mask=in_group, other=0), dots, mask=in_group)
+            tl.store(dg_ptr + slot, dots, mask=in_group)
 
     @triton.autotune(
         configs=_configs(
