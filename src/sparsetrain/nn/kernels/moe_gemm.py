@@ -293,13 +293,17 @@ if triton is not None:
             r = r0 + rr
             ok = r < end
             xs = _through(order_ptr, r, ok, X_GATHER, div)
-            ds = _through(order_ptr, r, ok, DY_GATHER, dy_div)
+            if DY_SCALE:  # the slot gives both dy's row and the scale: one load of order
+                slot = tl.load(order_ptr + r, mask=ok, other=0)
+                ds = slot // dy_div
+            else:
+                ds = _through(order_ptr, r, ok, DY_GATHER, dy_div)
             a = tl.load(x_ptr + xs.to(tl.int64)[None, :] * sxm + kk[:, None] * sxk,
                         mask=ok[None, :] & (kk < K)[:, None], other=0.0)
             b = tl.load(dy_ptr + ds.to(tl.int64)[:, None] * sdm + n[None, :] * sdn,
                         mask=ok[:, None] & (n < N)[None, :], other=0.0)
             if DY_SCALE:
-                scale = tl.load(cw_ptr + tl.load(order_ptr + r, mask=ok, other=0), mask=ok, other=0.0)
+                scale = tl.load(cw_ptr + slot, mask=ok, other=0.0)
                 b = (b.to(tl.float32) * scale.to(tl.float32)[:, None]).to(b.dtype)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         dw_ptrs = dw_ptr + e.to(tl.int64) * swe + kk[:, None] * swk + n[None, :] * swn
