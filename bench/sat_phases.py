@@ -7,12 +7,14 @@ step's phase marks. Prints a table and writes JSON (rewritten after each contend
 ("optimizer" includes clipping and the freeze of omitted slices.)
 
     PYTHONPATH=src python3 bench/sat_phases.py --out $OUT/sat_phases.json            # GPU, gpt2-medium
+    PYTHONPATH=src python3 bench/sat_phases.py --variants wanda mst-neuron --profile $OUT/prof  # kernel tables
     PYTHONPATH=src python3 bench/sat_phases.py --device cpu --quick --out /tmp/p.json # smoke test
 """
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from sparsetrain_bench.steps import bench_config, measure_steps, print_table, step_arguments, step_shape, write_rows
 from sparsetrain_bench.suite import MST_NEURON_STEP
@@ -34,9 +36,9 @@ VARIANTS = {
 }
 
 
-def run(variant, *, preset, batch, seq, vocab, steps, warmup, device, compile_model):
+def run(variant, *, preset, batch, seq, vocab, steps, warmup, device, compile_model, profile_to=None):
     """Dense (`variant` None), a whole method section (it has a name), or SAT with `variant`'s options at a constant
-    rate: median phase times, step time."""
+    rate: median phase times, step time; with `profile_to`, the profiler's tables of a few more steps there."""
     if variant is None:
         method = {"name": "dense"}
     elif "name" in variant:
@@ -45,7 +47,7 @@ def run(variant, *, preset, batch, seq, vocab, steps, warmup, device, compile_mo
         method = {"name": "sat", "schedule": "constant", "dense_final": 0.0, **variant}
     cfg = bench_config(preset, batch_size=batch, seq_len=seq, vocab_size=vocab, method=method)
     cfg.train.device = device.type
-    r = measure_steps(cfg, steps=steps, warmup=warmup, compile_model=compile_model)
+    r = measure_steps(cfg, steps=steps, warmup=warmup, compile_model=compile_model, profile_to=profile_to)
     return {"options": "dense" if variant is None else json.dumps(variant), "before_ms": r["select_ms"],
             "fwd_bwd_ms": r["fwd_bwd_ms"], "optimizer_ms": r["optimizer_ms"], "step_ms": r["step_s"] * 1e3,
             "stream_step_ms": r["stream_step_s"] * 1e3}
@@ -56,13 +58,18 @@ def main() -> None:
     step_arguments(p)
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                    help="which contenders (dense is always first)")
+    p.add_argument("--profile", metavar="DIR", help="a folder for each contender's profile (DIR/<variant>.txt: kernels "
+                   "by GPU time, the step's regions by the host's)")
     p.add_argument("--out", default="bench_out/sat_phases.json")
     a = p.parse_args()
+    if a.profile:
+        Path(a.profile).mkdir(parents=True, exist_ok=True)
     kw = step_shape(a)
     names = ["dense"] + [v for v in a.variants if v != "dense"]
     rows = []
     for name in names:  # written as each comes: a call cut by its time limit keeps what finished
-        rows.append({"variant": name, **run(VARIANTS[name], **kw)})
+        profile = Path(a.profile) / f"{name}.txt" if a.profile else None
+        rows.append({"variant": name, **run(VARIANTS[name], **kw, profile_to=profile)})
         rows[-1]["speedup"] = rows[0]["step_ms"] / rows[-1]["step_ms"]
         print(json.dumps(rows[-1]), flush=True)
         write_rows(rows, a.out, vars(a), quiet=True)

@@ -64,6 +64,28 @@ def test_expert_gemm_and_its_gradients_equal_the_loop(gather, scatter, k, K, M):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("chunk", [16, 64, None])
+@pytest.mark.parametrize("x_gather,dy_gather", [(True, False), (False, True)])
+def test_weight_gradient_in_chunks_equals_each_experts_sum(chunk, x_gather, dy_gather):
+    """The weight gradient sums each expert's rows in chunks (programs of the grid), then the chunks in order: an
+    expert that takes half of all rows (many chunks), an empty expert, chunks shorter than a row block (16), the
+    default chunk; against x[rows of e]^T @ dy[rows of e] per expert."""
+    torch.manual_seed(0)
+    N, E, k, K, M = 90, 5, 2, 24, 40
+    ids = routing("uneven", N, E, k)  # experts 1 and 3 empty, expert 0 takes half the rows
+    plan = routing_plan(ids, E, fused=True)
+    order, offs = plan.order, plan.offs
+    x = torch.randn(N if x_gather else N * k, K, device=DEVICE)
+    dy = torch.randn(N * k, M, device=DEVICE)
+    dw = moe_gemm.launch_weight_grad(x, dy, order, offs, k if x_gather else 1, x_gather, dy_gather, chunk=chunk)
+    src = (order.long() // k) if x_gather else torch.arange(N * k, device=DEVICE)
+    dst = order.long() if dy_gather else torch.arange(N * k, device=DEVICE)
+    starts = [0] + offs.long().tolist()[:-1]
+    for e, (a, b) in enumerate(zip(starts, offs.long().tolist())):
+        want = x[src[a:b]].T @ dy[dst[a:b]]
+        torch.testing.assert_close(dw[e], want, atol=1e-4, rtol=1e-4, msg=f"expert {e}")
+
+
 @pytest.mark.parametrize("activation,bias,kind,E,k", [
     ("swiglu", False, "uneven", 8, 2), ("gelu", True, "one_expert", 4, 1), ("relu2", False, "all", 4, 4)])
 def test_moe_layer_through_the_kernels_equals_the_loop(activation, bias, kind, E, k):

@@ -99,20 +99,27 @@ if triton is not None:
     # written (and be copied on every call). So the kernels load routing data (offs, order) in their own bodies and
     # give helpers values, not pointers, wherever the result reaches a store's address.
     @triton.jit
-    def _expert_tile(ends, starts, pid_m, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
-        """Row tile `pid_m` of the sorted rows: (its expert, its rows [BLOCK_M], which of them are the expert's, how
-        many tiles there are), from the experts' group `ends` and `starts` ([E_POW2], loaded from offs). Tiles
-        never straddle two experts: each expert's rows are cut into its own BLOCK_M tiles; a grid's spare tiles
-        (one per expert at most) are those at or past the count."""
+    def _expert_chunk(ends, starts, c, E: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr):
+        """Chunk `c` of the sorted rows: (its expert, its first row, the expert's end, how many chunks there are),
+        from the experts' group `ends` and `starts` ([E_POW2], loaded from offs). Chunks never straddle two
+        experts: each expert's rows are cut into its own CHUNK-row chunks; a grid's spare chunks (one per expert at
+        most) are those at or past the count."""
         experts = tl.arange(0, E_POW2)
-        tiles = tl.where(experts < E, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
-        tile_ends = tl.cumsum(tiles, axis=0)
-        e = tl.sum((tile_ends <= pid_m).to(tl.int32), axis=0)
+        chunks = tl.where(experts < E, (ends - starts + CHUNK - 1) // CHUNK, 0)
+        chunk_ends = tl.cumsum(chunks, axis=0)
+        e = tl.sum((chunk_ends <= c).to(tl.int32), axis=0)
         mine = experts == e
-        first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), axis=0)
-        r = tl.sum(tl.where(mine, starts, 0), axis=0) + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
-        in_group = r < tl.sum(tl.where(mine, ends, 0), axis=0)
-        return e, r, in_group, tl.max(tile_ends, axis=0)
+        first_row = tl.sum(tl.where(mine, starts, 0), axis=0) + (c - tl.sum(tl.where(mine, chunk_ends - chunks, 0),
+                                                                              axis=0)) * CHUNK
+        return e, first_row, tl.sum(tl.where(mine, ends, 0), axis=0), tl.max(chunk_ends, axis=0)
+
+    @triton.jit
+    def _expert_tile(ends, starts, pid_m, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Row tile `pid_m` of the sorted rows (`_expert_chunk` with BLOCK_M-row chunks): (its expert, its rows
+        [BLOCK_M], which of them are the expert's, how many tiles there are)."""
+        e, first_row, end, tiles = _expert_chunk(ends, starts, pid_m, E, E_POW2, BLOCK_M)
+        r = first_row + tl.arange(0, BLOCK_M)
+        return e, r, r < end, tiles
 
     @triton.jit
     def _through(order_ptr, r, ok, THROUGH: tl.constexpr, div):
@@ -266,30 +273,35 @@ if triton is not None:
              dict(BLOCK_K=256, BLOCK_N=128, BLOCK_R=64, warps=8, stages=3),
              dict(BLOCK_K=128, BLOCK_N=256, BLOCK_R=32, warps=8, stages=4)],
             [dict(BLOCK_K=32, BLOCK_N=32, BLOCK_R=32, warps=1, stages=1)]),
-        key=["K", "N", "E", "DY_SCALE"],
+        key=["K", "N", "E", "DY_SCALE", "CHUNK"],
     )
     @triton.jit
-    def _weight_grad_kernel(x_ptr, dy_ptr, dw_ptr, order_ptr, offs_ptr, cw_ptr, K, N, div, dy_div,
-                            sxm, sxk, sdm, sdn, swe, swk, swn,
-                            E: tl.constexpr, X_GATHER: tl.constexpr, DY_GATHER: tl.constexpr,
-                            DY_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    def _weight_grad_kernel(x_ptr, dy_ptr, part_ptr, order_ptr, offs_ptr, cw_ptr, K, N, div, dy_div,
+                            sxm, sxk, sdm, sdn,
+                            E: tl.constexpr, E_POW2: tl.constexpr, X_GATHER: tl.constexpr, DY_GATHER: tl.constexpr,
+                            DY_SCALE: tl.constexpr, PRECISION: tl.constexpr, CHUNK: tl.constexpr,
                             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        """dw[e] = x[rows of e]^T @ dy[rows of e]: one [BLOCK_K, BLOCK_N] tile of one expert per program, the
-        expert's rows read through `order` where the operand is not in sorted layout (dy's row order[r] // dy_div),
-        dy's rows scaled by their slots' combine weights where DY_SCALE. An expert without rows gets zeros.
-        (Splitting an expert's rows over several programs, partial sums added after, was slower at every
-        width measured: BENCHMARKS.md, tenth round.)"""
+        """part[c] = x[rows of chunk c]^T @ dy[rows of chunk c] in fp32: one [BLOCK_K, BLOCK_N] tile of one chunk
+        (`_expert_chunk`) per program, the rows read through `order` where the operand is not in sorted layout
+        (dy's row order[r] // dy_div), dy's rows scaled by their slots' combine weights where DY_SCALE.
+        `_chunk_sum_kernel` adds each expert's chunks. Chunks, not experts, make the grid: an expert with many
+        rows is as many programs, so a skewed routing (a few experts taking most rows) does not leave one
+        program per tile running long after the others."""
         pid = tl.program_id(0)
-        e = tl.program_id(1)
+        experts = tl.arange(0, E_POW2)
+        ends = tl.load(offs_ptr + experts, mask=experts < E, other=0)
+        starts = tl.load(offs_ptr + experts - 1, mask=(experts > 0) & (experts < E), other=0)
+        c = tl.program_id(1)
+        _, first_row, end, chunks = _expert_chunk(ends, starts, c, E, E_POW2, CHUNK)
+        if c >= chunks:
+            return
+        end = tl.minimum(end, first_row + CHUNK)
         n_tiles = tl.cdiv(N, BLOCK_N)
         kk = (pid // n_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
         n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-        end = tl.load(offs_ptr + e)
-        start = tl.load(offs_ptr + tl.maximum(e - 1, 0))
-        start = tl.where(e > 0, start, 0)
         rr = tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        for r0 in range(start, end, BLOCK_R):
+        for r0 in range(first_row, end, BLOCK_R):
             r = r0 + rr
             ok = r < end
             xs = _through(order_ptr, r, ok, X_GATHER, div)
@@ -306,8 +318,29 @@ if triton is not None:
                 scale = tl.load(cw_ptr + slot, mask=ok, other=0.0)
                 b = (b.to(tl.float32) * scale.to(tl.float32)[:, None]).to(b.dtype)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        dw_ptrs = dw_ptr + e.to(tl.int64) * swe + kk[:, None] * swk + n[None, :] * swn
-        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(kk < K)[:, None] & (n < N)[None, :])
+        part_ptrs = part_ptr + c.to(tl.int64) * K * N + kk[:, None] * N + n[None, :]
+        tl.store(part_ptrs, acc, mask=(kk < K)[:, None] & (n < N)[None, :])
+
+    @triton.jit
+    def _chunk_sum_kernel(part_ptr, dw_ptr, offs_ptr, KN,
+                          E: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        """dw[e] = the sum of expert e's chunk partials, in chunk order (deterministic); zeros for an expert
+        without rows. dw is contiguous [E, K, N]; a program sums BLOCK entries of one expert."""
+        e = tl.program_id(1)
+        experts = tl.arange(0, E_POW2)
+        ends = tl.load(offs_ptr + experts, mask=experts < E, other=0)
+        starts = tl.load(offs_ptr + experts - 1, mask=(experts > 0) & (experts < E), other=0)
+        chunks = tl.where(experts < E, (ends - starts + CHUNK - 1) // CHUNK, 0)
+        mine = experts == e
+        first = tl.sum(tl.where(mine, tl.cumsum(chunks, axis=0) - chunks, 0), axis=0)
+        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = idx < KN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        ptrs = part_ptr + first.to(tl.int64) * KN + idx
+        for _ in range(tl.sum(tl.where(mine, chunks, 0), axis=0)):
+            acc += tl.load(ptrs, mask=ok, other=0.0)
+            ptrs += KN
+        tl.store(dw_ptr + e.to(tl.int64) * KN + idx, acc.to(dw_ptr.dtype.element_ty), mask=ok)
 
     @triton_op("sparsetrain::routing_plan", mutates_args=())
     def _routing_plan(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -367,21 +400,34 @@ if triton is not None:
             _launcher(_rows_kernel, config)[grid](*pointers, rows, K, N, div, *strides, EVEN_K=even_k, **flags)
         return y if gate_grad is None else (y, dg.sum(dim=0))
 
+    def weight_grad_chunk(rows: int, experts: int) -> int:
+        """Rows per chunk of the weight gradient (`_weight_grad_kernel`): about half an expert's share of the rows
+        (a power of 2, at least 256), so a balanced routing makes two chunks an expert and a skewed one more."""
+        return max(256, triton.next_power_of_2(triton.cdiv(rows, 2 * experts)))
+
     def launch_weight_grad(x, dy, order, offs, div, x_gather, dy_gather, dy_div=1, dy_weights=None, *,
-                           config=None):
+                           config=None, chunk=None):
         """`expert_weight_grad`, autotuned or at the tile `config`; dy's rows read as order[r] // dy_div where
-        gathered, and scaled by their slots' `dy_weights` where given."""
+        gathered, and scaled by their slots' `dy_weights` where given. Rows in chunks of `chunk` (default:
+        `weight_grad_chunk`), each chunk's product in fp32, summed per expert in a second kernel."""
         E, K, N = offs.numel(), x.shape[1], dy.shape[1]
+        rows = order.numel()
+        chunk = chunk or weight_grad_chunk(rows, E)
+        parts = x.new_empty(triton.cdiv(rows, chunk) + E, K, N, dtype=torch.float32)
         dw = x.new_empty(E, K, N)
+        E_POW2 = triton.next_power_of_2(E)
 
         def grid(meta):
-            return triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]), E
+            return triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]), parts.shape[0]
 
         _launcher(_weight_grad_kernel, config)[grid](
-            x, dy, dw, order, offs, dw if dy_weights is None else dy_weights, K, N, div, dy_div,
-            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2), E=E,
+            x, dy, parts, order, offs, parts if dy_weights is None else dy_weights, K, N, div, dy_div,
+            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), E=E, E_POW2=E_POW2,
             X_GATHER=x_gather, DY_GATHER=dy_gather, DY_SCALE=dy_weights is not None, PRECISION=_precision(x),
-            **(config or {}))
+            CHUNK=chunk, **(config or {}))
+        block = 256 if INTERPRET else 1024
+        wrap_triton(_chunk_sum_kernel)[(triton.cdiv(K * N, block), E)](
+            parts, dw, offs, K * N, E=E, E_POW2=E_POW2, CHUNK=chunk, BLOCK=block)
         return dw
 
     @triton_op("sparsetrain::expert_gemm", mutates_args=())
