@@ -233,18 +233,26 @@ def test_kernel_choice():
         choose_kernel(m, torch.float64, DEVICE)
 
 
-def test_auto_takes_triton_for_forward_only_passes_on_a_gpu(monkeypatch):
-    """`auto` on a GPU in bf16: the Triton kernels without autograd (evaluation, inference), grouped_mm in training;
-    on a CPU the training choice."""
+def test_auto_takes_triton_for_forward_only_passes_and_narrow_experts_on_a_gpu(monkeypatch):
+    """`auto` on a GPU in bf16: the Triton kernels without autograd (evaluation, inference) and in training for
+    narrow experts (SSD's), grouped_mm in training for wide ones; on a CPU grouped_mm."""
     m = make("gelu")
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     monkeypatch.setattr(moe_gemm, "available", lambda device: device.type == "cuda")
     monkeypatch.setattr(type(m), "grouped_mm_ok", lambda self, dtype, device: True)
+    m.d_expert = 3072  # upcycled gpt2-small's experts
     assert choose_kernel(m, torch.bfloat16, gpu) == "grouped_mm"
     with torch.no_grad():
         assert choose_kernel(m, torch.bfloat16, gpu) == "triton"
         assert choose_kernel(m, torch.float32, gpu) == "grouped_mm"  # Triton's auto path: bf16 and fp16 only
         assert choose_kernel(m, torch.bfloat16, cpu) == "grouped_mm"
+    m.d_expert = 256  # SSD's at gpt2-medium (16 experts)
+    assert choose_kernel(m, torch.bfloat16, gpu) == "triton"
+    assert choose_kernel(m, torch.float32, gpu) == "grouped_mm"
+    assert choose_kernel(m, torch.bfloat16, cpu) == "grouped_mm"
+    moe, _ = as_moe(make_model("tiny", "relu2", n_layer=1), top_k=2)
+    layer = ssd_layers(moe)[0]
+    assert layer.d_expert == layer.d_ff // layer.num_experts
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

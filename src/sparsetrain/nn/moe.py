@@ -157,13 +157,16 @@ KERNELS = ("auto", "triton", "grouped_mm", "loop")
 
 
 def choose_kernel(layer: nn.Module, dtype: torch.dtype, device: torch.device) -> str:
-    """The kernel an MoE layer (`MoEFFN`, SSD's FFN: a `kernel` choice and a `grouped_mm_ok` rule) runs with now."""
+    """The kernel an MoE layer (`MoEFFN`, SSD's FFN: a `kernel` choice, a `grouped_mm_ok` rule, `d_expert`) runs
+    with now. `auto` on a GPU in bf16/fp16: the Triton kernels for forward-only passes, and in training for narrow
+    experts (a width the short-depth kernel takes whole, `moe_gemm.SHORT_K`); torch's grouped GEMM for wider
+    experts in training (BENCHMARKS.md, twelfth round: SSD's 256-wide experts, upcycled gpt2-small's 3072)."""
     choice, grouped_mm_ok = layer.kernel, layer.grouped_mm_ok(dtype, device)
     if choice not in KERNELS:
         raise ValueError(f"unknown MoE kernel {choice!r}: choose one of {', '.join(KERNELS)}")
     if choice == "auto":
         triton_ok = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and moe_gemm.available(device)
-        if triton_ok and not torch.is_grad_enabled():
+        if triton_ok and (not torch.is_grad_enabled() or layer.d_expert in moe_gemm.SHORT_K):
             return "triton"
         if grouped_mm_ok:
             return "grouped_mm"

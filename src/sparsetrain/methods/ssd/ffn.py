@@ -100,6 +100,11 @@ class SSDFFN(FFN):
                 self.load += expert_counts(expert_ids, self.num_experts)
         return expert_ids, (s - s.detach()) + 1.0
 
+    @property
+    def d_expert(self) -> int:
+        """Neurons an expert (sparse mode)."""
+        return self.d_ff // self.num_experts
+
     def grouped_mm_ok(self, dtype: torch.dtype, device: torch.device) -> bool:
         """As `MoEFFN.grouped_mm_ok`, for these views: their non-unit strides are d (`fc`) and d_ff (`proj`), and
         each expert starts f elements after the previous one in `proj`."""
@@ -108,7 +113,7 @@ class SSDFFN(FFN):
         if dtype != torch.bfloat16 and (device.type != "cpu" or torch.compiler.is_compiling()):
             return False
         align = 16 // torch.empty((), dtype=dtype).element_size()
-        f = self.d_ff // self.num_experts
+        f = self.d_expert
         return all(n % align == 0 for n in (self.fc.in_features, f))
 
     def expert_rows(self, x: torch.Tensor, plan: Plan, kernel: str, weights: torch.Tensor | None = None
@@ -116,7 +121,7 @@ class SSDFFN(FFN):
         """The expert MLP of token rows x for every assignment of `plan` (called by `moe.dispatch`): grouped GEMMs
         on views of the dense weights (the cast to x's dtype is the one an autocast Linear makes). Slot rows out;
         given the router's `weights`, each token's rows weighted and summed (`moe.output_rows`)."""
-        E, f, d = self.num_experts, self.d_ff // self.num_experts, self.fc.in_features
+        E, f, d = self.num_experts, self.d_expert, self.fc.in_features
         dtype = x.dtype
         w_in = self.fc.weight.to(dtype).view(-1, E, f, d).transpose(2, 3)  # [1 or 2 (gate, up), E, d, f]
         x, gather = plan.input(x, kernel)

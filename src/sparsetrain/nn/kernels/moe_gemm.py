@@ -11,7 +11,8 @@ any strides: stacked experts or views of a dense FFN), reading its input row thr
 its output row through `order` (scatter) where asked, so no permuted copy of the activations is ever made. Its
 backward is two kernels of the same kind: the input gradient is the same GEMM against w^T with the roles of gather
 and scatter swapped (a token's k copies summed afterwards, no atomics), the weight gradient a GEMM per expert over
-its rows (`_weight_grad_kernel`). Without autograd, `expert_gemm_activated` adds the expert's bias and applies the
+its rows, cut into chunks of rows that the grid spreads over the GPU whatever the routing's skew
+(`_weight_grad_kernel`, then `_chunk_sum_kernel`). Without autograd, `expert_gemm_activated` adds the expert's bias and applies the
 activation to the accumulator before it is written (the first GEMM of a forward-only pass: the pre-activation is
 never stored). `expert_output` is the second GEMM with the weighted sum of each token's k rows as one autograd unit:
 its backward reads the output gradient's token rows in place and computes the combine weights' gradient in the
