@@ -101,25 +101,26 @@ if triton is not None:
     # give helpers values, not pointers, wherever the result reaches a store's address.
     @triton.jit
     def _expert_chunk(ends, starts, c, E: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr):
-        """Chunk `c` of the sorted rows: (its expert, its first row, the expert's end, how many chunks there are),
-        from the experts' group `ends` and `starts` ([E_POW2], loaded from offs). Chunks never straddle two
-        experts: each expert's rows are cut into its own CHUNK-row chunks; a grid's spare chunks (one per expert at
-        most) are those at or past the count."""
+        """Chunk `c` of the sorted rows: (its expert, its rows [first, end), how many chunks there are), from the
+        experts' group `ends` and `starts` ([E_POW2], loaded from offs). Chunks never straddle two experts: each
+        expert's rows are cut into its own CHUNK-row chunks; a grid's spare chunks (one per expert at most) are
+        those at or past the count."""
         experts = tl.arange(0, E_POW2)
         chunks = tl.where(experts < E, (ends - starts + CHUNK - 1) // CHUNK, 0)
         chunk_ends = tl.cumsum(chunks, axis=0)
         e = tl.sum((chunk_ends <= c).to(tl.int32), axis=0)
         mine = experts == e
-        first_row = tl.sum(tl.where(mine, starts, 0), axis=0) + (c - tl.sum(tl.where(mine, chunk_ends - chunks, 0),
-                                                                              axis=0)) * CHUNK
-        return e, first_row, tl.sum(tl.where(mine, ends, 0), axis=0), tl.max(chunk_ends, axis=0)
+        first = tl.sum(tl.where(mine, starts, 0), axis=0) + (c - tl.sum(tl.where(mine, chunk_ends - chunks, 0),
+                                                                          axis=0)) * CHUNK
+        end = tl.minimum(tl.sum(tl.where(mine, ends, 0), axis=0), first + CHUNK)
+        return e, first, end, tl.max(chunk_ends, axis=0)
 
     @triton.jit
     def _expert_tile(ends, starts, pid_m, E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
         """Row tile `pid_m` of the sorted rows (`_expert_chunk` with BLOCK_M-row chunks): (its expert, its rows
         [BLOCK_M], which of them are the expert's, how many tiles there are)."""
-        e, first_row, end, tiles = _expert_chunk(ends, starts, pid_m, E, E_POW2, BLOCK_M)
-        r = first_row + tl.arange(0, BLOCK_M)
+        e, first, end, tiles = _expert_chunk(ends, starts, pid_m, E, E_POW2, BLOCK_M)
+        r = first + tl.arange(0, BLOCK_M)
         return e, r, r < end, tiles
 
     @triton.jit
@@ -293,16 +294,15 @@ if triton is not None:
         ends = tl.load(offs_ptr + experts, mask=experts < E, other=0)
         starts = tl.load(offs_ptr + experts - 1, mask=(experts > 0) & (experts < E), other=0)
         c = tl.program_id(1)
-        _, first_row, end, chunks = _expert_chunk(ends, starts, c, E, E_POW2, CHUNK)
+        _, first, end, chunks = _expert_chunk(ends, starts, c, E, E_POW2, CHUNK)
         if c >= chunks:
             return
-        end = tl.minimum(end, first_row + CHUNK)
         n_tiles = tl.cdiv(N, BLOCK_N)
         kk = (pid // n_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
         n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
         rr = tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        for r0 in range(first_row, end, BLOCK_R):
+        for r0 in range(first, end, BLOCK_R):
             r = r0 + rr
             ok = r < end
             xs = _through(order_ptr, r, ok, X_GATHER, div)
@@ -402,8 +402,9 @@ if triton is not None:
         return y if gate_grad is None else (y, dg.sum(dim=0))
 
     def weight_grad_chunk(rows: int, experts: int) -> int:
-        """Rows per chunk of the weight gradient (`_weight_grad_kernel`): about half an expert's share of the rows
-        (a power of 2, at least 256), so a balanced routing makes two chunks an expert and a skewed one more."""
+        """Rows per chunk of the weight gradient (`_weight_grad_kernel`): half an expert's mean share of the rows,
+        rounded up to a power of 2, at least 256: a balanced routing makes one or two chunks an expert, a skewed one
+        more for the experts that take more."""
         return max(256, triton.next_power_of_2(triton.cdiv(rows, 2 * experts)))
 
     def launch_weight_grad(x, dy, order, offs, div, x_gather, dy_gather, dy_div=1, dy_weights=None, *,
