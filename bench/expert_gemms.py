@@ -1,6 +1,8 @@
 """The expert GEMMs of an MoE layer one by one, against the dense GEMM of equal FLOPs: where the layer's time goes.
 
-For each shape (d, experts E, top-k, expert width f; N tokens, N*k rows, routed by a random router), the four GEMMs
+For each shape (d, experts E, top-k, expert width f; N tokens, N*k rows, routed by a random router, `--skew`
+favouring the first experts as a trained router may; each row records the busiest expert's rows over the mean's),
+the four GEMMs
 of the expert MLP that carry its FLOPs, each beside the cuBLAS GEMM of a dense FFN of width k*f doing the same work:
   fwd1   token rows x [N, d] -> sorted rows h [N*k, f]        (dense: x @ W1)
   fwd2   sorted rows h -> slot rows y [N*k, d]                 (dense: H @ W2)
@@ -14,10 +16,12 @@ Contenders:
   triton cfg ...      the Triton kernel at one tile configuration (`--sweep`); "short": the kernel for depths up to
                       256 (`_rows_short_k_kernel`), which `triton` takes at those depths
   triton sorted       the weight-gradient kernel on sorted copies (no gather in the kernel)
+  triton chunk C      the weight-gradient kernel with C rows a chunk (`--sweep`; `triton`: `weight_grad_chunk`'s)
 Times are `triton.testing.do_bench_cudagraph` medians (each call replayed as a CUDA graph: GPU time, no host launches);
 `vs dense` = time / the dense GEMM's.
 
     PYTHONPATH=src python3 bench/expert_gemms.py --shapes 768:8:2 1024:16:4 --sweep --out $OUT/expert_gemms.json
+    PYTHONPATH=src python3 bench/expert_gemms.py --shapes 1024:16:4:256 --skew 1 --sweep   # skewed like SSD's routing
     TRITON_INTERPRET=1 PYTHONPATH=src python3 bench/expert_gemms.py --device cpu --quick   # smoke test
 """
 from __future__ import annotations
@@ -41,6 +45,7 @@ SHORT_SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
 WGRAD_SWEEP = [dict(BLOCK_K=k, BLOCK_N=n, BLOCK_R=r, num_warps=w, num_stages=s)
                for k, n, r, w, s in [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
                                      (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3)]]
+CHUNK_SWEEP = [512, 1024, 2048, 4096, 8192]  # rows a chunk of the weight gradient
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -61,13 +66,18 @@ def timer(device: torch.device, quick: bool):
 
 
 def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_ms,
-                device: torch.device, dtype: torch.dtype) -> list[dict]:
+                device: torch.device, dtype: torch.dtype, skew: float = 0.0) -> list[dict]:
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(tokens, d, device=device, dtype=dtype, generator=g)
     router = torch.randn(d, E, device=device, dtype=dtype, generator=g)
-    expert_ids = (x @ router).float().topk(k, dim=-1).indices
+    logits = (x @ router).float()
+    # skew: expert e's logits shifted by skew * std * (1 - 2e / (E - 1)), from +skew std (expert 0) to -skew std
+    logits += skew * logits.std() * torch.linspace(1, -1, E, device=device)
+    expert_ids = logits.topk(k, dim=-1).indices
     plan = routing_plan(expert_ids, E, fused=moe_gemm.available(device))
     order, offs = plan.order, plan.offs
+    counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())
+    load = (counts.max() / counts.float().mean()).item()
     w1 = torch.randn(E, d, f, device=device, dtype=dtype, generator=g) / d ** 0.5
     w2 = torch.randn(E, f, d, device=device, dtype=dtype, generator=g) / f ** 0.5
     x_sorted = x.index_select(0, (order // k).long())
@@ -109,7 +119,7 @@ def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_m
             ref = references[gemm]
             err = ((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
         row = {"shape": shape, "gemm": gemm, "contender": contender, "ms": ms, "tflops": flops / ms / 1e9,
-               "vs_dense": None if dense_ms is None else ms / dense_ms, "max_err": err}
+               "vs_dense": None if dense_ms is None else ms / dense_ms, "max_err": err, "max_load": load}
         rows.append(row)
         return ms
 
@@ -160,6 +170,8 @@ def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_m
     add("wgrad1", "triton sorted", lambda: moe_gemm.expert_weight_grad(x_sorted, dh, order, offs, 1, x_gather=False,
                                                                         dy_gather=False), dense)
     tiles("wgrad1", dense, WGRAD_SWEEP, "triton", grad_at, x, dh, order, offs, k, True, False)
+    for c in CHUNK_SWEEP if sweep else []:
+        add("wgrad1", f"triton chunk {c}", lambda c=c: grad_at(x, dh, order, offs, k, True, False, chunk=c), dense)
     # wgrad2: h (sorted) and dy (slot layout).
     dense = add("wgrad2", "dense", lambda: H.t() @ dY)
     if gm:
@@ -168,6 +180,9 @@ def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_m
     add("wgrad2", "triton", lambda: moe_gemm.expert_weight_grad(h, dy_slot, order, offs, 1, x_gather=False,
                                                                  dy_gather=True), dense)
     tiles("wgrad2", dense, WGRAD_SWEEP, "triton", grad_at, h, dy_slot, order, offs, 1, False, True)
+    for c in CHUNK_SWEEP if sweep else []:
+        add("wgrad2", f"triton chunk {c}", lambda c=c: grad_at(h, dy_slot, order, offs, 1, False, True, chunk=c),
+            dense)
     return rows
 
 
@@ -184,7 +199,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--shapes", nargs="+", default=["768:8:2", "1024:16:4", "1024:16:4:256"],
                    help="d:E:k (expert width 4d/k) or d:E:k:f")
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--sweep", action="store_true", help="also each tile configuration of the sweep lists")
+    p.add_argument("--sweep", action="store_true", help="also each tile configuration and chunk size of the sweep "
+                   "lists")
+    p.add_argument("--skew", type=float, default=0.0, help="favour the first experts: their router logits shifted "
+                   "by up to +-SKEW standard deviations (0: the random router's own balance)")
     p.add_argument("--out", help="write the rows as JSON here")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -195,14 +213,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tokens = a.tokens
     if a.quick:
         shapes, tokens = [(32, 4, 2, 32)], 64
-        global ROWS_SWEEP, SHORT_SWEEP, WGRAD_SWEEP
+        global ROWS_SWEEP, SHORT_SWEEP, WGRAD_SWEEP, CHUNK_SWEEP
         ROWS_SWEEP = [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=g, num_warps=1, num_stages=1) for g in (1, 2)]
         SHORT_SWEEP = [dict(BLOCK_M=32, BLOCK_N=32, num_warps=1, num_stages=1)]
         WGRAD_SWEEP = [dict(BLOCK_K=32, BLOCK_N=32, BLOCK_R=32, num_warps=1, num_stages=1)]
+        CHUNK_SWEEP = [16, 64]
     time_ms = timer(device, a.quick)
     rows = []
     for d, E, k, f in shapes:
-        rows += bench_shape(d, E, k, f, tokens, a.sweep, time_ms, device, dtype)
+        rows += bench_shape(d, E, k, f, tokens, a.sweep, time_ms, device, dtype, a.skew)
+        print(f"{d}:{E}:{k}:{f}: the busiest expert takes {rows[-1]['max_load']:.2f}x the mean share of rows")
         print_table([r for r in rows if r["shape"] == f"{d}:{E}:{k}:{f}"], COLUMNS)
     if a.out:
         write_rows(rows, a.out, meta=vars(a))
