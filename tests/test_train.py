@@ -244,7 +244,7 @@ def test_two_processes_match_one(make_config, tiny_data, tmp_path, method, paral
     ("upcycle", "ddp"), ("upcycle", "fsdp"), ("upcycle-accum", "ddp"), ("upcycle-accum", "fsdp"),
     ("ssd", "ddp"), ("ssd", "fsdp"), ("ssd-accum", "fsdp"),
     ("mst", "ddp"), ("mst", "fsdp"), ("mst-accum", "ddp"), ("mst-accum", "fsdp"), ("mst-neuron", "ddp"),
-    ("mst-neuron", "fsdp"), ("upcycle-triton", "fsdp"),
+    ("mst-neuron", "fsdp"), ("upcycle-triton", "fsdp"), ("ssd-triton", "fsdp"),
 ])
 def test_every_method_on_two_processes_matches_one(make_config, tmp_path, method, parallel):
     """Each method under torchrun with 2 gloo processes at the same global batch: the same losses and final weights
@@ -264,6 +264,8 @@ def test_every_method_on_two_processes_matches_one(make_config, tmp_path, method
                "upcycle-accum": {**METHODS["upcycle"], "aux_loss_coef": 0.0, "z_loss_coef": 0.0},
                # The Triton expert GEMMs (through Triton's interpreter on the CPU) on FSDP2's gathered weights.
                "upcycle-triton": {**METHODS["upcycle"], "kernel": "triton"},
+               # SSD's sparse phase (every step) through them: `auto`'s choice on a GPU for its narrow experts.
+               "ssd-triton": {**METHODS["ssd"], "kernel": "triton", "sparse_windows": [[0.0, 1.0]]},
                }.get(method) or METHODS[method.removesuffix("-accum")]
     # -accum: micro-batches of 2 rows, gradients accumulated over backward passes (without a sync but the last).
     micro = {"micro_batch_size": 2} if method.endswith("-accum") else {}
