@@ -12,11 +12,11 @@ its output row through `order` (scatter) where asked, so no permuted copy of the
 backward is two kernels of the same kind: the input gradient is the same GEMM against w^T with the roles of gather
 and scatter swapped (a token's k copies summed afterwards, no atomics), the weight gradient a GEMM per expert over
 its rows, cut into chunks of rows that the grid spreads over the GPU whatever the routing's skew
-(`_weight_grad_kernel`, then `_chunk_sum_kernel`). Without autograd, `expert_gemm_activated` adds the expert's bias and applies the
-activation to the accumulator before it is written (the first GEMM of a forward-only pass: the pre-activation is
-never stored). `expert_output` is the second GEMM with the weighted sum of each token's k rows as one autograd unit:
-its backward reads the output gradient's token rows in place and computes the combine weights' gradient in the
-input gradient's epilogue, so the forward's slot rows are not kept.
+(`_weight_grad_kernel`, then `_chunk_sum_kernel`). Without autograd, `expert_gemm_activated` adds the expert's bias
+and applies the activation to the accumulator before it is written (the first GEMM of a forward-only pass: the
+pre-activation is never stored). `expert_output` is the second GEMM with the weighted sum of each token's k rows as
+one autograd unit: its backward reads the output gradient's token rows in place and computes the combine weights'
+gradient in the input gradient's epilogue, so the forward's slot rows are not kept.
 
 The kernels run compiled on a GPU and, with TRITON_INTERPRET=1, on the CPU (slowly: the tests use tiny shapes).
 `moe.group_gemm` with GatherRows is the reference these are tested against.
@@ -100,16 +100,21 @@ if triton is not None:
     # written (and be copied on every call). So the kernels load routing data (offs, order) in their own bodies and
     # give helpers values, not pointers, wherever the result reaches a store's address.
     @triton.jit
-    def _expert_chunk(ends, starts, c, E: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr):
-        """Chunk `c` of the sorted rows: (its expert, its rows [first, end), how many chunks there are), from the
-        experts' group `ends` and `starts` ([E_POW2], loaded from offs). Chunks never straddle two experts: each
-        expert's rows are cut into its own CHUNK-row chunks; a grid's spare chunks (one per expert at most) are
-        those at or past the count."""
+    def _chunk_counts(ends, starts, E: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr):
+        """Each expert's count of CHUNK-row chunks [E_POW2] and where its chunks end in the run of all experts'
+        chunks, from the experts' group `ends` and `starts` ([E_POW2], loaded from offs)."""
         experts = tl.arange(0, E_POW2)
         chunks = tl.where(experts < E, (ends - starts + CHUNK - 1) // CHUNK, 0)
-        chunk_ends = tl.cumsum(chunks, axis=0)
+        return chunks, tl.cumsum(chunks, axis=0)
+
+    @triton.jit
+    def _expert_chunk(ends, starts, c, E: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr):
+        """Chunk `c` of the sorted rows: (its expert, its rows [first, end), how many chunks there are). Chunks
+        never straddle two experts: each expert's rows are cut into its own CHUNK-row chunks (`_chunk_counts`); a
+        grid's spare chunks (one per expert at most) are those at or past the count."""
+        chunks, chunk_ends = _chunk_counts(ends, starts, E, E_POW2, CHUNK)
         e = tl.sum((chunk_ends <= c).to(tl.int32), axis=0)
-        mine = experts == e
+        mine = tl.arange(0, E_POW2) == e
         first = tl.sum(tl.where(mine, starts, 0), axis=0) + (c - tl.sum(tl.where(mine, chunk_ends - chunks, 0),
                                                                           axis=0)) * CHUNK
         end = tl.minimum(tl.sum(tl.where(mine, ends, 0), axis=0), first + CHUNK)
@@ -331,9 +336,9 @@ if triton is not None:
         experts = tl.arange(0, E_POW2)
         ends = tl.load(offs_ptr + experts, mask=experts < E, other=0)
         starts = tl.load(offs_ptr + experts - 1, mask=(experts > 0) & (experts < E), other=0)
-        chunks = tl.where(experts < E, (ends - starts + CHUNK - 1) // CHUNK, 0)
+        chunks, chunk_ends = _chunk_counts(ends, starts, E, E_POW2, CHUNK)
         mine = experts == e
-        first = tl.sum(tl.where(mine, tl.cumsum(chunks, axis=0) - chunks, 0), axis=0)
+        first = tl.sum(tl.where(mine, chunk_ends - chunks, 0), axis=0)
         idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = idx < KN
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
