@@ -410,7 +410,7 @@ if triton is not None:
         """Rows per chunk of the weight gradient (`_weight_grad_kernel`): half an expert's mean share of the rows,
         rounded up to a power of 2, at least 256: a balanced routing makes one or two chunks an expert, a skewed one
         more for the experts that take more. The chunks' fp32 partials, (rows / chunk + E) x K x N, are held while
-        the gradient is summed: at most 3 times the layer's expert weights in fp32 (at most 2E chunks hold rows)."""
+        the gradient is summed: at most 3 times the layer's expert weights in fp32 (rows / chunk <= 2E)."""
         return max(256, triton.next_power_of_2(triton.cdiv(rows, 2 * experts)))
 
     def launch_weight_grad(x, dy, order, offs, div, x_gather, dy_gather, dy_div=1, dy_weights=None, *,
