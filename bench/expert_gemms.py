@@ -2,8 +2,8 @@
 
 For each shape (d, experts E, top-k, expert width f; N tokens, N*k rows, routed by a random router, `--skew`
 favouring the first experts as a trained router may; each row records the busiest expert's rows over the mean's),
-the four GEMMs
-of the expert MLP that carry its FLOPs, each beside the cuBLAS GEMM of a dense FFN of width k*f doing the same work:
+the four GEMMs of the expert MLP that carry its FLOPs, each beside the cuBLAS GEMM of a dense FFN of width k*f doing
+the same work:
   fwd1   token rows x [N, d] -> sorted rows h [N*k, f]        (dense: x @ W1)
   fwd2   sorted rows h -> slot rows y [N*k, d]                 (dense: H @ W2)
   wgrad1 dW1[e] = x[rows of e]^T @ dh[rows of e]              (dense: x^T @ dH)

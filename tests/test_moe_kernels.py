@@ -68,11 +68,11 @@ def test_expert_gemm_and_its_gradients_equal_the_loop(gather, scatter, k, K, M):
 @pytest.mark.parametrize("x_gather,dy_gather", [(True, False), (False, True)])
 def test_weight_gradient_in_chunks_equals_each_experts_sum(chunk, x_gather, dy_gather):
     """The weight gradient sums each expert's rows in chunks (programs of the grid), then the chunks in order: an
-    expert that takes half of all rows (many chunks), an empty expert, chunks shorter than a row block (16), the
+    expert with 70 of the 180 rows (five chunks of 16), empty experts, chunks shorter than a row block (16), the
     default chunk; against x[rows of e]^T @ dy[rows of e] per expert."""
     torch.manual_seed(0)
     N, E, k, K, M = 90, 5, 2, 24, 40
-    ids = routing("uneven", N, E, k)  # experts 1 and 3 empty, expert 0 takes half the rows
+    ids = routing("uneven", N, E, k)  # experts 1 and 3 empty, expert 0 the most rows
     plan = routing_plan(ids, E, fused=True)
     order, offs = plan.order, plan.offs
     x = torch.randn(N if x_gather else N * k, K, device=DEVICE)
