@@ -8,6 +8,8 @@ the same work:
   fwd2   sorted rows h -> slot rows y [N*k, d]                 (dense: H @ W2)
   wgrad1 dW1[e] = x[rows of e]^T @ dh[rows of e]              (dense: x^T @ dH)
   wgrad2 dW2[e] = h[rows of e]^T @ dy[rows of e]              (dense: H^T @ dY)
+  wgrad2c  wgrad2 as training runs it through the Triton kernels: dy read in token rows [N, d] and scaled by the
+         rows' combine weights (`expert_output`'s backward)
   dgrad2 dy (slot rows) @ w2[e]^T -> sorted rows              (dense: dY @ W2^T)
   dgrad1 dh (sorted rows) @ w1[e]^T -> slot rows              (dense: dH @ W1^T)
 Contenders:
@@ -45,6 +47,7 @@ SHORT_SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
 WGRAD_SWEEP = [dict(BLOCK_K=k, BLOCK_N=n, BLOCK_R=r, num_warps=w, num_stages=s)
                for k, n, r, w, s in [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
                                      (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3)]]
+GEMMS = ("fwd1", "fwd2", "dgrad2", "dgrad1", "wgrad1", "wgrad2", "wgrad2c")
 CHUNK_SWEEP = [512, 1024, 2048, 4096, 8192]  # rows a chunk of the weight gradient
 
 
@@ -66,7 +69,8 @@ def timer(device: torch.device, quick: bool):
 
 
 def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_ms,
-                device: torch.device, dtype: torch.dtype, skew: float = 0.0) -> list[dict]:
+                device: torch.device, dtype: torch.dtype, skew: float = 0.0, gemms: tuple[str, ...] = GEMMS
+                ) -> list[dict]:
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(tokens, d, device=device, dtype=dtype, generator=g)
     router = torch.randn(d, E, device=device, dtype=dtype, generator=g)
@@ -86,6 +90,7 @@ def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_m
     dh = torch.randn_like(h)
     dy_slot = torch.randn(tokens * k, d, device=device, dtype=dtype, generator=g)
     dy_sorted = dy_slot.index_select(0, order.long())
+    combine = torch.rand(tokens * k, device=device, dtype=dtype, generator=g)  # weights in slot layout
     # Dense FFN of width k*f: the same FLOPs per GEMM.
     W1 = torch.randn(d, k * f, device=device, dtype=dtype, generator=g)
     W2 = torch.randn(k * f, d, device=device, dtype=dtype, generator=g)
@@ -106,8 +111,13 @@ def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_m
         "wgrad1": torch.stack([x_sorted[a:b].float().t() @ dh[a:b].float() for a, b in groups]),
         "wgrad2": torch.stack([h[a:b].float().t() @ dy_sorted[a:b].float() for a, b in groups]),
     }
+    scale = combine.float().index_select(0, order.long())[:, None]
+    dy_combined = dY.float().index_select(0, (order // k).long()) * scale
+    references["wgrad2c"] = torch.stack([h[a:b].float().t() @ dy_combined[a:b] for a, b in groups])
 
     def add(gemm: str, contender: str, fn, dense_ms: float | None = None):
+        if gemm not in gemms:
+            return None
         try:
             out = fn()
         except triton.runtime.errors.OutOfResources as e:  # a sweep's tile too big for this GPU
@@ -183,6 +193,13 @@ def bench_shape(d: int, E: int, k: int, f: int, tokens: int, sweep: bool, time_m
     for c in CHUNK_SWEEP if sweep else []:
         add("wgrad2", f"triton chunk {c}", lambda c=c: grad_at(h, dy_slot, order, offs, 1, False, True, chunk=c),
             dense)
+    # wgrad2c: h (sorted) and dY (token layout), scaled by the combine weights.
+    dense = add("wgrad2c", "dense", lambda: H.t() @ dY)
+    add("wgrad2c", "triton", lambda: grad_at(h, dY, order, offs, 1, False, True, k, combine), dense)
+    tiles("wgrad2c", dense, WGRAD_SWEEP, "triton", grad_at, h, dY, order, offs, 1, False, True, k, combine)
+    for c in CHUNK_SWEEP if sweep else []:
+        add("wgrad2c", f"triton chunk {c}", lambda c=c: grad_at(h, dY, order, offs, 1, False, True, k, combine,
+                                                                 chunk=c), dense)
     return rows
 
 
@@ -203,6 +220,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "lists")
     p.add_argument("--skew", type=float, default=0.0, help="favour the first experts: their router logits shifted "
                    "by up to +-SKEW standard deviations (0: the random router's own balance)")
+    p.add_argument("--gemms", nargs="+", choices=GEMMS, default=list(GEMMS), help="time only these GEMMs")
     p.add_argument("--out", help="write the rows as JSON here")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -221,7 +239,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     time_ms = timer(device, a.quick)
     rows = []
     for d, E, k, f in shapes:
-        rows += bench_shape(d, E, k, f, tokens, a.sweep, time_ms, device, dtype, a.skew)
+        rows += bench_shape(d, E, k, f, tokens, a.sweep, time_ms, device, dtype, a.skew, tuple(a.gemms))
         print(f"{d}:{E}:{k}:{f}: the busiest expert takes {rows[-1]['max_load']:.2f}x the mean share of rows")
         print_table([r for r in rows if r["shape"] == f"{d}:{E}:{k}:{f}"], COLUMNS)
     if a.out:

@@ -177,6 +177,31 @@ def test_combined_gemm_gradients_equal_autograd_of_the_reference(d):
         torch.testing.assert_close(x, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_unit_combine_weights_change_nothing():
+    """`unit` (every weight exactly 1, as SSD's straight-through gates are) skips the products by the weights: the
+    output and all three gradients are bit-identical to the weighted path with weights of 1; a weight other than 1
+    is then ignored (the caller's promise), so the flag must not be given for real router weights."""
+    torch.manual_seed(0)
+    N, E, k, f, d = 21, 5, 3, 40, 32
+    ids = routing("uneven", N, E, k)
+    plan = routing_plan(ids, E, fused=True)
+    a, w = torch.randn(N * k, f, device=DEVICE), torch.randn(E, f, d, device=DEVICE)
+    dy = torch.randn(N, d, device=DEVICE)
+    out = {}
+    for unit in (False, True):
+        ai, wi = a.clone().requires_grad_(), w.clone().requires_grad_()
+        gi = torch.ones(N * k, device=DEVICE, requires_grad=True)
+        y = moe_gemm.expert_output(ai, wi, plan.order, plan.offs, k, gi, unit=unit)
+        y.backward(dy)
+        out[unit] = (y, ai.grad, wi.grad, gi.grad)
+    for x, ref in zip(out[True], out[False]):
+        assert torch.equal(x, ref)
+    wi = w.clone().requires_grad_()
+    y = moe_gemm.expert_output(a, wi, plan.order, plan.offs, k, torch.full((N * k,), 0.5, device=DEVICE), unit=True)
+    y.backward(dy)
+    assert torch.equal(y, out[True][0]) and torch.equal(wi.grad, out[True][2])
+
+
 def test_capacity_drops_through_the_kernels():
     m = make("gelu", experts=4, top_k=2, capacity_factor=0.5).to(DEVICE)
     x = torch.randn(2, 12, 32, device=DEVICE)

@@ -258,14 +258,16 @@ def activated_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, 
 
 
 def output_rows(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, plan: Plan, kernel: str,
-                weights: torch.Tensor | None = None) -> torch.Tensor:
+                weights: torch.Tensor | None = None, *, unit: bool = False) -> torch.Tensor:
     """The second expert GEMM: a[r] @ w[e] + bias[e] for the sorted rows a (bias [E, N] or None, added in fp32).
     Slot rows [N*k, N] out; or, given the router's `weights` [N, k], each token's k rows weighted and summed,
     token rows [N, N] (fp32 where a bias or the Triton kernels made them so). The Triton kernels run GEMM and
     combine as one autograd unit (`moe_gemm.expert_output`: no slot rows kept for the backward) except where a bias
-    needs its gradient."""
+    needs its gradient; `unit`: every weight is exactly 1 (straight-through gates), which spares the kernels the
+    products by the weights (the same result)."""
     if weights is not None and kernel == "triton" and (bias is None or not torch.is_grad_enabled()):
-        return moe_gemm.expert_output(a, w, plan.order, plan.offs, plan.k, weights.flatten().contiguous(), bias=bias)
+        return moe_gemm.expert_output(a, w, plan.order, plan.offs, plan.k, weights.flatten().contiguous(), bias=bias,
+                                      unit=unit)
     y = expert_linear(a, w, plan, kernel, gather=False, scatter=True)
     if bias is not None:
         y = y + bias.float().index_select(0, plan.slot_ids)

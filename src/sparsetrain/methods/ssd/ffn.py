@@ -120,7 +120,8 @@ class SSDFFN(FFN):
                     ) -> torch.Tensor:
         """The expert MLP of token rows x for every assignment of `plan` (called by `moe.dispatch`): grouped GEMMs
         on views of the dense weights (the cast to x's dtype is the one an autocast Linear makes). Slot rows out;
-        given the router's `weights`, each token's rows weighted and summed (`moe.output_rows`)."""
+        given the router's `weights` (`route`'s straight-through gates, exactly 1), each token's rows summed
+        (`moe.output_rows`)."""
         E, f, d = self.num_experts, self.d_expert, self.fc.in_features
         dtype = x.dtype
         w_in = self.fc.weight.to(dtype).view(-1, E, f, d).transpose(2, 3)  # [1 or 2 (gate, up), E, d, f]
@@ -132,7 +133,7 @@ class SSDFFN(FFN):
         else:
             a = activated_rows(x, w_in[0], bias[0], plan, kernel, self.activation, gather=gather)
         w_out = self.proj.weight.to(dtype).view(d, E, f).permute(1, 2, 0)  # [E, f, d]
-        return output_rows(a.to(dtype), w_out, None, plan, kernel, weights)
+        return output_rows(a.to(dtype), w_out, None, plan, kernel, weights, unit=True)  # `route`'s gates: all 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.sparse:

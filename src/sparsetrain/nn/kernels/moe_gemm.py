@@ -407,11 +407,12 @@ if triton is not None:
         return y if gate_grad is None else (y, dg.sum(dim=0))
 
     def weight_grad_chunk(rows: int, experts: int) -> int:
-        """Rows per chunk of the weight gradient (`_weight_grad_kernel`): half an expert's mean share of the rows,
-        rounded up to a power of 2, at least 256: a balanced routing makes one or two chunks an expert, a skewed one
-        more for the experts that take more. The chunks' fp32 partials, (rows / chunk + E) x K x N, are held while
-        the gradient is summed: at most 3 times the layer's expert weights in fp32 (rows / chunk <= 2E)."""
-        return max(256, triton.next_power_of_2(triton.cdiv(rows, 2 * experts)))
+        """Rows per chunk of the weight gradient (`_weight_grad_kernel`): an expert's mean share of the rows,
+        rounded up to a power of 2, at least 256: a balanced routing makes one chunk an expert, a skewed one more
+        for the experts that take more (half the share was slower with a routing as skewed as SSD's: BENCHMARKS.md,
+        thirteenth round). The chunks' fp32 partials, (rows / chunk + E) x K x N, are held while the gradient is
+        summed: at most twice the layer's expert weights in fp32 (rows / chunk <= E)."""
+        return max(256, triton.next_power_of_2(triton.cdiv(rows, experts)))
 
     def launch_weight_grad(x, dy, order, offs, div, x_gather, dy_gather, dy_div=1, dy_weights=None, *,
                            config=None, chunk=None):
@@ -450,9 +451,9 @@ if triton is not None:
 
     @triton_op("sparsetrain::expert_output", mutates_args=())
     def _expert_output(a: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, k: int,
-                       weights: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        y = launch_rows(a, w, order, offs, k, False, True, bias)  # slot rows
-        return (y.view(-1, k, y.shape[-1]).float() * weights.view(-1, k, 1).float()).sum(dim=1)
+                       weights: torch.Tensor, bias: Optional[torch.Tensor], unit: bool) -> torch.Tensor:
+        y = launch_rows(a, w, order, offs, k, False, True, bias).view(-1, k, w.shape[-1]).float()  # slot rows
+        return (y if unit else y * weights.view(-1, k, 1).float()).sum(dim=1)
 
     @triton_op("sparsetrain::expert_output_grad", mutates_args=())
     def _expert_output_grad(dy: torch.Tensor, w: torch.Tensor, a: torch.Tensor, order: torch.Tensor,
@@ -466,19 +467,20 @@ if triton is not None:
         return launch_weight_grad(x, dy, order, offs, div, x_gather, dy_gather, dy_div, dy_weights)
 
     def _output_setup_context(ctx, inputs, output):
-        a, w, order, offs, k, weights, bias = inputs
+        a, w, order, offs, k, weights, bias, unit = inputs
         ctx.save_for_backward(a, w, order, offs, weights)
-        ctx.k = k
+        ctx.k, ctx.unit = k, unit
 
     def _output_backward(ctx, dy):
         """With g_r = dy[token] @ w[e]^T the gradient of sorted row r's unweighted output: a's gradient is the
         weighted g_r, the combine weight's <g_r, a_r> (= <dy[token], y_r>: no output rows kept), both in the input
-        gradient GEMM's epilogue; w's gradient reads dy's token rows scaled by the weights."""
+        gradient GEMM's epilogue; w's gradient reads dy's token rows scaled by the weights
+        (unless they are all 1: `unit`)."""
         a, w, order, offs, weights = ctx.saved_tensors
         dy = dy.to(a.dtype)
         da, dweights = _expert_output_grad(dy, w, a, order, offs, ctx.k, weights)
-        dw = _expert_weight_grad(a, dy, order, offs, 1, False, True, ctx.k, weights).to(w.dtype)
-        return da, dw, None, None, None, dweights.to(weights.dtype), None
+        dw = _expert_weight_grad(a, dy, order, offs, 1, False, True, ctx.k, None if ctx.unit else weights)
+        return da, dw.to(w.dtype), None, None, None, dweights.to(weights.dtype), None, None
 
     _expert_output.register_autograd(_output_backward, setup_context=_output_setup_context)
 
@@ -522,15 +524,17 @@ def expert_gemm_activated(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor,
 
 
 def expert_output(a: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, k: int,
-                  weights: torch.Tensor, *, bias: torch.Tensor | None = None) -> torch.Tensor:
+                  weights: torch.Tensor, *, bias: torch.Tensor | None = None, unit: bool = False) -> torch.Tensor:
     """sum_j weights[t*k + j] * (a[r] @ w[e] + bias[e]) over token t's k sorted rows r: an MoE FFN's second GEMM
     with the combine, token rows [N, w.shape[2]] in fp32 out (a sorted [N*k, K], weights [N*k] in slot layout,
     contiguous). Differentiable in a, w and weights (the bias only without autograd), and the backward needs no
     output rows: the weights' gradient comes from the epilogue of a's (`_output_backward`). (The combine as atomic
-    adds in the GEMM's stores, no slot rows written, was slower: BENCHMARKS.md, eleventh round.)"""
+    adds in the GEMM's stores, no slot rows written, was slower: BENCHMARKS.md, eleventh round.)
+    `unit`: the caller vouches that every weight is exactly 1 (straight-through gates: SSD's), so no product scales
+    by them, forward or in w's gradient: the same result, bit for bit, and the weights still get their gradient."""
     if bias is not None and torch.is_grad_enabled() and bias.requires_grad:
         raise ValueError("expert_output has no gradient for the bias: add it apart in training")
-    return _expert_output(a, w, order, offs, k, weights, bias)
+    return _expert_output(a, w, order, offs, k, weights, bias, unit)
 
 
 def expert_gemm(x: torch.Tensor, w: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, k: int, *,
