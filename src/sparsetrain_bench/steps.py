@@ -102,7 +102,7 @@ def measure_steps(cfg: config_mod.RunConfig, *, steps: int = 30, warmup: int = 1
         path = Path(profile_to)
         path = path.with_name(f"{path.stem}.rank{rt.rank}{path.suffix}") if rt.distributed else path
         table = prof.key_averages().table
-        text = table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=30)
+        text = table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=80)
         if cuda:  # and where the host's time goes (the step's regions, FSDP2's hooks, the ops that launch)
             text += "\n\nBy the host's time:\n" + table(sort_by="cpu_time_total", row_limit=45)
         path.write_text(text)
