@@ -232,6 +232,21 @@ def test_ssd_views_through_the_kernels(preset, activation):
         torch.testing.assert_close(out["triton"][1][name], g, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("preset,activation", [("tiny", "relu2"), ("tiny-llama", "swiglu")])
+def test_ssd_weight_gradients_arrive_in_the_parameters_layout(preset, activation):
+    """The kernels hand back each expert weight's gradient in the layout of the view it was given, so the gradient
+    that reaches each of SSD's dense weights has the parameter's own strides (else AccumulateGrad copies it)."""
+    moe, _ = as_moe(make_model(preset, activation, n_layer=1).to(DEVICE), top_k=2)
+    m = ssd_layers(moe)[0]
+    m.kernel = "triton"
+    seen = {}
+    for name, p in (("fc", m.fc.weight), ("proj", m.proj.weight)):
+        p.register_hook(lambda g, name=name: seen.setdefault(name, g.stride()) and None)
+    x, y = (t.to(DEVICE) for t in tokens(n=2))
+    moe(x, y).backward()
+    assert seen == {"fc": m.fc.weight.stride(), "proj": m.proj.weight.stride()}
+
+
 def test_ssd_views_forward_only_through_the_epilogue():
     """SSD's model run as an MoE for evaluation (gpt2 family: biases on the FFN views): the Triton path with the
     epilogue gives the loop's loss."""

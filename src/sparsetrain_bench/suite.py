@@ -59,7 +59,8 @@ MST_NEURON_STEP = {"name": "mst", "granularity": "neuron", "sparsity": 0.5, "war
                    "restore_end": 1.0, "update_every": 10000}
 SSD_STEP = {"name": "ssd", "experts": 16, "top_k": 4, "schedule": "fixed", "sparse_windows": [[0.0, 1.0]],
             "monitor_every": 0}  # the sparse phase alone
-SSD_STEP_TRITON = {**SSD_STEP, "kernel": "triton"}  # the expert GEMMs in Triton (the default: torch's grouped GEMM)
+# The expert GEMMs through torch's grouped GEMM ("ssd", `auto`, runs SSD's narrow experts in Triton on a GPU).
+SSD_STEP_GROUPED = {**SSD_STEP, "kernel": "grouped_mm"}
 
 PARTS: dict[str, Part] = {
     "prepare-data": Part("prepare DATA/code and DATA/english from the carried corpora", run_prepare_data,
@@ -74,8 +75,8 @@ PARTS: dict[str, Part] = {
                                        presets=("gpt2-small", "gpt2-medium", "llama-1b")),
                      ("sat", "mst"), trains=False),
     "ssd-step": Part("SSD sparse-phase step (relu2, 16 experts, top-4) vs dense, gpt2-medium; the expert GEMMs "
-                     "by the default kernel and by the Triton kernels",
-                     functools.partial(run_steps, methods=[("ssd", SSD_STEP), ("ssd-triton", SSD_STEP_TRITON)],
+                     "by the default kernel (`auto`) and by torch's grouped GEMM",
+                     functools.partial(run_steps, methods=[("ssd", SSD_STEP), ("ssd-grouped_mm", SSD_STEP_GROUPED)],
                                        presets=("gpt2-medium",),
                                        model={"activation": "relu2"}), ("ssd",), trains=False),
     "sat-cpt": Part("continual pre-training code -> English, dense vs SAT (LORS; top-k and sampled selection)",

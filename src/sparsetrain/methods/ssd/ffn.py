@@ -124,9 +124,11 @@ class SSDFFN(FFN):
         (`moe.output_rows`)."""
         E, f, d = self.num_experts, self.d_expert, self.fc.in_features
         dtype = x.dtype
-        w_in = self.fc.weight.to(dtype).view(-1, E, f, d).transpose(2, 3)  # [1 or 2 (gate, up), E, d, f]
+        # [E, d, f] views of fc's rows (gate, up: its two halves): split, not indexing, so the gradients meet again
+        # in one concatenation, not a zero-filled copy per part.
+        w_in = [w.view(E, f, d).transpose(1, 2) for w in self.fc.weight.to(dtype).split(self.d_ff)]
+        bias = [None] * 2 if self.fc.bias is None else [b.view(E, f) for b in self.fc.bias.split(self.d_ff)]
         x, gather = plan.input(x, kernel)
-        bias = [None, None] if self.fc.bias is None else self.fc.bias.view(-1, E, f)  # [1 or 2 (gate, up), E, f]
         if self.activation == "swiglu":  # activate(.., "swiglu") on [gate | up]
             gate, up = (biased_rows(x, w_in[part], bias[part], plan, kernel, gather=gather) for part in (0, 1))
             a = F.silu(gate) * up

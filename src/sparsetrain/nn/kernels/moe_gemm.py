@@ -466,6 +466,14 @@ if triton is not None:
                             dy_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         return launch_weight_grad(x, dy, order, offs, div, x_gather, dy_gather, dy_div, dy_weights)
 
+    def _in_layout_of(w: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
+        """The weight gradient dw (contiguous) in w's dtype and layout. SSD's experts are strided views of its dense
+        weights: a gradient in another layout would reach the parameter transposed, and AccumulateGrad would copy it
+        again, eagerly (BENCHMARKS.md, thirteenth round); compiled, this copy fuses with the cast to fp32."""
+        if dw.dtype == w.dtype and dw.stride() == w.stride():
+            return dw
+        return torch.empty_like(w).copy_(dw)
+
     def _output_setup_context(ctx, inputs, output):
         a, w, order, offs, k, weights, bias, unit = inputs
         ctx.save_for_backward(a, w, order, offs, weights)
@@ -480,7 +488,7 @@ if triton is not None:
         dy = dy.to(a.dtype)
         da, dweights = _expert_output_grad(dy, w, a, order, offs, ctx.k, weights)
         dw = _expert_weight_grad(a, dy, order, offs, 1, False, True, ctx.k, None if ctx.unit else weights)
-        return da, dw.to(w.dtype), None, None, None, dweights.to(weights.dtype), None, None
+        return da, _in_layout_of(w, dw), None, None, None, dweights.to(weights.dtype), None, None
 
     _expert_output.register_autograd(_output_backward, setup_context=_output_setup_context)
 
@@ -498,8 +506,8 @@ if triton is not None:
             if ctx.gather and ctx.div > 1:  # token layout: sum each token's k copies (fp32, deterministic)
                 dx = dx.view(-1, ctx.div, dx.shape[-1]).sum(dim=1, dtype=torch.float32).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dw = expert_weight_grad(x, dy, order, offs, ctx.div, x_gather=ctx.gather, dy_gather=ctx.scatter
-                                    ).to(w.dtype)
+            dw = _in_layout_of(w, expert_weight_grad(x, dy, order, offs, ctx.div, x_gather=ctx.gather,
+                                                     dy_gather=ctx.scatter))
         return dx, dw, None, None, None, None, None
 
     _expert_gemm.register_autograd(_backward, setup_context=_setup_context)
