@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 
 from sparsetrain import config as config_mod
 from sparsetrain.methods import RunInfo
@@ -105,6 +106,11 @@ def measure_steps(cfg: config_mod.RunConfig, *, steps: int = 30, warmup: int = 1
         text = table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=80)
         if cuda:  # and where the host's time goes (the step's regions, FSDP2's hooks, the ops that launch)
             text += "\n\nBy the host's time:\n" + table(sort_by="cpu_time_total", row_limit=45)
+            # The table cuts names at 55 characters; a library GEMM's name holds its tiles and layouts.
+            kernels = sorted((e for e in prof.key_averages() if e.device_type == DeviceType.CUDA),
+                             key=lambda e: -e.self_device_time_total)[:20]
+            text += "\n\nThe 20 longest kernels, full names (us a call, calls):\n" + "\n".join(
+                f"{e.self_device_time_total / max(e.count, 1):9.1f} {e.count:6d}  {e.key}" for e in kernels)
         path.write_text(text)
     tokens = tcfg.batch_size * tcfg.seq_len
     dense_fpt = 3 * sum(flops_per_token(args, tcfg.seq_len).values())
@@ -172,8 +178,6 @@ def profiled(fn, steps: int = 5):
 def kernel_ms(fn, steps: int = 5) -> float:
     """GPU time of one call of `fn`: the sum of its kernels' (and copies') durations, gaps left out. This is what
     `fn` costs inside a step that keeps the GPU busy, where its launches overlap other work."""
-    from torch.autograd import DeviceType
-
     events = [e for e in profiled(fn, steps).key_averages() if e.device_type == DeviceType.CUDA]
     return sum(e.self_device_time_total for e in events) / steps / 1e3
 
