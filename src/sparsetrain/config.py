@@ -89,6 +89,9 @@ class TrainConfig:
     # it applies (compiled, one CUDA process, one micro-batch a step, a method run under them: Method.cuda_graphs);
     # true: also under DDP.
     cuda_graphs: str = "auto"  # auto | true | false
+    # The loss: "triton" reads the low-precision logits once forward and once backward (nn/kernels/cross_entropy.py);
+    # "torch" is F.cross_entropy on fp32 logits (the reference); auto: Triton on a GPU, torch on the CPU.
+    loss_kernel: str = "auto"  # auto | triton | torch
     parallel: str = "ddp"  # ddp | fsdp, when started by torchrun with more than one process
     # FSDP2: consecutive blocks sharded as one unit (one all-gather, one reduce-scatter, one set of hooks for them);
     # 0 = auto: ceil(n_layer / 4) blocks a unit (four units at most). 1 shards block by block (the fewest bytes
@@ -246,6 +249,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.compile must be auto, true or false, got '{t.compile}'")
     if t.cuda_graphs not in ("auto", "true", "false"):
         raise UserError(f"train.cuda_graphs must be auto, true or false, got '{t.cuda_graphs}'")
+    if t.loss_kernel not in ("auto", "triton", "torch"):
+        raise UserError(f"train.loss_kernel must be auto, triton or torch, got '{t.loss_kernel}'")
     if t.parallel not in ("ddp", "fsdp"):
         raise UserError(f"train.parallel must be ddp or fsdp, got '{t.parallel}'")
     if t.fsdp_blocks_per_unit < 0:

@@ -28,6 +28,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from sparsetrain.config import ModelConfig
 from sparsetrain.errors import UserError
 from sparsetrain.nn.attention_masks import cached_dense_mask, dense_mask
+from sparsetrain.nn.kernels.cross_entropy import cross_entropy
 
 
 @dataclass
@@ -336,6 +337,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        self.loss_kernel = "auto"  # how the loss runs (`cross_entropy.KERNELS`; the trainer's train.loss_kernel)
         if args.family == "llama":
             cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta, args)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -374,7 +376,7 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return cross_entropy(logits, targets, self.loss_kernel)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -31,6 +31,7 @@ def build_model(cfg: RunConfig, vocab_size: int | None) -> tuple[Transformer, Me
                         "lower train.seq_len or raise model.max_seq_len")
     method = build_method(cfg.method, args, cfg.train.seq_len)
     model = Transformer(args)
+    model.loss_kernel = cfg.train.loss_kernel
     method.setup(model)
     return model, method, args
 

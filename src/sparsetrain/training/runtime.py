@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from sparsetrain.errors import UserError
 from sparsetrain.methods import REGISTRY
+from sparsetrain.nn.kernels import cross_entropy as loss_kernels
 from sparsetrain.nn.model import Transformer
 
 DDP_BUCKET_MB = 100
@@ -56,6 +57,9 @@ def setup_runtime(tcfg) -> Runtime:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    if tcfg.loss_kernel == "triton" and not loss_kernels.available(device):
+        raise UserError(f"train.loss_kernel = \"triton\" needs a GPU with Triton (or TRITON_INTERPRET=1 on the CPU, "
+                        f"slowly); this run is on {device.type}: set train.loss_kernel = \"auto\"")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     if tcfg.dtype == "bf16" or (tcfg.dtype == "auto" and use_cuda):
