@@ -58,6 +58,12 @@ def test_rows_and_log_sum_exp():
     assert loss.requires_grad and not lse.requires_grad
 
 
+def test_a_target_outside_the_vocabulary_is_a_nan_loss_not_a_stray_read():
+    logits = torch.randn(3, 40, device=DEVICE)
+    loss, _ = ce.cross_entropy_rows(logits, torch.tensor([1, 40, ce.IGNORE_INDEX], device=DEVICE))
+    assert loss[0].isfinite() and loss[1].isnan() and loss[2] == 0
+
+
 def test_every_target_ignored_is_nan_as_the_reference():
     logits = torch.randn(3, 40, device=DEVICE)
     targets = torch.full((3,), ce.IGNORE_INDEX, device=DEVICE)

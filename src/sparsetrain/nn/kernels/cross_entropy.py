@@ -50,8 +50,9 @@ if triton is not None:
         lse = m + tl.log(s)
         t = tl.load(targets_ptr + row)
         counted = t != ignore_index
-        x_t = tl.load(base + t, mask=counted, other=0.0).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(counted, lse - x_t, 0.0))
+        valid = (t >= 0) & (t < V)  # a target outside the vocabulary: a NaN loss (F.cross_entropy would assert)
+        x_t = tl.load(base + t, mask=counted & valid, other=0.0).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(counted, tl.where(valid, lse - x_t, float("nan")), 0.0))
         tl.store(lse_ptr + row, lse)
 
     @triton.jit
