@@ -82,7 +82,7 @@ def main() -> None:
     steps = []
     for preset in [] if a.skip_steps else presets:
         for kernel in ("torch", "triton"):
-            cfg = bench_config(preset, batch_size=4 if a.quick else a.batch, seq_len=64 if a.quick else a.seq,
+            cfg = bench_config(preset, batch_size=2 if a.quick else a.batch, seq_len=16 if a.quick else a.seq,
                                vocab_size=512 if a.quick else 50304)
             cfg.train.device, cfg.train.loss_kernel = device.type, kernel
             r = measure_steps(cfg, steps=2 if a.quick else a.steps, warmup=1 if a.quick else a.warmup,

@@ -643,6 +643,7 @@ def test_the_speed_up_bars_name_the_part_of_a_method_in_several_parts(env, resul
                           "loop"]),
     ("masked_update.py", ["--device", "cpu", "--quick"]),
     ("expert_gemms.py", ["--device", "cpu", "--quick", "--sweep", "--skew", "1"]),
+    ("loss_kernel.py", ["--device", "cpu", "--quick"]),
 ])
 def test_gpu_bench_scripts_run_their_cpu_smoke_test(script, args, tmp_path):
     """The GPU scripts of bench/ on tiny shapes: they run and write rows for every contender."""
@@ -652,14 +653,15 @@ def test_gpu_bench_scripts_run_their_cpu_smoke_test(script, args, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "rows.json"
     env = {**os.environ, "PYTHONPATH": str(repo / "src")}
-    if script == "expert_gemms.py":
+    if script in ("expert_gemms.py", "loss_kernel.py"):
         env["TRITON_INTERPRET"] = "1"  # the Triton kernels themselves, on the CPU
     res = subprocess.run([sys.executable, str(repo / "bench" / script), *args, "--out", str(out)], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     expected = {"moe_layer.py": 4, "moe_step.py": 5, "sat_phases.py": 2, "step_in_training.py": 3,
-                "moe_inference.py": 4, "masked_update.py": 2, "expert_gemms.py": 32}[script]
+                "moe_inference.py": 4, "masked_update.py": 2, "expert_gemms.py": 32,
+                "loss_kernel.py": 5}[script]
     assert len(rows) == expected
 
 
