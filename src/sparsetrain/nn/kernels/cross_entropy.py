@@ -2,8 +2,9 @@
 
 `F.cross_entropy(logits.float(), targets)` compiled reads the bf16 logits [N, V] several times and runs a split
 reduction (inductor turns its online softmax off for it), forward and backward: at GPT-2's vocabulary it was among
-the longest kernels of dense's step (BENCHMARKS.md, fourteenth round, has the times). Here the forward is one read of the logits (a running maximum and sum of exponentials per row, in fp32) that keeps each
-row's log-sum-exp, and the backward one read and one write: softmax minus the one-hot target, scaled by the row's
+the longest kernels of dense's step (BENCHMARKS.md, fourteenth round, has the times). Here the forward is one read
+of the logits (a running maximum and sum of exponentials per row, in fp32) that keeps each row's log-sum-exp, and
+the backward one read and one write: softmax minus the one-hot target, scaled by the row's
 loss gradient, in the logits' dtype. Rows whose target is `ignore_index` have loss 0 and gradient 0.
 
 `cross_entropy_rows` is the differentiable op (per-row losses; a custom op that torch.compile traces whole);
