@@ -92,6 +92,10 @@ class TrainConfig:
     # The loss: "triton" reads the low-precision logits once forward and once backward (nn/kernels/cross_entropy.py);
     # "torch" is F.cross_entropy on fp32 logits (the reference); auto: Triton on a GPU, torch on the CPU.
     loss_kernel: str = "auto"  # auto | triton | torch
+    # Causal attention's SDPA backend, a preference (shapes it cannot serve fall back): "torch" is PyTorch's own
+    # order (cuDNN first on Hopper GPUs with cuDNN >= 9.15.1, else FlashAttention-2); "cudnn" asks for cuDNN's
+    # kernels (at query lengths that are multiples of 128), "flash" for FlashAttention-2's.
+    attention_kernel: str = "torch"  # torch | cudnn | flash
     parallel: str = "ddp"  # ddp | fsdp, when started by torchrun with more than one process
     # FSDP2: consecutive blocks sharded as one unit (one all-gather, one reduce-scatter, one set of hooks for them);
     # 0 = auto: ceil(n_layer / 4) blocks a unit (four units at most). 1 shards block by block (the fewest bytes
@@ -251,6 +255,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.cuda_graphs must be auto, true or false, got '{t.cuda_graphs}'")
     if t.loss_kernel not in ("auto", "triton", "torch"):
         raise UserError(f"train.loss_kernel must be auto, triton or torch, got '{t.loss_kernel}'")
+    if t.attention_kernel not in ("torch", "cudnn", "flash"):
+        raise UserError(f"train.attention_kernel must be torch, cudnn or flash, got '{t.attention_kernel}'")
     if t.parallel not in ("ddp", "fsdp"):
         raise UserError(f"train.parallel must be ddp or fsdp, got '{t.parallel}'")
     if t.fsdp_blocks_per_unit < 0:

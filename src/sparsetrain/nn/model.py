@@ -23,12 +23,34 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
 from sparsetrain.config import ModelConfig
 from sparsetrain.errors import UserError
 from sparsetrain.nn.attention_masks import cached_dense_mask, dense_mask
 from sparsetrain.nn.kernels.cross_entropy import cross_entropy
+
+# SDPA's backends in the order each `Attention.kernel` tries them: a preference, so shapes the first cannot serve go
+# on down the list. "torch" keeps PyTorch's own order (cuDNN first on Hopper with cuDNN >= 9.15.1, else
+# FlashAttention-2).
+SDPA_ORDERS = {
+    "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+}
+ATTENTION_KERNELS = ("torch", *SDPA_ORDERS)
+# cuDNN's attention before 9.15.1 can fault on query lengths that are not a multiple of 128 (PyTorch issue 169849),
+# so "cudnn" is asked for only at such lengths (training's); others keep PyTorch's order.
+CUDNN_LENGTH_MULTIPLE = 128
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool, kernel: str) -> torch.Tensor:
+    """Causal SDPA with `kernel`'s backend order (`ATTENTION_KERNELS`); torch.compile bakes the choice in."""
+    order = SDPA_ORDERS.get(kernel)
+    if order is None or (kernel == "cudnn" and q.shape[-2] % CUDNN_LENGTH_MULTIPLE):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    with sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
 
 @dataclass
@@ -207,6 +229,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(args.n_head * args.head_dim, args.d_model, bias=args.bias)
         self.active: torch.Tensor | None = None  # kept kv-head groups this step (sorted), None = all
         self.block_mask = None  # FlexAttention BlockMask (a bool [T, T] tensor on CPU), None = causal SDPA
+        self.kernel = "torch"  # causal SDPA's backend order (`ATTENTION_KERNELS`; the trainer's train.attention_kernel)
 
     def group_rows(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of `qkv` and columns of `proj` that belong to the kv-head groups `groups` (each with its query heads)."""
@@ -259,7 +282,7 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:T, :T], enable_gqa=gqa)
         if mask is not None:
             return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return causal_attention(q, k, v, gqa, self.kernel)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -357,6 +380,18 @@ class Transformer(nn.Module):
                 nn.init.zeros_(p)
             else:
                 nn.init.ones_(p)
+
+    @property
+    def attention_kernel(self) -> str:
+        """How every layer's causal attention runs (`ATTENTION_KERNELS`); set for all layers at once."""
+        return self.blocks[0].attn.kernel
+
+    @attention_kernel.setter
+    def attention_kernel(self, kernel: str) -> None:
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got '{kernel}'")
+        for block in self.blocks:
+            block.attn.kernel = kernel
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Logits [B, T, V] when targets is None, else the mean cross-entropy loss (a scalar)."""

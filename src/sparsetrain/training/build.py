@@ -32,6 +32,7 @@ def build_model(cfg: RunConfig, vocab_size: int | None) -> tuple[Transformer, Me
     method = build_method(cfg.method, args, cfg.train.seq_len)
     model = Transformer(args)
     model.loss_kernel = cfg.train.loss_kernel
+    model.attention_kernel = cfg.train.attention_kernel
     method.setup(model)
     return model, method, args
 
