@@ -1,6 +1,7 @@
 """Causal attention's backend choice (`train.attention_kernel`, `nn.model.causal_attention`): every choice computes
 what PyTorch's own order computes, traces without a graph break, and reaches every layer; on a GPU, cuDNN's attention
-at the presets' shapes against the math backend on fp32 copies, and the compiled model with it against FlashAttention."""
+at the presets' shapes against the math backend on fp32 copies, and the compiled model with it against
+FlashAttention."""
 import pytest
 import torch
 import torch.nn.functional as F

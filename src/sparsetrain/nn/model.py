@@ -232,7 +232,7 @@ class Attention(nn.Module):
         self.kernel = "torch"  # causal SDPA's backend order (`ATTENTION_KERNELS`; the trainer's train.attention_kernel)
 
     def group_rows(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of `qkv` and columns of `proj` that belong to the kv-head groups `groups` (each with its query heads)."""
+        """Rows of `qkv` and columns of `proj` of the kv-head groups `groups` (each with its query heads)."""
         per_group = self.n_head // self.n_kv_head
         d = self.head_dim
         heads = (groups[:, None] * per_group + torch.arange(per_group, device=groups.device)).flatten()
