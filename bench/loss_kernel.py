@@ -32,23 +32,33 @@ def time_loss(tokens: int, vocab: int, blocks: list[int], device: torch.device, 
     contenders = {"torch eager": reference, "triton": lambda x, t: ce.cross_entropy(x, t, "triton")}
     if device.type == "cuda":
         contenders["torch compiled"] = torch.compile(reference)
-    default = ce.BLOCK_V
+    default, lanes = ce.BLOCK_V, ce.LANES
     rows = []
-    for block in [default] + [b for b in blocks if b != default]:
-        ce.BLOCK_V = block  # read at each launch
+    # (block width, forward's running maximum per lane): the defaults, other widths, the other forward.
+    settings = [(default, lanes)] + [(b, lanes) for b in blocks if b != default] + [(default, not lanes)]
+    for block, per_lane in settings:
+        ce.BLOCK_V, ce.LANES = block, per_lane  # read at each launch
         for name, loss_fn in contenders.items():
-            if block != default and name != "triton":
+            if (block, per_lane) != (default, lanes) and name != "triton":
                 continue
 
             def step():
                 logits.grad = None
                 loss_fn(logits, targets).backward()
 
+            def forward():
+                with torch.no_grad():
+                    loss_fn(logits, targets)
+
             ms = median_ms(step, warmup=1 if quick else 5, iters=2 if quick else 20)
+            fwd_ms = median_ms(forward, warmup=1 if quick else 5, iters=2 if quick else 20)
             gbytes = 3 * logits.numel() * logits.element_size() / 1e9  # one read forward, a read and a write back
-            rows.append({"vocab": vocab, "tokens": tokens, "contender": name if block == default else
-                         f"triton, blocks of {block}", "ms": ms, "min_traffic_tb_s": gbytes / ms})
-    ce.BLOCK_V = default
+            label = name if block == default else f"triton, blocks of {block}"
+            if per_lane != lanes:
+                label += ", per-lane maxima" if per_lane else ", block maxima"
+            rows.append({"vocab": vocab, "tokens": tokens, "contender": label, "ms": ms, "fwd_ms": fwd_ms,
+                         "min_traffic_tb_s": gbytes / ms})
+    ce.BLOCK_V, ce.LANES = default, lanes
     base = next(r["ms"] for r in rows if r["contender"] == ("torch compiled" if device.type == "cuda" else
                                                               "torch eager"))
     for r in rows:
@@ -78,6 +88,7 @@ def main() -> None:
         tokens, vocabs, presets, blocks = 64, [300], ["tiny"], [32]
     alone = [r for v in vocabs for r in time_loss(tokens, v, blocks, device, a.quick)]
     print_table(alone, [("vocab", "V", "d"), ("contender", "contender", ""), ("ms", "fwd+bwd ms", ".3f"),
+                        ("fwd_ms", "fwd ms", ".3f"),
                         ("vs_torch", "vs torch", ".2f"), ("min_traffic_tb_s", "TB/s (3 passes)", ".2f")])
     steps = []
     for preset in [] if a.skip_steps else presets:

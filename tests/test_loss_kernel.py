@@ -47,6 +47,24 @@ def test_loss_and_gradient_equal_f_cross_entropy(dtype):
     assert grad[[1, 6]].abs().max() == 0
 
 
+@pytest.mark.parametrize("per_lane", [True, False])
+def test_masked_vocabulary_entries_and_either_forward(per_lane, monkeypatch):
+    """-inf logits (a vocabulary masked off), a row whose finite logits sit far below zero, and a row all -inf
+    but its target: the loss and log-sum-exp as the reference, with the running maximum per lane or per block."""
+    monkeypatch.setattr(ce, "LANES", per_lane)
+    V = 2 * ce.BLOCK_V + 5
+    logits = torch.randn(4, V, device=DEVICE) * 3
+    logits[0, 1::2] = float("-inf")
+    logits[1] -= 1e3
+    logits[2] = float("-inf")
+    logits[2, 7] = 0.5
+    targets = torch.tensor([4, V - 1, 7, ce.IGNORE_INDEX], device=DEVICE)
+    loss, lse = ce.cross_entropy_rows(logits, targets)
+    # Row 1's loss is a difference of two numbers near -1000: float32 spacing there is 6e-5.
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets, reduction="none"), rtol=1e-6, atol=2e-4)
+    torch.testing.assert_close(lse, logits.logsumexp(-1))
+
+
 def test_rows_and_log_sum_exp():
     """Per-row losses as F.cross_entropy's reduction='none', and the log-sum-exp a by-product without a gradient."""
     torch.manual_seed(1)
