@@ -1,8 +1,8 @@
 """The language-model loss through the Triton cross-entropy against F.cross_entropy, alone and in dense's step.
 
-Part 1, the loss alone: forward + backward of the mean cross-entropy of bf16 logits [tokens, V] (as the model's
-output layer hands them over under autocast), F.cross_entropy on fp32 logits compiled (the model's loss before) and
-eager, and `nn.kernels.cross_entropy` (`--blocks`: other block widths along V, each its own row). Part 2, the
+Part 1, the loss alone: forward + backward (and the forward alone) of the mean cross-entropy of bf16 logits
+[tokens, V] (as the model's output layer hands them over under autocast), F.cross_entropy on fp32 logits compiled
+(the model's loss before) and eager, and `nn.kernels.cross_entropy` (`--blocks`: other block widths along V, each its own row). Part 2, the
 trainer's dense step (`sparsetrain_bench.steps.measure_steps`: compiled, CUDA graphs, fused AdamW) of each `--presets`
 model with `train.loss_kernel` = torch and triton side by side. Prints the tables and writes JSON.
 
@@ -32,14 +32,12 @@ def time_loss(tokens: int, vocab: int, blocks: list[int], device: torch.device, 
     contenders = {"torch eager": reference, "triton": lambda x, t: ce.cross_entropy(x, t, "triton")}
     if device.type == "cuda":
         contenders["torch compiled"] = torch.compile(reference)
-    default, lanes = ce.BLOCK_V, ce.LANES
+    default = ce.BLOCK_V
     rows = []
-    # (block width, forward's running maximum per lane): the defaults, other widths, the other forward.
-    settings = [(default, lanes)] + [(b, lanes) for b in blocks if b != default] + [(default, not lanes)]
-    for block, per_lane in settings:
-        ce.BLOCK_V, ce.LANES = block, per_lane  # read at each launch
+    for block in [default] + [b for b in blocks if b != default]:
+        ce.BLOCK_V = block  # read at each launch
         for name, loss_fn in contenders.items():
-            if (block, per_lane) != (default, lanes) and name != "triton":
+            if block != default and name != "triton":
                 continue
 
             def step():
@@ -53,12 +51,9 @@ def time_loss(tokens: int, vocab: int, blocks: list[int], device: torch.device, 
             ms = median_ms(step, warmup=1 if quick else 5, iters=2 if quick else 20)
             fwd_ms = median_ms(forward, warmup=1 if quick else 5, iters=2 if quick else 20)
             gbytes = 3 * logits.numel() * logits.element_size() / 1e9  # one read forward, a read and a write back
-            label = name if block == default else f"triton, blocks of {block}"
-            if per_lane != lanes:
-                label += ", per-lane maxima" if per_lane else ", block maxima"
-            rows.append({"vocab": vocab, "tokens": tokens, "contender": label, "ms": ms, "fwd_ms": fwd_ms,
-                         "min_traffic_tb_s": gbytes / ms})
-    ce.BLOCK_V, ce.LANES = default, lanes
+            rows.append({"vocab": vocab, "tokens": tokens, "contender": name if block == default else
+                         f"triton, blocks of {block}", "ms": ms, "fwd_ms": fwd_ms, "min_traffic_tb_s": gbytes / ms})
+    ce.BLOCK_V = default
     base = next(r["ms"] for r in rows if r["contender"] == ("torch compiled" if device.type == "cuda" else
                                                               "torch eager"))
     for r in rows:

@@ -47,11 +47,9 @@ def test_loss_and_gradient_equal_f_cross_entropy(dtype):
     assert grad[[1, 6]].abs().max() == 0
 
 
-@pytest.mark.parametrize("per_lane", [True, False])
-def test_masked_vocabulary_entries_and_either_forward(per_lane, monkeypatch):
+def test_masked_vocabulary_entries():
     """-inf logits (a vocabulary masked off), a row whose finite logits sit far below zero, and a row all -inf
-    but its target: the loss and log-sum-exp as the reference, with the running maximum per lane or per block."""
-    monkeypatch.setattr(ce, "LANES", per_lane)
+    but its target: the loss and log-sum-exp as the reference."""
     V = 2 * ce.BLOCK_V + 5
     logits = torch.randn(4, V, device=DEVICE) * 3
     logits[0, 1::2] = float("-inf")

@@ -29,40 +29,24 @@ KERNELS = ("auto", "triton", "torch")  # auto: Triton on a GPU, else torch
 IGNORE_INDEX = -100  # F.cross_entropy's default: a target not counted (padding, a prompt's tokens)
 BLOCK_V = 64 if INTERPRET else 4096  # logits a program reads at once, along the vocabulary
 WARPS = 8
-LANES = True  # the forward's running maximum per lane (`_loss_kernel`)
 
 
 if triton is not None:
 
     @triton.jit
-    def _loss_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, V, s_row, ignore_index, BLOCK_V: tl.constexpr,
-                     LANES: tl.constexpr):
+    def _loss_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, V, s_row, ignore_index, BLOCK_V: tl.constexpr):
         """Row i: lse = log(sum(exp(logits))) by a running maximum (one read of the row), loss = lse - logit[t]
-        (0 where t is ignore_index). LANES: each lane keeps its own maximum and sum, reduced once after the loop
-        (no reduction across the block per step); else the block's are kept."""
+        (0 where t is ignore_index)."""
         row = tl.program_id(0)
         base = logits_ptr + row.to(tl.int64) * s_row
-        if LANES:
-            # A finite start: the first exp(m - m_new) is then 0 or 1, never exp(-inf + inf).
-            m_lane = tl.full((BLOCK_V,), -3.0e38, tl.float32)
-            s_lane = tl.zeros((BLOCK_V,), tl.float32)
-            for v0 in range(0, V, BLOCK_V):
-                v = v0 + tl.arange(0, BLOCK_V)
-                x = tl.load(base + v, mask=v < V, other=float("-inf")).to(tl.float32)
-                m_new = tl.maximum(m_lane, x)
-                s_lane = s_lane * tl.exp(m_lane - m_new) + tl.exp(x - m_new)
-                m_lane = m_new
-            m = tl.max(m_lane, axis=0)
-            s = tl.sum(s_lane * tl.exp(m_lane - m), axis=0)
-        else:
-            m = tl.full((), float("-inf"), tl.float32)
-            s = tl.zeros((), tl.float32)
-            for v0 in range(0, V, BLOCK_V):
-                v = v0 + tl.arange(0, BLOCK_V)
-                x = tl.load(base + v, mask=v < V, other=float("-inf")).to(tl.float32)
-                m_new = tl.maximum(m, tl.max(x, axis=0))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-                m = m_new
+        m = tl.full((), float("-inf"), tl.float32)
+        s = tl.zeros((), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            v = v0 + tl.arange(0, BLOCK_V)
+            x = tl.load(base + v, mask=v < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
         lse = m + tl.log(s)
         t = tl.load(targets_ptr + row)
         counted = t != ignore_index
@@ -94,7 +78,7 @@ if triton is not None:
         loss = torch.empty(N, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(loss)
         wrap_triton(_loss_kernel)[(N,)](logits, targets, loss, lse, V, logits.stride(0), ignore_index,
-                                        BLOCK_V=BLOCK_V, LANES=LANES, num_warps=WARPS)
+                                        BLOCK_V=BLOCK_V, num_warps=WARPS)
         return loss, lse
 
     @triton_op("sparsetrain::cross_entropy_rows_grad", mutates_args=())
