@@ -4,7 +4,8 @@ Part 1, the loss alone: forward + backward (and the forward alone) of the mean c
 [tokens, V] (as the model's output layer hands them over under autocast), F.cross_entropy on fp32 logits compiled
 (the model's loss before) and eager, and `nn.kernels.cross_entropy` (`--blocks`: other block widths along V, each
 its own row). Part 2, the trainer's dense step (`sparsetrain_bench.steps.measure_steps`: compiled, CUDA graphs,
-fused AdamW) of each `--presets` model with `train.loss_kernel` = torch and triton side by side. Prints the tables and writes JSON.
+fused AdamW) of each `--presets` model with `train.loss_kernel` = torch and triton side by side. Prints the tables
+and writes JSON.
 
     PYTHONPATH=src python3 bench/loss_kernel.py --presets gpt2-small gpt2-medium --out $OUT/loss.json
     PYTHONPATH=src python3 bench/loss_kernel.py --device cpu --quick --out /tmp/l.json   # smoke test
