@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparsetrain.nn.model import resolve
-from sparsetrain_bench.steps import bench_config, measure_steps, median_ms, print_table, write_rows
+from sparsetrain_bench.steps import bench_config, median_ms, print_table, time_train_setting, write_rows
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -128,23 +128,9 @@ def main() -> None:
     for r in alone:
         if "error" in r:
             print(f"{r['preset']} T={r['seq']} {r['backend']}: cannot run ({r['error']})")
-    steps = []
-    for preset in [] if a.skip_steps else presets:
-        for kernel in a.kernels:
-            cfg = bench_config(preset, batch_size=2 if a.quick else a.batch, seq_len=16 if a.quick else a.seq,
-                               vocab_size=512 if a.quick else 50304)
-            cfg.train.device, cfg.train.attention_kernel = device.type, kernel
-            r = measure_steps(cfg, steps=2 if a.quick else a.steps, warmup=1 if a.quick else a.warmup,
-                              compile_model=device.type == "cuda" and not a.quick)
-            r["contender"] = f"{preset}, attention {kernel}"
-            base = next((s["step_s"] for s in steps if s["contender"].startswith(f"{preset},")), r["step_s"])
-            r["speedup"] = base / r["step_s"]
-            steps.append(r)
-            print(r["contender"], {k: r.get(k) for k in ("step_s", "stream_step_s", "mfu")}, flush=True)
-    if steps:
-        print_table(steps, [("contender", "contender", ""), ("step_s", "step s", ".4f"),
-                            ("stream_step_s", "streamed s", ".4f"), ("speedup", "speed-up", ".3f"),
-                            ("mfu", "MFU", ".1%"), ("cuda_graphs", "CUDA graphs", "")])
+    steps = [] if a.skip_steps else time_train_setting(
+        presets, "attention_kernel", a.kernels, device=device, quick=a.quick, batch=a.batch, seq=a.seq,
+        steps=a.steps, warmup=a.warmup)
     write_rows(alone + steps, a.out, vars(a))
 
 

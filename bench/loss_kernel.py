@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsetrain.nn.kernels import cross_entropy as ce
-from sparsetrain_bench.steps import bench_config, measure_steps, median_ms, print_table, write_rows
+from sparsetrain_bench.steps import median_ms, print_table, time_train_setting, write_rows
 
 
 def time_loss(tokens: int, vocab: int, blocks: list[int], device: torch.device, quick: bool) -> list[dict]:
@@ -86,22 +86,9 @@ def main() -> None:
     print_table(alone, [("vocab", "V", "d"), ("contender", "contender", ""), ("ms", "fwd+bwd ms", ".3f"),
                         ("fwd_ms", "fwd ms", ".3f"),
                         ("vs_torch", "vs torch", ".2f"), ("min_traffic_tb_s", "TB/s (3 passes)", ".2f")])
-    steps = []
-    for preset in [] if a.skip_steps else presets:
-        for kernel in ("torch", "triton"):
-            cfg = bench_config(preset, batch_size=2 if a.quick else a.batch, seq_len=16 if a.quick else a.seq,
-                               vocab_size=512 if a.quick else 50304)
-            cfg.train.device, cfg.train.loss_kernel = device.type, kernel
-            r = measure_steps(cfg, steps=2 if a.quick else a.steps, warmup=1 if a.quick else a.warmup,
-                              compile_model=device.type == "cuda" and not a.quick)
-            r["contender"] = f"{preset}, loss {kernel}"
-            r["speedup"] = steps[-1]["step_s"] / r["step_s"] if kernel == "triton" else 1.0
-            steps.append(r)
-            print(r["contender"], {k: r.get(k) for k in ("step_s", "stream_step_s", "mfu")}, flush=True)
-    if steps:
-        print_table(steps, [("contender", "contender", ""), ("step_s", "step s", ".4f"),
-                            ("stream_step_s", "streamed s", ".4f"), ("speedup", "speed-up", ".3f"),
-                            ("mfu", "MFU", ".1%"), ("cuda_graphs", "CUDA graphs", "")])
+    steps = [] if a.skip_steps else time_train_setting(
+        presets, "loss_kernel", ["torch", "triton"], device=device, quick=a.quick, batch=a.batch, seq=a.seq,
+        steps=a.steps, warmup=a.warmup)
     write_rows(alone + steps, a.out, vars(a))
 
 

@@ -645,6 +645,7 @@ def test_the_speed_up_bars_name_the_part_of_a_method_in_several_parts(env, resul
     ("expert_gemms.py", ["--device", "cpu", "--quick", "--sweep", "--skew", "1"]),
     ("loss_kernel.py", ["--device", "cpu", "--quick"]),
     ("attention_kernel.py", ["--device", "cpu", "--quick"]),
+    ("train_setting.py", ["--device", "cpu", "--quick", "--key", "loss_kernel", "--values", "torch", "auto"]),
 ])
 def test_gpu_bench_scripts_run_their_cpu_smoke_test(script, args, tmp_path):
     """The GPU scripts of bench/ on tiny shapes: they run and write rows for every contender."""
@@ -662,7 +663,8 @@ def test_gpu_bench_scripts_run_their_cpu_smoke_test(script, args, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     expected = {"moe_layer.py": 4, "moe_step.py": 5, "sat_phases.py": 2, "step_in_training.py": 3,
                 "moe_inference.py": 4, "masked_update.py": 2, "expert_gemms.py": 32,
-                "loss_kernel.py": 5, "attention_kernel.py": 4}[script]
+                "loss_kernel.py": 5, "attention_kernel.py": 4,
+                "train_setting.py": 2}[script]
     assert len(rows) == expected
 
 

@@ -247,6 +247,34 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def time_train_setting(presets: list[str], key: str, values: list[str], *, device: torch.device, quick: bool,
+                       batch: int, seq: int, steps: int, warmup: int, method: dict | None = None) -> list[dict]:
+    """The trainer's step (dense, or `method`) of each preset with train.`key` at each of `values`, side by side in
+    this process; speed-up against the first value of the same preset. `quick`: tiny shapes, eager (smoke test)."""
+    rows = []
+    for preset in presets:
+        for value in values:
+            cfg = bench_config(preset, batch_size=2 if quick else batch, seq_len=16 if quick else seq,
+                               vocab_size=512 if quick else 50304, method=method)
+            cfg.train.device = device.type
+            setattr(cfg.train, key, value)
+            config_mod.validate(cfg)
+            r = measure_steps(cfg, steps=2 if quick else steps, warmup=1 if quick else warmup,
+                              compile_model=device.type == "cuda" and not quick)
+            r["contender"] = f"{preset}, {key} {value}"
+            first = next((x for x in rows if x["preset"] == preset), r)
+            r["speedup"] = first["step_s"] / r["step_s"]
+            r["stream_speedup"] = first["stream_step_s"] / r["stream_step_s"]
+            rows.append(r)
+            print(r["contender"], {k: r.get(k) for k in ("step_s", "stream_step_s", "mfu")}, flush=True)
+    if rows:
+        print_table(rows, [("contender", "contender", ""), ("method", "method", ""), ("step_s", "step s", ".4f"),
+                           ("stream_step_s", "streamed s", ".4f"), ("speedup", "speed-up", ".3f"),
+                           ("stream_speedup", "streamed", ".3f"), ("mfu", "MFU", ".1%"),
+                           ("cuda_graphs", "CUDA graphs", "")])
+    return rows
+
+
 def run_method_bench(presets: list[str], methods: list[dict[str, Any]], *, batch_size: int, seq_len: int,
                      steps: int, vocab_size: int, out: str, micro_batch_size: int = 0, compile_model: bool = True,
                      model_overrides: dict | None = None) -> list[dict[str, Any]]:

@@ -361,6 +361,9 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.loss_kernel = "auto"  # how the loss runs (`cross_entropy.KERNELS`; the trainer's train.loss_kernel)
+        # Under autocast, carry the residual stream in autocast's dtype rather than the embeddings' fp32 (the
+        # trainer's train.residual_dtype = bf16): norms, residual adds and their gradients move half the bytes.
+        self.low_precision_residual = False
         if args.family == "llama":
             cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta, args)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -401,6 +404,8 @@ class Transformer(nn.Module):
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device))
+        if self.low_precision_residual and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         for block in self.blocks:
             x = block(x, rope)

@@ -60,12 +60,12 @@ def setup_runtime(tcfg) -> Runtime:
     if tcfg.loss_kernel == "triton" and not loss_kernels.available(device):
         raise UserError(f"train.loss_kernel = \"triton\" needs a GPU with Triton (or TRITON_INTERPRET=1 on the CPU, "
                         f"slowly); this run is on {device.type}: set train.loss_kernel = \"auto\"")
+    dtype = torch.bfloat16 if tcfg.dtype == "bf16" or (tcfg.dtype == "auto" and use_cuda) else torch.float32
+    if tcfg.residual_dtype == "bf16" and dtype != torch.bfloat16:
+        raise UserError(f"train.residual_dtype = bf16 needs bf16 autocast; this run computes in fp32 on "
+                        f"{device.type}: set train.dtype = bf16, or train.residual_dtype = fp32")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    if tcfg.dtype == "bf16" or (tcfg.dtype == "auto" and use_cuda):
-        dtype = torch.bfloat16
-    else:
-        dtype = torch.float32
     if use_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
