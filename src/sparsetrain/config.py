@@ -96,10 +96,10 @@ class TrainConfig:
     # order (cuDNN first on Hopper GPUs with cuDNN >= 9.15.1, else FlashAttention-2); "cudnn" asks for cuDNN's
     # kernels (at query lengths that are multiples of 128), "flash" for FlashAttention-2's.
     attention_kernel: str = "torch"  # torch | cudnn | flash
-    # The residual stream between blocks under bf16 autocast: "fp32" (the embeddings' dtype, as autocast leaves it)
-    # or "bf16" (cast once after the embeddings, as torchtitan and Megatron-LM carry it: the norms, residual adds
-    # and their gradients move half the bytes; the norms still compute in fp32).
-    residual_dtype: str = "fp32"  # fp32 | bf16
+    # The residual stream between blocks: "bf16" casts it once after the embeddings (as torchtitan and Megatron-LM
+    # carry it: the norms, residual adds and their gradients move half the bytes; the norms still compute in fp32);
+    # "fp32" leaves it in the embeddings' dtype, as autocast does. auto: bf16 under bf16 autocast, else fp32.
+    residual_dtype: str = "auto"  # auto | fp32 | bf16
     parallel: str = "ddp"  # ddp | fsdp, when started by torchrun with more than one process
     # FSDP2: consecutive blocks sharded as one unit (one all-gather, one reduce-scatter, one set of hooks for them);
     # 0 = auto: ceil(n_layer / 4) blocks a unit (four units at most). 1 shards block by block (the fewest bytes
@@ -259,8 +259,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.cuda_graphs must be auto, true or false, got '{t.cuda_graphs}'")
     if t.loss_kernel not in ("auto", "triton", "torch"):
         raise UserError(f"train.loss_kernel must be auto, triton or torch, got '{t.loss_kernel}'")
-    if t.residual_dtype not in ("fp32", "bf16"):
-        raise UserError(f"train.residual_dtype must be fp32 or bf16, got '{t.residual_dtype}'")
+    if t.residual_dtype not in ("auto", "fp32", "bf16"):
+        raise UserError(f"train.residual_dtype must be auto, fp32 or bf16, got '{t.residual_dtype}'")
     if t.residual_dtype == "bf16" and t.dtype == "fp32":
         raise UserError("train.residual_dtype = bf16 needs bf16 autocast: set train.dtype = bf16 (or auto on a GPU)")
     if t.attention_kernel not in ("torch", "cudnn", "flash"):

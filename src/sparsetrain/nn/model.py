@@ -362,7 +362,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.loss_kernel = "auto"  # how the loss runs (`cross_entropy.KERNELS`; the trainer's train.loss_kernel)
         # Under autocast, carry the residual stream in autocast's dtype rather than the embeddings' fp32 (the
-        # trainer's train.residual_dtype = bf16): norms, residual adds and their gradients move half the bytes.
+        # trainer's train.residual_dtype, bf16 by default there): norms, residual adds and their gradients move half
+        # the bytes. Without autocast nothing changes.
         self.low_precision_residual = False
         if args.family == "llama":
             cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta, args)

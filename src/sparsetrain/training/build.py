@@ -33,7 +33,7 @@ def build_model(cfg: RunConfig, vocab_size: int | None) -> tuple[Transformer, Me
     model = Transformer(args)
     model.loss_kernel = cfg.train.loss_kernel
     model.attention_kernel = cfg.train.attention_kernel
-    model.low_precision_residual = cfg.train.residual_dtype == "bf16"
+    model.low_precision_residual = cfg.train.residual_dtype != "fp32"  # applies under autocast only
     method.setup(model)
     return model, method, args
 
