@@ -173,7 +173,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # In the weight's dtype (fp32), as autocast runs LayerNorm: a bf16 residual stream is read, not kept, in bf16.
+        return F.rms_norm(x.to(self.weight.dtype), (x.shape[-1],), self.weight, self.eps)
 
 
 def make_norm(args: ModelArgs) -> nn.Module:
