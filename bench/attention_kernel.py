@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparsetrain.nn.model import resolve
-from sparsetrain_bench.steps import bench_config, median_ms, print_table, time_train_setting, write_rows
+from sparsetrain_bench.steps import (bench_config, median_ms, print_table, setting_arguments, time_train_setting,
+                                     write_rows)
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -96,26 +97,19 @@ def time_attention(preset: str, seq: int, batch: int, device: torch.device, quic
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--presets", nargs="+", default=["gpt2-small", "gpt2-medium"])
     p.add_argument("--alone-presets", nargs="+", default=["gpt2-small", "gpt2-medium", "llama-1b"])
     p.add_argument("--seqs", nargs="+", type=int, default=[1024, 4096], help="lengths of attention alone")
     p.add_argument("--kernels", nargs="+", default=["torch", "flash"], help="train.attention_kernel in the steps")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--skip-steps", action="store_true", help="only attention alone")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few steps, eager (smoke test)")
-    p.add_argument("--out", default="bench_out/attention_kernel.json")
+    setting_arguments(p, out="bench_out/attention_kernel.json")
     a = p.parse_args()
     device = torch.device(a.device)
     if device.type == "cuda":
         print(f"cuDNN {torch.backends.cudnn.version()}, {torch.cuda.get_device_name(device)}, "
               f"capability {torch.cuda.get_device_capability(device)}", flush=True)
-    alone_presets, seqs, presets = a.alone_presets, a.seqs, a.presets
+    alone_presets, seqs = a.alone_presets, a.seqs
     if a.quick:
-        alone_presets, seqs, presets = ["tiny"], [32], ["tiny"]
+        alone_presets, seqs = ["tiny"], [32]
     alone = []
     for preset in alone_presets:
         for seq in seqs:
@@ -128,9 +122,7 @@ def main() -> None:
     for r in alone:
         if "error" in r:
             print(f"{r['preset']} T={r['seq']} {r['backend']}: cannot run ({r['error']})")
-    steps = [] if a.skip_steps else time_train_setting(
-        presets, "attention_kernel", a.kernels, device=device, quick=a.quick, batch=a.batch, seq=a.seq,
-        steps=a.steps, warmup=a.warmup)
+    steps = [] if a.skip_steps else time_train_setting(a, "attention_kernel", a.kernels)
     write_rows(alone + steps, a.out, vars(a))
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsetrain.nn.kernels import cross_entropy as ce
-from sparsetrain_bench.steps import median_ms, print_table, time_train_setting, write_rows
+from sparsetrain_bench.steps import median_ms, print_table, setting_arguments, time_train_setting, write_rows
 
 
 def time_loss(tokens: int, vocab: int, blocks: list[int], device: torch.device, quick: bool) -> list[dict]:
@@ -64,31 +64,22 @@ def time_loss(tokens: int, vocab: int, blocks: list[int], device: torch.device, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--presets", nargs="+", default=["gpt2-small", "gpt2-medium"])
     p.add_argument("--vocabs", nargs="+", type=int, default=[50304, 128256], help="vocabularies of the loss alone")
     p.add_argument("--blocks", nargs="+", type=int, default=[2048, 8192], help="Triton block widths to try (alone)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--skip-steps", action="store_true", help="only the loss alone")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few steps, eager (smoke test)")
-    p.add_argument("--out", default="bench_out/loss_kernel.json")
+    setting_arguments(p, out="bench_out/loss_kernel.json")
     a = p.parse_args()
     device = torch.device(a.device)
     if not ce.available(device):
         raise SystemExit("the Triton loss needs a GPU with Triton, or TRITON_INTERPRET=1 on the CPU")
-    tokens, vocabs, presets, blocks = a.batch * a.seq, a.vocabs, a.presets, a.blocks
+    tokens, vocabs, blocks = a.batch * a.seq, a.vocabs, a.blocks
     if a.quick:
-        tokens, vocabs, presets, blocks = 64, [300], ["tiny"], [32]
+        tokens, vocabs, blocks = 64, [300], [32]
     alone = [r for v in vocabs for r in time_loss(tokens, v, blocks, device, a.quick)]
     print_table(alone, [("vocab", "V", "d"), ("contender", "contender", ""), ("ms", "fwd+bwd ms", ".3f"),
                         ("fwd_ms", "fwd ms", ".3f"),
                         ("vs_torch", "vs torch", ".2f"), ("min_traffic_tb_s", "TB/s (3 passes)", ".2f")])
-    steps = [] if a.skip_steps else time_train_setting(
-        presets, "loss_kernel", ["torch", "triton"], device=device, quick=a.quick, batch=a.batch, seq=a.seq,
-        steps=a.steps, warmup=a.warmup)
+    steps = [] if a.skip_steps else time_train_setting(a, "loss_kernel", ["torch", "triton"])
     write_rows(alone + steps, a.out, vars(a))
 
 

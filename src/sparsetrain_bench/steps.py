@@ -247,10 +247,25 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def time_train_setting(presets: list[str], key: str, values: list[str], *, device: torch.device, quick: bool,
-                       batch: int, seq: int, steps: int, warmup: int, method: dict | None = None) -> list[dict]:
-    """The trainer's step (dense, or `method`) of each preset with train.`key` at each of `values`, side by side in
-    this process; speed-up against the first value of the same preset. `quick`: tiny shapes, eager (smoke test)."""
+def setting_arguments(parser, out: str) -> None:
+    """The options `time_train_setting` reads (models, step shape, device, smoke test) and the JSON file."""
+    parser.add_argument("--presets", nargs="+", default=["gpt2-small", "gpt2-medium"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few steps, eager (smoke test)")
+    parser.add_argument("--out", default=out)
+
+
+def time_train_setting(a, key: str, values: list, method: dict | None = None) -> list[dict]:
+    """The trainer's step (dense, or `method`) of each of `a.presets` (`setting_arguments`' options) with
+    train.`key` at each of `values`, side by side in this process; speed-up against the first value of the same
+    preset. `a.quick`: a tiny model and shapes, eager (smoke test)."""
+    device, quick = torch.device(a.device), a.quick
+    batch, seq, steps, warmup = a.batch, a.seq, a.steps, a.warmup
+    presets = ["tiny"] if quick else a.presets
     rows = []
     for preset in presets:
         for value in values:
